@@ -1,0 +1,180 @@
+"""The small contract between Atelier and whatever makes pixels.
+
+An engine is set up once (``setup``) and then turns one typed ``Job`` into finished, encoded images
+(``generate``). It reports progress through a callback and stops when the job's ``CancelToken`` is
+set. What it can do is declared up front in ``Capabilities`` and checked before any model time is
+spent (``check``), so a request an engine cannot honour is refused, never silently degraded.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from atelier.errors import Canceled, FieldProblem, UnsupportedRequest
+from atelier.request import ImageRequest
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything an engine needs for one request; input images are already fetched and checked."""
+
+    id: str
+    request: ImageRequest
+    seed: int
+    images: tuple[Image.Image, ...] = ()
+    mask: Image.Image | None = None
+    previews: int = 0  # how many intermediate previews the caller wants (OpenAI partial_images)
+
+
+@dataclass(frozen=True)
+class OutputImage:
+    data: bytes  # encoded in ``format``
+    format: str
+    width: int
+    height: int
+    seed: int | None = None
+
+    @property
+    def size(self) -> str:
+        return f"{self.width}x{self.height}"
+
+    @property
+    def content_type(self) -> str:
+        return f"image/{self.format}"
+
+
+@dataclass
+class Result:
+    images: list[OutputImage]
+    engine: str
+    model: str
+    rendered_size: str  # what the model drew before any upscaling
+    size: str  # what was delivered
+    seed: int | None = None
+    steps: int | None = None
+    upscaled: bool = False
+    background: str = "opaque"  # the background actually delivered: opaque | transparent
+    quality: str = "auto"
+    usage: dict[str, Any] = field(default_factory=dict)  # upstream token usage, when there is one
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def save(self, folder: str | Path, stem: str = "image") -> list[Path]:
+        """Write the images as ``{stem}-{seed}.{format}`` (or ``{stem}-{i}``), never overwriting a file."""
+        target = Path(folder)
+        target.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for i, image in enumerate(self.images):
+            base = f"{stem}-{image.seed if image.seed is not None else i}"
+            path, n = target / f"{base}.{image.format}", 1
+            while path.exists():
+                path, n = target / f"{base}-{n}.{image.format}", n + 1
+            path.write_bytes(image.data)
+            paths.append(path)
+        return paths
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    can_generate: bool = True  # text-to-image without input images
+    can_edit: bool = False
+    max_input_images: int = 0
+    can_inpaint: bool = False  # honours a mask
+    can_preview: bool = False  # can emit intermediate previews while denoising
+
+    def check(self, job_or_request: Job | ImageRequest, *, model: str, has_mask: bool = False) -> None:
+        """Raise ``UnsupportedRequest`` for anything this engine cannot honour."""
+        request = job_or_request.request if isinstance(job_or_request, Job) else job_or_request
+        count = len(request.input_images or ())
+        if count and not self.can_edit:
+            raise UnsupportedRequest(
+                FieldProblem(
+                    "input_images",
+                    f"model '{model}' cannot edit images (got {count}); "
+                    "remove input_images or choose a model that can edit (see `atelier models`)",
+                    "unsupported",
+                )
+            )
+        if count > self.max_input_images and self.can_edit:
+            raise UnsupportedRequest(
+                FieldProblem(
+                    "input_images",
+                    f"model '{model}' takes at most {self.max_input_images} input images; got {count}",
+                    "unsupported",
+                )
+            )
+        if not count and not self.can_generate:
+            raise UnsupportedRequest(
+                FieldProblem(
+                    "input_images",
+                    f"model '{model}' only edits images; give at least one input image",
+                    "unsupported",
+                )
+            )
+        if has_mask and not self.can_inpaint:
+            raise UnsupportedRequest(
+                FieldProblem(
+                    "mask",
+                    f"model '{model}' cannot inpaint with a mask; remove the mask or choose a model that can",
+                    "unsupported",
+                )
+            )
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    step: int  # steps done
+    total: int
+    preview: Image.Image | None = None  # an intermediate image, when the job asked for previews
+    message: str | None = None
+
+
+ProgressFn = Callable[[ProgressEvent], None]
+
+
+def no_progress(event: ProgressEvent) -> None:
+    return None
+
+
+class CancelToken:
+    """Set from any thread; engines poll it between steps and raise ``Canceled``."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reason = "canceled"
+
+    def cancel(self, reason: str = "canceled") -> None:
+        self.reason = reason
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def raise_if_cancelled(self) -> None:
+        if self._event.is_set():
+            raise Canceled(self.reason)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    name: str  # the engine family: "diffusers", "openai", ...
+    model: str  # the model it serves, as users address it
+    capabilities: Capabilities
+
+    def setup(self) -> None:
+        """Load weights / open clients. Called once, before the first ``generate``."""
+
+    def check(self, job: Job) -> object:
+        """Raise a typed error for anything this engine cannot honour; cheap, no model time."""
+        ...
+
+    def generate(self, job: Job, *, progress: ProgressFn, cancel: CancelToken) -> Result:
+        """Blocking: run the job and return encoded images. Called off the event loop."""
+        ...

@@ -1,0 +1,144 @@
+"""The local model catalog: data, not logic.
+
+Each entry names its Hugging Face repo(s) and pipeline classes, its size grid and native pixel
+budget, what each ``quality`` means for it (steps, guidance, resolution), whether it can edit and with
+how many input images, and its licence. ``quality="auto"`` is the model's recommended setting.
+A folder saved by diffusers (``--model-path``) is matched to an entry by its pipeline class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+
+@dataclass(frozen=True)
+class QualitySetting:
+    steps: int
+    guidance: float | None = None  # None: the pipeline's own default
+    pixel_scale: float = 1.0  # fraction of the native pixel budget to render at
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One pipeline of a model: text-to-image, edit, or both."""
+
+    repo: str
+    pipeline: str  # diffusers class name, as in the folder's model_index.json
+    generates: bool  # can draw from text alone
+    edits: bool  # takes ``image=`` references
+    max_input_images: int = 0
+    revision: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    title: str
+    licence: str
+    variants: tuple[Variant, ...]
+    grid: int  # output sides are multiples of this (VAE factor × patch size)
+    native_pixels: int  # the pixel budget the model was trained for
+    quality: MappingProxyType[str, QualitySetting]
+    call_defaults: MappingProxyType[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    gpu_only: bool = False  # too large to be useful on CPU
+    params: str = ""
+    description: str = ""
+
+    @property
+    def can_edit(self) -> bool:
+        return any(v.edits for v in self.variants)
+
+    @property
+    def max_input_images(self) -> int:
+        return max((v.max_input_images for v in self.variants if v.edits), default=0)
+
+    def variant_for(self, *, edit: bool) -> Variant:
+        for variant in self.variants:
+            if variant.edits if edit else variant.generates:
+                return variant
+        raise LookupError(f"{self.name} has no {'edit' if edit else 'text-to-image'} pipeline")
+
+
+def _q(**settings: QualitySetting) -> MappingProxyType[str, QualitySetting]:
+    return MappingProxyType(settings)
+
+
+CATALOG: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec(
+            name="flux2-klein-4b",
+            title="FLUX.2 [klein] 4B",
+            licence="Apache-2.0",
+            variants=(
+                Variant("black-forest-labs/FLUX.2-klein-4B", "Flux2KleinPipeline", True, True, max_input_images=4),
+            ),
+            grid=16,
+            native_pixels=1024 * 1024,
+            # Step- and guidance-distilled for 4 steps at guidance 1.0 (the pipeline defaults, 50 steps at
+            # 4.0, are for the base model). More steps add little; "low" draws half the pixels.
+            quality=_q(
+                low=QualitySetting(steps=4, guidance=1.0, pixel_scale=0.5),
+                medium=QualitySetting(steps=4, guidance=1.0),
+                high=QualitySetting(steps=6, guidance=1.0),
+                auto=QualitySetting(steps=4, guidance=1.0),
+            ),
+            params="4B transformer + Qwen3-4B text encoder",
+            description="Fast text-to-image and multi-reference editing in one pipeline.",
+        ),
+        ModelSpec(
+            name="qwen-image",
+            title="Qwen-Image-2512 / Qwen-Image-Edit-2511",
+            licence="Apache-2.0",
+            variants=(
+                Variant("Qwen/Qwen-Image-2512", "QwenImagePipeline", True, False),
+                Variant("Qwen/Qwen-Image-Edit-2511", "QwenImageEditPlusPipeline", False, True, max_input_images=3),
+            ),
+            grid=16,
+            native_pixels=1328 * 1328,
+            # The model card: 50 steps, true CFG 4.0 (it only runs with a negative prompt, hence " ").
+            quality=_q(
+                low=QualitySetting(steps=20, guidance=4.0),
+                medium=QualitySetting(steps=30, guidance=4.0),
+                high=QualitySetting(steps=50, guidance=4.0),
+                auto=QualitySetting(steps=50, guidance=4.0),
+            ),
+            call_defaults=MappingProxyType({"negative_prompt": " "}),
+            gpu_only=True,
+            params="20B MMDiT + Qwen2.5-VL-7B text encoder",
+            description="The strongest open text rendering; separate edit model with up to 3 references.",
+        ),
+        ModelSpec(
+            name="z-image-turbo",
+            title="Z-Image-Turbo",
+            licence="Apache-2.0",
+            # diffusers >= 0.39: 8 steps = 8 evaluations (the card's "9" predates that); guidance must be
+            # 0.0 — any positive value switches classifier-free guidance on and doubles the cost.
+            variants=(Variant("Tongyi-MAI/Z-Image-Turbo", "ZImagePipeline", True, False),),
+            grid=16,
+            native_pixels=1024 * 1024,
+            quality=_q(
+                low=QualitySetting(steps=6, guidance=0.0, pixel_scale=0.5),
+                medium=QualitySetting(steps=8, guidance=0.0),
+                high=QualitySetting(steps=12, guidance=0.0),
+                auto=QualitySetting(steps=8, guidance=0.0),
+            ),
+            params="6B single-stream DiT + Qwen3-4B text encoder",
+            description="Fast photorealistic text-to-image (8 function evaluations); cannot edit.",
+        ),
+    )
+}
+
+DEFAULT_MODEL = "flux2-klein-4b"
+
+
+def spec_for_pipeline(class_name: str) -> tuple[ModelSpec, Variant]:
+    """The catalog entry and variant a locally saved pipeline class belongs to."""
+    for spec in CATALOG.values():
+        for variant in spec.variants:
+            if variant.pipeline == class_name:
+                return spec, variant
+    supported = sorted(v.pipeline for s in CATALOG.values() for v in s.variants)
+    raise LookupError(f"pipeline class {class_name!r} is not supported; supported: {', '.join(supported)}")

@@ -1,0 +1,125 @@
+"""Atelier's one exception tree.
+
+Every error a caller can cause or observe is one of these; each knows its HTTP status, a stable
+``code`` and, where one field is at fault, that field. The doors (Replicate, Cog, OpenAI, CLI) render
+them in their own shapes in exactly one place each; nothing else turns errors into responses.
+
+    AtelierError                      500 internal_error
+    ├── InputError                    400 invalid_request   one or more FieldProblem
+    │   ├── ModerationBlocked         400 moderation_blocked
+    │   └── UnsupportedRequest        400 unsupported       the engine/model cannot honour a field
+    ├── Unauthenticated               401 unauthenticated
+    ├── NotFound                      404 not_found
+    ├── Conflict                      409 conflict          e.g. Cog: every slot busy
+    ├── TooManyRequests               429 rate_limited      carries retry_after seconds
+    ├── ModelUnavailable              503 model_unavailable weights missing, offline, wrong folder
+    ├── Canceled                      499 canceled          a job stopped on request
+    └── EngineError                   502 engine_error      the model or upstream failed
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class FieldProblem:
+    """What was wrong with one field: where, what was received, what is allowed.
+
+    ``kind`` follows Replicate's ``invalid_fields[].type`` vocabulary (``enum``, ``required``,
+    ``number_lte``, ``number_gte``, ``additional_property_not_allowed``, ``string``, ``type``...).
+    """
+
+    field: str
+    message: str
+    kind: str = "invalid"
+    received: Any = None
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
+class AtelierError(Exception):
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class InputError(AtelierError):
+    """The request is invalid; nothing was run. Holds one problem per offending field."""
+
+    status = 400
+    code = "invalid_request"
+
+    def __init__(self, problems: list[FieldProblem] | FieldProblem | str, *, field: str | None = None) -> None:
+        if isinstance(problems, str):
+            problems = [FieldProblem(field or "input", problems)]
+        elif isinstance(problems, FieldProblem):
+            problems = [problems]
+        self.problems = problems
+        message = "; ".join(str(p) for p in problems)
+        super().__init__(message, field=problems[0].field if len(problems) == 1 else field)
+
+
+class ModerationBlocked(InputError):
+    status = 400
+    code = "moderation_blocked"
+
+    def __init__(self, message: str, *, category: str, field: str = "prompt") -> None:
+        super().__init__(FieldProblem(field, message, kind="moderation"))
+        self.message = message
+        self.args = (message,)
+        self.category = category
+
+
+class UnsupportedRequest(InputError):
+    """A valid request that the chosen engine or model cannot honour (e.g. edits on a text-only model)."""
+
+    code = "unsupported"
+
+
+class Unauthenticated(AtelierError):
+    status = 401
+    code = "unauthenticated"
+
+
+class NotFound(AtelierError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(AtelierError):
+    status = 409
+    code = "conflict"
+
+
+class TooManyRequests(AtelierError):
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ModelUnavailable(AtelierError):
+    status = 503
+    code = "model_unavailable"
+
+
+class Canceled(AtelierError):
+    status = 499
+    code = "canceled"
+
+    def __init__(self, message: str = "canceled") -> None:
+        super().__init__(message)
+
+
+class EngineError(AtelierError):
+    status = 502
+    code = "engine_error"

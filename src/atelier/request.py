@@ -1,0 +1,174 @@
+"""The seed's request contract: one model that every door (Replicate, Cog, OpenAI, CLI) fills in.
+
+Names, types, defaults and bounds are exactly those of ``openai/gpt-image-2`` on Replicate. Nothing is
+clamped or coerced into something the caller did not ask for: a bad value is an ``InputError`` that
+names the field, what was received and what is allowed, before any model time is spent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal, get_args
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from atelier.errors import FieldProblem, InputError
+
+AspectRatio = Literal[
+    "1:1", "3:2", "2:3", "16:9", "9:16", "auto",
+    "1024x1024", "1536x1024", "1024x1536", "2048x2048", "2048x1152", "1152x2048", "3840x2160", "2160x3840",
+]  # fmt: skip
+Background = Literal["auto", "transparent", "opaque"]
+Moderation = Literal["auto", "low"]
+OutputFormat = Literal["png", "jpeg", "webp"]
+Quality = Literal["low", "medium", "high", "auto"]
+
+ASPECT_RATIOS: tuple[str, ...] = get_args(AspectRatio)
+BACKGROUNDS: tuple[str, ...] = get_args(Background)
+MODERATIONS: tuple[str, ...] = get_args(Moderation)
+OUTPUT_FORMATS: tuple[str, ...] = get_args(OutputFormat)
+QUALITIES: tuple[str, ...] = get_args(Quality)
+
+MAX_PROMPT_CHARS = 32_000
+MAX_INPUT_IMAGES = 16
+MAX_IMAGES = 10
+REDACTED = "[REDACTED]"
+ALPHA_FORMATS = ("png", "webp")
+
+
+class ImageRequest(BaseModel):
+    """A request to create (no ``input_images``) or edit (with them) images. Field order is the seed's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: str = Field(description="A text description of the desired image")
+    openai_api_key: SecretStr | None = Field(
+        default=None, description="Your OpenAI API key (optional - uses proxy if not provided)"
+    )
+    aspect_ratio: AspectRatio = "1:1"
+    input_images: list[str] | None = None
+    number_of_images: int = Field(default=1, ge=1, le=MAX_IMAGES)
+    quality: Quality = "auto"
+    background: Background = "auto"
+    output_compression: int = Field(default=90, ge=0, le=100)
+    output_format: OutputFormat = "webp"
+    moderation: Moderation = "auto"
+    user_id: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_rules(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("must not be empty; describe the image you want")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise ValueError(f"is {len(prompt):,} characters long; the maximum is {MAX_PROMPT_CHARS:,}")
+        return prompt
+
+    @field_validator("input_images")
+    @classmethod
+    def _input_image_rules(cls, images: list[str] | None) -> list[str] | None:
+        if images is None:
+            return None
+        if len(images) > MAX_INPUT_IMAGES:
+            raise ValueError(f"has {len(images)} images; at most {MAX_INPUT_IMAGES} are allowed")
+        for i, ref in enumerate(images):
+            if not ref.strip():
+                raise ValueError(f"item {i} is empty; give an http(s) URL, a data: URI or an uploaded file URL")
+        return images
+
+    @model_validator(mode="after")
+    def _background_needs_alpha_format(self) -> ImageRequest:
+        if self.background == "transparent" and self.output_format not in ALPHA_FORMATS:
+            raise _CrossFieldError(
+                "background",
+                f"'transparent' cannot be encoded as '{self.output_format}' (no alpha channel); "
+                "set output_format to 'png' or 'webp', or background to 'opaque' or 'auto'",
+            )
+        return self
+
+    @property
+    def is_edit(self) -> bool:
+        return bool(self.input_images)
+
+    def public_input(self) -> dict[str, Any]:
+        """The input as it may be stored and shown: defaults filled in, the key shown as "[REDACTED]"."""
+        data = self.model_dump(mode="json", exclude={"openai_api_key"})
+        if self.openai_api_key is not None:
+            data["openai_api_key"] = REDACTED
+        return data
+
+    def api_key(self) -> str | None:
+        return self.openai_api_key.get_secret_value() if self.openai_api_key else None
+
+
+class _CrossFieldError(ValueError):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+_ALLOWED = {
+    "aspect_ratio": ASPECT_RATIOS,
+    "background": BACKGROUNDS,
+    "moderation": MODERATIONS,
+    "output_format": OUTPUT_FORMATS,
+    "quality": QUALITIES,
+}
+
+
+def parse_request(data: Mapping[str, Any], *, prefix: str = "") -> ImageRequest:
+    """Validate raw input (JSON from any door) into an ``ImageRequest`` or raise one ``InputError``.
+
+    ``prefix`` is prepended to field names in problems (Replicate reports ``input.aspect_ratio``).
+    """
+    try:
+        return ImageRequest.model_validate(dict(data))
+    except ValidationError as exc:
+        raise InputError([_problem(err, data, prefix) for err in exc.errors()]) from None
+
+
+def _problem(err: Any, data: Mapping[str, Any], prefix: str) -> FieldProblem:
+    loc = [str(p) for p in err["loc"]]
+    ctx = err.get("ctx") or {}
+    cause = ctx.get("error")
+    if isinstance(cause, _CrossFieldError):
+        return FieldProblem(prefix + cause.field, cause.message, "invalid", data.get(cause.field))
+    field = loc[0] if loc else "input"
+    name = prefix + ".".join(loc) if loc else prefix + "input"
+    received = data.get(field) if field != "input" else None
+    shown = _show(received) if field != "openai_api_key" else REDACTED
+    kind, message = _describe(err, field, shown, ctx)
+    return FieldProblem(name, message, kind, received if field != "openai_api_key" else REDACTED)
+
+
+def _describe(err: Any, field: str, shown: str, ctx: dict[str, Any]) -> tuple[str, str]:
+    etype = err["type"]
+    if etype == "missing":
+        return "required", "is required"
+    if etype == "extra_forbidden":
+        allowed = ", ".join(ImageRequest.model_fields)
+        return "additional_property_not_allowed", f"is not an input of this model; the inputs are: {allowed}"
+    if etype == "literal_error":
+        return "enum", f"got {shown}; allowed values are: {', '.join(_ALLOWED[field])}"
+    if etype in ("less_than_equal", "less_than"):
+        return "number_lte", f"got {shown}; it must be at most {ctx.get('le', ctx.get('lt'))}"
+    if etype in ("greater_than_equal", "greater_than"):
+        return "number_gte", f"got {shown}; it must be at least {ctx.get('ge', ctx.get('gt'))}"
+    if etype == "value_error":
+        return "invalid", str(ctx.get("error", err["msg"]))
+    expected = err["msg"].removeprefix("Input should be ").removesuffix(".")
+    return "type", f"got {shown}; expected {expected}"
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
