@@ -1,0 +1,257 @@
+"""Input images, loaded safely: where they come from, what they are, and how big they may be.
+
+A reference (``input_images[i]``) is an http(s) URL, a ``data:`` URI or, for local callers only
+(CLI, library), a file path. Whatever the name, header or URL claims, the bytes decide: only PNG,
+JPEG and WebP are decoded, and the format is sniffed from the magic bytes. Size is checked twice
+before any pixel is decoded: the byte count, then width x height from the header (a 40 kB PNG can
+claim 20000x20000 and would take 1.6 GB to decode). Every problem is an ``InputError`` naming the
+field, what was received and what is allowed.
+
+All URL fetching lives in ``fetch_url`` so that SSRF hardening (private address ranges, DNS
+rebinding) can be added in exactly one place.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import time
+import urllib.parse
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import IO
+
+import httpx
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
+
+from atelier.errors import FieldProblem, InputError
+
+MAX_PIXELS = 40_000_000
+MAX_BYTES = 50 * 1024 * 1024
+FETCH_TIMEOUT = 30.0
+MAX_REDIRECTS = 5
+ALLOWED = "allowed formats are png, jpeg, webp"
+
+Fetch = Callable[[str], bytes]
+
+# (what the bytes start with, at offset) -> name; the first three are decoded, the rest only named
+_SIGNATURES: tuple[tuple[bytes, int, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", 0, "PNG"),
+    (b"\xff\xd8\xff", 0, "JPEG"),
+    (b"WEBP", 8, "WEBP"),
+    (b"GIF8", 0, "GIF"),
+    (b"BM", 0, "BMP"),
+    (b"II*\x00", 0, "TIFF"),
+    (b"MM\x00*", 0, "TIFF"),
+    (b"ftypavif", 4, "AVIF"),
+    (b"ftypheic", 4, "HEIC"),
+    (b"ftypmif1", 4, "HEIF"),
+    (b"%PDF", 0, "PDF"),
+    (b"\x00\x00\x01\x00", 0, "ICO"),
+    (b"8BPS", 0, "PSD"),
+)
+_OPENERS: dict[str, Callable[[IO[bytes]], ImageFile.ImageFile]] = {
+    "PNG": PngImagePlugin.PngImageFile,
+    "JPEG": JpegImagePlugin.JpegImageFile,
+    "WEBP": WebPImagePlugin.WebPImageFile,
+}
+
+
+def load_image(data: bytes, *, field: str, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_BYTES) -> Image.Image:
+    """Decode PNG/JPEG/WebP bytes into an upright RGB or RGBA image, refusing anything else or too big."""
+    if not data:
+        raise _problem(field, "is empty; expected a png, jpeg or webp image", "format", 0)
+    if len(data) > max_bytes:
+        raise _problem(field, f"is {_mb(len(data))}; the limit is {_mb(max_bytes)}", "too_large", len(data))
+    fmt = sniff(data)
+    if fmt not in _OPENERS:
+        what = f"is a {fmt} image" if fmt else f"is not an image (it starts with {data[:12]!r})"
+        raise _problem(field, f"{what}; {ALLOWED}", "format", fmt)
+    _check_pixels(_webp_size(data) if fmt == "WEBP" else None, field, max_pixels)
+    try:
+        # The plugin class reads the header only and, unlike Image.open, applies no process-wide
+        # pixel limit (Image.MAX_IMAGE_PIXELS); ours is checked below, before any pixel is decoded.
+        image = _OPENERS[fmt](io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise _problem(field, f"is too large to decode safely ({exc})", "too_large") from None
+    except Exception as exc:  # untrusted bytes can make a header parser raise almost anything
+        raise _problem(field, f"is a {fmt} image that cannot be read ({exc}); it may be corrupt", "corrupt") from None
+    with image:
+        _check_pixels(image.size, field, max_pixels)
+        return _decode(image, field, fmt)
+
+
+def _check_pixels(size: tuple[int, int] | None, field: str, max_pixels: int) -> None:
+    if size is not None and size[0] * size[1] > max_pixels:
+        width, height = size
+        detail = f"is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}"
+        raise _problem(field, detail, "too_large", f"{width}x{height}")
+
+
+def _webp_size(data: bytes) -> tuple[int, int] | None:
+    """Canvas size from a WebP header. Pillow's WebP reader sizes its buffers when it opens the file
+    (and applies its own global limit there), so the size is read here first."""
+    chunk = data[12:16]
+    if chunk == b"VP8X" and len(data) >= 30:
+        return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+    if chunk == b"VP8L" and len(data) >= 25:
+        bits = int.from_bytes(data[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8 " and len(data) >= 30:
+        return int.from_bytes(data[26:28], "little") & 0x3FFF, int.from_bytes(data[28:30], "little") & 0x3FFF
+    return None
+
+
+def _decode(image: Image.Image, field: str, fmt: str) -> Image.Image:
+    try:
+        image.load()
+        upright = ImageOps.exif_transpose(image)
+    except Exception as exc:  # truncated data, bad EXIF, decoder errors: all mean "cannot be used"
+        raise _problem(field, f"is a {fmt} image that is truncated or corrupt ({exc})", "corrupt") from None
+    if upright.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grey: scale, do not clip, to 8 bits
+        grey = np.asarray(upright, dtype=np.float32) / 257.0
+        upright = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L")
+    out = upright.convert("RGBA" if upright.has_transparency_data else "RGB")
+    out.info = {}  # no EXIF/ICC/text travels further
+    return out
+
+
+def sniff(data: bytes) -> str | None:
+    """The container format named by the magic bytes (PNG, JPEG, WEBP, GIF...), or None."""
+    for magic, offset, name in _SIGNATURES:
+        if data[offset : offset + len(magic)] == magic and (name != "WEBP" or data[:4] == b"RIFF"):
+            return name
+    return None
+
+
+def parse_data_uri(uri: str, *, field: str, max_bytes: int = MAX_BYTES) -> bytes:
+    """The bytes of a ``data:[<type>][;base64],<data>`` URI (base64 or percent-encoded)."""
+    head, sep, payload = uri.partition(",")
+    if not head.lower().startswith("data:") or not sep:
+        raise _problem(field, "is not a valid data: URI; expected data:image/png;base64,<data>", "format")
+    if len(payload) > max_bytes * 4 // 3 + 4:
+        raise _problem(field, f"is a data: URI over {_mb(max_bytes)}; that is the limit", "too_large")
+    if not head.lower().endswith(";base64"):
+        return urllib.parse.unquote_to_bytes(payload)
+    text = "".join(urllib.parse.unquote(payload).split())  # may be percent-escaped, wrapped across lines
+    text = text.replace("-", "+").replace("_", "/")  # accept the URL-safe alphabet too
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise _problem(field, "is a data: URI whose base64 data is invalid", "format") from None
+
+
+def fetch_url(url: str, *, max_bytes: int = MAX_BYTES, timeout: float = FETCH_TIMEOUT) -> bytes:
+    """GET ``url`` with at most 5 redirects, refusing bodies over ``max_bytes`` while they stream in.
+
+    Raises ``InputError`` (field ``url``; callers re-label it). ``timeout`` bounds the whole download,
+    not only each read, so a server trickling bytes cannot hold a worker.
+    """
+    deadline = time.monotonic() + timeout
+    headers = {"User-Agent": "atelier", "Accept": "image/png, image/jpeg, image/webp"}
+    try:
+        with (
+            httpx.Client(follow_redirects=True, max_redirects=MAX_REDIRECTS, timeout=timeout) as client,
+            client.stream("GET", url, headers=headers) as response,
+        ):
+            if response.status_code != 200:
+                raise _problem("url", f"could not be fetched: the server answered {response.status_code}", "fetch")
+            return _read_capped(response, max_bytes, deadline)
+    except httpx.TooManyRedirects:
+        raise _problem("url", f"redirected more than {MAX_REDIRECTS} times", "fetch") from None
+    except httpx.TimeoutException:
+        raise _problem("url", f"could not be fetched within {timeout:g} s", "fetch") from None
+    except httpx.HTTPError as exc:
+        raise _problem("url", f"could not be fetched ({type(exc).__name__}: {exc})", "fetch") from None
+
+
+def _read_capped(response: httpx.Response, max_bytes: int, deadline: float) -> bytes:
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise _problem("url", f"is {_mb(int(declared))}; the limit is {_mb(max_bytes)}", "too_large")
+    body = bytearray()
+    for chunk in response.iter_bytes():
+        body += chunk
+        if len(body) > max_bytes:
+            raise _problem("url", f"is larger than {_mb(max_bytes)}; that is the limit", "too_large")
+        if time.monotonic() > deadline:
+            raise httpx.ReadTimeout("download deadline passed")
+    return bytes(body)
+
+
+def read_reference(
+    ref: str, *, field: str, allow_paths: bool, fetch: Fetch | None = None, max_bytes: int = MAX_BYTES
+) -> bytes:
+    """The bytes behind one reference: a data: URI, an http(s) URL or (``allow_paths``) a file path."""
+    scheme = ref.split(":", 1)[0].lower() if ":" in ref else ""
+    if scheme == "data":
+        return parse_data_uri(ref, field=field, max_bytes=max_bytes)
+    if scheme in ("http", "https"):
+        try:
+            return (fetch or partial(fetch_url, max_bytes=max_bytes))(ref)
+        except InputError as exc:
+            problems = [FieldProblem(field, p.message, p.kind, ref) for p in exc.problems]
+            raise InputError(problems) from None
+    if allow_paths:
+        return _read_path(ref, field=field, max_bytes=max_bytes)
+    raise _problem(
+        field,
+        f"got {_show(ref)}; allowed forms are http(s) URLs, data: URIs and uploaded-file URLs",
+        "format",
+        _show(ref),
+    )
+
+
+def _read_path(ref: str, *, field: str, max_bytes: int) -> bytes:
+    path = Path(urllib.parse.unquote(ref[7:]) if ref.startswith("file://") else ref).expanduser()
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise _problem(field, f"{path} {what}; give an image file, an http(s) URL or a data: URI", "not_found")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise _problem(field, f"{path} is {_mb(size)}; the limit is {_mb(max_bytes)}", "too_large", str(path))
+    return path.read_bytes()
+
+
+def load_references(
+    refs: list[str],
+    *,
+    allow_paths: bool,
+    fetch: Fetch | None = None,
+    max_pixels: int = MAX_PIXELS,
+    max_bytes: int = MAX_BYTES,
+) -> list[Image.Image]:
+    """Fetch and decode ``input_images``; every bad item is reported at once, as ``input_images[i]``."""
+
+    def one(index: int) -> Image.Image | list[FieldProblem]:
+        field = f"input_images[{index}]"
+        try:
+            data = read_reference(refs[index], field=field, allow_paths=allow_paths, fetch=fetch, max_bytes=max_bytes)
+            return load_image(data, field=field, max_pixels=max_pixels, max_bytes=max_bytes)
+        except InputError as exc:
+            return exc.problems
+
+    if not refs:
+        return []
+    with ThreadPoolExecutor(max_workers=min(4, len(refs)), thread_name_prefix="atelier-inputs") as pool:
+        results = list(pool.map(one, range(len(refs))))
+    problems = [p for r in results if isinstance(r, list) for p in r]
+    if problems:
+        raise InputError(problems)
+    return [r for r in results if isinstance(r, Image.Image)]
+
+
+def _problem(field: str, message: str, kind: str, received: object = None) -> InputError:
+    return InputError(FieldProblem(field, message, kind, received))
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1024 / 1024:.1f} MiB"
+
+
+def _show(ref: str) -> str:
+    return repr(ref) if len(ref) <= 60 else repr(ref[:57] + "...")
