@@ -8,3 +8,49 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.pop("OPENAI_API_KEY", None)
 os.environ.pop("ATELIER_MODEL_PATH", None)
+
+from pathlib import Path
+
+import pytest
+
+# Which tiny family stands in for each catalog repo (tests/tiny_models.py builds them).
+CATALOG_FAMILIES = {
+    "black-forest-labs/FLUX.2-klein-4B": "flux2-klein",
+    "Qwen/Qwen-Image-2512": "qwen-image",
+    "Qwen/Qwen-Image-Edit-2511": "qwen-image-edit-plus",
+    "Tongyi-MAI/Z-Image-Turbo": "z-image",
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of tiny real pipelines, one sub-folder per family, built once per test session."""
+    return tmp_path_factory.mktemp("tiny-models")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux2(tiny_root: Path) -> Path:
+    from tiny_models import tiny_model_dir
+
+    return tiny_model_dir("flux2-klein", tiny_root)
+
+
+@pytest.fixture(scope="session")
+def hub_cache_dir(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Hugging Face hub cache holding every catalog repo as a tiny real pipeline."""
+    from tiny_models import install_in_hub_cache, tiny_model_dir
+
+    cache = tmp_path_factory.mktemp("hf-cache")
+    for repo, family in CATALOG_FAMILIES.items():
+        install_in_hub_cache(tiny_model_dir(family, tiny_root), repo, cache)
+    return cache
+
+
+@pytest.fixture
+def hub_cache(hub_cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point this process's hub lookups at the tiny cache (huggingface_hub reads the constant per call)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache_dir))
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache_dir))
+    return hub_cache_dir

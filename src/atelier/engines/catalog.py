@@ -99,8 +99,9 @@ CATALOG: dict[str, ModelSpec] = {
             grid=16,
             native_pixels=1328 * 1328,
             # The model card: 50 steps, true CFG 4.0 (it only runs with a negative prompt, hence " ").
+            # "low" draws half the pixels in 16 steps: a 20B model's quick draft.
             quality=_q(
-                low=QualitySetting(steps=20, guidance=4.0),
+                low=QualitySetting(steps=16, guidance=4.0, pixel_scale=0.5),
                 medium=QualitySetting(steps=30, guidance=4.0),
                 high=QualitySetting(steps=50, guidance=4.0),
                 auto=QualitySetting(steps=50, guidance=4.0),

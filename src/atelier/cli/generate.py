@@ -1,0 +1,110 @@
+"""``atelier generate`` and ``atelier edit``: one request, images written to a folder."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import click
+
+from atelier.engines.base import ProgressEvent
+from atelier.request import parse_request
+
+FIELD_OPTIONS = (
+    "aspect_ratio", "background", "moderation", "number_of_images", "output_compression",
+    "output_format", "quality", "user_id", "openai_api_key",
+)  # fmt: skip
+
+
+def request_options(func: Any) -> Any:
+    """The contract's fields as options; values are validated by the request model, not by click."""
+    options = [
+        click.option("--aspect-ratio", help="1:1 3:2 2:3 16:9 9:16 auto, or a size like 1536x1024. [1:1]"),
+        click.option("--background", help="auto, transparent or opaque. [auto]"),
+        click.option("--moderation", help="auto or low. [auto]"),
+        click.option("-n", "--number-of-images", type=int, help="How many images, 1-10. [1]"),
+        click.option("--output-compression", type=int, help="0-100; quality for jpeg/webp, effort for png. [90]"),
+        click.option("--output-format", help="png, jpeg or webp. [webp]"),
+        click.option("--quality", help="low, medium, high or auto. [auto]"),
+        click.option("--user-id", help="Your end-user's id, recorded with the request."),
+        click.option("--openai-api-key", help="Send this request to OpenAI's Images API with this key; never stored or logged."),
+        click.option("--model", envvar="ATELIER_MODEL", help="Catalog model (see `atelier models`)."),
+        click.option(
+            "--model-path", envvar="ATELIER_MODEL_PATH", type=click.Path(path_type=Path),
+            help="A pipeline folder saved by diffusers, instead of a catalog model.",
+        ),
+        click.option("--seed", type=int, help="Seed of the first image (image i uses seed+i); random if unset."),
+        click.option(
+            "-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("."), show_default=True,
+            help="Folder to write images into.",
+        ),
+        click.option("-q", "--quiet", is_flag=True, help="No progress bars."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@click.command()
+@click.argument("prompt")
+@click.option("--image", "images", multiple=True, help="An input image (path, URL or data: URI); makes it an edit.")
+@request_options
+def generate(prompt: str, images: tuple[str, ...], **options: Any) -> None:
+    """Create images from PROMPT (or edit --image inputs) and print the paths written."""
+    run(prompt, list(images), options)
+
+
+@click.command()
+@click.argument("prompt")
+@click.argument("images", nargs=-1, required=True)
+@request_options
+def edit(prompt: str, images: tuple[str, ...], **options: Any) -> None:
+    """Edit or combine IMAGES (paths, URLs or data: URIs) as PROMPT says."""
+    run(prompt, list(images), options)
+
+
+def run(prompt: str, images: list[str], options: dict[str, Any]) -> None:
+    from atelier.studio import Atelier
+
+    fields = {name: options[name] for name in FIELD_OPTIONS if options.get(name) is not None}
+    request = parse_request({"prompt": prompt, **fields, **({"input_images": images} if images else {})})
+    studio = Atelier(options["model"], model_path=options["model_path"])
+    with Progress(enabled=not options["quiet"]) as progress:
+        result = studio.run(request, seed=options["seed"], progress=progress, allow_paths=True)
+    for path in result.save(options["out"], stem=slug(prompt)):
+        click.echo(str(path))
+    note = f"{result.model}: {len(result.images)}x {result.size} {request.output_format}, seed {result.seed}"
+    if result.upscaled:
+        note += f", rendered at {result.rendered_size} and upscaled"
+    click.echo(note, err=True)
+
+
+def slug(prompt: str, limit: int = 40) -> str:
+    words = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
+    return words[:limit].rstrip("-") or "image"
+
+
+class Progress:
+    """A tqdm bar fed by engine progress events, on stderr."""
+
+    def __init__(self, *, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar: Any = None
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=event.total, desc="denoising", unit="step", leave=False)
+        self.bar.n = event.step
+        self.bar.refresh()

@@ -1,0 +1,355 @@
+"""Local open-weight models through Hugging Face diffusers. torch and diffusers are imported only here.
+
+One ``DiffusersEngine`` serves one catalog model (or one folder saved by diffusers). Weights come from
+the Hugging Face cache — downloaded on first use with a progress bar — or from ``--model-path``.
+Pipelines are loaded once and shared read-only: each call gets fresh ``torch.Generator``s seeded from
+the job (image *i* uses ``seed + i``, so any image can be reproduced alone), reports progress and
+checks cancellation from ``callback_on_step_end``. A diffusers pipeline keeps per-call state (its
+scheduler's timesteps, ``_guidance_scale``...), so calls on one pipeline are serialized by a lock;
+throughput comes from batching images into one call, not from concurrent calls on one device.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from atelier.engines.base import (
+    CancelToken,
+    Capabilities,
+    Job,
+    OutputImage,
+    ProgressEvent,
+    ProgressFn,
+    Result,
+)
+from atelier.engines.catalog import CATALOG, ModelSpec, QualitySetting, Variant, spec_for_pipeline
+from atelier.errors import EngineError, ModelUnavailable
+from atelier.imaging import encode, matting, resize
+from atelier.moderation import Policy
+from atelier.sizes import SizePlan, plan_size
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+log = logging.getLogger(__name__)
+
+GUIDANCE_KWARG = {"QwenImagePipeline": "true_cfg_scale", "QwenImageEditPlusPipeline": "true_cfg_scale"}
+
+
+@dataclass(frozen=True)
+class RenderPlan:
+    """What one job asks of the pipeline, decided before any model time is spent."""
+
+    variant: Variant
+    size: SizePlan
+    quality: QualitySetting
+    prompt: str
+    background: str  # "transparent" or "opaque": what will be delivered
+    batches: tuple[int, ...]  # images per pipeline call
+
+
+class DiffusersEngine:
+    name = "diffusers"
+
+    def __init__(
+        self,
+        model: str = "flux2-klein-4b",
+        *,
+        model_path: Path | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        max_batch_pixels: int | None = None,
+        matting_name: str = "chroma",
+        policy: Policy | None = None,
+    ) -> None:
+        if model_path is not None:
+            self.spec, only = spec_for_local_folder(model_path)
+            self.variants: tuple[Variant, ...] = (only,)
+        else:
+            if model not in CATALOG:
+                raise ModelUnavailable(
+                    f"unknown model {model!r}; the catalog has: {', '.join(CATALOG)} (see `atelier models`)"
+                )
+            self.spec = CATALOG[model]
+            self.variants = self.spec.variants
+        self.model = self.spec.name
+        self.model_path = model_path
+        self.capabilities = Capabilities(
+            can_generate=any(v.generates for v in self.variants),
+            can_edit=any(v.edits for v in self.variants),
+            max_input_images=max((v.max_input_images for v in self.variants if v.edits), default=0),
+            can_preview=True,
+        )
+        self._device_name = device
+        self._dtype_name = dtype
+        self._max_batch_pixels = max_batch_pixels
+        self._matting = matting.get_matting(matting_name)
+        self._policy = policy or Policy()
+        self._pipelines: dict[str, Any] = {}
+        self._locks: dict[str, threading.Lock] = {v.pipeline: threading.Lock() for v in self.variants}
+        self._load_lock = threading.Lock()
+
+    # -- set-up -------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Load the text-to-image pipeline (or the only one) now; an edit-only variant loads on first use."""
+        first = next((v for v in self.variants if v.generates), self.variants[0])
+        self._pipeline(first)
+
+    def _pipeline(self, variant: Variant) -> Any:
+        with self._load_lock:
+            if variant.pipeline not in self._pipelines:
+                folder = self.model_path or download(variant, self.spec)
+                self._pipelines[variant.pipeline] = load_pipeline(
+                    folder, variant, device=self.device, dtype=self._dtype_name
+                )
+            return self._pipelines[variant.pipeline]
+
+    @property
+    def device(self) -> str:
+        if self._device_name is None:
+            self._device_name = pick_device()
+        return self._device_name
+
+    # -- checks before dispatch -----------------------------------------------------------------------
+
+    def check(self, job: Job) -> RenderPlan:
+        """Refuse what this model cannot do and plan the render; costs no model time."""
+        request = job.request
+        self.capabilities.check(job, model=self.model, has_mask=job.mask is not None)
+        self._policy.check_prompt(request.prompt, request.moderation)
+        self._policy.check_images(job.images, request.moderation, field="input_images")
+        variant = self.spec.variant_for(edit=request.is_edit) if len(self.variants) > 1 else self.variants[0]
+        quality = self.spec.quality[request.quality]
+        size = plan_size(
+            request.aspect_ratio,
+            native_pixels=self.spec.native_pixels,
+            grid=self.spec.grid,
+            prompt=request.prompt,
+            first_input=job.images[0].size if job.images else None,
+            pixel_scale=quality.pixel_scale,
+        )
+        background = resolve_background(request.background, request.prompt, request.output_format)
+        prompt = request.prompt + (matting.BACKDROP_PROMPT if background == "transparent" else "")
+        per_call = self._images_per_call(size.render_width * size.render_height)
+        n = request.number_of_images
+        batches = tuple(min(per_call, n - start) for start in range(0, n, per_call))
+        return RenderPlan(variant, size, quality, prompt, background, batches)
+
+    def _images_per_call(self, pixels: int) -> int:
+        budget = self._max_batch_pixels or (4 if self.device.startswith("cuda") else 16) * 1024 * 1024
+        return max(1, budget // pixels)
+
+    # -- generation -------------------------------------------------------------------------------------
+
+    def generate(self, job: Job, *, progress: ProgressFn, cancel: CancelToken) -> Result:
+        plan = self.check(job)
+        cancel.raise_if_cancelled()
+        pipe = self._pipeline(plan.variant)
+        started = time.perf_counter()
+        images: list[Image.Image] = []
+        steps_total = plan.quality.steps * len(plan.batches)
+        for index, count in enumerate(plan.batches):
+            first_seed = job.seed + len(images)
+            with self._locks[plan.variant.pipeline]:
+                images += self._call(pipe, plan, job, count, first_seed, progress, cancel, index, steps_total)
+        rendered = time.perf_counter()
+        images = [self._finish(image, plan) for image in images]
+        request = job.request
+        self._policy.check_images(images, request.moderation, field="output")
+        data = encode.encode_many(images, request.output_format, request.output_compression, background=plan.background)
+        finished = time.perf_counter()
+        return Result(
+            images=[
+                OutputImage(d, request.output_format, plan.size.width, plan.size.height, seed=job.seed + i)
+                for i, d in enumerate(data)
+            ],
+            engine=self.name,
+            model=self.model,
+            rendered_size=plan.size.rendered,
+            size=plan.size.size,
+            seed=job.seed,
+            steps=plan.quality.steps,
+            upscaled=plan.size.upscaled,
+            background=plan.background,
+            quality=request.quality,
+            timings={"render": rendered - started, "encode": finished - rendered},
+        )
+
+    def _call(
+        self,
+        pipe: Any,
+        plan: RenderPlan,
+        job: Job,
+        count: int,
+        first_seed: int,
+        progress: ProgressFn,
+        cancel: CancelToken,
+        batch_index: int,
+        steps_total: int,
+    ) -> list[Image.Image]:
+        import torch
+
+        steps = plan.quality.steps
+        done_before = batch_index * steps
+        preview_steps = preview_schedule(steps, job.previews) if batch_index == 0 else set()
+
+        def on_step_end(pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            cancel.raise_if_cancelled()
+            preview = None
+            if step + 1 in preview_steps:
+                preview = decode_preview(pipeline, tensors["latents"], plan.size)
+            progress(ProgressEvent(done_before + step + 1, steps_total, preview))
+            return tensors
+
+        generator_device = "cpu" if self.device == "mps" else self.device
+        kwargs: dict[str, Any] = dict(self.spec.call_defaults)
+        kwargs.update(
+            prompt=plan.prompt,
+            height=plan.size.render_height,
+            width=plan.size.render_width,
+            num_inference_steps=steps,
+            num_images_per_prompt=count,
+            generator=[torch.Generator(generator_device).manual_seed(first_seed + i) for i in range(count)],
+            callback_on_step_end=on_step_end,
+            callback_on_step_end_tensor_inputs=["latents"],
+            output_type="pil",
+        )
+        if plan.quality.guidance is not None:
+            kwargs[GUIDANCE_KWARG.get(plan.variant.pipeline, "guidance_scale")] = plan.quality.guidance
+        if job.images:
+            kwargs["image"] = [image.convert("RGB") for image in job.images]
+        progress(ProgressEvent(done_before, steps_total, message=f"rendering {count} at {plan.size.rendered}"))
+        try:
+            with torch.inference_mode():
+                output = pipe(**kwargs)
+        except (RuntimeError, ValueError) as exc:
+            cancel.raise_if_cancelled()
+            raise EngineError(f"{plan.variant.pipeline} failed: {exc}") from exc
+        return list(output.images)
+
+    def _finish(self, image: Image.Image, plan: RenderPlan) -> Image.Image:
+        if plan.background == "transparent":
+            image = self._matting.cut_out(image)
+        if plan.size.upscaled:
+            image = resize.fit_exact(image, plan.size.width, plan.size.height)
+        return image
+
+
+def resolve_background(background: str, prompt: str, output_format: str) -> str:
+    """``auto`` is transparent only when the prompt asks for it and the format can carry alpha."""
+    if background == "auto":
+        wanted = matting.wants_transparency(prompt) and output_format in ("png", "webp")
+        return "transparent" if wanted else "opaque"
+    return background
+
+
+def preview_schedule(steps: int, previews: int) -> set[int]:
+    """Which steps (1-based) emit a preview: ``previews`` of them, spread evenly, never the last."""
+    if previews <= 0 or steps <= 1:
+        return set()
+    count = min(previews, steps - 1)
+    return {max(1, round(steps * (i + 1) / (count + 1))) for i in range(count)}
+
+
+def decode_preview(pipe: Any, latents: Any, size: SizePlan) -> Image.Image | None:
+    """Decode intermediate latents to a small preview image with the pipeline's own VAE."""
+    from atelier.engines import previews
+
+    try:
+        return previews.decode(pipe, latents, size.render_height, size.render_width)
+    except Exception:  # a preview is best-effort; never fail a render for it
+        log.warning("could not decode a preview for %s", type(pipe).__name__, exc_info=True)
+        return None
+
+
+# -- loading ------------------------------------------------------------------------------------------
+
+
+def pick_device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(device: str, name: str | None) -> Any:
+    import torch
+
+    if name:
+        try:
+            return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+        except KeyError:
+            raise ModelUnavailable(f"dtype {name!r} is not supported; use bfloat16, float16 or float32") from None
+    # bf16 on CPUs without bf16 instructions is ~40x slower than fp32.
+    return torch.float32 if device == "cpu" else torch.bfloat16
+
+
+def spec_for_local_folder(folder: Path) -> tuple[ModelSpec, Variant]:
+    index = Path(folder) / "model_index.json"
+    if not index.is_file():
+        raise ModelUnavailable(
+            f"{folder} is not a diffusers pipeline folder (no model_index.json); "
+            "point --model-path at a folder saved with pipeline.save_pretrained()"
+        )
+    class_name = json.loads(index.read_text())["_class_name"]
+    try:
+        spec, variant = spec_for_pipeline(class_name)
+    except LookupError as exc:
+        raise ModelUnavailable(f"{folder}: {exc}") from None
+    return spec, variant
+
+
+def download(variant: Variant, spec: ModelSpec) -> Path:
+    """The model's folder in the Hugging Face cache, downloading it (with progress bars) if needed."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(variant.repo, revision=variant.revision))
+    except GatedRepoError:
+        raise ModelUnavailable(
+            f"{variant.repo} is gated: accept its licence on huggingface.co, then log in with `hf auth login`"
+        ) from None
+    except (LocalEntryNotFoundError, OSError) as exc:
+        raise ModelUnavailable(missing_weights_message(spec, variant, exc)) from None
+
+
+def missing_weights_message(spec: ModelSpec, variant: Variant, exc: Exception) -> str:
+    from huggingface_hub import constants
+
+    return (
+        f"model '{spec.name}' needs the weights of {variant.repo}, which are not in the Hugging Face cache "
+        f"({constants.HF_HUB_CACHE}) and could not be downloaded ({type(exc).__name__}). "
+        f"On a connected machine run `hf download {variant.repo}` (set HF_HUB_CACHE to share the cache), "
+        "or save the pipeline to a folder and pass --model-path DIR (or set ATELIER_MODEL_PATH)."
+    )
+
+
+def load_pipeline(folder: Path, variant: Variant, *, device: str, dtype: str | None) -> Any:
+    import diffusers
+
+    cls = getattr(diffusers, variant.pipeline, None)
+    if cls is None:
+        raise ModelUnavailable(
+            f"{variant.pipeline} is not in diffusers {diffusers.__version__}; upgrade with "
+            "`pip install -U diffusers` (Atelier is tested with the version in constraints.txt)"
+        )
+    started = time.perf_counter()
+    try:
+        pipe = cls.from_pretrained(folder, dtype=pick_dtype(device, dtype))
+    except (OSError, ValueError) as exc:
+        raise ModelUnavailable(f"could not load {variant.pipeline} from {folder}: {exc}") from exc
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    log.info("loaded %s from %s on %s in %.1fs", variant.pipeline, folder, device, time.perf_counter() - started)
+    return pipe

@@ -1,0 +1,54 @@
+"""Engines by name. Built-in engines register here the same way a third-party engine would.
+
+A third-party package registers a factory under the ``atelier.engines`` entry-point group; the
+factory takes ``(settings, model=..., model_path=...)`` and returns an object meeting
+``atelier.engines.base.Engine``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from atelier.errors import ModelUnavailable
+
+if TYPE_CHECKING:
+    from atelier.config import Settings
+    from atelier.engines.base import Engine
+
+EngineFactory = Callable[..., "Engine"]
+_FACTORIES: dict[str, EngineFactory] = {}
+
+
+def register_engine(name: str, factory: EngineFactory) -> None:
+    _FACTORIES[name] = factory
+
+
+def _diffusers(settings: Settings, *, model: str | None = None, model_path: Path | None = None) -> Engine:
+    from atelier.engines.diffusers import DiffusersEngine
+    from atelier.moderation import Policy, load_classifier
+
+    return DiffusersEngine(
+        model or settings.model,
+        model_path=model_path if model_path is not None else (None if model else settings.model_path),
+        device=settings.device,
+        dtype=settings.dtype,
+        max_batch_pixels=settings.max_batch_pixels,
+        matting_name=settings.matting,
+        policy=Policy(classifier=load_classifier(settings.image_classifier)),
+    )
+
+
+register_engine("diffusers", _diffusers)
+
+
+def create_engine(name: str, settings: Settings, **options: Any) -> Engine:
+    if name not in _FACTORIES:
+        for ep in entry_points(group="atelier.engines"):
+            if ep.name == name:
+                register_engine(name, ep.load())
+    if name not in _FACTORIES:
+        raise ModelUnavailable(f"unknown engine {name!r}; available: {', '.join(sorted(_FACTORIES))}")
+    return _FACTORIES[name](settings, **options)

@@ -1,0 +1,109 @@
+"""The Python API: the same request model and engines as the server, in-process.
+
+    from atelier import Atelier
+    result = Atelier(model_path="path/to/pipeline").generate("a lighthouse at dusk", number_of_images=2)
+    print(result.save("out"))
+
+``Atelier`` validates the request exactly as every HTTP door does, loads input images (file paths are
+allowed here, unlike over HTTP), checks the engine can honour the request, then runs it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from atelier.config import Settings
+from atelier.engines.base import CancelToken, Engine, Job, ProgressFn, Result, no_progress
+from atelier.errors import ModelUnavailable
+from atelier.ids import new_id, new_seed
+from atelier.request import ImageRequest, parse_request
+
+Fetch = Callable[[str], bytes]
+
+
+class Atelier:
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        model_path: str | Path | None = None,
+        settings: Settings | None = None,
+        engine: Engine | None = None,
+    ) -> None:
+        self.settings = settings or Settings()
+        self._engine = engine
+        self._model = model
+        self._model_path = Path(model_path) if model_path is not None else None
+        self._ready = False
+        self._lock = threading.Lock()
+
+    @property
+    def engine(self) -> Engine:
+        """The engine, built on first use; its weights load in ``setup`` on the first request."""
+        if self._engine is None:
+            from atelier.engines.registry import create_engine
+
+            self._engine = create_engine("diffusers", self.settings, model=self._model, model_path=self._model_path)
+        return self._engine
+
+    def setup(self) -> Engine:
+        with self._lock:
+            if not self._ready:
+                self.engine.setup()
+                self._ready = True
+        return self.engine
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        seed: int | None = None,
+        progress: ProgressFn = no_progress,
+        cancel: CancelToken | None = None,
+        **inputs: Any,
+    ) -> Result:
+        """Create images; ``inputs`` are the seed's fields (``aspect_ratio``, ``number_of_images``...)."""
+        request = parse_request({"prompt": prompt, **inputs})
+        return self.run(request, seed=seed, progress=progress, cancel=cancel, allow_paths=True)
+
+    def edit(self, prompt: str, images: Sequence[str | Path], **kwargs: Any) -> Result:
+        """Edit or compose ``images`` (file paths, URLs or data: URIs) as the prompt says."""
+        return self.generate(prompt, input_images=[str(i) for i in images], **kwargs)
+
+    def prepare(
+        self, request: ImageRequest, *, seed: int | None = None, allow_paths: bool = False, previews: int = 0
+    ) -> Job:
+        """Load and check everything a job needs; raises before any model time is spent."""
+        from atelier.imaging.inputs import load_references
+
+        if request.openai_api_key is not None and self.engine.name != "openai":
+            raise ModelUnavailable(
+                "openai_api_key sends a request to OpenAI's Images API, and this installation has no OpenAI "
+                "engine yet; remove the key to use the local model"
+            )
+        images = load_references(request.input_images or [], allow_paths=allow_paths)
+        job = Job(
+            id=new_id(),
+            request=request,
+            seed=new_seed() if seed is None else seed,
+            images=tuple(images),
+            previews=previews,
+        )
+        self.engine.check(job)
+        return job
+
+    def run(
+        self,
+        request: ImageRequest,
+        *,
+        seed: int | None = None,
+        progress: ProgressFn = no_progress,
+        cancel: CancelToken | None = None,
+        allow_paths: bool = False,
+    ) -> Result:
+        job = self.prepare(request, seed=seed, allow_paths=allow_paths)
+        engine = self.setup()
+        return engine.generate(job, progress=progress, cancel=cancel or CancelToken())
