@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,9 @@ def edit(prompt: str, images: tuple[str, ...], **options: Any) -> None:
 
 def run(prompt: str, images: list[str], options: dict[str, Any]) -> None:
     from atelier.studio import Atelier
+
+    if options["quiet"]:  # read by huggingface_hub, diffusers and transformers when they are imported
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
     fields = {name: options[name] for name in FIELD_OPTIONS if options.get(name) is not None}
     request = parse_request({"prompt": prompt, **fields, **({"input_images": images} if images else {})})

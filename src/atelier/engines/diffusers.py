@@ -337,6 +337,10 @@ def missing_weights_message(spec: ModelSpec, variant: Variant, exc: Exception) -
 
 def load_pipeline(folder: Path, variant: Variant, *, device: str, dtype: str | None) -> Any:
     import diffusers
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    if are_progress_bars_disabled():  # diffusers has its own switch for its loading bar
+        diffusers.utils.logging.disable_progress_bar()
 
     cls = getattr(diffusers, variant.pipeline, None)
     if cls is None:

@@ -1,0 +1,233 @@
+"""Files on local disk (uploads and outputs), their rows in the store, and capability URLs.
+
+* A file's path is derived from its random id only (``ab/abcdef….webp``); a caller's file name is
+  metadata for ``Content-Disposition`` and never touches the file system, so there is no traversal.
+* ``put`` writes a temporary file in the target folder, fsyncs it, renames it into place, fsyncs the
+  folder, and only then inserts the row. The runner calls it before marking a prediction succeeded, so
+  a succeeded prediction's outputs are on disk. A crash in between leaves an orphan file, never a row
+  pointing at nothing. ``delete`` removes the row first for the same reason.
+* Capability URLs: ``sign(file_id)`` is HMAC-SHA256 over the id with a per-installation secret,
+  truncated to 128 bits, urlsafe base64 (22 characters). ``verify`` compares in constant time. The
+  signature does not expire: a file's lifetime is its retention (``expires_at``), and deleting the file
+  revokes every URL to it.
+* Secrets live in ``<data dir>/secrets/`` (mode 0700, files 0600), created on first use with an atomic
+  link so two processes starting together agree on one secret: the signing key, and the webhook
+  signing secret (``whsec_`` + base64 of 32 random bytes, the Standard Webhooks format).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import re
+import secrets
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from atelier.errors import InputError, NotFound
+from atelier.ids import new_id
+from atelier.jobs.records import FILE_KINDS, FileRecord, utc_now
+from atelier.jobs.store import Store
+
+if TYPE_CHECKING:
+    from atelier.engines.base import OutputImage
+
+_ID_RE = re.compile(r"^[a-z2-7]{26}$")
+EXTENSIONS = {
+    "image/png": ".png",
+    "image/jpeg": ".jpg",
+    "image/webp": ".webp",
+    "image/gif": ".gif",
+    "application/json": ".json",
+    "text/plain": ".txt",
+}
+SIGNATURE_BYTES = 16  # 128 bits
+_NAME_UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\]")
+
+
+class FileStore:
+    def __init__(self, folder: Path, store: Store, *, secrets_dir: Path | None = None) -> None:
+        self.folder = Path(folder)
+        self.store = store
+        self.secrets_dir = Path(secrets_dir) if secrets_dir is not None else self.folder.parent / "secrets"
+        self._signing_key: bytes | None = None
+
+    # -- content -------------------------------------------------------------------------------------
+
+    def put(
+        self,
+        data: bytes,
+        *,
+        name: str,
+        content_type: str,
+        kind: str,
+        owner: str | None = None,
+        prediction_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        expires_at: datetime | None = None,
+    ) -> FileRecord:
+        """Write ``data`` durably, then record it; returns the record."""
+        if kind not in FILE_KINDS:
+            raise ValueError(f"file kind {kind!r} is not one of {', '.join(FILE_KINDS)}")
+        file_id = new_id()
+        relative = f"{file_id[:2]}/{file_id}{EXTENSIONS.get(content_type, '.bin')}"
+        _write_durably(self.folder / relative, data)
+        record = FileRecord(
+            id=file_id,
+            kind=kind,
+            name=clean_name(name),
+            content_type=content_type,
+            size=len(data),
+            sha256=hashlib.sha256(data).hexdigest(),
+            path=relative,
+            owner=owner,
+            prediction_id=prediction_id,
+            metadata=dict(metadata or {}),
+            created_at=utc_now(),
+            expires_at=expires_at,
+        )
+        self.store.insert_file(record)
+        return record
+
+    def put_outputs(self, images: Sequence[OutputImage], *, owner: str | None, prediction_id: str) -> list[FileRecord]:
+        """Write a prediction's output images (``output_{i}.{format}``); on any failure none is kept."""
+        records: list[FileRecord] = []
+        try:
+            for i, image in enumerate(images):
+                meta = {"index": i, "width": image.width, "height": image.height, "seed": image.seed}
+                records.append(
+                    self.put(
+                        image.data,
+                        name=f"output_{i}.{image.format}",
+                        content_type=image.content_type,
+                        kind="output",
+                        owner=owner,
+                        prediction_id=prediction_id,
+                        metadata=meta,
+                    )
+                )
+        except BaseException:
+            self.delete_many([record.id for record in records])
+            raise
+        return records
+
+    def get(self, file_id: str) -> FileRecord:
+        record = self.store.get_file(file_id) if _ID_RE.match(file_id or "") else None
+        if record is None:
+            raise NotFound(f"file {file_id[:40]!r} does not exist (or was deleted after its retention period)")
+        return record
+
+    def path(self, file_id: str) -> Path:
+        """The file's absolute path; always inside the files folder."""
+        record = self.get(file_id)
+        path = (self.folder / record.path).resolve()
+        if not path.is_relative_to(self.folder.resolve()):
+            raise NotFound(f"file {file_id!r} does not exist")
+        return path
+
+    def open(self, file_id: str) -> IO[bytes]:
+        try:
+            return self.path(file_id).open("rb")
+        except FileNotFoundError:
+            raise NotFound(f"file {file_id!r} is recorded but missing from disk") from None
+
+    def read(self, file_id: str) -> bytes:
+        with self.open(file_id) as fh:
+            return fh.read()
+
+    def delete(self, file_id: str) -> None:
+        """Forget the file, then remove it from disk; deleting twice is not an error."""
+        try:
+            path = self.path(file_id)
+        except NotFound:
+            return
+        self.store.delete_file(file_id)
+        path.unlink(missing_ok=True)
+
+    def delete_many(self, file_ids: Sequence[str]) -> None:
+        for file_id in file_ids:
+            self.delete(file_id)
+
+    def for_prediction(self, prediction_id: str) -> list[FileRecord]:
+        return self.store.files_for_prediction(prediction_id)
+
+    # -- capability URLs and secrets ------------------------------------------------------------------
+
+    def sign(self, file_id: str) -> str:
+        digest = hmac.new(self._key(), b"file:" + file_id.encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest[:SIGNATURE_BYTES]).decode().rstrip("=")
+
+    def verify(self, file_id: str, signature: str) -> bool:
+        if not isinstance(signature, str) or not signature.isascii():
+            return False
+        return hmac.compare_digest(self.sign(file_id).encode(), signature.encode())
+
+    def webhook_secret(self) -> str:
+        """The ``whsec_...`` secret webhooks are signed with (Standard Webhooks)."""
+        raw = read_or_create_secret(self.secrets_dir / "webhook.key", lambda: b"whsec_" + _b64(32))
+        return raw.decode().strip()
+
+    def _key(self) -> bytes:
+        if self._signing_key is None:
+            text = read_or_create_secret(self.secrets_dir / "file-signing.key", lambda: _b64(32))
+            self._signing_key = base64.b64decode(text.strip())
+        return self._signing_key
+
+
+def clean_name(name: str) -> str:
+    """A display name: the last path component, no control characters or slashes, at most 255 chars."""
+    base = re.split(r"[/\\]", name or "")[-1]
+    cleaned = _NAME_UNSAFE.sub("_", base).strip().lstrip(".")
+    if not cleaned:
+        raise InputError(f"got {name[:80]!r}; give a file name such as 'photo.png'", field="filename")
+    return cleaned[:255]
+
+
+def read_or_create_secret(path: Path, make: Callable[[], bytes]) -> bytes:
+    """Read a secret file, creating it (0600, in a 0700 folder) first if absent; race-free."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, make())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)  # fails if another process created it first; then theirs wins
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+    return path.read_bytes()
+
+
+def _b64(size: int) -> bytes:
+    return base64.b64encode(secrets.token_bytes(size))
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -1,0 +1,158 @@
+"""Schema migrations as code: an ordered list of named functions, each applied once and recorded.
+
+The rules (after simonw/llm ``migrations.py``):
+
+* A migration that has shipped is never edited, renamed or reordered; a change is a new migration
+  appended at the end.
+* Each migration declares the tables it touches itself (on a private ``MetaData``) instead of using
+  the store's current table objects, so what it does never changes when the schema later moves on.
+* ``migrate`` runs every migration not yet recorded in the ``migrations`` table, in order, inside the
+  caller's transaction; on SQLite that is ``BEGIN IMMEDIATE``, so two processes opening one database at
+  once apply each migration exactly once.
+
+Types are portable SQLAlchemy Core types (the same code builds a Postgres schema). Times are
+fixed-width ISO-8601 text (see ``atelier.jobs.records.format_time``); JSON columns are text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Connection,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    insert,
+    select,
+)
+
+from atelier.jobs.records import format_time, utc_now
+
+Migration = Callable[[Connection], None]
+MIGRATIONS: list[tuple[str, Migration]] = []
+
+
+def migration(fn: Migration) -> Migration:
+    MIGRATIONS.append((fn.__name__, fn))
+    return fn
+
+
+def _migrations_table(metadata: MetaData) -> Table:
+    return Table(
+        "migrations",
+        metadata,
+        Column("name", String(200), primary_key=True),
+        Column("applied_at", String(32), nullable=False),
+    )
+
+
+def applied(conn: Connection) -> list[str]:
+    table = _migrations_table(MetaData())
+    table.create(conn, checkfirst=True)
+    return [row[0] for row in conn.execute(select(table.c.name).order_by(table.c.applied_at, table.c.name))]
+
+
+def migrate(conn: Connection) -> list[str]:
+    """Apply what is missing, in order; return the names applied now (empty when up to date)."""
+    table = _migrations_table(MetaData())
+    done = set(applied(conn))
+    now: list[str] = []
+    for name, fn in MIGRATIONS:
+        if name in done:
+            continue
+        fn(conn)
+        conn.execute(insert(table).values(name=name, applied_at=format_time(utc_now())))
+        now.append(name)
+    return now
+
+
+# -- shipped migrations: append only ------------------------------------------------------------------
+
+
+@migration
+def m001_predictions(conn: Connection) -> None:
+    metadata = MetaData()
+    table = Table(
+        "predictions",
+        metadata,
+        Column("id", String(128), primary_key=True),
+        Column("model", String(200), nullable=False),
+        Column("version", String(200)),
+        Column("source", String(16), nullable=False),
+        Column("owner", String(128)),
+        Column("status", String(16), nullable=False),
+        Column("input_json", Text, nullable=False),
+        Column("output_json", Text),
+        Column("error", Text),
+        Column("error_code", String(64)),
+        Column("logs", Text, nullable=False, default=""),
+        Column("metrics_json", Text, nullable=False, default="{}"),
+        Column("seed", BigInteger),
+        Column("engine", String(64)),
+        Column("served_model", String(300)),
+        Column("webhook", Text),
+        Column("webhook_events_filter_json", Text),
+        Column("deadline", String(32)),
+        Column("created_at", String(32), nullable=False),
+        Column("started_at", String(32)),
+        Column("completed_at", String(32)),
+        Column("data_removed", Boolean, nullable=False, default=False),
+        Column("user_id", String(256)),
+        Column("request_json", Text),
+    )
+    Index("predictions_owner_created", table.c.owner, table.c.created_at, table.c.id)
+    Index("predictions_status", table.c.status)
+    metadata.create_all(conn)
+
+
+@migration
+def m002_files(conn: Connection) -> None:
+    metadata = MetaData()
+    table = Table(
+        "files",
+        metadata,
+        Column("id", String(64), primary_key=True),
+        Column("owner", String(128)),
+        Column("prediction_id", String(128)),
+        Column("kind", String(16), nullable=False),
+        Column("name", String(255), nullable=False),
+        Column("content_type", String(128), nullable=False),
+        Column("size", BigInteger, nullable=False),
+        Column("sha256", String(64), nullable=False),
+        Column("path", String(255), nullable=False),
+        Column("metadata_json", Text, nullable=False, default="{}"),
+        Column("created_at", String(32), nullable=False),
+        Column("expires_at", String(32)),
+    )
+    Index("files_prediction", table.c.prediction_id)
+    Index("files_expires", table.c.expires_at)
+    metadata.create_all(conn)
+
+
+@migration
+def m003_webhook_deliveries(conn: Connection) -> None:
+    metadata = MetaData()
+    table = Table(
+        "webhook_deliveries",
+        metadata,
+        Column("id", String(64), primary_key=True),
+        Column("prediction_id", String(128), nullable=False),
+        Column("event", String(16), nullable=False),
+        Column("url", Text, nullable=False),
+        Column("body_json", Text, nullable=False),
+        Column("attempts", Integer, nullable=False, default=0),
+        Column("next_attempt_at", String(32)),
+        Column("delivered_at", String(32)),
+        Column("last_error", Text),
+        Column("created_at", String(32), nullable=False),
+    )
+    Index("webhook_deliveries_due", table.c.next_attempt_at)
+    Index("webhook_deliveries_prediction", table.c.prediction_id)
+    metadata.create_all(conn)

@@ -1,0 +1,142 @@
+"""The job system's records: what the store keeps and what the doors render.
+
+Plain dataclasses, no I/O. A ``Prediction`` is only ever *changed* by ``atelier.jobs.task.Task``
+(principle 6); everyone else gets snapshots. Timestamps are timezone-aware UTC ``datetime`` objects in
+Python and fixed-width ISO-8601 text with microseconds and a ``Z`` in the database and on the wire
+(``2026-01-01T12:00:00.123456Z``, Replicate's shape); fixed width keeps text order equal to time order,
+which the list cursor relies on.
+
+Secrets never reach a record that is persisted: ``redact_secrets`` is applied by the store to every
+JSON column on the way in, as the last guard behind ``ImageRequest.public_input``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import SecretStr
+
+from atelier.request import REDACTED
+
+STARTING = "starting"
+PROCESSING = "processing"
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+CANCELED = "canceled"
+STATUSES = (STARTING, PROCESSING, SUCCEEDED, FAILED, CANCELED)
+TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELED})
+
+SOURCES = ("replicate", "cog", "openai", "python")
+FILE_KINDS = ("upload", "output")
+
+# Keys whose values are secrets wherever they appear in a JSON document headed for the store.
+SECRET_KEYS = frozenset({"openai_api_key", "api_key", "authorization"})
+
+_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def format_time(value: datetime) -> str:
+    """``2026-01-01T12:00:00.123456Z``: UTC, always six fractional digits (text order = time order)."""
+    if value.tzinfo is None:
+        raise ValueError(f"naive datetime {value!r}: the job system only takes timezone-aware times")
+    return value.astimezone(UTC).strftime(_TIME_FORMAT)
+
+
+def parse_time(text: str) -> datetime:
+    return datetime.strptime(text, _TIME_FORMAT).replace(tzinfo=UTC)
+
+
+def redact_secrets(value: Any) -> Any:
+    """A copy of a JSON-able value with every secret replaced by ``"[REDACTED]"``.
+
+    A ``SecretStr`` anywhere, or a non-empty value under a key in ``SECRET_KEYS``, is replaced. The
+    callers already pass public input; this is the defensive last line, not the mechanism.
+    """
+    if isinstance(value, SecretStr):
+        return REDACTED
+    if isinstance(value, dict):
+        return {
+            k: (REDACTED if str(k).lower() in SECRET_KEYS and v not in (None, REDACTED) else redact_secrets(v))
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [redact_secrets(v) for v in value]
+    return value
+
+
+@dataclass
+class Prediction:
+    """One prediction, as stored. Doors render it in their own wire shape."""
+
+    id: str
+    model: str  # the served model's name as users address it (a key of the EngineRouter)
+    source: str  # the door it came through: replicate | cog | openai | python
+    status: str = STARTING
+    version: str | None = None
+    owner: str | None = None  # a token fingerprint, or None on a server without tokens
+    input: dict[str, Any] = field(default_factory=dict)  # public input: defaults filled, secrets redacted
+    output: list[str] | None = None  # file ids, in order
+    error: str | None = None
+    error_code: str | None = None
+    logs: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None
+    engine: str | None = None  # the engine family: diffusers, openai, ...
+    served_model: str | None = None  # what the engine actually ran (e.g. gpt-image-2, a repo id)
+    webhook: str | None = None
+    webhook_events_filter: list[str] | None = None
+    deadline: datetime | None = None
+    created_at: datetime = field(default_factory=utc_now)
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    data_removed: bool = False
+    user_id: str | None = None
+    # What is needed to run the job again after a restart (never the api key): see RerunSpec.
+    request: dict[str, Any] | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    def snapshot(self) -> Prediction:
+        """A copy safe to hand out: the task replaces containers, never mutates them in place."""
+        return dataclasses.replace(self)
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    id: str
+    kind: str  # upload | output
+    name: str  # shown to users (Content-Disposition); never used to build a path
+    content_type: str
+    size: int
+    sha256: str
+    path: str  # relative to the files folder, derived from the id only
+    owner: str | None = None
+    prediction_id: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    created_at: datetime = field(default_factory=utc_now)
+    expires_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One webhook message; ``id`` stays the same across retries (the Standard Webhooks ``webhook-id``)."""
+
+    id: str
+    prediction_id: str
+    event: str
+    url: str
+    body: dict[str, Any]
+    attempts: int = 0
+    next_attempt_at: datetime | None = None  # None once delivered or given up
+    delivered_at: datetime | None = None
+    last_error: str | None = None
+    created_at: datetime = field(default_factory=utc_now)

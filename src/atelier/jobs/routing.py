@@ -1,0 +1,117 @@
+"""Which engine serves a request: by model name, by the caller's own OpenAI key, else the default.
+
+* A request carrying ``openai_api_key`` goes to OpenAI upstream with that key: the engine registered as
+  ``"openai"`` (or any engine whose family ``name`` is ``"openai"``). Without one the request is refused
+  (``ModelUnavailable``) rather than silently run on a local model with the key ignored. Naming a local
+  model *and* giving a key is a contradiction and is refused too.
+* ``model`` None means the default. A model is addressed by its key, ``atelier/<key>`` (Replicate's
+  ``owner/name``), or an alias; ``openai/gpt-image-2`` and ``gpt-image-2`` name the default unless an
+  engine is registered under that exact key. Anything else is ``NotFound`` naming the served models.
+* ``ready(engine)`` runs ``engine.setup()`` once, in a thread, the first time a job needs it; concurrent
+  first jobs wait for the same setup. A failed setup is not remembered: the next job tries again (the
+  weights may have been downloaded meanwhile); ``setup_errors`` keeps the last message for health checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+
+from atelier.engines.base import Engine
+from atelier.errors import FieldProblem, ModelUnavailable, NotFound, UnsupportedRequest
+from atelier.request import ImageRequest
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ALIASES = ("openai/gpt-image-2", "gpt-image-2")
+OPENAI = "openai"
+
+
+class EngineRouter:
+    def __init__(
+        self, engines: Mapping[str, Engine], default: str, *, aliases: Mapping[str, str] | None = None
+    ) -> None:
+        if default not in engines:
+            raise ValueError(f"default model {default!r} is not among the engines: {', '.join(engines) or 'none'}")
+        self.engines = dict(engines)
+        self.default = default
+        self.aliases = {alias: default for alias in DEFAULT_ALIASES} | dict(aliases or {})
+        self.setup_errors: dict[str, str] = {}
+        self._ready: set[int] = set()
+        self._locks: dict[int, asyncio.Lock] = {}
+
+    @property
+    def models(self) -> list[str]:
+        return list(self.engines)
+
+    def resolve(self, model: str | None) -> str:
+        """The key of the engine ``model`` names; ``NotFound`` listing the served models otherwise."""
+        if model is None:
+            return self.default
+        for candidate in (model, model.removeprefix("atelier/")):
+            if candidate in self.engines:
+                return candidate
+        if model in self.aliases:
+            return self.aliases[model]
+        raise NotFound(
+            f"model {model!r} is not served here; served models: {', '.join(self.engines)} (default: {self.default})",
+            field="model",
+        )
+
+    def route(self, request: ImageRequest, model: str | None = None) -> tuple[str, Engine]:
+        """``(model key, engine)`` for a request."""
+        if request.openai_api_key is None:
+            key = self.resolve(model)
+            return key, self.engines[key]
+        key = self._openai_key()
+        if model is None or model in self.aliases:  # the seed's own name: the key decides the route
+            return key, self.engines[key]
+        named = self.resolve(model)
+        if self.engines[named].name != OPENAI:
+            raise UnsupportedRequest(
+                FieldProblem(
+                    "openai_api_key",
+                    f"an openai_api_key sends the request to OpenAI, but model {model!r} is a local model; "
+                    "remove the key to use it, or leave the model unset",
+                    "unsupported",
+                    "[REDACTED]",
+                )
+            )
+        return named, self.engines[named]
+
+    def engine_for(self, request: ImageRequest, model: str | None = None) -> Engine:
+        return self.route(request, model)[1]
+
+    async def ready(self, engine: Engine) -> Engine:
+        """``engine`` after its one-time ``setup()`` (run in a thread)."""
+        key = id(engine)
+        if key in self._ready:
+            return engine
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            if key not in self._ready:
+                try:
+                    await asyncio.to_thread(engine.setup)
+                except Exception as exc:
+                    self.setup_errors[engine.model] = str(exc)
+                    raise
+                self.setup_errors.pop(engine.model, None)
+                self._ready.add(key)
+                log.info("engine %s (%s) is ready", engine.name, engine.model)
+        return engine
+
+    def is_ready(self, engine: Engine) -> bool:
+        return id(engine) in self._ready
+
+    def _openai_key(self) -> str:
+        if OPENAI in self.engines:
+            return OPENAI
+        for key, engine in self.engines.items():
+            if engine.name == OPENAI:
+                return key
+        raise ModelUnavailable(
+            "an openai_api_key sends the request to OpenAI's Images API, and this server has no OpenAI engine; "
+            f"remove the key to use the local model {self.default!r}, or install atelier[openai] and enable it",
+            field="openai_api_key",
+        )

@@ -1,0 +1,398 @@
+"""The runner: one queue, a few workers, and every prediction's life from ``submit`` to its end.
+
+Design:
+
+* **Accept or refuse at once.** ``submit`` routes the request and calls the engine's ``check``
+  (capabilities, moderation, size planning) before anything is stored: a bad request costs no model
+  time and leaves no trace. Then, with no ``await`` in between, it checks the queue bound
+  (``TooManyRequests`` with ``retry_after``), inserts the prediction and queues it: whatever was
+  accepted is in the database, and nothing refused is.
+* **Workers.** ``settings.max_concurrency`` workers pull from one FIFO queue; each sets the engine up
+  once (in a thread), marks the task ``processing``, runs ``engine.generate`` in a thread (the loop
+  never blocks on a model), writes the outputs durably through the ``FileStore``, and only then marks
+  the task ``succeeded``. Progress callbacks from the engine's thread are handed to the loop
+  (``call_soon_threadsafe``), where the ``Task`` lives: one writer per prediction.
+* **Cancel and deadlines.** Each job has a ``CancelToken``. A queued job is canceled at once; a
+  running one gets its token set and the engine raises ``Canceled`` between steps; a token set while
+  the engine was finishing still cancels (outputs discarded). A ``deadline`` (``Cancel-After``) arms a
+  timer that cancels with reason "deadline exceeded".
+* **Restart.** ``start`` resolves what a previous process left unfinished: what can run again (see
+  ``atelier.jobs.recovery``) goes back to ``starting`` ("re-queued after restart") and is queued first,
+  beyond ``max_queue``; the rest fails with a reason that says to resubmit. One process owns a
+  database: two runners on one database would both re-queue the same jobs.
+* **Stop.** ``stop`` refuses new work, lets running jobs finish for up to ``timeout`` seconds, then
+  sets their tokens. Jobs that can run again are left as they are in the database (queued ones
+  ``starting``, interrupted ones ``processing`` with a log line) for the next ``start`` to re-queue,
+  so a restart loses nothing; those that cannot run again fail now with the reason. Listeners are
+  drained before ``stop`` returns. The store stays open: whoever opened it closes it. A stopped
+  runner is not started again; build a new one.
+* **Listeners** (``runner.listeners.append(async fn(prediction, event))``, the webhook sender) are
+  fed in order by ``atelier.jobs.dispatch``; live ``subscribe``rs also get every log line and progress.
+* **Batching** (later): the seam is ``JobQueue.next_batch``; see ``atelier.jobs.queue``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from atelier.engines.base import CancelToken, Engine, Job, ProgressEvent
+from atelier.errors import AtelierError, Canceled, Conflict, EngineError, ModelUnavailable, NotFound
+from atelier.ids import new_id, new_seed
+from atelier.jobs import recovery
+from atelier.jobs.dispatch import Dispatcher, Listener
+from atelier.jobs.events import Subscription, finished_subscription
+from atelier.jobs.files import FileStore
+from atelier.jobs.queue import Entry, JobQueue
+from atelier.jobs.records import SOURCES, Prediction, utc_now
+from atelier.jobs.recovery import ImageLoader
+from atelier.jobs.routing import EngineRouter
+from atelier.jobs.store import Store
+from atelier.jobs.task import USER_CANCEL, Task
+from atelier.request import ImageRequest
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from atelier.config import Settings
+
+log = logging.getLogger(__name__)
+
+DEADLINE_EXCEEDED = "deadline exceeded"
+SHUTDOWN = "server shutting down"
+RESTARTED = "re-queued after restart"
+CANCEL_GRACE_SECONDS = 2.0  # after stop's timeout, how long a canceled engine gets to notice it
+
+
+class Runner:
+    def __init__(
+        self,
+        store: Store,
+        files: FileStore,
+        engines: EngineRouter,
+        settings: Settings,
+        *,
+        load_images: ImageLoader | None = None,
+        stop_timeout: float = 30.0,
+    ) -> None:
+        self.store = store
+        self.files = files
+        self.engines = engines
+        self.settings = settings
+        self.stop_timeout = stop_timeout
+        self.cancel_grace = CANCEL_GRACE_SECONDS
+        self.dispatcher = Dispatcher()
+        self.listeners: list[Listener] = self.dispatcher.listeners  # append async fn(prediction, event)
+        self.queue = JobQueue(settings.max_queue, settings.max_concurrency)
+        self._load_images = load_images
+        self._workers: list[asyncio.Task[None]] = []
+        self._started = False
+        self._accepting = False
+        self._stopping = False
+
+    # -- state for health checks -----------------------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.queue)
+
+    @property
+    def running(self) -> int:
+        return len(self.queue.active)
+
+    @property
+    def busy(self) -> bool:
+        """Every worker is taken (Cog answers 409 then)."""
+        return self.running >= self.queue.concurrency
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        self.store.open()
+        self.dispatcher.start()
+        await self._recover()
+        self._accepting = True
+        count = self.queue.concurrency
+        self._workers = [asyncio.create_task(self._worker(), name=f"atelier-worker-{i}") for i in range(count)]
+        log.info("runner started: %d worker(s), queue bound %d", count, self.queue.max_queue)
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Graceful stop; see the module docstring for what happens to queued and running jobs."""
+        if self._stopping or not self._started:
+            return
+        self._accepting = False
+        self._stopping = True
+        until = time.monotonic() + (self.stop_timeout if timeout is None else timeout)
+        self.queue.close()  # idle workers take nothing more; busy ones finish their job first
+        await self.queue.wait_idle(until)
+        for entry in self.queue.active.values():
+            entry.token.cancel(SHUTDOWN)
+        await self.queue.wait_idle(time.monotonic() + self.cancel_grace)
+        for entry in [*self.queue.active.values(), *self.queue.queued()]:
+            self._interrupt(entry)
+        self.queue.disarm()  # nothing fires after stop: no deadline, no log flush
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        await self.dispatcher.drain(max(0.1, until - time.monotonic()))
+        log.info("runner stopped")
+
+    # -- the interface the doors use -------------------------------------------------------------------
+
+    async def submit(
+        self,
+        request: ImageRequest,
+        *,
+        model: str | None = None,
+        source: str,
+        owner: str | None = None,
+        seed: int | None = None,
+        images: tuple[Image.Image, ...] | Sequence[Image.Image] = (),
+        mask: Image.Image | None = None,
+        previews: int = 0,
+        webhook: str | None = None,
+        webhook_events_filter: list[str] | None = None,
+        deadline: datetime | None = None,
+        prediction_id: str | None = None,
+        version: str | None = None,
+    ) -> Prediction:
+        """Validate, then queue; returns the new prediction (status ``starting``).
+
+        Raises the engine's typed error for a request it cannot honour, ``TooManyRequests`` when the
+        queue is full, ``ModelUnavailable`` while not running. An existing ``prediction_id`` of the
+        same owner returns that prediction (Cog's idempotent ``PUT /predictions/{id}``).
+        """
+        if source not in SOURCES:
+            raise ValueError(f"source {source!r} is not one of {', '.join(SOURCES)}")
+        if deadline is not None and deadline.tzinfo is None:
+            raise ValueError("deadline must be timezone-aware")
+        self._check_accepting()
+        if prediction_id is not None and (existing := self._existing(prediction_id, owner)):
+            return existing
+        key, engine = self.engines.route(request, model)
+        job = Job(
+            prediction_id or new_id(), request, new_seed() if seed is None else seed, tuple(images), mask, previews
+        )
+        await asyncio.to_thread(engine.check, job)
+        # No await from here on: the bound check, the insert and the enqueue are one step.
+        self._check_accepting()
+        if prediction_id is not None and (existing := self._existing(prediction_id, owner)):
+            return existing
+        self.queue.check_capacity()
+        prediction = recovery.new_prediction(
+            job, key=key, engine=engine, model=model, source=source, owner=owner, version=version,
+            webhook=webhook, webhook_events_filter=webhook_events_filter, deadline=deadline,
+        )  # fmt: skip
+        self.store.insert_prediction(prediction)
+        entry = Entry(self._new_task(prediction), job, engine, CancelToken())
+        self._enqueue(entry)
+        entry.task.announce()
+        log.info("prediction %s accepted from %s for model %s (queue %d)", job.id, source, key, self.queue_depth)
+        return prediction.snapshot()
+
+    async def get(self, id: str, *, owner: str | None = None) -> Prediction:
+        """The prediction, if it exists and belongs to ``owner``; ``NotFound`` otherwise (the same answer)."""
+        prediction = self._require(id)
+        if prediction.owner != owner:
+            raise NotFound(f"prediction {id[:64]!r} was not found")
+        return prediction
+
+    async def cancel(self, id: str, *, owner: str | None = None) -> Prediction:
+        """Cancel; a finished prediction is returned unchanged. A running one may still show ``processing``."""
+        prediction = await self.get(id, owner=owner)
+        entry = self.queue.get(id)
+        if entry is None or entry.task.terminal:
+            return prediction
+        self._cancel_entry(entry, USER_CANCEL)
+        return entry.task.prediction.snapshot()
+
+    async def wait(self, id: str, timeout: float | None) -> Prediction:
+        """The prediction once it is terminal, or as it is when ``timeout`` seconds have passed."""
+        entry = self.queue.get(id)
+        if entry is None:
+            return self._require(id)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(entry.task.done.wait(), timeout)
+        return entry.task.prediction.snapshot()
+
+    def subscribe(self, id: str) -> Subscription:
+        """Events from now on (subscribed at call time, not at first iteration); ends after ``done``."""
+        entry = self.queue.get(id)
+        return entry.task.subscribe() if entry is not None else finished_subscription(self._require(id))
+
+    async def list(
+        self, *, owner: str | None, cursor: str | None, limit: int
+    ) -> tuple[builtins.list[Prediction], str | None]:
+        """``owner``'s predictions, newest first, and the cursor of the next page (None at the end)."""
+        page, next_cursor = self.store.list_predictions(owner, cursor, limit)
+        return [self._live(p.id) or p for p in page], next_cursor
+
+    # -- workers ---------------------------------------------------------------------------------------
+
+    async def _worker(self) -> None:
+        while True:
+            for entry in await self.queue.next_batch():
+                try:
+                    await self._run(entry)
+                except Exception:  # e.g. the database went away while recording the outcome
+                    log.exception("prediction %s: the outcome could not be recorded", entry.id)
+
+    async def _run(self, entry: Entry) -> None:
+        try:
+            await self._execute(entry)
+        except Exception as exc:
+            self._settle(entry, exc)
+        finally:
+            self.queue.done(entry)
+
+    def _settle(self, entry: Entry, exc: Exception) -> None:
+        """A job ended with an exception: canceled if its token was set, else failed with the error."""
+        task, token = entry.task, entry.token
+        if task.terminal:
+            return
+        if token.cancelled or isinstance(exc, Canceled):  # an engine may surface a cancel as its own error
+            self._on_canceled(entry, token.reason if token.cancelled else str(exc))
+        elif isinstance(exc, AtelierError):
+            task.fail(exc)
+        else:
+            log.error("prediction %s: the engine raised unexpectedly", task.id, exc_info=exc)
+            task.fail(EngineError(f"the engine failed unexpectedly ({type(exc).__name__}: {exc})"))
+
+    async def _execute(self, entry: Entry) -> None:
+        task, token = entry.task, entry.token
+        token.raise_if_cancelled()
+        await self._ready(entry.engine)
+        token.raise_if_cancelled()
+        task.start()
+        task.log(f"Using seed: {entry.job.seed}")
+        began = time.monotonic()
+        progress = self._progress_callback(entry)
+        result = await asyncio.to_thread(entry.engine.generate, entry.job, progress=progress, cancel=token)
+        token.raise_if_cancelled()  # canceled while the engine finished: honour it
+        owner, id = task.prediction.owner, task.id
+        records = await asyncio.to_thread(self.files.put_outputs, result.images, owner=owner, prediction_id=id)
+        if token.cancelled:
+            await asyncio.to_thread(self.files.delete_many, [r.id for r in records])
+            token.raise_if_cancelled()
+        task.succeed(result, records)
+        self.queue.observe(time.monotonic() - began)
+
+    async def _ready(self, engine: Engine) -> None:
+        try:
+            await self.engines.ready(engine)
+        except AtelierError:
+            raise
+        except Exception as exc:
+            raise ModelUnavailable(f"model {engine.model!r} could not be loaded: {exc}") from exc
+
+    def _progress_callback(self, entry: Entry) -> Callable[[ProgressEvent], None]:
+        loop = asyncio.get_running_loop()
+
+        def on_loop(event: ProgressEvent) -> None:
+            if not entry.interrupted:  # an engine still running after stop gave up on it is not heard
+                entry.task.progress(event)
+
+        def progress(event: ProgressEvent) -> None:  # on the engine's thread
+            # RuntimeError: the loop has closed (stopped mid-job), and nobody is listening any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(on_loop, event)
+
+        return progress
+
+    # -- cancel, deadlines, shutdown -------------------------------------------------------------------
+
+    def _cancel_entry(self, entry: Entry, reason: str) -> None:
+        if entry.task.terminal:
+            return
+        entry.token.cancel(reason)
+        if self.queue.remove_queued(entry):
+            entry.task.cancel(reason)
+            self.queue.forget(entry)
+        # Otherwise a worker holds it (running or setting up): it sees the token and cancels the task.
+
+    def _on_canceled(self, entry: Entry, reason: str) -> None:
+        if self._stopping and reason == SHUTDOWN:
+            self._interrupt(entry)
+        else:
+            entry.task.cancel(reason)
+
+    def _interrupt(self, entry: Entry) -> None:
+        """Stop: leave a re-runnable job for the next start, fail one that cannot run again."""
+        task = entry.task
+        entry.interrupted = True
+        if task.terminal:
+            return
+        reason = recovery.why_not_rerunnable(task.prediction, can_load_images=self._load_images is not None)
+        if reason:
+            task.fail(f"the server shut down before this job finished, and {reason}", "interrupted")
+        else:
+            task.log("Interrupted by server shutdown; it will run again when the server restarts")
+            task.flush_logs()
+
+    def _enqueue(self, entry: Entry) -> None:
+        self.queue.push(entry)
+        deadline = entry.task.prediction.deadline
+        if deadline is not None:
+            delay = max(0.0, (deadline - utc_now()).total_seconds())
+            loop = asyncio.get_running_loop()
+            entry.deadline_timer = loop.call_later(delay, self._cancel_entry, entry, DEADLINE_EXCEEDED)
+
+    # -- restart recovery ------------------------------------------------------------------------------
+
+    async def _recover(self) -> None:
+        for prediction in self.store.unfinished_predictions():
+            task = self._new_task(prediction)
+            reason = recovery.why_not_rerunnable(prediction, can_load_images=self._load_images is not None)
+            if reason:
+                log.warning("prediction %s was interrupted and cannot run again: %s", prediction.id, reason)
+                task.fail(reason, "interrupted")
+                continue
+            try:
+                job, engine = await recovery.rebuild(prediction, self.engines, self._load_images)
+            except AtelierError as exc:
+                task.fail(exc)
+                continue
+            except Exception as exc:  # e.g. an input image URL that no longer answers
+                task.fail(f"the job could not be prepared again after a restart ({exc}); resubmit", "interrupted")
+                continue
+            task.requeue(RESTARTED)
+            self._enqueue(Entry(task, job, engine, CancelToken()))
+            log.info("prediction %s re-queued after restart", prediction.id)
+
+    # -- internals -------------------------------------------------------------------------------------
+
+    def _new_task(self, prediction: Prediction) -> Task:
+        cost = self.settings.cost_per_second
+        return Task(prediction, self.store, cost_per_second=cost, notify=self.dispatcher.notify)
+
+    def _check_accepting(self) -> None:
+        if not self._accepting:
+            raise ModelUnavailable("the server is not accepting predictions (starting up or shutting down); retry")
+
+    def _existing(self, id: str, owner: str | None) -> Prediction | None:
+        prediction = self._load(id)
+        if prediction is not None and prediction.owner != owner:
+            raise Conflict(f"prediction id {id[:64]!r} is taken; choose another id")
+        return prediction
+
+    def _require(self, id: str) -> Prediction:
+        prediction = self._load(id)
+        if prediction is None:
+            raise NotFound(f"prediction {id[:64]!r} was not found")
+        return prediction
+
+    def _load(self, id: str) -> Prediction | None:
+        return self._live(id) or self.store.get_prediction(id)
+
+    def _live(self, id: str) -> Prediction | None:
+        entry = self.queue.get(id)
+        return entry.task.prediction.snapshot() if entry is not None else None

@@ -1,0 +1,302 @@
+"""The prediction state machine: the only code that changes a prediction's status.
+
+One ``Task`` per live prediction (after cog's ``PredictTask``). Transitions are methods::
+
+    starting ──start()──> processing ──succeed()──> succeeded
+        │                     ├────────fail()─────> failed
+        ├──fail()/cancel()──> │────────cancel()───> canceled
+        └──────────────────── requeue() (restart recovery only) ──> starting
+
+Each transition checks it is legal (``InvalidTransition``, a 409, otherwise), stamps its time,
+persists, and only then tells anyone: subscribers (``subscribe()``) and the runner's ``notify``
+callback (which feeds the webhook listeners). Everything runs on the event loop's thread; the runner
+hops engine-thread progress callbacks onto the loop, so there is one writer and no locks.
+
+Logs follow Replicate: plain text, one line per event ("Using seed: 123", a tqdm-style progress line
+per step). New lines reach live subscribers at once; they are persisted at most every
+``log_interval`` seconds (a timer flushes the tail) and always with the final status, so a 50-step run
+writes a handful of rows, not fifty. Webhook listeners hear of logs when they are persisted.
+
+Metrics on finish: ``predict_time`` (completed − started), ``total_time`` (completed − created),
+``estimated_cost`` (predict_time × cost_per_second) and, on success, ``image_count``,
+``rendered_size``, ``size``, ``upscaled``, ``seed``, ``steps``, ``engine``, ``model`` and the
+upstream ``usage`` when the engine reports one.
+
+``cancel(reason)`` records the reason in the logs; unless it is the plain user cancel ("canceled") it
+is also the prediction's ``error`` (e.g. "deadline exceeded"), so a caller can tell why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, Protocol
+
+from atelier.engines.base import ProgressEvent, Result
+from atelier.errors import AtelierError, Conflict
+from atelier.jobs.events import DEFAULT_MAXSIZE, Event, Subscription, finished_subscription
+from atelier.jobs.records import (
+    CANCELED,
+    FAILED,
+    PROCESSING,
+    STARTING,
+    SUCCEEDED,
+    FileRecord,
+    Prediction,
+    utc_now,
+)
+
+__all__ = ["InvalidTransition", "Prediction", "Task", "progress_line"]
+
+log = logging.getLogger(__name__)
+
+USER_CANCEL = "canceled"
+_ALLOWED: dict[str, frozenset[str]] = {
+    STARTING: frozenset({PROCESSING, FAILED, CANCELED, STARTING}),
+    PROCESSING: frozenset({SUCCEEDED, FAILED, CANCELED, STARTING}),
+}
+
+
+class InvalidTransition(Conflict):
+    code = "invalid_transition"
+
+
+class PredictionWriter(Protocol):
+    def update_prediction(self, id: str, **fields: Any) -> None: ...
+
+
+Notify = Callable[[Prediction, Event], None]
+
+
+class Task:
+    def __init__(
+        self,
+        prediction: Prediction,
+        store: PredictionWriter,
+        *,
+        cost_per_second: float = 0.0,
+        notify: Notify | None = None,
+        log_interval: float = 0.5,
+        clock: Callable[[], datetime] = utc_now,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.prediction = prediction  # live: only this class changes it; hand out .snapshot()
+        self.done = asyncio.Event()
+        self._store = store
+        self._cost_per_second = cost_per_second
+        self._notify = notify
+        self._log_interval = log_interval
+        self._clock = clock
+        self._monotonic = monotonic
+        self._subscribers: list[Subscription] = []
+        self._unsaved = ""  # log text not yet persisted
+        self._last_save = -math.inf
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._started_mono: float | None = None
+
+    @property
+    def id(self) -> str:
+        return self.prediction.id
+
+    @property
+    def status(self) -> str:
+        return self.prediction.status
+
+    @property
+    def terminal(self) -> bool:
+        return self.prediction.terminal
+
+    def subscribe(self, maxsize: int = DEFAULT_MAXSIZE) -> Subscription:
+        """Events from now on; a subscription to a finished task gets its ``done`` at once."""
+        if self.terminal:
+            return finished_subscription(self.prediction)
+        sub = Subscription(maxsize, on_close=self._subscribers.remove)
+        self._subscribers.append(sub)
+        return sub
+
+    # -- transitions ---------------------------------------------------------------------------------
+
+    def announce(self) -> None:
+        """Tell listeners the prediction exists (status ``starting``); the caller has persisted it."""
+        self._emit(Event("status", {"status": self.status}))
+
+    def start(self) -> None:
+        self._check(PROCESSING)
+        self._started_mono = self._monotonic()
+        self._set(status=PROCESSING, started_at=self._clock())
+        self._emit(Event("status", {"status": PROCESSING}))
+
+    def succeed(self, result: Result, outputs: list[FileRecord]) -> None:
+        self._check(SUCCEEDED)
+        self.flush_logs()
+        completed = self._clock()
+        metrics = {**self._timing(completed), **_result_metrics(result, self.prediction.seed)}
+        output = [record.id for record in outputs]
+        self._set(
+            status=SUCCEEDED,
+            completed_at=completed,
+            output=output,
+            metrics=metrics,
+            engine=result.engine,
+            served_model=result.model,
+        )
+        self._emit(Event("output", {"output": output}))
+        self._finished()
+
+    def fail(self, error: AtelierError | str, code: str | None = None) -> None:
+        self._check(FAILED)
+        message = error.message if isinstance(error, AtelierError) else str(error)
+        code = code or (error.code if isinstance(error, AtelierError) else "internal_error")
+        log.info("prediction %s failed (%s): %s", self.id, code, message)
+        self.log(f"Error: {message}")
+        self.flush_logs()
+        completed = self._clock()
+        self._set(
+            status=FAILED, completed_at=completed, error=message, error_code=code, metrics=self._timing(completed)
+        )
+        self._finished()
+
+    def cancel(self, reason: str = USER_CANCEL) -> None:
+        self._check(CANCELED)
+        log.info("prediction %s canceled: %s", self.id, reason)
+        self.log("Prediction canceled" if reason == USER_CANCEL else f"Prediction canceled: {reason}")
+        self.flush_logs()
+        completed = self._clock()
+        error = None if reason == USER_CANCEL else reason
+        self._set(
+            status=CANCELED, completed_at=completed, error=error, error_code="canceled", metrics=self._timing(completed)
+        )
+        self._finished()
+
+    def requeue(self, line: str) -> None:
+        """Back to ``starting`` to be run again (restart recovery); keeps the logs so far."""
+        self._check(STARTING)
+        self.log(line)
+        self.flush_logs()
+        self._started_mono = None
+        self._set(status=STARTING, started_at=None)
+        self._emit(Event("status", {"status": STARTING}))
+
+    # -- logs and progress ---------------------------------------------------------------------------
+
+    def log(self, line: str) -> None:
+        """Append a line (or lines) to the logs; throttled persistence, immediate to subscribers."""
+        if self.terminal:
+            log.debug("prediction %s: log line after it finished dropped", self.id)
+            return
+        text = "".join(part + "\n" for part in line.rstrip("\n").split("\n"))
+        self.prediction.logs += text
+        self._unsaved += text
+        self._emit(Event("logs", {"text": text}), listeners=False)
+        if self._monotonic() - self._last_save >= self._log_interval:
+            self.flush_logs()
+        else:
+            self._arm_flush_timer()
+
+    def progress(self, event: ProgressEvent) -> None:
+        """A step finished: tell subscribers (with the preview, if any) and log a progress line."""
+        if self.status != PROCESSING:
+            return
+        data = {"step": event.step, "total": event.total, "preview": event.preview, "message": event.message}
+        self._emit(Event("progress", data), listeners=False)
+        if event.message:
+            self.log(event.message)
+        elapsed = self._monotonic() - self._started_mono if self._started_mono is not None else 0.0
+        self.log(progress_line(event.step, event.total, elapsed))
+
+    def flush_logs(self) -> None:
+        """Persist log text not yet saved, and tell listeners (webhook ``logs`` events)."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        if not self._unsaved:
+            return
+        text, self._unsaved = self._unsaved, ""
+        self._last_save = self._monotonic()
+        self._store.update_prediction(self.id, logs=self.prediction.logs)
+        if self._notify is not None:
+            self._notify(self.prediction.snapshot(), Event("logs", {"text": text}))
+
+    # -- internals -----------------------------------------------------------------------------------
+
+    def _check(self, target: str) -> None:
+        if target not in _ALLOWED.get(self.status, frozenset()):
+            raise InvalidTransition(f"prediction {self.id} is {self.status} and cannot become {target}")
+
+    def _set(self, **fields: Any) -> None:
+        """Persist first, then change the live record: a failed write leaves memory as it was."""
+        self._store.update_prediction(self.id, **fields)
+        for name, value in fields.items():
+            setattr(self.prediction, name, value)
+
+    def _finished(self) -> None:
+        status = self.status
+        self._emit(Event("status", {"status": status}))
+        self._emit(Event("done", {"status": status}))
+        self.done.set()
+
+    def _emit(self, event: Event, *, listeners: bool = True) -> None:
+        snapshot = self.prediction.snapshot()
+        event = Event(event.kind, event.data, snapshot)
+        for sub in list(self._subscribers):
+            sub.put(event)
+        if listeners and self._notify is not None:
+            self._notify(snapshot, event)
+
+    def _timing(self, completed: datetime) -> dict[str, Any]:
+        metrics: dict[str, Any] = {"total_time": _seconds(completed - self.prediction.created_at)}
+        started = self.prediction.started_at
+        if started is not None:
+            predict_time = _seconds(completed - started)
+            metrics["predict_time"] = predict_time
+            metrics["estimated_cost"] = round(predict_time * self._cost_per_second, 6)
+        return metrics
+
+    def _arm_flush_timer(self) -> None:
+        if self._flush_timer is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a synchronous caller): the next line or the finish flushes
+            return
+        delay = max(0.0, self._log_interval - (self._monotonic() - self._last_save))
+        self._flush_timer = loop.call_later(delay, self.flush_logs)
+
+
+def _result_metrics(result: Result, seed: int | None) -> dict[str, Any]:
+    metrics: dict[str, Any] = {
+        "image_count": len(result.images),
+        "rendered_size": result.rendered_size,
+        "size": result.size,
+        "upscaled": result.upscaled,
+        "seed": result.seed if result.seed is not None else seed,
+        "steps": result.steps,
+        "engine": result.engine,
+        "model": result.model,
+    }
+    if result.usage:
+        metrics["usage"] = dict(result.usage)
+    return metrics
+
+
+def _seconds(delta: Any) -> float:
+    return round(delta.total_seconds(), 6)
+
+
+def progress_line(step: int, total: int, elapsed: float) -> str:
+    """A tqdm-style line: `` 50%|█████     | 2/4 [00:01<00:01,  2.00it/s]``."""
+    fraction = step / total if total > 0 else 1.0
+    filled = min(10, int(fraction * 10))
+    rate = step / elapsed if elapsed > 0 else 0.0
+    remaining = (total - step) / rate if rate > 0 else 0.0
+    bar = "█" * filled + " " * (10 - filled)
+    return f"{int(fraction * 100):3d}%|{bar}| {step}/{total} [{_mmss(elapsed)}<{_mmss(remaining)}, {rate:5.2f}it/s]"
+
+
+def _mmss(seconds: float) -> str:
+    minutes, secs = divmod(int(max(0.0, seconds)), 60)
+    return f"{minutes:02d}:{secs:02d}"

@@ -1,0 +1,338 @@
+"""The runner with a scriptable fake engine: the life of predictions, limits, cancel, restart."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from atelier.config import Settings
+from atelier.engines.base import Capabilities
+from atelier.errors import EngineError, ModelUnavailable, NotFound, TooManyRequests, UnsupportedRequest
+from atelier.jobs.events import Event
+from atelier.jobs.files import FileStore
+from atelier.jobs.records import Prediction, utc_now
+from atelier.jobs.recovery import KEY_NOT_STORED, NOT_RECORDED, rerun_spec
+from atelier.jobs.routing import EngineRouter
+from atelier.jobs.runner import Runner
+from atelier.jobs.store import Store
+from atelier.request import ImageRequest, parse_request
+from fakes import FakeEngine
+
+KEY = "sk-test-never-stored-0123456789"
+
+
+def request(**fields: Any) -> ImageRequest:
+    return parse_request({"prompt": "a red square", **fields})
+
+
+class Harness:
+    """Builds runners on one data folder; stops them all at the end."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.runners: list[Runner] = []
+        self.gates: list[Any] = []
+
+    def settings(self, **overrides: Any) -> Settings:
+        return Settings(data_dir=self.tmp_path, **{"max_concurrency": 1, "max_queue": 8, **overrides})
+
+    async def runner(
+        self, *engines: FakeEngine, store_class: type[Store] = Store, start: bool = True, **overrides: Any
+    ) -> Runner:
+        settings = self.settings(**overrides)
+        store = store_class(settings.database_path)
+        engines = engines or (FakeEngine(),)
+        router = EngineRouter({e.model: e for e in engines}, engines[0].model)
+        runner = Runner(store, FileStore(settings.files_dir, store), router, settings, stop_timeout=1.0)
+        self.runners.append(runner)
+        if start:
+            await runner.start()
+        return runner
+
+    def block(self, engine: FakeEngine) -> Any:
+        gate = engine.block()
+        self.gates.append(gate)
+        return gate
+
+    def rows(self) -> int:
+        with sqlite3.connect(self.tmp_path / "atelier.db") as db:
+            return db.execute("select count(*) from predictions").fetchone()[0]
+
+
+@pytest.fixture
+async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
+    h = Harness(tmp_path)
+    yield h
+    for gate in h.gates:
+        gate.set()
+    for runner in h.runners:
+        await runner.stop(timeout=1.0)
+        runner.store.close()
+
+
+async def started(engine: FakeEngine) -> None:
+    assert await asyncio.to_thread(engine.started.wait, 2.0), "the engine never started"
+    engine.started.clear()
+
+
+async def test_submit_runs_to_success_with_files_written_first(harness: Harness) -> None:
+    written_before_success: list[bool] = []
+
+    class CheckingStore(Store):
+        def update_prediction(self, id: str, **fields: Any) -> None:
+            if fields.get("status") == "succeeded":
+                written_before_success.append(all(files.path(f).is_file() for f in fields["output"]))
+            super().update_prediction(id, **fields)
+
+    runner = await harness.runner(store_class=CheckingStore, cost_per_second=0.5)
+    files = runner.files
+    created = await runner.submit(request(number_of_images=2, output_format="png"), source="python", seed=5)
+    assert created.status == "starting"
+    done = await runner.wait(created.id, timeout=2)
+    assert done.status == "succeeded"
+    assert written_before_success == [True]
+    assert len(done.output or []) == 2
+    assert files.read(done.output[0])[:8] == b"\x89PNG\r\n\x1a\n"  # type: ignore[index]
+    assert done.metrics["image_count"] == 2 and done.metrics["size"] == "64x64"
+    assert done.metrics["estimated_cost"] == pytest.approx(done.metrics["predict_time"] * 0.5, abs=1e-5)
+    assert done.logs.startswith("Using seed: 5\n")
+    assert "100%|██████████| 4/4" in done.logs
+    assert runner.store.get_prediction(created.id) == done  # what wait() returned is what is stored
+
+
+async def test_refused_requests_cost_nothing_and_leave_no_trace(harness: Harness) -> None:
+    text_only = FakeEngine(model="text-only", capabilities=Capabilities())  # cannot edit
+    runner = await harness.runner(text_only)
+    with pytest.raises(UnsupportedRequest) as info:
+        await runner.submit(request(input_images=["https://example.com/a.png"]), source="replicate")
+    assert info.value.field == "input_images"
+    with pytest.raises(NotFound, match="served models: text-only"):
+        await runner.submit(request(), model="atelier/nope", source="replicate")
+    with pytest.raises(ModelUnavailable, match="no OpenAI engine"):
+        await runner.submit(request(openai_api_key=KEY), source="replicate")
+    assert harness.rows() == 0 and text_only.jobs == []
+
+
+async def test_full_queue_is_refused_before_anything_is_stored(harness: Harness) -> None:
+    engine = FakeEngine()
+    gate = harness.block(engine)
+    runner = await harness.runner(engine, max_queue=2)
+    first = await runner.submit(request(), source="replicate")
+    await started(engine)
+    queued = [await runner.submit(request(), source="replicate") for _ in range(2)]
+    assert (runner.running, runner.queue_depth, runner.busy) == (1, 2, True)
+    with pytest.raises(TooManyRequests) as info:
+        await runner.submit(request(), source="replicate")
+    assert info.value.retry_after >= 1
+    assert harness.rows() == 3  # the refused one left no row
+    gate.set()
+    for p in [first, *queued]:
+        assert (await runner.wait(p.id, timeout=2)).status == "succeeded"
+
+
+async def test_cancel_queued_and_running(harness: Harness) -> None:
+    engine = FakeEngine()
+    harness.block(engine)
+    runner = await harness.runner(engine)
+    running = await runner.submit(request(), source="replicate", owner="t")
+    await started(engine)
+    queued = await runner.submit(request(), source="replicate", owner="t")
+    canceled = await runner.cancel(queued.id, owner="t")
+    assert canceled.status == "canceled" and canceled.error is None
+    with pytest.raises(NotFound):
+        await runner.cancel(running.id, owner="someone else")
+    await runner.cancel(running.id, owner="t")
+    done = await runner.wait(running.id, timeout=2)
+    assert done.status == "canceled" and done.started_at is not None
+    assert len(engine.jobs) == 1  # the queued one never reached the engine
+    assert (await runner.cancel(running.id, owner="t")).status == "canceled"  # canceling again: unchanged
+    assert runner.files.for_prediction(running.id) == []
+
+
+async def test_deadline_cancels_running_and_queued_jobs(harness: Harness) -> None:
+    engine = FakeEngine()
+    harness.block(engine)
+    runner = await harness.runner(engine)
+    soon = utc_now() + timedelta(milliseconds=150)
+    running = await runner.submit(request(), source="replicate", deadline=soon)
+    queued = await runner.submit(request(), source="replicate", deadline=soon)
+    for p in (running, queued):
+        done = await runner.wait(p.id, timeout=2)
+        assert (done.status, done.error) == ("canceled", "deadline exceeded")
+    assert len(engine.jobs) == 1
+
+
+async def test_concurrency_bound_is_respected(harness: Harness) -> None:
+    engine = FakeEngine(steps=3, step_delay=0.02)
+    runner = await harness.runner(engine, max_concurrency=2)
+    submitted = [await runner.submit(request(), source="python") for _ in range(6)]
+    results = await asyncio.gather(*(runner.wait(p.id, timeout=3) for p in submitted))
+    assert [r.status for r in results] == ["succeeded"] * 6
+    assert engine.max_active == 2
+
+
+async def test_subscribe_sees_status_progress_output_done_in_order(harness: Harness) -> None:
+    runner = await harness.runner(FakeEngine(steps=3))
+    p = await runner.submit(request(), source="openai", previews=2)
+    events = [e async for e in runner.subscribe(p.id)]
+    kinds = [e.kind for e in events if e.kind != "logs"]
+    assert kinds == ["status", "progress", "progress", "progress", "output", "status", "done"]
+    assert [e.data["status"] for e in events if e.kind == "status"] == ["processing", "succeeded"]
+    assert all(e.data["preview"].size == (64, 64) for e in events if e.kind == "progress")
+    assert events[-1].prediction is not None and events[-1].prediction.output
+    late = [e.kind async for e in runner.subscribe(p.id)]  # after the end: just "done"
+    assert late == ["done"]
+
+
+async def test_listeners_hear_everything_in_order_and_a_failing_one_harms_nothing(harness: Harness) -> None:
+    runner = await harness.runner()
+    heard: list[tuple[str, str]] = []
+
+    async def broken(prediction: Prediction, event: Event) -> None:
+        raise RuntimeError("listener bug")
+
+    async def record(prediction: Prediction, event: Event) -> None:
+        heard.append((event.kind, prediction.status))
+
+    runner.listeners += [broken, record]
+    p = await runner.submit(request(), source="replicate")
+    assert (await runner.wait(p.id, timeout=2)).status == "succeeded"
+    assert await runner.dispatcher.flush(1.0)
+    statuses = [h for h in heard if h[0] != "logs"]
+    assert statuses == [
+        ("status", "starting"),
+        ("status", "processing"),
+        ("output", "succeeded"),
+        ("status", "succeeded"),
+        ("done", "succeeded"),
+    ]
+    assert ("logs", "processing") in heard
+
+
+async def test_engine_and_setup_failures_fail_the_prediction(harness: Harness) -> None:
+    engine = FakeEngine(setup_error=OSError("weights not found in /models"))
+    runner = await harness.runner(engine)
+    first = await runner.wait((await runner.submit(request(), source="cog")).id, timeout=2)
+    assert (first.status, first.error_code) == ("failed", "model_unavailable")
+    assert "weights not found" in (first.error or "")
+    engine.setup_error = None  # a later job tries the setup again
+    engine.fail_next(EngineError("the upstream refused"))
+    second = await runner.wait((await runner.submit(request(), source="cog")).id, timeout=2)
+    assert (second.status, second.error, second.error_code) == ("failed", "the upstream refused", "engine_error")
+    engine.fail_next(ZeroDivisionError("bug"))
+    third = await runner.wait((await runner.submit(request(), source="cog")).id, timeout=2)
+    assert third.status == "failed" and "ZeroDivisionError" in (third.error or "")
+    assert engine.setup_calls == 2
+
+
+async def test_key_requests_go_to_openai_and_owners_see_only_their_own(harness: Harness) -> None:
+    local, upstream = FakeEngine(model="flux"), FakeEngine(model="gpt-image-2", name="openai")
+    runner = await harness.runner(local, upstream)
+    keyed = await runner.submit(request(openai_api_key=KEY), model="openai/gpt-image-2", source="replicate", owner="a")
+    plain = await runner.submit(request(), source="replicate", owner="b")
+    assert (await runner.wait(keyed.id, timeout=2)).served_model == "gpt-image-2"
+    assert upstream.jobs[0].request.api_key() == KEY  # the engine got the key, in memory
+    assert (await runner.wait(plain.id, timeout=2)).engine == "fake"
+    with pytest.raises(UnsupportedRequest):
+        await runner.submit(request(openai_api_key=KEY), model="flux", source="replicate")
+    with pytest.raises(NotFound):
+        await runner.get(keyed.id, owner="b")
+    page, cursor = await runner.list(owner="a", cursor=None, limit=10)
+    assert [p.id for p in page] == [keyed.id] and cursor is None
+    assert page[0].input["openai_api_key"] == "[REDACTED]"
+
+
+def _crashed(id: str, status: str, spec: dict[str, Any] | None, seed: int = 3) -> Prediction:
+    return Prediction(
+        id=id, model="fake", source="replicate", status=status, seed=seed, request=spec, logs="old line\n"
+    )
+
+
+async def test_restart_requeues_what_can_run_and_fails_the_rest(harness: Harness) -> None:
+    store = Store(harness.settings().database_path).open()
+    plain = request()
+    spec = rerun_spec(plain, model=None, seed=3, previews=0, has_mask=False, image_count=0)
+    keyed = rerun_spec(request(openai_api_key=KEY), model=None, seed=3, previews=0, has_mask=False, image_count=0)
+    store.insert_prediction(_crashed("was-processing", "processing", spec, seed=11))
+    store.insert_prediction(_crashed("was-starting", "starting", spec))
+    store.insert_prediction(_crashed("had-key", "processing", keyed))
+    store.insert_prediction(_crashed("no-spec", "starting", None))
+    store.close()
+    engine = FakeEngine()
+    runner = await harness.runner(engine)
+    for id in ("was-processing", "was-starting"):
+        done = await runner.wait(id, timeout=2)
+        assert done.status == "succeeded", done.error
+        assert "old line\nre-queued after restart\n" in done.logs
+    assert engine.jobs[0].seed == 11  # the same seed as the first attempt
+    had_key = await runner.get("had-key")
+    assert (had_key.status, had_key.error, had_key.error_code) == ("failed", KEY_NOT_STORED, "interrupted")
+    assert (await runner.get("no-spec")).error == NOT_RECORDED
+
+
+async def test_graceful_stop_leaves_queued_work_for_the_next_start(harness: Harness) -> None:
+    engine = FakeEngine()
+    gate = harness.block(engine)
+    first = await harness.runner(engine, FakeEngine(model="gpt-image-2", name="openai"))
+    running = await first.submit(request(), source="replicate")
+    await started(engine)
+    queued = await first.submit(request(), source="replicate")
+    keyed = await first.submit(request(openai_api_key=KEY), source="replicate")
+    stopping = asyncio.create_task(first.stop(timeout=0.1))
+    await asyncio.sleep(0.05)
+    with pytest.raises(ModelUnavailable):
+        await first.submit(request(), source="replicate")
+    await stopping
+    gate.set()
+    stored = {p.id: first.store.get_prediction(p.id) for p in (running, queued, keyed)}
+    assert stored[queued.id].status == "starting"  # type: ignore[union-attr]
+    assert stored[running.id].status == "processing"  # type: ignore[union-attr]
+    assert "Interrupted by server shutdown" in stored[running.id].logs  # type: ignore[union-attr]
+    assert stored[keyed.id].status == "failed"  # type: ignore[union-attr]
+    assert KEY_NOT_STORED in (stored[keyed.id].error or "")  # type: ignore[union-attr]
+    assert [e.kind async for e in first.subscribe(keyed.id)] == ["done"]  # no subscriber hangs
+    second = await harness.runner(FakeEngine())
+    for p in (running, queued):
+        assert (await second.wait(p.id, timeout=2)).status == "succeeded"
+
+
+async def test_stop_gives_up_on_an_engine_that_ignores_cancel(harness: Harness) -> None:
+    engine = FakeEngine(ignore_cancel=True)
+    gate = harness.block(engine)
+    runner = await harness.runner(engine)
+    runner.cancel_grace = 0.05
+    p = await runner.submit(request(), source="replicate")
+    await started(engine)
+    await asyncio.wait_for(runner.stop(timeout=0.05), 1.0)
+    gate.set()  # the abandoned engine thread now finishes; nothing more is recorded for it
+    await asyncio.sleep(0.05)
+    stored = runner.store.get_prediction(p.id)
+    assert stored is not None and stored.status == "processing" and stored.output is None
+    assert stored.logs.endswith("it will run again when the server restarts\n")
+
+
+async def test_wait_times_out_with_the_current_state(harness: Harness) -> None:
+    engine = FakeEngine()
+    harness.block(engine)
+    runner = await harness.runner(engine)
+    p = await runner.submit(request(), source="replicate")
+    await started(engine)
+    now = await runner.wait(p.id, timeout=0.05)
+    assert now.status == "processing"
+    with pytest.raises(NotFound):
+        await runner.wait("missing", timeout=0.01)
+
+
+async def test_prediction_ids_are_idempotent_per_owner(harness: Harness) -> None:
+    runner = await harness.runner()
+    one = await runner.submit(request(), source="cog", prediction_id="cog-123")
+    two = await runner.submit(request(), source="cog", prediction_id="cog-123")
+    assert one.id == two.id == "cog-123" and harness.rows() == 1
+    with pytest.raises(Exception, match="taken"):
+        await runner.submit(request(), source="cog", prediction_id="cog-123", owner="intruder")
