@@ -53,15 +53,28 @@ class ImageRequest(BaseModel):
     openai_api_key: SecretStr | None = Field(
         default=None, description="Your OpenAI API key (optional - uses proxy if not provided)"
     )
-    aspect_ratio: AspectRatio = "1:1"
-    input_images: list[str] | None = None
-    number_of_images: int = Field(default=1, ge=1, le=MAX_IMAGES)
-    quality: Quality = "auto"
-    background: Background = "auto"
-    output_compression: int = Field(default=90, ge=0, le=100)
-    output_format: OutputFormat = "webp"
-    moderation: Moderation = "auto"
-    user_id: str | None = None
+    aspect_ratio: AspectRatio = Field(
+        default="1:1",
+        description="The size of the generated image. Use 'auto' to let the model pick. Sizes above 2560x1440 are "
+        "experimental and may give more variable results.",
+    )
+    input_images: list[str] | None = Field(
+        default=None, description="A list of images to use as input for the generation"
+    )
+    number_of_images: int = Field(default=1, ge=1, le=MAX_IMAGES, description="Number of images to generate (1-10)")
+    quality: Quality = Field(default="auto", description="The quality of the generated image")
+    background: Background = Field(
+        default="auto",
+        description="Set whether the background is transparent or opaque or choose automatically",
+    )
+    output_compression: int = Field(default=90, ge=0, le=100, description="Compression level (0-100%)")
+    output_format: OutputFormat = Field(default="webp", description="Output format")
+    moderation: Moderation = Field(default="auto", description="Content moderation level")
+    user_id: str | None = Field(
+        default=None,
+        description="An optional unique identifier representing your end-user. This helps OpenAI monitor and "
+        "detect abuse.",
+    )
 
     @field_validator("prompt")
     @classmethod

@@ -14,6 +14,7 @@ import click
 from atelier import __version__
 from atelier.cli.generate import edit, generate
 from atelier.cli.models import models
+from atelier.cli.serve import serve
 from atelier.errors import AtelierError, InputError
 
 # CLI options are named after the request's fields: --aspect-ratio is aspect_ratio.
@@ -39,6 +40,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 cli.add_command(generate)
 cli.add_command(edit)
 cli.add_command(models)
+cli.add_command(serve)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,5 @@
+"""Routes of the cog door (thin: parse, call the service, return)."""
+
+from fastapi import APIRouter
+
+router = APIRouter()

@@ -1,0 +1,138 @@
+"""The one place where errors become HTTP responses, in the shape of the door a path belongs to.
+
+* OpenAI (``/v1/images/*``, ``/v1/models`` and ``/v1/models/{id}``): ``{"error": {message, type, param, code}}``.
+* Cog (``/predictions*``, ``/health-check``, ``/openapi.json``): FastAPI's ``{"detail": ...}``; input
+  problems as ``[{"loc", "msg", "type"}]`` with status 422.
+* Replicate (everything else under ``/v1``): problem JSON ``{title, detail, status}``; input problems
+  as 422 ``Input validation failed`` with ``invalid_fields``.
+
+A 429 always carries ``Retry-After``. Nothing here ever includes a secret: messages come from the
+typed errors, which never hold one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from atelier.errors import (
+    AtelierError,
+    FieldProblem,
+    InputError,
+    ModerationBlocked,
+    TooManyRequests,
+    UnsupportedRequest,
+)
+
+log = logging.getLogger(__name__)
+
+OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    404: "invalid_request_error",
+    429: "rate_limit_exceeded",
+}
+
+
+def door(path: str) -> str:
+    if (
+        path.startswith("/v1/images/")
+        or path == "/v1/models"
+        or (path.startswith("/v1/models/") and path.count("/") == 3)
+    ):
+        return "openai"
+    if path.startswith("/predictions") or path in ("/health-check", "/openapi.json"):
+        return "cog"
+    return "replicate"
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(AtelierError, _atelier_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
+
+
+def render(path: str, error: AtelierError) -> JSONResponse:
+    which = door(path)
+    if which == "openai":
+        response = openai_error(error)
+    elif which == "cog":
+        response = cog_error(error)
+    else:
+        response = replicate_error(error)
+    if isinstance(error, TooManyRequests):
+        response.headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
+    return response
+
+
+def openai_error(error: AtelierError) -> JSONResponse:
+    status = 400 if isinstance(error, InputError) else error.status
+    kind = OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    body = {"error": {"message": error.message, "type": kind, "param": error.field, "code": error.code}}
+    return JSONResponse(body, status_code=status)
+
+
+def cog_error(error: AtelierError) -> JSONResponse:
+    if isinstance(error, InputError) and not isinstance(error, ModerationBlocked | UnsupportedRequest):
+        detail: Any = [
+            {"loc": ["body", "input", *p.field.removeprefix("input.").split(".")], "msg": p.message, "type": p.kind}
+            for p in error.problems
+        ]
+        return JSONResponse({"detail": detail}, status_code=422)
+    return JSONResponse({"detail": error.message}, status_code=error.status)
+
+
+def replicate_error(error: AtelierError) -> JSONResponse:
+    if isinstance(error, InputError) and not isinstance(error, ModerationBlocked | UnsupportedRequest):
+        fields = [_invalid_field(p) for p in error.problems]
+        detail = "".join(f"- {f['field']}: {f['description']}\n" for f in fields)
+        body = {"title": "Input validation failed", "status": 422, "detail": detail, "invalid_fields": fields}
+        return JSONResponse(body, status_code=422)
+    if isinstance(error, TooManyRequests):
+        return JSONResponse(
+            {"title": "Too many requests", "detail": f"Request was throttled. {error.message}", "status": 429},
+            status_code=429,
+        )
+    title = {401: "Unauthenticated", 404: "Not found", 409: "Conflict"}.get(
+        error.status, error.code.replace("_", " ").capitalize()
+    )
+    return JSONResponse({"title": title, "detail": error.message, "status": error.status}, status_code=error.status)
+
+
+def _invalid_field(problem: FieldProblem) -> dict[str, str]:
+    field = problem.field if problem.field.startswith("input") else f"input.{problem.field}"
+    return {"type": problem.kind, "field": field, "description": problem.message}
+
+
+async def _atelier_error(request: Request, error: AtelierError) -> JSONResponse:
+    if error.status >= 500:
+        log.warning("%s %s failed: %s", request.method, request.url.path, error.message)
+    return render(request.url.path, error)
+
+
+async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    """Malformed bodies (not JSON, wrong top-level shape) in the door's own shape."""
+    problems = []
+    for item in error.errors():
+        loc = [str(p) for p in item.get("loc", ()) if p != "body"]
+        kind = (
+            "additional_property_not_allowed" if item.get("type") == "extra_forbidden" else item.get("type", "invalid")
+        )
+        problems.append(FieldProblem(".".join(loc) or "body", str(item.get("msg", "invalid")), kind))
+    return render(request.url.path, InputError(problems or [FieldProblem("body", "invalid request body")]))
+
+
+async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
+    generic = AtelierError(str(error.detail))
+    generic.status = error.status_code
+    generic.code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+    response = render(request.url.path, generic)
+    for name, value in (error.headers or {}).items():
+        response.headers[name] = value
+    return response

@@ -1,0 +1,48 @@
+"""``create_app(settings)``: the one factory used by ``atelier serve``, the tests and any ASGI host."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from atelier import __version__
+from atelier.config import Settings
+from atelier.engines.base import Engine
+from atelier.services import Services
+
+log = logging.getLogger(__name__)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    engines: Mapping[str, Engine] | None = None,
+    default: str | None = None,
+    warm_up: bool = True,
+) -> FastAPI:
+    """The HTTP service: Replicate, Cog and OpenAI doors over one job system.
+
+    ``engines`` replaces the engines built from settings (tests pass a fake one).
+    """
+    from atelier.api import cog, errors, openai_images, replicate
+
+    services = Services.build(settings, engines=engines, default=default)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await services.start(warm_up=warm_up)
+        try:
+            yield
+        finally:
+            await services.stop()
+
+    app = FastAPI(title="Atelier", version=__version__, lifespan=lifespan, openapi_url="/openapi-atelier.json")
+    app.state.services = services
+    errors.install(app)
+    app.include_router(openai_images.router)
+    app.include_router(replicate.router)
+    app.include_router(cog.router)
+    return app

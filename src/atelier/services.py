@@ -1,0 +1,128 @@
+"""The service's parts, built once from settings and shared by every door.
+
+``Services`` owns the store, the files, the engines and the runner. ``create_app`` builds one and starts
+it in the app's lifespan; the doors reach it through ``atelier.api.deps``. Nothing here runs at import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from atelier.config import Settings
+from atelier.engines.base import Engine
+from atelier.errors import ModelUnavailable
+from atelier.jobs.files import FileStore
+from atelier.jobs.routing import EngineRouter
+from atelier.jobs.runner import Runner
+from atelier.jobs.store import Store
+from atelier.request import ImageRequest
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+log = logging.getLogger(__name__)
+
+# A URL of one of this server's own files: /v1/files/{id} or /v1/files/{id}/download?sig=...
+OWN_FILE_PATH = re.compile(r"^(?:.*)/v1/files/([a-z0-9]{26})(?:/download)?$")
+
+
+def build_engines(settings: Settings) -> tuple[dict[str, Engine], str]:
+    """The engines this server offers, and the key of the default route."""
+    from atelier.engines.catalog import CATALOG
+    from atelier.engines.registry import create_engine
+
+    if settings.default_engine == "openai":
+        raise ModelUnavailable(
+            "the default engine is 'openai' (ATELIER_ENGINE=openai, or OPENAI_API_KEY is set) but this build has no "
+            "OpenAI engine yet; set ATELIER_ENGINE=local to serve local models"
+        )
+    if settings.model_path is not None:
+        engine = create_engine("diffusers", settings, model_path=settings.model_path)
+        return {engine.model: engine}, engine.model
+    if settings.model not in CATALOG:
+        raise ModelUnavailable(f"unknown model {settings.model!r}; the catalog has: {', '.join(CATALOG)}")
+    engines = {name: create_engine("diffusers", settings, model=name) for name in CATALOG}
+    return engines, settings.model
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: Store
+    files: FileStore
+    router: EngineRouter
+    runner: Runner
+    started: bool = False
+    warmup: asyncio.Task[object] | None = field(default=None, repr=False)
+
+    @classmethod
+    def build(
+        cls, settings: Settings, *, engines: Mapping[str, Engine] | None = None, default: str | None = None
+    ) -> Services:
+        if engines is None:
+            engines, default = build_engines(settings)
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        store = Store(settings.database_path)
+        files = FileStore(settings.files_dir, store, secrets_dir=settings.data_dir)
+        router = EngineRouter(engines, default or next(iter(engines)))
+        services = cls(settings, store, files, router, runner=None)  # type: ignore[arg-type]
+        services.runner = Runner(store, files, router, settings, load_images=services.load_inputs)
+        return services
+
+    async def start(self, *, warm_up: bool = True) -> None:
+        await self.runner.start()
+        self.started = True
+        if warm_up:  # load the default model now, not on the first request
+            self.warmup = asyncio.create_task(self._warm_up())
+
+    async def _warm_up(self) -> None:
+        engine = self.router.engines[self.router.default]
+        try:
+            await self.router.ready(engine)
+            log.info("model %s is ready", self.router.default)
+        except Exception:
+            log.exception("could not set up %s; requests for it will fail until it can", self.router.default)
+
+    async def stop(self) -> None:
+        if self.warmup is not None:
+            self.warmup.cancel()
+        await self.runner.stop()
+        self.store.close()
+        self.started = False
+
+    # -- input images ----------------------------------------------------------------------------------
+
+    def load_inputs(self, request: ImageRequest, owner: str | None = None) -> list[Image.Image]:
+        """Fetch and check a request's input images (blocking: call it in a thread).
+
+        URLs of this server's own files (the Files API, or outputs) are read from disk when the caller
+        may see them; anything else goes through the one URL fetcher.
+        """
+        from atelier.imaging.inputs import fetch_url, load_references
+
+        def fetch(url: str) -> bytes:
+            own = self.own_file(url, owner)
+            return self.files.read(own) if own else fetch_url(url)
+
+        return load_references(list(request.input_images or []), allow_paths=False, fetch=fetch)
+
+    def own_file(self, url: str, owner: str | None) -> str | None:
+        """The id of the file ``url`` names on this server, if the caller may read it."""
+        parts = urllib.parse.urlsplit(url)
+        match = OWN_FILE_PATH.match(parts.path)
+        if not match:
+            return None
+        file_id = match.group(1)
+        record = self.store.get_file(file_id)
+        if record is None:
+            return None
+        signature = urllib.parse.parse_qs(parts.query).get("sig", [""])[0]
+        if record.owner == owner or (signature and self.files.verify(file_id, signature)):
+            return file_id
+        return None
