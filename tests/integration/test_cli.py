@@ -82,3 +82,19 @@ def test_models_lists_the_catalog_and_what_is_installed(hub_cache_dir):
 def test_help_does_not_import_torch():
     code = "import sys; from atelier.cli import cli; assert 'torch' not in sys.modules; print('ok')"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "ok"
+
+
+def test_the_readme_python_example_runs_as_shown(tiny_flux2, tmp_path):
+    import re
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    code = re.search(r"```python\n(.+?)\n```", readme, flags=re.S).group(1)
+    shown = re.search(r"```python\n.+?\n```\n\n```console\n(.+?)\n```", readme, flags=re.S).group(1)
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True, text=True, cwd=tmp_path, timeout=240, check=False,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "ATELIER_MODEL_PATH": str(tiny_flux2)},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == shown
+    assert (tmp_path / "out" / "image-7.png").is_file() and (tmp_path / "out" / "image-8.png").is_file()
