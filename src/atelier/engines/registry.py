@@ -30,6 +30,10 @@ def _diffusers(settings: Settings, *, model: str | None = None, model_path: Path
     from atelier.engines.diffusers import DiffusersEngine
     from atelier.moderation import Policy, load_classifier
 
+    try:
+        classifier = load_classifier(settings.image_classifier)
+    except ValueError as exc:
+        raise ModelUnavailable(f"ATELIER_IMAGE_CLASSIFIER: {exc}") from None
     return DiffusersEngine(
         model or settings.model,
         model_path=model_path if model_path is not None else (None if model else settings.model_path),
@@ -37,7 +41,7 @@ def _diffusers(settings: Settings, *, model: str | None = None, model_path: Path
         dtype=settings.dtype,
         max_batch_pixels=settings.max_batch_pixels,
         matting_name=settings.matting,
-        policy=Policy(classifier=load_classifier(settings.image_classifier)),
+        policy=Policy(classifier=classifier),
     )
 
 
