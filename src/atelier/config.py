@@ -51,7 +51,14 @@ class Settings(BaseSettings):
     openai_base_url: str | None = Field(
         default=None, validation_alias=AliasChoices("OPENAI_BASE_URL", "openai_base_url")
     )
+    openai_api_key_file: Path | None = None  # a file holding the operator's key (e.g. a mounted secret)
     openai_model: str = "gpt-image-2"
+    openai_timeout: float = 600.0  # seconds for one HTTP attempt; high-quality renders take minutes
+    openai_max_retries: int = 4  # for 429 and 5xx, with backoff honouring Retry-After
+    openai_deadline: float = 900.0  # seconds for the whole call, retries included
+    openai_price_text_input: float = 5.0  # USD per 1M tokens
+    openai_price_image_input: float = 8.0
+    openai_price_image_output: float = 30.0
 
     @field_validator("api_tokens", mode="before")
     @classmethod
@@ -60,11 +67,19 @@ class Settings(BaseSettings):
             return [t.strip() for t in value.split(",") if t.strip()]
         return value
 
+    def operator_openai_key(self) -> str | None:
+        """The operator's OpenAI key: ``OPENAI_API_KEY``, else the file ``ATELIER_OPENAI_API_KEY_FILE``."""
+        if self.openai_api_key is not None:
+            return self.openai_api_key.get_secret_value()
+        if self.openai_api_key_file is not None:
+            return self.openai_api_key_file.read_text().strip() or None
+        return None
+
     @property
     def default_engine(self) -> str:
         if self.engine:
             return self.engine
-        return "openai" if self.openai_api_key else "local"
+        return "openai" if self.openai_api_key or self.openai_api_key_file else "local"
 
     @property
     def database_path(self) -> Path:

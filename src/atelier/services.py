@@ -7,6 +7,7 @@ it in the app's lifespan; the doors reach it through ``atelier.api.deps``. Nothi
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import re
 import urllib.parse
@@ -33,22 +34,34 @@ OWN_FILE_PATH = re.compile(r"^(?:.*)/v1/files/([a-z0-9]{26})(?:/download)?$")
 
 
 def build_engines(settings: Settings) -> tuple[dict[str, Engine], str]:
-    """The engines this server offers, and the key of the default route."""
+    """The engines this server offers, and the key of the default route.
+
+    The OpenAI engine is always there (when the ``openai`` package is installed), so a request carrying
+    its own ``openai_api_key`` can always go upstream; it is the default route only when the operator
+    chose it (``ATELIER_ENGINE=openai``, or an operator key is configured and no engine is chosen).
+    Local models are built lazily: nothing loads until ``setup``.
+    """
     from atelier.engines.catalog import CATALOG
     from atelier.engines.registry import create_engine
 
+    engines: dict[str, Engine] = {}
+    if importlib.util.find_spec("openai") is not None:
+        engines["openai"] = create_engine("openai", settings)
     if settings.default_engine == "openai":
+        if "openai" not in engines:
+            raise ModelUnavailable("ATELIER_ENGINE=openai needs the openai package: pip install 'atelier[openai]'")
+        return engines, "openai"
+    if importlib.util.find_spec("diffusers") is None:
         raise ModelUnavailable(
-            "the default engine is 'openai' (ATELIER_ENGINE=openai, or OPENAI_API_KEY is set) but this build has no "
-            "OpenAI engine yet; set ATELIER_ENGINE=local to serve local models"
+            "local models need the local extra (pip install 'atelier[local]'), or set ATELIER_ENGINE=openai"
         )
     if settings.model_path is not None:
         engine = create_engine("diffusers", settings, model_path=settings.model_path)
-        return {engine.model: engine}, engine.model
+        return {engine.model: engine, **engines}, engine.model
     if settings.model not in CATALOG:
         raise ModelUnavailable(f"unknown model {settings.model!r}; the catalog has: {', '.join(CATALOG)}")
-    engines = {name: create_engine("diffusers", settings, model=name) for name in CATALOG}
-    return engines, settings.model
+    local = {name: create_engine("diffusers", settings, model=name) for name in CATALOG}
+    return {**local, **engines}, settings.model
 
 
 @dataclass

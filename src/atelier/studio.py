@@ -17,7 +17,6 @@ from typing import Any
 
 from atelier.config import Settings
 from atelier.engines.base import CancelToken, Engine, Job, ProgressFn, Result, no_progress
-from atelier.errors import ModelUnavailable
 from atelier.ids import new_id, new_seed
 from atelier.request import ImageRequest, parse_request
 
@@ -37,24 +36,44 @@ class Atelier:
         self._engine = engine
         self._model = model
         self._model_path = Path(model_path) if model_path is not None else None
-        self._ready = False
+        self._upstream: Engine | None = None
+        self._ready: set[int] = set()
         self._lock = threading.Lock()
 
     @property
     def engine(self) -> Engine:
-        """The engine, built on first use; its weights load in ``setup`` on the first request."""
+        """The default engine, built on first use; its weights load in ``setup`` on the first request.
+
+        That is the local model unless the operator chose OpenAI (``ATELIER_ENGINE=openai``, or an
+        operator key with no local model named).
+        """
         if self._engine is None:
             from atelier.engines.registry import create_engine
 
-            self._engine = create_engine("diffusers", self.settings, model=self._model, model_path=self._model_path)
+            local = self._model is not None or self._model_path is not None
+            if self.settings.default_engine == "openai" and not local:
+                self._engine = create_engine("openai", self.settings)
+            else:
+                self._engine = create_engine("diffusers", self.settings, model=self._model, model_path=self._model_path)
         return self._engine
 
-    def setup(self) -> Engine:
+    def engine_for(self, request: ImageRequest) -> Engine:
+        """A request carrying its own ``openai_api_key`` always goes to OpenAI."""
+        if request.openai_api_key is None or self.engine.name == "openai":
+            return self.engine
+        if self._upstream is None:
+            from atelier.engines.registry import create_engine
+
+            self._upstream = create_engine("openai", self.settings)
+        return self._upstream
+
+    def setup(self, engine: Engine | None = None) -> Engine:
+        engine = engine or self.engine
         with self._lock:
-            if not self._ready:
-                self.engine.setup()
-                self._ready = True
-        return self.engine
+            if id(engine) not in self._ready:
+                engine.setup()
+                self._ready.add(id(engine))
+        return engine
 
     def generate(
         self,
@@ -79,11 +98,6 @@ class Atelier:
         """Load and check everything a job needs; raises before any model time is spent."""
         from atelier.imaging.inputs import load_references
 
-        if request.openai_api_key is not None and self.engine.name != "openai":
-            raise ModelUnavailable(
-                "openai_api_key sends a request to OpenAI's Images API, and this installation has no OpenAI "
-                "engine yet; remove the key to use the local model"
-            )
         images = load_references(request.input_images or [], allow_paths=allow_paths)
         job = Job(
             id=new_id(),
@@ -92,7 +106,7 @@ class Atelier:
             images=tuple(images),
             previews=previews,
         )
-        self.engine.check(job)
+        self.engine_for(request).check(job)
         return job
 
     def run(
@@ -105,5 +119,5 @@ class Atelier:
         allow_paths: bool = False,
     ) -> Result:
         job = self.prepare(request, seed=seed, allow_paths=allow_paths)
-        engine = self.setup()
+        engine = self.setup(self.engine_for(request))
         return engine.generate(job, progress=progress, cancel=cancel or CancelToken())

@@ -63,6 +63,7 @@ class Result:
     background: str = "opaque"  # the background actually delivered: opaque | transparent
     quality: str = "auto"
     usage: dict[str, Any] = field(default_factory=dict)  # upstream token usage, when there is one
+    cost: float | None = None  # USD, when the engine knows it (upstream usage x prices)
     timings: dict[str, float] = field(default_factory=dict)
 
     def save(self, folder: str | Path, stem: str = "image") -> list[Path]:

@@ -45,7 +45,26 @@ def _diffusers(settings: Settings, *, model: str | None = None, model_path: Path
     )
 
 
+def _openai(settings: Settings, *, model: str | None = None, model_path: Path | None = None) -> Engine:
+    from atelier.engines.openai import OpenAIEngine, Prices
+
+    if model_path is not None:
+        raise ModelUnavailable("the OpenAI engine serves OpenAI's models; --model-path is for local models")
+    return OpenAIEngine(
+        model or settings.openai_model,
+        api_key=settings.operator_openai_key(),
+        base_url=settings.openai_base_url,
+        timeout=settings.openai_timeout,
+        max_retries=settings.openai_max_retries,
+        deadline=settings.openai_deadline,
+        prices=Prices(
+            settings.openai_price_text_input, settings.openai_price_image_input, settings.openai_price_image_output
+        ),
+    )
+
+
 register_engine("diffusers", _diffusers)
+register_engine("openai", _openai)
 
 
 def create_engine(name: str, settings: Settings, **options: Any) -> Engine:

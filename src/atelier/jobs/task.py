@@ -19,8 +19,9 @@ writes a handful of rows, not fifty. Webhook listeners hear of logs when they ar
 
 Metrics on finish: ``predict_time`` (completed − started), ``total_time`` (completed − created),
 ``estimated_cost`` (predict_time × cost_per_second) and, on success, ``image_count``,
-``rendered_size``, ``size``, ``upscaled``, ``seed``, ``steps``, ``engine``, ``model`` and the
-upstream ``usage`` when the engine reports one.
+``rendered_size``, ``size``, ``upscaled``, ``seed``, ``steps``, ``engine``, ``model``, the delivered
+``background`` (opaque | transparent) and ``quality`` the engine used, and the upstream ``usage`` when the
+engine reports one.
 
 ``cancel(reason)`` records the reason in the logs; unless it is the plain user cancel ("canceled") it
 is also the prediction's ``error`` (e.g. "deadline exceeded"), so a caller can tell why.
@@ -205,6 +206,8 @@ class Task:
         self._emit(Event("progress", data), listeners=False)
         if event.message:
             self.log(event.message)
+        if event.total <= 0:  # a message, not a step
+            return
         elapsed = self._monotonic() - self._started_mono if self._started_mono is not None else 0.0
         self.log(progress_line(event.step, event.total, elapsed))
 
@@ -277,9 +280,13 @@ def _result_metrics(result: Result, seed: int | None) -> dict[str, Any]:
         "steps": result.steps,
         "engine": result.engine,
         "model": result.model,
+        "background": result.background,
+        "quality": result.quality,
     }
     if result.usage:
         metrics["usage"] = dict(result.usage)
+    if result.cost is not None:  # upstream usage x prices replaces the hardware-time estimate
+        metrics["estimated_cost"] = result.cost
     return metrics
 
 
