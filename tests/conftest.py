@@ -54,3 +54,20 @@ def hub_cache(hub_cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache_dir))
     monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache_dir))
     return hub_cache_dir
+
+
+@pytest.fixture(scope="session")
+def standin_server():
+    """A stand-in for OpenAI's Images API over real HTTP on loopback (tests/openai_standin.py)."""
+    from openai_standin import start_standin
+
+    server = start_standin()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def openai_standin(standin_server):
+    standin_server.reset()
+    yield standin_server
+    assert not standin_server.errors, standin_server.errors

@@ -116,6 +116,15 @@ class OpenAIEngine:
                     "required",
                 )
             )
+        if job.images and job.request.moderation != "auto":
+            raise UnsupportedRequest(
+                FieldProblem(
+                    "moderation",
+                    f"got '{job.request.moderation}'; OpenAI's edits endpoint has no moderation setting and always "
+                    "moderates at 'auto' — use moderation='auto' for requests with input_images",
+                    "unsupported",
+                )
+            )
         if job.mask is not None and job.images and job.mask.size != job.images[0].size:
             raise InputError(
                 FieldProblem(
@@ -220,13 +229,15 @@ class OpenAIEngine:
             "quality": r.quality,
             "background": r.background,
             "output_format": r.output_format,
-            "moderation": r.moderation,
         }
         if r.output_format != "png":  # OpenAI's compression is for lossy formats; a PNG is lossless either way
             params["output_compression"] = r.output_compression
         if r.user_id:
             params["user"] = r.user_id
-            params["safety_identifier"] = r.user_id
+        if not job.images:  # edits take neither: they are always moderated at "auto" (checked in ``check``)
+            params["moderation"] = r.moderation
+            if r.user_id:
+                params["safety_identifier"] = r.user_id
         return params
 
     def _files(self, job: Job) -> dict[str, Any]:
