@@ -10,6 +10,7 @@ them in their own shapes in exactly one place each; nothing else turns errors in
     │   └── UnsupportedRequest        400 unsupported       the engine/model cannot honour a field
     ├── Unauthenticated               401 unauthenticated
     ├── NotFound                      404 not_found
+    │   └── ModelNotFound             404 model_not_found   a model this server does not serve
     ├── Conflict                      409 conflict          e.g. Cog: every slot busy
     ├── TooManyRequests               429 rate_limited      carries retry_after seconds
     ├── ModelUnavailable              503 model_unavailable weights missing, offline, wrong folder
@@ -91,6 +92,10 @@ class Unauthenticated(AtelierError):
 class NotFound(AtelierError):
     status = 404
     code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
 
 
 class Conflict(AtelierError):

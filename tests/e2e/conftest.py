@@ -44,7 +44,9 @@ class Server:
                 self.process.wait()
 
 
-def start_server(data_dir: Path, model_path: Path, *, env: dict[str, str] | None = None, timeout: float = 180) -> Server:
+def start_server(
+    data_dir: Path, model_path: Path, *, env: dict[str, str] | None = None, timeout: float = 180
+) -> Server:
     """Start ``atelier serve`` and wait until its model is loaded (``/health-check`` says READY)."""
     port = free_port()
     data_dir.mkdir(parents=True, exist_ok=True)

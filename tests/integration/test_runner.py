@@ -276,6 +276,37 @@ async def test_restart_requeues_what_can_run_and_fails_the_rest(harness: Harness
     assert (await runner.get("no-spec")).error == NOT_RECORDED
 
 
+async def test_restart_loads_input_images_as_their_owner(harness: Harness) -> None:
+    """A re-queued edit reads the owner's own uploads: the loader is told whose prediction it is."""
+    from PIL import Image
+
+    store = Store(harness.settings().database_path).open()
+    edit = request(input_images=["http://127.0.0.1:1/v1/files/" + "a" * 26])
+    spec = rerun_spec(edit, model=None, seed=3, previews=0, has_mask=False, image_count=1)
+    crashed = _crashed("owned-edit", "processing", spec)
+    crashed.owner = "owner-1"
+    store.insert_prediction(crashed)
+    store.close()
+    calls: list[tuple[int, str | None]] = []
+
+    def load_images(req: ImageRequest, owner: str | None) -> list[Image.Image]:
+        calls.append((len(req.input_images or []), owner))
+        return [Image.new("RGB", (32, 32))]
+
+    settings = harness.settings()
+    store = Store(settings.database_path)
+    engine = FakeEngine(capabilities=Capabilities(can_edit=True, max_input_images=4))
+    router = EngineRouter({engine.model: engine}, engine.model)
+    runner = Runner(
+        store, FileStore(settings.files_dir, store), router, settings, load_images=load_images, stop_timeout=1.0
+    )
+    harness.runners.append(runner)
+    await runner.start()
+    done = await runner.wait("owned-edit", timeout=2)
+    assert done.status == "succeeded", done.error
+    assert calls == [(1, "owner-1")]
+
+
 async def test_graceful_stop_leaves_queued_work_for_the_next_start(harness: Harness) -> None:
     engine = FakeEngine()
     gate = harness.block(engine)

@@ -32,3 +32,11 @@ def test_edit_capabilities():
 def test_unknown_pipeline_class_names_the_supported_ones():
     with pytest.raises(LookupError, match="Flux2KleinPipeline"):
         spec_for_pipeline("StableDiffusionPipeline")
+
+
+def test_auto_quality_is_reported_as_the_tier_it_equals():
+    from atelier.engines.diffusers import named_quality
+
+    named = {name: named_quality(spec, "auto") for name, spec in CATALOG.items()}
+    assert named == {"flux2-klein-4b": "medium", "qwen-image": "high", "z-image-turbo": "medium"}
+    assert named_quality(CATALOG["qwen-image"], "low") == "low"

@@ -99,6 +99,8 @@ def test_success_stamps_times_and_computes_metrics(clock: Clock) -> None:
         "steps": 4,
         "engine": "fake",
         "model": "fake-v1",
+        "background": "opaque",
+        "quality": "auto",
     }
     assert store.row["metrics"] == p.metrics
     assert p.served_model == "fake-v1"

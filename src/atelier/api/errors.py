@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -29,6 +30,7 @@ from atelier.errors import (
     TooManyRequests,
     UnsupportedRequest,
 )
+from atelier.request import ImageRequest
 
 log = logging.getLogger(__name__)
 
@@ -72,20 +74,37 @@ def render(path: str, error: AtelierError) -> JSONResponse:
 
 
 def openai_error(error: AtelierError) -> JSONResponse:
-    status = 400 if isinstance(error, InputError) else error.status
+    return JSONResponse(openai_error_body(error), status_code=openai_status(error))
+
+
+def openai_status(error: AtelierError) -> int:
+    return 400 if isinstance(error, InputError) else error.status
+
+
+def openai_error_body(error: AtelierError) -> dict[str, Any]:
+    """``{"error": {...}}``; also the data of an ``error`` event when a stream fails after it began."""
+    status = openai_status(error)
     kind = OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    body = {"error": {"message": error.message, "type": kind, "param": error.field, "code": error.code}}
-    return JSONResponse(body, status_code=status)
+    return {"error": {"message": error.message, "type": kind, "param": error.field, "code": error.code}}
 
 
 def cog_error(error: AtelierError) -> JSONResponse:
     if isinstance(error, InputError) and not isinstance(error, ModerationBlocked | UnsupportedRequest):
-        detail: Any = [
-            {"loc": ["body", "input", *p.field.removeprefix("input.").split(".")], "msg": p.message, "type": p.kind}
-            for p in error.problems
-        ]
+        detail: Any = [{"loc": _cog_loc(p.field), "msg": p.message, "type": p.kind} for p in error.problems]
         return JSONResponse({"detail": detail}, status_code=422)
     return JSONResponse({"detail": error.message}, status_code=error.status)
+
+
+# Top-level fields of Cog's PredictionRequest: a problem there is at ["body", field], any other field is
+# one of the model's inputs, at ["body", "input", field].
+COG_BODY_FIELDS = frozenset({"input", "id", "created_at", "output_file_prefix", "webhook", "webhook_events_filter"})
+
+
+def _cog_loc(field: str) -> list[str | int]:
+    parts = re.findall(r"[^.\[\]]+", field) or [field]  # "input.input_images[0]" -> input, input_images, 0
+    if parts[0] not in COG_BODY_FIELDS and not parts[0].isdigit():
+        parts.insert(0, "input")
+    return ["body", *(int(p) if p.isdigit() else p for p in parts)]
 
 
 def replicate_error(error: AtelierError) -> JSONResponse:
@@ -106,7 +125,10 @@ def replicate_error(error: AtelierError) -> JSONResponse:
 
 
 def _invalid_field(problem: FieldProblem) -> dict[str, str]:
-    field = problem.field if problem.field.startswith("input") else f"input.{problem.field}"
+    """A bare model input (``aspect_ratio``, ``input_images[0]``) is shown as ``input.<name>``; request
+    fields and headers (``webhook``, ``version``, ``Cancel-After``) keep their own names."""
+    root = re.split(r"[.\[]", problem.field, maxsplit=1)[0]
+    field = f"input.{problem.field}" if root in ImageRequest.model_fields else problem.field
     return {"type": problem.kind, "field": field, "description": problem.message}
 
 

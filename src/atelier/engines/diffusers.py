@@ -178,7 +178,7 @@ class DiffusersEngine:
             steps=plan.quality.steps,
             upscaled=plan.size.upscaled,
             background=plan.background,
-            quality=request.quality,
+            quality=named_quality(self.spec, request.quality),
             timings={"render": rendered - started, "encode": finished - rendered},
         )
 
@@ -248,6 +248,15 @@ def resolve_background(background: str, prompt: str, output_format: str) -> str:
         wanted = matting.wants_transparency(prompt) and output_format in ("png", "webp")
         return "transparent" if wanted else "opaque"
     return background
+
+
+def named_quality(spec: ModelSpec, quality: str) -> str:
+    """The tier a render used: ``auto`` is reported as the named tier with the same setting, so a caller
+    (OpenAI's ``ImagesResponse.quality``) learns what ran; ``auto`` stays when no tier matches."""
+    if quality != "auto":
+        return quality
+    setting = spec.quality["auto"]
+    return next((name for name in ("medium", "high", "low") if spec.quality.get(name) == setting), "auto")
 
 
 def preview_schedule(steps: int, previews: int) -> set[int]:

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
     from atelier.jobs.routing import EngineRouter
 
-ImageLoader = Callable[[ImageRequest], Sequence["Image.Image"]]
+ImageLoader = Callable[[ImageRequest, "str | None"], Sequence["Image.Image"]]  # (request, owner)
 
 SPEC_VERSION = 1
 KEY_NOT_STORED = "the request's openai_api_key is not stored; resubmit"
@@ -133,7 +133,7 @@ async def rebuild(prediction: Prediction, router: EngineRouter, load_images: Ima
     _, engine = router.route(request, prediction.model)
     images: Sequence[Image.Image] = ()
     if request.input_images and load_images is not None:
-        images = await asyncio.to_thread(load_images, request)
+        images = await asyncio.to_thread(load_images, request, prediction.owner)  # the owner's own uploads
     seed = prediction.seed if prediction.seed is not None else new_seed()
     job = Job(prediction.id, request, seed, tuple(images), None, previews_from_spec(prediction))
     await asyncio.to_thread(engine.check, job)

@@ -6,10 +6,12 @@
   model *and* giving a key is a contradiction and is refused too.
 * ``model`` None means the default. A model is addressed by its key, ``atelier/<key>`` (Replicate's
   ``owner/name``), or an alias; ``openai/gpt-image-2`` and ``gpt-image-2`` name the default unless an
-  engine is registered under that exact key. Anything else is ``NotFound`` naming the served models.
+  engine is registered under that exact key. Anything else is ``ModelNotFound`` (a ``NotFound``) naming
+  the served models.
 * ``ready(engine)`` runs ``engine.setup()`` once, in a thread, the first time a job needs it; concurrent
   first jobs wait for the same setup. A failed setup is not remembered: the next job tries again (the
-  weights may have been downloaded meanwhile); ``setup_errors`` keeps the last message for health checks.
+  weights may have been downloaded meanwhile); ``setup_errors`` keeps the last message for health checks,
+  ``setups`` the times of each model's latest setup attempt (Cog's ``/health-check`` reports them).
 """
 
 from __future__ import annotations
@@ -17,15 +19,27 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
 
 from atelier.engines.base import Engine
-from atelier.errors import FieldProblem, ModelUnavailable, NotFound, UnsupportedRequest
+from atelier.errors import FieldProblem, ModelNotFound, ModelUnavailable, UnsupportedRequest
+from atelier.jobs.records import utc_now
 from atelier.request import ImageRequest
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ALIASES = ("openai/gpt-image-2", "gpt-image-2")
 OPENAI = "openai"
+
+
+@dataclass
+class SetupRecord:
+    """One model's latest setup attempt: when it began, when it ended, and the error if it failed."""
+
+    started_at: datetime
+    completed_at: datetime | None = None
+    error: str | None = None
 
 
 class EngineRouter:
@@ -38,6 +52,7 @@ class EngineRouter:
         self.default = default
         self.aliases = {alias: default for alias in DEFAULT_ALIASES} | dict(aliases or {})
         self.setup_errors: dict[str, str] = {}
+        self.setups: dict[str, SetupRecord] = {}
         self._ready: set[int] = set()
         self._locks: dict[int, asyncio.Lock] = {}
 
@@ -46,7 +61,7 @@ class EngineRouter:
         return list(self.engines)
 
     def resolve(self, model: str | None) -> str:
-        """The key of the engine ``model`` names; ``NotFound`` listing the served models otherwise."""
+        """The key of the engine ``model`` names; ``ModelNotFound`` listing the served models otherwise."""
         if model is None:
             return self.default
         for candidate in (model, model.removeprefix("atelier/")):
@@ -54,7 +69,7 @@ class EngineRouter:
                 return candidate
         if model in self.aliases:
             return self.aliases[model]
-        raise NotFound(
+        raise ModelNotFound(
             f"model {model!r} is not served here; served models: {', '.join(self.engines)} (default: {self.default})",
             field="model",
         )
@@ -91,11 +106,14 @@ class EngineRouter:
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
             if key not in self._ready:
+                record = self.setups[engine.model] = SetupRecord(utc_now())
                 try:
                     await asyncio.to_thread(engine.setup)
                 except Exception as exc:
+                    record.completed_at, record.error = utc_now(), str(exc)
                     self.setup_errors[engine.model] = str(exc)
                     raise
+                record.completed_at = utc_now()
                 self.setup_errors.pop(engine.model, None)
                 self._ready.add(key)
                 log.info("engine %s (%s) is ready", engine.name, engine.model)

@@ -192,6 +192,20 @@ class Store:
         more = len(rows) > limit and page
         return page, encode_cursor(page[-1]) if more else None
 
+    def newer_predictions(self, owner: str | None, than_cursor: str, limit: int) -> list[Prediction]:
+        """Up to ``limit`` of ``owner``'s predictions newer than the cursor's, oldest first (a previous page)."""
+        c = PREDICTIONS.c
+        created, last_id = decode_cursor(than_cursor)
+        query = (
+            select(PREDICTIONS)
+            .where(c.owner.is_(None) if owner is None else c.owner == owner)
+            .where(or_(c.created_at > created, and_(c.created_at == created, c.id > last_id)))
+            .order_by(c.created_at, c.id)
+            .limit(limit)
+        )
+        with self._read() as conn:
+            return [_prediction(r) for r in conn.execute(query).mappings()]
+
     def unfinished_predictions(self) -> list[Prediction]:
         """Predictions a previous process left ``starting`` or ``processing``, oldest first."""
         c = PREDICTIONS.c
