@@ -30,6 +30,7 @@ def create_app(
     from atelier.api import cog, errors, openai_images, replicate
 
     services = Services.build(settings, engines=engines, default=default)
+    cog_door = cog.CogDoor(services)  # registers the Cog webhook sender with the runner
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -38,9 +39,11 @@ def create_app(
             yield
         finally:
             await services.stop()
+            await cog_door.aclose()
 
     app = FastAPI(title="Atelier", version=__version__, lifespan=lifespan, openapi_url="/openapi-atelier.json")
     app.state.services = services
+    app.state.cog = cog_door
     errors.install(app)
     app.include_router(openai_images.router)
     app.include_router(replicate.router)

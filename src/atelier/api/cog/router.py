@@ -1,5 +1,64 @@
-"""Routes of the cog door (thin: parse, call the service, return)."""
+"""Routes of the Cog door (thin: parse, call the service, return). See ``service.py`` for the behaviour.
 
-from fastapi import APIRouter
+``/health-check`` and ``/openapi.json`` answer without a token (orchestrators probe them, and neither
+says anything about anyone's predictions); the prediction routes need one when tokens are configured.
+"""
 
-router = APIRouter()
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, Header, Path, Request, Response
+
+from atelier.api.cog.protocol import HealthCheck, PredictionRequest, PredictionResponse
+from atelier.api.cog.service import CogDoor
+from atelier.api.deps import Owner
+
+router = APIRouter(tags=["cog"])
+
+
+def get_door(request: Request) -> CogDoor:
+    door: CogDoor = request.app.state.cog
+    return door
+
+
+Door = Annotated[CogDoor, Depends(get_door)]
+Prefer = Annotated[str | None, Header()]
+PredictionId = Annotated[str, Path(title="Prediction ID")]
+OptionalBody = Annotated[PredictionRequest | None, Body()]
+
+
+@router.get("/health-check")
+async def health_check(door: Door) -> HealthCheck:
+    return door.health()
+
+
+@router.get("/openapi.json")
+async def openapi(door: Door) -> dict[str, Any]:
+    return door.openapi()
+
+
+@router.post("/predictions")
+async def predict(
+    door: Door, owner: Owner, response: Response, body: OptionalBody = None, prefer: Prefer = None
+) -> PredictionResponse:
+    response.status_code, prediction = await door.predict(body, owner=owner, prefer=prefer)
+    return prediction
+
+
+@router.put("/predictions/{prediction_id}")
+async def predict_idempotent(
+    door: Door,
+    owner: Owner,
+    response: Response,
+    prediction_id: PredictionId,
+    body: OptionalBody = None,
+    prefer: Prefer = None,
+) -> PredictionResponse:
+    response.status_code, prediction = await door.predict(body, owner=owner, prefer=prefer, prediction_id=prediction_id)
+    return prediction
+
+
+@router.post("/predictions/{prediction_id}/cancel")
+async def cancel(door: Door, owner: Owner, prediction_id: PredictionId) -> PredictionResponse:
+    return await door.cancel(prediction_id, owner=owner)

@@ -1,0 +1,222 @@
+"""The Cog door: predictions the way a Cog model server runs them, on the one shared runner.
+
+* **One model.** A Cog container serves one predictor, so every prediction goes to the default route
+  (``openai_api_key`` in the input still sends it to OpenAI, as on every door).
+* **Slots.** Cog runs one prediction at a time and answers 409 ``Already running a prediction`` to the
+  next. Here a slot is a runner worker: when running plus queued jobs (from any door) fill
+  ``max_concurrency``, a new prediction gets ``Conflict``. The check and the submit happen under one
+  lock, so two requests racing for the last slot cannot both get it. Input images are loaded before
+  (in a thread): a bad image is a 4xx that costs no model time and holds no slot.
+* **Sync and async.** ``POST /predictions`` waits for the end and returns the finished prediction
+  (HTTP 200 even when it failed: the status says so, as in cog). ``Prefer: respond-async`` answers 202
+  at once with the prediction as it stands and reports through the webhook (``webhooks.py``).
+* **Idempotent ids.** ``PUT /predictions/{id}`` (or a body ``id``) names the prediction; the same id
+  again from the same caller returns that prediction instead of starting another: 202 with its current
+  state while it runs (cog's answer to a PUT for the prediction it is running), 200 once it finished.
+  A body ``id`` that differs from the URL's is a 422 at ``["body", "id"]``.
+* **Outputs.** Data URIs (``data:image/webp;base64,...``), which is what cog returns when it has no
+  upload URL; with ``output_file_prefix`` (sync only, as in cog) each image is PUT (multipart, field
+  ``file``) to ``prefix + file name`` and that URL is returned.
+* **Health.** ``STARTING`` until the default model's setup has succeeded, ``SETUP_FAILED`` when its last
+  setup raised, ``BUSY`` when every slot is taken, ``READY`` otherwise; ``DEFUNCT`` once the service has
+  stopped. ``setup`` carries the times of the latest setup attempt and, if it failed, the error as logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from atelier.api.cog.openapi import document
+from atelier.api.cog.protocol import (
+    WEBHOOK_EVENTS,
+    Health,
+    HealthCheck,
+    PredictionRequest,
+    PredictionResponse,
+    SetupResult,
+)
+from atelier.api.cog.webhooks import WebhookSender
+from atelier.errors import Conflict, EngineError, FieldProblem, InputError, NotFound
+from atelier.jobs.records import Prediction
+from atelier.jobs.routing import SetupRecord
+from atelier.request import parse_request
+
+if TYPE_CHECKING:
+    from atelier.services import Services
+
+BUSY = "Already running a prediction"  # compat: cog's exact 409 detail
+ID_MISMATCH = "prediction ID must match the ID supplied in the URL"  # compat: cog's message
+UPLOAD_TIMEOUT = 30.0
+
+
+def wants_async(prefer: str | None) -> bool:
+    """``Prefer: respond-async`` (RFC 7240; cog compares the whole header, we look for the token)."""
+    tokens = (part.split(";")[0].strip().lower() for part in (prefer or "").split(","))
+    return "respond-async" in tokens
+
+
+class CogDoor:
+    """Built once per app by ``create_app``; registers its webhook sender with the runner."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.webhooks = WebhookSender(self.render)
+        services.runner.listeners.append(self.webhooks)
+        self._admission = asyncio.Lock()
+        self._document: dict[str, Any] | None = None
+
+    async def aclose(self) -> None:
+        """After the runner stopped: let webhook deliveries under way finish (briefly)."""
+        await self.webhooks.aclose()
+
+    # -- predictions -----------------------------------------------------------------------------------
+
+    async def predict(
+        self,
+        body: PredictionRequest | None,
+        *,
+        owner: str | None,
+        prefer: str | None,
+        prediction_id: str | None = None,
+    ) -> tuple[int, PredictionResponse]:
+        """``(HTTP status, prediction)`` for ``POST /predictions`` and ``PUT /predictions/{prediction_id}``."""
+        body = body or PredictionRequest()
+        if prediction_id is not None and body.id is not None and body.id != prediction_id:
+            raise InputError(FieldProblem("id", ID_MISMATCH, "value_error", body.id))
+        id = prediction_id or body.id
+        request = parse_request(body.input or {}, prefix="input.")
+        existing = await self._existing(id, owner)
+        if existing is not None:
+            status = 202 if wants_async(prefer) or not existing.terminal else 200
+            return status, await self.response(existing)
+        self._refuse_if_busy()
+        images = await asyncio.to_thread(self.services.load_inputs, request, owner) if request.is_edit else []
+        events: list[str] | None = list(body.webhook_events_filter or WEBHOOK_EVENTS) if body.webhook else None
+        async with self._admission:
+            self._refuse_if_busy()
+            prediction = await self.services.runner.submit(
+                request,
+                source="cog",
+                owner=owner,
+                images=images,
+                prediction_id=id,
+                webhook=body.webhook,
+                webhook_events_filter=events,
+            )
+        if wants_async(prefer):
+            return 202, await self.response(prediction)
+        final = await self.services.runner.wait(prediction.id, None)
+        return 200, await self.response(final, upload_to=body.output_file_prefix)
+
+    async def cancel(self, id: str, *, owner: str | None) -> PredictionResponse:
+        return await self.response(await self.services.runner.cancel(id, owner=owner))
+
+    def slots_full(self) -> bool:
+        runner = self.services.runner
+        return runner.running + runner.queue_depth >= runner.queue.concurrency
+
+    def _refuse_if_busy(self) -> None:
+        if self.slots_full():
+            raise Conflict(BUSY)
+
+    async def _existing(self, id: str | None, owner: str | None) -> Prediction | None:
+        if id is None:
+            return None
+        try:
+            return await self.services.runner.get(id, owner=owner)
+        except NotFound:
+            return None  # absent, or another caller's: then submit answers 409 "id is taken"
+
+    # -- rendering -------------------------------------------------------------------------------------
+
+    async def response(self, prediction: Prediction, *, upload_to: str | None = None) -> PredictionResponse:
+        predict_time = prediction.metrics.get("predict_time")
+        return PredictionResponse(
+            input=prediction.input,
+            output=await self._outputs(prediction, upload_to),
+            id=prediction.id,
+            version=prediction.version,
+            created_at=prediction.created_at,
+            started_at=prediction.started_at,
+            completed_at=prediction.completed_at,
+            logs=prediction.logs,
+            error=prediction.error,
+            status=prediction.status,  # type: ignore[arg-type]
+            metrics={"predict_time": predict_time} if predict_time is not None else None,
+        )
+
+    async def render(self, prediction: Prediction) -> dict[str, Any]:
+        """The webhook body."""
+        return (await self.response(prediction)).model_dump(mode="json")
+
+    async def _outputs(self, prediction: Prediction, upload_to: str | None) -> list[str] | None:
+        if prediction.output is None or prediction.data_removed:
+            return None
+        return await asyncio.to_thread(self._encode, prediction.output, upload_to)
+
+    def _encode(self, file_ids: Sequence[str], upload_to: str | None) -> list[str]:
+        files = self.services.files
+        outputs = []
+        for file_id in file_ids:
+            record, data = files.get(file_id), files.read(file_id)
+            if upload_to is None:
+                outputs.append(f"data:{record.content_type};base64,{base64.b64encode(data).decode()}")
+            else:
+                outputs.append(upload(upload_to, record.name, data, record.content_type))
+        return outputs
+
+    # -- health and schema -----------------------------------------------------------------------------
+
+    def health(self) -> HealthCheck:
+        router = self.services.router
+        engine = router.engines[router.default]
+        record = router.setups.get(engine.model)
+        status: Health
+        if not self.services.started:
+            status = "DEFUNCT"
+        elif router.is_ready(engine):
+            status = "BUSY" if self.slots_full() else "READY"
+        elif record is not None and record.error is not None:
+            status = "SETUP_FAILED"
+        else:
+            status = "STARTING"
+        return HealthCheck(status=status, setup=setup_result(record, ready=router.is_ready(engine)))
+
+    def openapi(self) -> dict[str, Any]:
+        if self._document is None:
+            self._document = document()
+        return self._document
+
+
+def setup_result(record: SetupRecord | None, *, ready: bool) -> SetupResult:
+    if record is None:
+        return SetupResult(status="succeeded" if ready else "starting")
+    if record.completed_at is None:
+        return SetupResult(started_at=record.started_at, status="starting")
+    if record.error is not None:
+        return SetupResult(
+            started_at=record.started_at, completed_at=record.completed_at, logs=f"{record.error}\n", status="failed"
+        )
+    return SetupResult(started_at=record.started_at, completed_at=record.completed_at, status="succeeded")
+
+
+def upload(prefix: str, name: str, data: bytes, content_type: str) -> str:
+    """cog's ``output_file_prefix``: PUT the file (multipart ``file``) to ``prefix + name``; that URL is the output."""
+    url = prefix + name
+    try:
+        response = httpx.put(url, files={"file": (name, data, content_type)}, timeout=UPLOAD_TIMEOUT)
+    except httpx.HTTPError as exc:  # the URL may carry a signature: say what failed, not where
+        reason = type(exc).__name__
+    else:
+        if response.is_success:
+            return url
+        reason = f"HTTP {response.status_code}"
+    raise EngineError(
+        f"the prediction succeeded but uploading {name!r} to output_file_prefix failed ({reason}); check that the "
+        "prefix accepts PUT requests, or leave it out to get data: URIs"
+    )
