@@ -1,5 +1,163 @@
-"""Routes of the replicate door (thin: parse, call the service, return)."""
+"""Routes of the Replicate door (thin: parse, call the door's service, return).
 
-from fastapi import APIRouter
+Everything lives under ``/v1``: the 1.x Python client takes a base URL without ``/v1``
+(``REPLICATE_BASE_URL``), the 2.x and JS clients one with it, and both end up here. Every route needs
+a valid token (``Owner``) except the two capability URLs, the output downloads and ``urls.stream``,
+which accept their signature instead. Errors are raised, never returned; ``atelier.api.errors``
+renders them as Replicate's problem JSON.
+"""
 
-router = APIRouter()
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Header, Request, Response, UploadFile
+from fastapi.responses import FileResponse, StreamingResponse
+
+from atelier.api.deps import BaseURL, Owner, ServicesDep, authenticate
+from atelier.api.replicate import protocol as wire
+from atelier.api.replicate.service import ReplicateDoor
+from atelier.errors import FieldProblem, InputError, ModelUnavailable
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Runs inside the app's own lifespan, so the services are started first and stopped last."""
+    door = ReplicateDoor(app.state.services)
+    await door.start()
+    app.state.replicate = door
+    try:
+        yield
+    finally:
+        await door.stop()
+
+
+router = APIRouter(prefix="/v1", lifespan=lifespan)
+
+
+def get_door(request: Request) -> ReplicateDoor:
+    door: ReplicateDoor | None = getattr(request.app.state, "replicate", None)
+    if door is None:
+        raise ModelUnavailable("the Replicate API is not running (the app's lifespan has not started it)")
+    return door
+
+
+async def json_body(request: Request) -> Any:
+    try:
+        return json.loads(await request.body())
+    except ValueError as exc:
+        raise InputError(FieldProblem("body", f"is not valid JSON ({exc})", "type")) from None
+
+
+Door = Annotated[ReplicateDoor, Depends(get_door)]
+JSONBody = Annotated[Any, Depends(json_body)]
+Prefer = Annotated[str | None, Header()]
+CancelAfter = Annotated[str | None, Header()]
+SSE_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+
+
+# -- predictions ---------------------------------------------------------------------------------------
+
+
+@router.post("/models/{model_owner}/{model_name}/predictions", status_code=201)
+async def create_model_prediction(
+    model_owner: str, model_name: str, body: JSONBody, door: Door, owner: Owner, base: BaseURL, response: Response,
+    prefer: Prefer = None, cancel_after: CancelAfter = None,
+) -> wire.Prediction:  # fmt: skip
+    address = f"{model_owner}/{model_name}"
+    created = await door.create(body, address=address, owner=owner, base=base, prefer=prefer, cancel_after=cancel_after)
+    response.headers.update(created.headers)
+    return created.prediction
+
+
+@router.post("/predictions", status_code=201)
+async def create_prediction(
+    body: JSONBody, door: Door, owner: Owner, base: BaseURL, response: Response,
+    prefer: Prefer = None, cancel_after: CancelAfter = None,
+) -> wire.Prediction:  # fmt: skip
+    created = await door.create(body, address=None, owner=owner, base=base, prefer=prefer, cancel_after=cancel_after)
+    response.headers.update(created.headers)
+    return created.prediction
+
+
+@router.get("/predictions")
+async def list_predictions(door: Door, owner: Owner, base: BaseURL, cursor: str | None = None) -> wire.PredictionPage:
+    return await door.page(owner, cursor, base)
+
+
+@router.get("/predictions/{prediction_id}")
+async def get_prediction(prediction_id: str, door: Door, owner: Owner, base: BaseURL) -> wire.Prediction:
+    return await door.get(prediction_id, owner, base)
+
+
+@router.post("/predictions/{prediction_id}/cancel")
+async def cancel_prediction(prediction_id: str, door: Door, owner: Owner, base: BaseURL) -> wire.Prediction:
+    return await door.cancel(prediction_id, owner, base)
+
+
+@router.get("/predictions/{prediction_id}/stream")
+async def stream_prediction(
+    prediction_id: str, door: Door, services: ServicesDep, request: Request, base: BaseURL, sig: str | None = None
+) -> StreamingResponse:
+    events = await door.stream(prediction_id, sig, lambda: authenticate(request, services), base)
+    return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+# -- models --------------------------------------------------------------------------------------------
+
+
+@router.get("/models/{model_owner}/{model_name}")
+async def get_model(model_owner: str, model_name: str, door: Door, owner: Owner, base: BaseURL) -> wire.Model:
+    return door.model(model_owner, model_name, base)
+
+
+@router.get("/models/{model_owner}/{model_name}/versions/{version_id}")
+async def get_model_version(
+    model_owner: str, model_name: str, version_id: str, door: Door, owner: Owner
+) -> wire.ModelVersion:
+    return door.version(model_owner, model_name, version_id)
+
+
+# -- files ---------------------------------------------------------------------------------------------
+
+
+@router.post("/files", status_code=201)
+async def create_file(
+    door: Door, owner: Owner, base: BaseURL,
+    content: Annotated[UploadFile | None, File()] = None,
+    filename: Annotated[str | None, Form()] = None,
+    type: Annotated[str | None, Form()] = None,
+    metadata: Annotated[str | None, Form()] = None,
+) -> wire.File:  # fmt: skip
+    return await door.files.upload(
+        content, filename=filename, content_type=type, metadata=metadata, owner=owner, base=base
+    )
+
+
+@router.get("/files/{file_id}")
+async def get_file(file_id: str, door: Door, owner: Owner, base: BaseURL) -> wire.File:
+    return door.files.info(file_id, owner, base)
+
+
+@router.delete("/files/{file_id}", status_code=204)
+async def delete_file(file_id: str, door: Door, owner: Owner) -> Response:
+    await door.files.delete(file_id, owner)
+    return Response(status_code=204)
+
+
+@router.get("/files/{file_id}/download")
+async def download_file(
+    file_id: str, door: Door, services: ServicesDep, request: Request, sig: str | None = None
+) -> FileResponse:
+    return door.files.download(file_id, sig, lambda: authenticate(request, services))
+
+
+# -- webhooks ------------------------------------------------------------------------------------------
+
+
+@router.get("/webhooks/default/secret")
+async def get_webhook_secret(door: Door, owner: Owner) -> wire.WebhookSecret:
+    return door.secret()

@@ -1,0 +1,133 @@
+"""The Files API (``/v1/files``): uploads to use as inputs, and capability downloads of any file.
+
+* ``POST /v1/files`` takes multipart ``content`` (the bytes), ``filename``, ``type`` and ``metadata``
+  (a JSON object), as Replicate's clients send them; the part's own file name and content type are
+  used when the fields are absent, and an image's type is sniffed when none is given. Uploads are at
+  most 100 MiB (Replicate's limit). ``urls.get`` (``/v1/files/{id}``) is what clients put into
+  ``input_images``; ``Services.own_file`` resolves it for the file's owner without any HTTP.
+* ``GET /v1/files/{id}/download?sig=...`` serves the bytes to anyone holding the signature (output
+  URLs work with and without the Authorization header); without a valid signature it falls back to
+  the caller's token and the file's owner.
+* A file another caller owns is "not found", exactly like a missing one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import UploadFile
+from fastapi.responses import FileResponse
+
+from atelier.api.replicate import protocol as wire
+from atelier.errors import FieldProblem, InputError, NotFound
+from atelier.imaging.inputs import sniff
+from atelier.jobs.files import FileStore
+from atelier.jobs.records import FileRecord, format_time
+
+MAX_UPLOAD_BYTES = 100 * 1024 * 1024
+GENERIC_TYPE = "application/octet-stream"
+_MEDIA_TYPE = re.compile(r"^[\w.+-]+/[\w.+-]+$")
+_SNIFFED = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
+
+Caller = Callable[[], str | None]
+
+
+class FilesAPI:
+    def __init__(self, files: FileStore) -> None:
+        self.files = files
+
+    async def upload(
+        self,
+        content: UploadFile | None,
+        *,
+        filename: str | None,
+        content_type: str | None,
+        metadata: str | None,
+        owner: str | None,
+        base: str,
+    ) -> wire.File:
+        if content is None:
+            raise InputError(FieldProblem("content", "is required: the file's bytes as a multipart part", "required"))
+        data = await content.read(MAX_UPLOAD_BYTES + 1)
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise InputError(FieldProblem("content", f"is over the {MAX_UPLOAD_BYTES // 2**20} MiB limit", "too_large"))
+        record = await asyncio.to_thread(
+            self.files.put,
+            data,
+            name=filename or content.filename or "file",
+            content_type=_content_type(content_type or content.content_type, data),
+            kind="upload",
+            owner=owner,
+            metadata=_metadata(metadata),
+        )
+        return self.describe(record, base)
+
+    def info(self, file_id: str, owner: str | None, base: str) -> wire.File:
+        return self.describe(self._owned(file_id, owner), base)
+
+    async def delete(self, file_id: str, owner: str | None) -> None:
+        self._owned(file_id, owner)
+        await asyncio.to_thread(self.files.delete, file_id)
+
+    def download(self, file_id: str, sig: str | None, caller: Caller) -> FileResponse:
+        """The file's bytes for a valid signature, else for its owner (``caller`` authenticates, or raises 401)."""
+        record = self.files.get(file_id) if sig and self.files.verify(file_id, sig) else self._owned(file_id, caller())
+        path = self.files.path(record.id)
+        if not path.is_file():
+            raise NotFound(f"file {file_id!r} is recorded but missing from disk")
+        return FileResponse(
+            path,
+            media_type=record.content_type,
+            filename=record.name,
+            content_disposition_type="inline",
+            headers={"Cache-Control": "private, max-age=3600"},
+        )
+
+    def describe(self, record: FileRecord, base: str) -> wire.File:
+        return wire.File(
+            id=record.id,
+            name=record.name,
+            content_type=record.content_type,
+            size=record.size,
+            etag=record.sha256[:32],
+            checksums={"sha256": record.sha256},
+            metadata=record.metadata,
+            created_at=format_time(record.created_at),
+            expires_at=format_time(record.expires_at) if record.expires_at else None,
+            urls=wire.FileURLs(get=f"{base}/v1/files/{record.id}"),
+        )
+
+    def _owned(self, file_id: str, owner: str | None) -> FileRecord:
+        record = self.files.get(file_id)
+        if record.owner != owner:
+            raise NotFound(f"file {file_id[:40]!r} does not exist (or was deleted after its retention period)")
+        return record
+
+
+def _content_type(declared: str | None, data: bytes) -> str:
+    declared = (declared or "").split(";")[0].strip().lower()
+    if declared and declared != GENERIC_TYPE:
+        if not _MEDIA_TYPE.match(declared):
+            raise InputError(
+                FieldProblem("type", f"got {declared[:60]!r}; give a media type such as 'image/png'", "format")
+            )
+        return declared
+    return _SNIFFED.get(sniff(data) or "", GENERIC_TYPE)
+
+
+def _metadata(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise InputError(
+            FieldProblem("metadata", f'got {text[:60]!r}; give a JSON object such as \'{{"k": "v"}}\'', "type")
+        )
+    return value

@@ -1,0 +1,82 @@
+"""Request headers of Replicate's create calls: ``Prefer: wait[=N]`` and ``Cancel-After``.
+
+``Prefer: wait=N`` (N 1-60) holds the response up to N seconds; a bare ``wait`` means the longest.
+Holds are capped at ``WAIT_CAP`` (55 s): the 2.x clients time out at 60 s and retry the POST, which
+would create a second prediction, and 1.x reads for at most 60.5 s. ``Preference-Applied`` echoes
+the seconds actually applied (``wait=55`` for a bare ``wait``). Other preferences
+(``respond-async``...) are ignored, as RFC 7240 asks; a malformed ``wait`` is refused.
+
+``Cancel-After`` is a duration from creation: ``300`` (seconds), ``30s``, ``5m``, ``1h30m45s``;
+at least 5 seconds.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from atelier.errors import FieldProblem, InputError
+
+MAX_WAIT = 60
+WAIT_CAP = 55
+MIN_CANCEL_AFTER = 5.0
+_DURATION = re.compile(r"^(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m)?(?:(?P<s>\d+(?:\.\d+)?)s)?$")
+
+
+@dataclass(frozen=True)
+class Wait:
+    seconds: int
+
+    @property
+    def applied(self) -> str:
+        return f"wait={self.seconds}"
+
+
+def parse_prefer(header: str | None) -> Wait | None:
+    """The hold a ``Prefer`` header asks for, or None when it asks for none."""
+    for preference in (header or "").split(","):
+        name, _, value = preference.split(";", 1)[0].strip().partition("=")
+        if name.strip().lower() != "wait":
+            continue
+        value = value.strip().strip('"')
+        if not value:
+            return Wait(WAIT_CAP)
+        if not value.isdigit() or not 1 <= int(value) <= MAX_WAIT:
+            raise InputError(
+                FieldProblem(
+                    "Prefer",
+                    f"got 'wait={value[:20]}'; use 'wait' or 'wait=N' with N a whole number of seconds from 1 to "
+                    f"{MAX_WAIT}",
+                    "format",
+                    value[:20],
+                )
+            )
+        return Wait(min(int(value), WAIT_CAP))
+    return None
+
+
+def parse_cancel_after(header: str | None) -> float | None:
+    """Seconds from creation after which the prediction is canceled, or None without the header."""
+    if header is None:
+        return None
+    text = header.strip().lower()
+    seconds = _duration(text)
+    if seconds is None:
+        raise _cancel_after_problem(header, "use seconds ('300') or a duration such as '30s', '5m' or '1h30m45s'")
+    if seconds < MIN_CANCEL_AFTER:
+        raise _cancel_after_problem(header, f"the minimum is {MIN_CANCEL_AFTER:g} seconds ('5s')")
+    return seconds
+
+
+def _duration(text: str) -> float | None:
+    if text.isdigit():
+        return float(text)
+    match = _DURATION.match(text)
+    if not text or match is None:
+        return None
+    h, m, s = (match.group(k) for k in ("h", "m", "s"))
+    return int(h or 0) * 3600 + int(m or 0) * 60 + float(s or 0)
+
+
+def _cancel_after_problem(header: str, fix: str) -> InputError:
+    return InputError(FieldProblem("Cancel-After", f"got {header[:40]!r}; {fix}", "format", header[:40]))

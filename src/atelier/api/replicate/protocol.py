@@ -1,0 +1,119 @@
+"""Replicate's wire shapes, in the field order of Replicate's HTTP API docs. No logic, no I/O.
+
+Requests forbid unknown fields (a typo such as ``webhook_event_filter`` is a 422, not silently
+ignored). Responses leave out what Replicate leaves out until it exists (``started_at``,
+``completed_at``, ``metrics``, ``deadline``) and never put ``null`` inside ``urls``.
+Atelier's extensions are marked ``# atelier:``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Status = Literal["starting", "processing", "succeeded", "failed", "canceled"]
+WebhookEvent = Literal["start", "output", "logs", "completed"]
+WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = ("start", "output", "logs", "completed")
+
+
+def _is_none(value: Any) -> bool:
+    return value is None
+
+
+# -- requests -------------------------------------------------------------------------------------------
+
+
+class ModelPredictionRequest(BaseModel):
+    """Body of ``POST /v1/models/{owner}/{name}/predictions``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: dict[str, Any]
+    webhook: str | None = None
+    webhook_completed: str | None = None  # legacy: a URL that gets only the ``completed`` event
+    webhook_events_filter: list[WebhookEvent] | None = None
+    stream: bool | None = None  # accepted; ``urls.stream`` is always given
+
+
+class PredictionRequest(ModelPredictionRequest):
+    """Body of ``POST /v1/predictions``: ``version`` is ``owner/name``, ``owner/name:<id>`` or ``<id>``."""
+
+    version: str
+
+
+# -- responses ------------------------------------------------------------------------------------------
+
+
+class PredictionURLs(BaseModel):
+    get: str
+    cancel: str
+    stream: str
+    web: str  # atelier: the prediction's API URL (there is no web page)
+
+
+class Prediction(BaseModel):
+    id: str
+    model: str
+    version: str
+    input: dict[str, Any]
+    logs: str
+    output: list[str] | None
+    data_removed: bool
+    error: str | None
+    status: Status
+    created_at: str
+    started_at: str | None = Field(default=None, exclude_if=_is_none)
+    completed_at: str | None = Field(default=None, exclude_if=_is_none)
+    deadline: str | None = Field(default=None, exclude_if=_is_none)
+    urls: PredictionURLs
+    metrics: dict[str, Any] | None = Field(default=None, exclude_if=_is_none)
+
+
+class PredictionPage(BaseModel):
+    next: str | None
+    previous: str | None
+    results: list[Prediction]
+
+
+class FileURLs(BaseModel):
+    get: str
+
+
+class File(BaseModel):
+    id: str
+    name: str
+    content_type: str
+    size: int
+    etag: str
+    checksums: dict[str, str]
+    metadata: dict[str, Any]
+    created_at: str
+    expires_at: str | None
+    urls: FileURLs
+
+
+class ModelVersion(BaseModel):
+    id: str
+    created_at: str
+    cog_version: str
+    openapi_schema: dict[str, Any]
+
+
+class Model(BaseModel):
+    url: str
+    owner: str
+    name: str
+    description: str | None
+    visibility: Literal["public", "private"]
+    github_url: str | None = None
+    paper_url: str | None = None
+    license_url: str | None = None
+    run_count: int
+    cover_image_url: str | None = None
+    default_example: dict[str, Any] | None = None
+    latest_version: ModelVersion | None
+
+
+class WebhookSecret(BaseModel):
+    key: str

@@ -1,0 +1,239 @@
+"""The Replicate door's behaviour: from wire requests to the job system and back.
+
+``ReplicateDoor`` is built per app in the router's lifespan (``app.state.replicate``): it adds the
+webhook listener to the runner and starts the delivery loop; on shutdown it stops the runner first
+(idempotent: ``Services.stop`` stops it again as a no-op), so that the last events of jobs finishing
+in the grace period become deliveries and get their first attempt before the store closes.
+
+A create is checked completely before any model time is spent, in this order: the body (unknown
+fields are a 422), the ``Prefer`` and ``Cancel-After`` headers, the model or version, the input
+(``parse_request``, 422 ``invalid_fields``), the webhook, then the input images (fetched in a
+thread); only then is the job submitted. ``Prefer: wait`` holds the answer until the prediction is
+over or the time is up, counted from the start of the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from atelier.api.replicate import protocol as wire
+from atelier.api.replicate.files import FilesAPI
+from atelier.api.replicate.headers import parse_cancel_after, parse_prefer
+from atelier.api.replicate.models import HIDDEN, ModelIndex, ServedModel
+from atelier.api.replicate.render import download_url, render, stream_token
+from atelier.api.replicate.stream import events
+from atelier.api.replicate.webhooks import WebhookSender
+from atelier.errors import FieldProblem, InputError, NotFound
+from atelier.jobs.records import Prediction, utc_now
+from atelier.jobs.store import encode_cursor
+from atelier.request import parse_request
+from atelier.services import Services
+
+PAGE_SIZE = 100  # Replicate's page size for GET /v1/predictions
+SHUTDOWN_FLUSH_SECONDS = 5.0
+SOURCE = "replicate"
+
+Body = TypeVar("Body", bound=BaseModel)
+Caller = Callable[[], str | None]
+
+
+@dataclass(frozen=True)
+class Created:
+    prediction: wire.Prediction
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class ReplicateDoor:
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.models = ModelIndex(services.router)
+        self.files = FilesAPI(services.files)
+        settings = services.settings
+        fallback = (settings.public_url or f"http://{settings.host}:{settings.port}").rstrip("/")
+        self.webhooks = WebhookSender(
+            services.store, services.files.webhook_secret, self._webhook_body, fallback_base=fallback
+        )
+        self.page_size = PAGE_SIZE
+
+    async def start(self) -> None:
+        self.services.runner.listeners.append(self.webhooks.on_event)
+        self.webhooks.start()
+
+    async def stop(self) -> None:
+        await self.services.runner.stop()
+        await self.webhooks.flush(SHUTDOWN_FLUSH_SECONDS)
+        await self.webhooks.stop()
+        self.services.runner.listeners.remove(self.webhooks.on_event)
+
+    # -- predictions -----------------------------------------------------------------------------------
+
+    async def create(
+        self, data: Any, *, address: str | None, owner: str | None, base: str, prefer: str | None,
+        cancel_after: str | None,
+    ) -> Created:  # fmt: skip
+        """``address`` is ``owner/name`` for the models route, None for ``POST /v1/predictions``."""
+        began = time.monotonic()
+        body = parse_body(wire.ModelPredictionRequest if address else wire.PredictionRequest, data)
+        wait = parse_prefer(prefer)
+        lifetime = parse_cancel_after(cancel_after)
+        model, version = self._target(body, address)
+        request = parse_request(body.input, prefix="input.")
+        webhook, webhook_events = webhook_target(body)
+        images = await asyncio.to_thread(self.services.load_inputs, request, owner)
+        prediction = await self.services.runner.submit(
+            request, model=model.address, source=SOURCE, owner=owner, images=images, webhook=webhook,
+            webhook_events_filter=webhook_events, version=None if version == HIDDEN else version,
+            deadline=utc_now() + timedelta(seconds=lifetime) if lifetime is not None else None,
+        )  # fmt: skip
+        if webhook is not None:
+            self.webhooks.remember(prediction.id, base)
+        if wait is None:
+            return Created(self.render(prediction, base))
+        remaining = max(0.0, wait.seconds - (time.monotonic() - began))
+        finished = await self.services.runner.wait(prediction.id, remaining)
+        return Created(self.render(finished, base, held=True), {"Preference-Applied": wait.applied})
+
+    async def get(self, prediction_id: str, owner: str | None, base: str) -> wire.Prediction:
+        return self.render(await self.services.runner.get(prediction_id, owner=owner), base)
+
+    async def cancel(self, prediction_id: str, owner: str | None, base: str) -> wire.Prediction:
+        return self.render(await self.services.runner.cancel(prediction_id, owner=owner), base)
+
+    async def page(self, owner: str | None, cursor: str | None, base: str) -> wire.PredictionPage:
+        page, next_cursor = await self.services.runner.list(owner=owner, cursor=cursor, limit=self.page_size)
+        return wire.PredictionPage(
+            next=f"{base}/v1/predictions?cursor={next_cursor}" if next_cursor else None,
+            previous=self._previous(owner, page, base) if cursor else None,
+            results=[self.render(p, base) for p in page],
+        )
+
+    def _previous(self, owner: str | None, page: list[Prediction], base: str) -> str | None:
+        """The page just newer than this one: the first page, or one that starts ``page_size`` items up."""
+        if not page:
+            return None
+        newer = self.services.store.newer_predictions(owner, encode_cursor(page[0]), self.page_size + 1)
+        if not newer:
+            return None
+        if len(newer) <= self.page_size:
+            return f"{base}/v1/predictions"
+        return f"{base}/v1/predictions?cursor={encode_cursor(newer[self.page_size])}"
+
+    async def stream(self, prediction_id: str, sig: str | None, caller: Caller, base: str) -> AsyncIterator[str]:
+        """SSE text for ``urls.stream``; access by the URL's signature or the caller's token."""
+        runner = self.services.runner
+        owner = self._stream_owner(prediction_id, sig) if sig else caller()
+        await runner.get(prediction_id, owner=owner)  # NotFound for anyone else's
+        # No await between subscribing and the snapshot: nothing is missed, nothing repeated.
+        subscription = runner.subscribe(prediction_id)
+        snapshot = await runner.get(prediction_id, owner=owner)  # never suspends: a plain read
+        files = self.services.files
+        return events(snapshot, subscription, lambda ids: [download_url(base, files, i) for i in ids])
+
+    def _stream_owner(self, prediction_id: str, sig: str) -> str | None:
+        record = self.services.store.get_prediction(prediction_id)
+        if record is None or not self.services.files.verify(stream_token(prediction_id), sig):
+            raise NotFound(f"prediction {prediction_id[:64]!r} was not found (or the stream URL's signature is wrong)")
+        return record.owner
+
+    def render(self, prediction: Prediction, base: str, *, held: bool = False) -> wire.Prediction:
+        return render(prediction, base, self.services.files, held=held)
+
+    def _webhook_body(self, prediction: Prediction, base: str) -> dict[str, Any]:
+        return self.render(prediction, base).model_dump(mode="json")
+
+    def _target(self, body: wire.ModelPredictionRequest, address: str | None) -> tuple[ServedModel, str]:
+        if isinstance(body, wire.PredictionRequest):
+            return self.models.by_version(body.version)
+        assert address is not None
+        return self.models.by_address(address), HIDDEN
+
+    # -- models ----------------------------------------------------------------------------------------
+
+    def model(self, owner: str, name: str, base: str) -> wire.Model:
+        return self.models.describe(self.models.by_address(f"{owner}/{name}"), base)
+
+    def version(self, owner: str, name: str, version_id: str) -> wire.ModelVersion:
+        model, _ = self.models.by_version(f"{owner}/{name}:{version_id}")
+        latest = self.models.describe(model, "").latest_version
+        assert latest is not None
+        return latest
+
+    def secret(self) -> wire.WebhookSecret:
+        return wire.WebhookSecret(key=self.services.files.webhook_secret())
+
+
+# -- request bodies ------------------------------------------------------------------------------------
+
+_KINDS = {
+    "missing": "required",
+    "extra_forbidden": "additional_property_not_allowed",
+    "literal_error": "enum",
+}
+
+
+def parse_body(model: type[Body], data: Any) -> Body:
+    """The body as ``model``, or one ``InputError`` in Replicate's ``invalid_fields`` vocabulary."""
+    if not isinstance(data, dict):
+        raise InputError(FieldProblem("body", f"must be a JSON object; got {type(data).__name__}", "type"))
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise InputError([_body_problem(model, err) for err in exc.errors()]) from None
+
+
+def _body_problem(model: type[BaseModel], err: Any) -> FieldProblem:
+    loc = [str(p) for p in err["loc"]]
+    name = loc[0] + "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc[1:]) if loc else "body"
+    kind = _KINDS.get(err["type"], "type" if err["type"].endswith("_type") else "invalid")
+    if kind == "required":
+        message = "is required" + ("; put the model's inputs in an object under 'input'" if name == "input" else "")
+    elif kind == "additional_property_not_allowed":
+        message = f"is not a field of this request; the fields are: {', '.join(model.model_fields)}"
+    elif kind == "enum":
+        message = f"got {err.get('input')!r}; allowed values are: {', '.join(wire.WEBHOOK_EVENTS)}"
+    else:
+        message = f"got {str(err.get('input'))[:60]!r}: {err['msg']}"
+    return FieldProblem(name, message, kind)
+
+
+def webhook_target(body: wire.ModelPredictionRequest) -> tuple[str | None, list[str] | None]:
+    """Where webhooks go and which events (None: all); folds the legacy ``webhook_completed`` in."""
+    webhook, legacy, chosen = body.webhook, body.webhook_completed, body.webhook_events_filter
+    if chosen is not None and webhook is None:
+        raise InputError(FieldProblem("webhook_events_filter", "needs a 'webhook' URL to send to", "invalid"))
+    if chosen is not None and not chosen:
+        events = ", ".join(wire.WEBHOOK_EVENTS)
+        raise InputError(
+            FieldProblem("webhook_events_filter", f"is empty; choose from {events} or leave it out for all", "invalid")
+        )
+    if webhook is not None and legacy is not None and legacy != webhook:
+        raise InputError(
+            FieldProblem(
+                "webhook_completed",
+                "differs from 'webhook'; give one URL in 'webhook' and choose events with 'webhook_events_filter'",
+                "invalid",
+            )
+        )
+    url = webhook or legacy
+    if url is None:
+        return None, None
+    _check_url(url, "webhook" if webhook else "webhook_completed")
+    if webhook is None:
+        return url, ["completed"]
+    if chosen is None:
+        return url, None
+    return url, list(dict.fromkeys([*chosen, *(["completed"] if legacy else [])]))
+
+
+def _check_url(url: str, name: str) -> None:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InputError(FieldProblem(name, f"got {url[:80]!r}; give an absolute http(s) URL", "format"))
