@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from atelier.config import Settings
 from atelier.engines.base import Engine
-from atelier.errors import ModelUnavailable
+from atelier.errors import AtelierError, ModelUnavailable
 from atelier.jobs.files import FileStore
 from atelier.jobs.routing import EngineRouter
 from atelier.jobs.runner import Runner
@@ -99,6 +99,8 @@ class Services:
         try:
             await self.router.ready(engine)
             log.info("model %s is ready", self.router.default)
+        except AtelierError as exc:  # expected (missing weights, offline): the message says what to do
+            log.error("could not set up %s: %s", self.router.default, exc.message)
         except Exception:
             log.exception("could not set up %s; requests for it will fail until it can", self.router.default)
 

@@ -87,7 +87,7 @@ def test_help_does_not_import_torch():
 def test_the_readme_python_example_runs_as_shown(tiny_flux2, tmp_path):
     import re
 
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    readme = (Path(__file__).parents[2] / "README.md").read_text().split("## Python API", 1)[1]
     code = re.search(r"```python\n(.+?)\n```", readme, flags=re.S).group(1)
     shown = re.search(r"```python\n.+?\n```\n\n```console\n(.+?)\n```", readme, flags=re.S).group(1)
     run = subprocess.run(
