@@ -12,6 +12,7 @@ them in their own shapes in exactly one place each; nothing else turns errors in
     ├── NotFound                      404 not_found
     │   └── ModelNotFound             404 model_not_found   a model this server does not serve
     ├── Conflict                      409 conflict          e.g. Cog: every slot busy
+    ├── PayloadTooLarge               413 payload_too_large the request body is over ATELIER_MAX_BODY_BYTES
     ├── TooManyRequests               429 rate_limited      carries retry_after seconds
     ├── ModelUnavailable              503 model_unavailable weights missing, offline, wrong folder
     ├── Canceled                      499 canceled          a job stopped on request
@@ -101,6 +102,13 @@ class ModelNotFound(NotFound):
 class Conflict(AtelierError):
     status = 409
     code = "conflict"
+
+
+class PayloadTooLarge(AtelierError):
+    """The request body is over the server's limit (``ATELIER_MAX_BODY_BYTES``); nothing past it was read."""
+
+    status = 413
+    code = "payload_too_large"
 
 
 class TooManyRequests(AtelierError):

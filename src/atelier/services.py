@@ -19,6 +19,7 @@ from atelier.config import Settings
 from atelier.engines.base import Engine
 from atelier.errors import AtelierError, ModelUnavailable
 from atelier.jobs.files import FileStore
+from atelier.jobs.retention import Retention
 from atelier.jobs.routing import EngineRouter
 from atelier.jobs.runner import Runner
 from atelier.jobs.store import Store
@@ -71,8 +72,10 @@ class Services:
     files: FileStore
     router: EngineRouter
     runner: Runner
+    retention: Retention | None = None  # None: ATELIER_RETENTION is off
     started: bool = False
     warmup: asyncio.Task[object] | None = field(default=None, repr=False)
+    sweeper: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @classmethod
     def build(
@@ -86,10 +89,18 @@ class Services:
         router = EngineRouter(engines, default or next(iter(engines)))
         services = cls(settings, store, files, router, runner=None)  # type: ignore[arg-type]
         services.runner = Runner(store, files, router, settings, load_images=services.load_inputs)
+        if settings.retention is not None:
+            services.retention = Retention(store, files, settings.retention)
         return services
 
     async def start(self, *, warm_up: bool = True) -> None:
+        self.store.open()
+        strays = await asyncio.to_thread(self.files.remove_strays)  # before anything writes a file
+        if strays:
+            log.warning("removed %d file(s) left behind by an interrupted write", strays)
         await self.runner.start()
+        if self.retention is not None:  # sweeps once now, then every retention_interval seconds
+            self.sweeper = asyncio.create_task(self.retention.run(self.settings.retention_interval))
         self.started = True
         if warm_up:  # load the default model now, not on the first request
             self.warmup = asyncio.create_task(self._warm_up())
@@ -107,6 +118,9 @@ class Services:
     async def stop(self) -> None:
         if self.warmup is not None:
             self.warmup.cancel()
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+            await asyncio.gather(self.sweeper, return_exceptions=True)
         await self.runner.stop()
         self.store.close()
         self.started = False
@@ -117,15 +131,25 @@ class Services:
         """Fetch and check a request's input images (blocking: call it in a thread).
 
         URLs of this server's own files (the Files API, or outputs) are read from disk when the caller
-        may see them; anything else goes through the one URL fetcher.
+        may see them; anything else goes through the one URL fetcher (``fetch_input``).
         """
-        from atelier.imaging.inputs import fetch_url, load_references
+        from functools import partial
 
-        def fetch(url: str) -> bytes:
-            own = self.own_file(url, owner)
-            return self.files.read(own) if own else fetch_url(url)
+        from atelier.imaging.inputs import load_references
 
+        fetch = partial(self.fetch_input, owner=owner)
         return load_references(list(request.input_images or []), allow_paths=False, fetch=fetch)
+
+    def fetch_input(self, url: str, owner: str | None, *, max_bytes: int | None = None) -> bytes:
+        """The bytes at an input image URL: one of this server's files the caller may read, from disk;
+        anything else fetched with the operator's policy (``ATELIER_FETCH_ALLOW``...; public addresses only)."""
+        from atelier.fetch import FetchPolicy
+        from atelier.imaging.inputs import fetch_url
+
+        own = self.own_file(url, owner)
+        if own:
+            return self.files.read(own)
+        return fetch_url(url, policy=FetchPolicy.from_settings(self.settings), max_bytes=max_bytes)
 
     def own_file(self, url: str, owner: str | None) -> str | None:
         """The id of the file ``url`` names on this server, if the caller may read it."""

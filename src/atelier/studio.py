@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -96,9 +97,11 @@ class Atelier:
         self, request: ImageRequest, *, seed: int | None = None, allow_paths: bool = False, previews: int = 0
     ) -> Job:
         """Load and check everything a job needs; raises before any model time is spent."""
-        from atelier.imaging.inputs import load_references
+        from atelier.fetch import FetchPolicy
+        from atelier.imaging.inputs import fetch_url, load_references
 
-        images = load_references(request.input_images or [], allow_paths=allow_paths)
+        fetch = partial(fetch_url, policy=FetchPolicy.from_settings(self.settings))
+        images = load_references(request.input_images or [], allow_paths=allow_paths, fetch=fetch)
         job = Job(
             id=new_id(),
             request=request,

@@ -9,6 +9,7 @@ import threading
 import urllib.parse
 import zlib
 from collections.abc import Iterator
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
@@ -18,6 +19,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from atelier.errors import InputError
+from atelier.fetch import FetchPolicy
 from atelier.imaging.inputs import fetch_url, load_image, load_references, parse_data_uri, read_reference
 
 
@@ -256,6 +258,8 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
 # ---- http ----------------------------------------------------------------------------------------
 
 PNG = encoded("PNG")
+LOCAL = FetchPolicy(allow_private=True)  # these servers listen on 127.0.0.1, which is refused by default
+LOCAL_FETCH = partial(fetch_url, policy=LOCAL)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -294,6 +298,7 @@ class Handler(BaseHTTPRequestHandler):
         chunk = b"\0" * 65536
         self.sent["endless"] = 0
         try:
+            self.wfile.write(PNG[:16])  # looks like a PNG, so only the size cap stops it
             while self.sent["endless"] < 256 * 1024 * 1024:
                 self.wfile.write(chunk)
                 self.sent["endless"] += len(chunk)
@@ -316,37 +321,37 @@ def server() -> Iterator[str]:
 
 
 def test_http_url_is_fetched(server: str) -> None:
-    [image] = load_references([f"{server}/img.png"], allow_paths=False)
+    [image] = load_references([f"{server}/img.png"], allow_paths=False, fetch=LOCAL_FETCH)
     assert image.size == (40, 30)
 
 
 def test_up_to_five_redirects_are_followed(server: str) -> None:
-    assert fetch_url(f"{server}/redirect/4", timeout=5) == PNG
+    assert fetch_url(f"{server}/redirect/4", policy=LOCAL, timeout=5) == PNG
     with pytest.raises(InputError, match="redirected more than 5 times") as excinfo:
-        read_reference(f"{server}/redirect/5", field="input_images[1]", allow_paths=False)
+        read_reference(f"{server}/redirect/5", field="input_images[1]", allow_paths=False, fetch=LOCAL_FETCH)
     assert excinfo.value.problems[0].field == "input_images[1]"
 
 
 def test_http_errors_name_the_field_and_the_status(server: str) -> None:
     with pytest.raises(InputError) as excinfo:
-        read_reference(f"{server}/missing.png", field="input_images[0]", allow_paths=False)
+        read_reference(f"{server}/missing.png", field="input_images[0]", allow_paths=False, fetch=LOCAL_FETCH)
     assert refusal(excinfo) == "input_images[0]: could not be fetched: the server answered 404"
     assert excinfo.value.problems[0].received == f"{server}/missing.png"
 
 
 def test_unreachable_server_is_an_input_error() -> None:
     with pytest.raises(InputError, match="could not be fetched"):
-        fetch_url("http://127.0.0.1:9/x.png", timeout=2)
+        fetch_url("http://127.0.0.1:9/x.png", policy=LOCAL, timeout=2)
 
 
 def test_declared_size_over_the_cap_is_refused_before_reading(server: str) -> None:
     with pytest.raises(InputError, match=r"is 953\.7 MiB; the limit is 1\.0 MiB"):
-        fetch_url(f"{server}/declared-huge", max_bytes=1024 * 1024, timeout=5)
+        fetch_url(f"{server}/declared-huge", policy=LOCAL, max_bytes=1024 * 1024, timeout=5)
 
 
 def test_size_cap_is_enforced_while_streaming(server: str) -> None:
     with pytest.raises(InputError, match=r"larger than 1\.0 MiB"):
-        fetch_url(f"{server}/endless", max_bytes=1024 * 1024, timeout=10)
+        fetch_url(f"{server}/endless", policy=LOCAL, max_bytes=1024 * 1024, timeout=10)
     assert Handler.sent["endless"] < 64 * 1024 * 1024  # the client hung up long before the end
 
 

@@ -7,8 +7,9 @@ before any pixel is decoded: the byte count, then width x height from the header
 claim 20000x20000 and would take 1.6 GB to decode). Every problem is an ``InputError`` naming the
 field, what was received and what is allowed.
 
-All URL fetching lives in ``fetch_url`` so that SSRF hardening (private address ranges, DNS
-rebinding) can be added in exactly one place.
+Every URL is fetched by ``fetch_url``, that is by ``atelier.fetch`` (public addresses only, checked on
+the connection itself and on every redirect; size cap and deadline while streaming) with this module's
+sniffer looking at the first bytes, so a download that is not an image stops there.
 """
 
 from __future__ import annotations
@@ -16,24 +17,22 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import time
 import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import IO
 
-import httpx
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 
 from atelier.errors import FieldProblem, InputError
+from atelier.fetch import MAX_BYTES, FetchPolicy
+from atelier.fetch import fetch as guarded_fetch
 
 MAX_PIXELS = 40_000_000
-MAX_BYTES = 50 * 1024 * 1024
-FETCH_TIMEOUT = 30.0
-MAX_REDIRECTS = 5
 ALLOWED = "allowed formats are png, jpeg, webp"
 
 Fetch = Callable[[str], bytes]
@@ -67,10 +66,7 @@ def load_image(data: bytes, *, field: str, max_pixels: int = MAX_PIXELS, max_byt
         raise _problem(field, "is empty; expected a png, jpeg or webp image", "format", 0)
     if len(data) > max_bytes:
         raise _problem(field, f"is {_mb(len(data))}; the limit is {_mb(max_bytes)}", "too_large", len(data))
-    fmt = sniff(data)
-    if fmt not in _OPENERS:
-        what = f"is a {fmt} image" if fmt else f"is not an image (it starts with {data[:12]!r})"
-        raise _problem(field, f"{what}; {ALLOWED}", "format", fmt)
+    fmt = _check_format(data, field)
     _check_pixels(_webp_size(data) if fmt == "WEBP" else None, field, max_pixels)
     try:
         # The plugin class reads the header only and, unlike Image.open, applies no process-wide
@@ -83,6 +79,15 @@ def load_image(data: bytes, *, field: str, max_pixels: int = MAX_PIXELS, max_byt
     with image:
         _check_pixels(image.size, field, max_pixels)
         return _decode(image, field, fmt)
+
+
+def _check_format(data: bytes, field: str) -> str:
+    """The sniffed format when it is one we decode, else the ``InputError`` that says what it is."""
+    fmt = sniff(data)
+    if fmt not in _OPENERS:
+        what = f"is a {fmt} image" if fmt else f"is not an image (it starts with {data[:12]!r})"
+        raise _problem(field, f"{what}; {ALLOWED}", "format", fmt)
+    return fmt
 
 
 def _check_pixels(size: tuple[int, int] | None, field: str, max_pixels: int) -> None:
@@ -145,42 +150,20 @@ def parse_data_uri(uri: str, *, field: str, max_bytes: int = MAX_BYTES) -> bytes
         raise _problem(field, "is a data: URI whose base64 data is invalid", "format") from None
 
 
-def fetch_url(url: str, *, max_bytes: int = MAX_BYTES, timeout: float = FETCH_TIMEOUT) -> bytes:
-    """GET ``url`` with at most 5 redirects, refusing bodies over ``max_bytes`` while they stream in.
+def fetch_url(
+    url: str, *, policy: FetchPolicy | None = None, max_bytes: int | None = None, timeout: float | None = None
+) -> bytes:
+    """GET an input image's URL as ``policy`` allows (default: public addresses only, 5 redirects, 30 s).
 
-    Raises ``InputError`` (field ``url``; callers re-label it). ``timeout`` bounds the whole download,
-    not only each read, so a server trickling bytes cannot hold a worker.
+    ``max_bytes`` and ``timeout`` override the policy's. The download stops as soon as its first bytes
+    show it is not a png, jpeg or webp image. Raises ``InputError`` on field ``url`` (callers re-label it).
     """
-    deadline = time.monotonic() + timeout
-    headers = {"User-Agent": "atelier", "Accept": "image/png, image/jpeg, image/webp"}
-    try:
-        with (
-            httpx.Client(follow_redirects=True, max_redirects=MAX_REDIRECTS, timeout=timeout) as client,
-            client.stream("GET", url, headers=headers) as response,
-        ):
-            if response.status_code != 200:
-                raise _problem("url", f"could not be fetched: the server answered {response.status_code}", "fetch")
-            return _read_capped(response, max_bytes, deadline)
-    except httpx.TooManyRedirects:
-        raise _problem("url", f"redirected more than {MAX_REDIRECTS} times", "fetch") from None
-    except httpx.TimeoutException:
-        raise _problem("url", f"could not be fetched within {timeout:g} s", "fetch") from None
-    except httpx.HTTPError as exc:
-        raise _problem("url", f"could not be fetched ({type(exc).__name__}: {exc})", "fetch") from None
-
-
-def _read_capped(response: httpx.Response, max_bytes: int, deadline: float) -> bytes:
-    declared = response.headers.get("Content-Length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
-        raise _problem("url", f"is {_mb(int(declared))}; the limit is {_mb(max_bytes)}", "too_large")
-    body = bytearray()
-    for chunk in response.iter_bytes():
-        body += chunk
-        if len(body) > max_bytes:
-            raise _problem("url", f"is larger than {_mb(max_bytes)}; that is the limit", "too_large")
-        if time.monotonic() > deadline:
-            raise httpx.ReadTimeout("download deadline passed")
-    return bytes(body)
+    policy = policy or FetchPolicy()
+    if max_bytes is not None:
+        policy = replace(policy, max_bytes=max_bytes)
+    if timeout is not None:
+        policy = replace(policy, timeout=timeout)
+    return guarded_fetch(url, policy, check_head=partial(_check_format, field="url"))
 
 
 def read_reference(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import Request
@@ -271,11 +272,9 @@ def _upload_name(filename: str | None, fallback: str) -> str:
 
 
 def load_mask_reference(services: Services, url: str, owner: str | None, first: Image.Image) -> Image.Image:
-    own = services.own_file(url, owner)
-    if own is not None:
-        data = services.files.read(own)
-    else:
-        data = read_reference(url, field="mask", allow_paths=False, max_bytes=MAX_MASK_BYTES)
+    """A mask by URL: the caller's own file, or fetched like every input image (``Services.fetch_input``)."""
+    fetch = partial(services.fetch_input, owner=owner, max_bytes=MAX_MASK_BYTES)
+    data = read_reference(url, field="mask", allow_paths=False, fetch=fetch, max_bytes=MAX_MASK_BYTES)
     return load_mask(data, first)
 
 
