@@ -4,12 +4,16 @@ An engine is set up once (``setup``) and then turns one typed ``Job`` into finis
 (``generate``). It reports progress through a callback and stops when the job's ``CancelToken`` is
 set. What it can do is declared up front in ``Capabilities`` and checked before any model time is
 spent (``check``), so a request an engine cannot honour is refused, never silently degraded.
+
+Batching is an optional capability (``BatchingEngine``): an engine that can run several queued jobs
+in one model call says how a job may share a call (``batch_plan``) and runs them (``generate_many``).
+Engines without it run one job at a time.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -179,3 +183,65 @@ class Engine(Protocol):
     def generate(self, job: Job, *, progress: ProgressFn, cancel: CancelToken) -> Result:
         """Blocking: run the job and return encoded images. Called off the event loop."""
         ...
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How a job may share one model call: with jobs of the same engine and an equal ``key``, as long as
+    their images add up to at most ``budget`` (the engine's images per call for that key)."""
+
+    key: Hashable
+    images: int
+    budget: int
+
+
+class PartialBatch(Exception):  # not an AtelierError: it carries per-job outcomes, never reaches a door
+    """``generate_many`` raises this when some jobs failed on their own (e.g. an output blocked by
+    moderation) and the others finished: one job's failure never fails another caller's job."""
+
+    def __init__(self, results: Mapping[str, Result], errors: Mapping[str, Exception]) -> None:
+        super().__init__(f"{len(errors)} of {len(results) + len(errors)} jobs failed")
+        self.results = dict(results)  # by job id
+        self.errors = dict(errors)
+
+
+@runtime_checkable
+class BatchingEngine(Engine, Protocol):
+    """An engine that can run compatible jobs in one model call (optional; see the module docstring)."""
+
+    def batch_plan(self, job: Job) -> BatchPlan | None:
+        """How ``job`` may share a call; None when it must run alone. Cheap, no model time."""
+        ...
+
+    def generate_many(
+        self, jobs: Sequence[Job], *, progress_for: Mapping[str, ProgressFn], cancel_for: Mapping[str, CancelToken]
+    ) -> list[Result]:
+        """Blocking: run jobs whose plans share a key (images within the budget) in one call; one
+        ``Result`` per job, in order. Progress goes to each job's own callback (by job id). One call
+        cannot drop a member midway: it stops (``Canceled``) only once every job's token is set, and
+        leaves a job canceled alone to the caller, which discards its images. Raises ``PartialBatch``
+        when only some jobs failed."""
+        ...
+
+
+def batching(engine: Engine) -> BatchingEngine | None:
+    """``engine`` if it can batch, else None."""
+    return engine if isinstance(engine, BatchingEngine) else None
+
+
+def generate_together(
+    engine: Engine,
+    jobs: Sequence[Job],
+    *,
+    progress_for: Mapping[str, ProgressFn],
+    cancel_for: Mapping[str, CancelToken],
+) -> list[Result]:
+    """Blocking: ``jobs`` in one engine call, one ``Result`` each: ``generate`` for a lone job,
+    ``generate_many`` (a ``BatchingEngine``) for several."""
+    if len(jobs) == 1:
+        job = jobs[0]
+        return [engine.generate(job, progress=progress_for[job.id], cancel=cancel_for[job.id])]
+    many = batching(engine)
+    if many is None:
+        raise TypeError(f"engine {engine.name!r} cannot run {len(jobs)} jobs in one call (it has no generate_many)")
+    return many.generate_many(jobs, progress_for=progress_for, cancel_for=cancel_for)

@@ -7,6 +7,11 @@ the job (image *i* uses ``seed + i``, so any image can be reproduced alone), rep
 checks cancellation from ``callback_on_step_end``. A diffusers pipeline keeps per-call state (its
 scheduler's timesteps, ``_guidance_scale``...), so calls on one pipeline are serialized by a lock;
 throughput comes from batching images into one call, not from concurrent calls on one device.
+
+Batching across requests (``batch_plan``, ``generate_many``): text-to-image jobs with the same pipeline,
+render size, steps and guidance share one call, the prompts as a list (one per image) with one
+generator per image (``job.seed + i``), up to the images per call that ``max_batch_pixels`` allows.
+Background, upscaling, moderation of outputs and encoding stay per job, after the call.
 """
 
 from __future__ import annotations
@@ -15,15 +20,18 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from atelier.engines.base import (
+    BatchPlan,
     CancelToken,
     Capabilities,
     Job,
     OutputImage,
+    PartialBatch,
     ProgressEvent,
     ProgressFn,
     Result,
@@ -159,12 +167,15 @@ class DiffusersEngine:
             first_seed = job.seed + len(images)
             with self._locks[plan.variant.pipeline]:
                 images += self._call(pipe, plan, job, count, first_seed, progress, cancel, index, steps_total)
-        rendered = time.perf_counter()
+        return self._result(job, plan, images, render_seconds=time.perf_counter() - started)
+
+    def _result(self, job: Job, plan: RenderPlan, images: list[Image.Image], *, render_seconds: float) -> Result:
+        """Finish (matting, upscaling), check and encode one job's rendered images."""
+        began = time.perf_counter()
         images = [self._finish(image, plan) for image in images]
         request = job.request
         self._policy.check_images(images, request.moderation, field="output")
         data = encode.encode_many(images, request.output_format, request.output_compression, background=plan.background)
-        finished = time.perf_counter()
         return Result(
             images=[
                 OutputImage(d, request.output_format, plan.size.width, plan.size.height, seed=job.seed + i)
@@ -179,7 +190,7 @@ class DiffusersEngine:
             upscaled=plan.size.upscaled,
             background=plan.background,
             quality=named_quality(self.spec, request.quality),
-            timings={"render": rendered - started, "encode": finished - rendered},
+            timings={"render": render_seconds, "encode": time.perf_counter() - began},
         )
 
     def _call(
@@ -194,8 +205,6 @@ class DiffusersEngine:
         batch_index: int,
         steps_total: int,
     ) -> list[Image.Image]:
-        import torch
-
         steps = plan.quality.steps
         done_before = batch_index * steps
         preview_steps = preview_schedule(steps, job.previews) if batch_index == 0 else set()
@@ -208,31 +217,109 @@ class DiffusersEngine:
             progress(ProgressEvent(done_before + step + 1, steps_total, preview))
             return tensors
 
+        kwargs = self._call_kwargs(plan, [first_seed + i for i in range(count)], on_step_end)
+        kwargs.update(prompt=plan.prompt, num_images_per_prompt=count)
+        if job.images:
+            kwargs["image"] = [image.convert("RGB") for image in job.images]
+        progress(ProgressEvent(done_before, steps_total, message=f"rendering {count} at {plan.size.rendered}"))
+        return run_pipeline(pipe, plan, kwargs, cancel.raise_if_cancelled)
+
+    def _call_kwargs(self, plan: RenderPlan, seeds: list[int], on_step_end: Callable[..., Any]) -> dict[str, Any]:
+        """What every call passes: size, steps, guidance, the step callback, one generator per image."""
+        import torch
+
         generator_device = "cpu" if self.device == "mps" else self.device
         kwargs: dict[str, Any] = dict(self.spec.call_defaults)
         kwargs.update(
-            prompt=plan.prompt,
             height=plan.size.render_height,
             width=plan.size.render_width,
-            num_inference_steps=steps,
-            num_images_per_prompt=count,
-            generator=[torch.Generator(generator_device).manual_seed(first_seed + i) for i in range(count)],
+            num_inference_steps=plan.quality.steps,
+            generator=[torch.Generator(generator_device).manual_seed(seed) for seed in seeds],
             callback_on_step_end=on_step_end,
             callback_on_step_end_tensor_inputs=["latents"],
             output_type="pil",
         )
         if plan.quality.guidance is not None:
             kwargs[GUIDANCE_KWARG.get(plan.variant.pipeline, "guidance_scale")] = plan.quality.guidance
-        if job.images:
-            kwargs["image"] = [image.convert("RGB") for image in job.images]
-        progress(ProgressEvent(done_before, steps_total, message=f"rendering {count} at {plan.size.rendered}"))
-        try:
-            with torch.inference_mode():
-                output = pipe(**kwargs)
-        except (RuntimeError, ValueError) as exc:
-            cancel.raise_if_cancelled()
-            raise EngineError(f"{plan.variant.pipeline} failed: {exc}") from exc
-        return list(output.images)
+        return kwargs
+
+    # -- batching across requests -----------------------------------------------------------------------
+
+    def batch_plan(self, job: Job) -> BatchPlan | None:
+        """Text-to-image jobs may share a call (see the module docstring); edits and previews run alone."""
+        if job.images or job.mask is not None or job.previews:
+            return None
+        plan = self.check(job)
+        pixels = plan.size.render_width * plan.size.render_height
+        return BatchPlan(batch_key(plan), job.request.number_of_images, self._images_per_call(pixels))
+
+    def generate_many(
+        self, jobs: Sequence[Job], *, progress_for: Mapping[str, ProgressFn], cancel_for: Mapping[str, CancelToken]
+    ) -> list[Result]:
+        """Several jobs in one pipeline call; it stops only when every job is canceled (see ``BatchingEngine``)."""
+        plans = [self.check(job) for job in jobs]
+        if len({batch_key(plan) for plan in plans}) > 1 or any(job.images or job.previews for job in jobs):
+            raise ValueError("generate_many takes jobs that batch_plan gives one key; run the others alone")
+        tokens = [cancel_for[job.id] for job in jobs]
+
+        def raise_if_all_cancelled() -> None:
+            if all(token.cancelled for token in tokens):
+                tokens[0].raise_if_cancelled()
+
+        raise_if_all_cancelled()
+        pipe = self._pipeline(plans[0].variant)
+        started = time.perf_counter()
+        with self._locks[plans[0].variant.pipeline]:
+            images = self._call_many(pipe, plans, jobs, [progress_for[job.id] for job in jobs], raise_if_all_cancelled)
+        return self._results(jobs, plans, images, tokens, time.perf_counter() - started)
+
+    def _call_many(
+        self,
+        pipe: Any,
+        plans: list[RenderPlan],
+        jobs: Sequence[Job],
+        reporters: list[ProgressFn],
+        cancel: Callable[[], None],
+    ) -> list[Image.Image]:
+        plan, steps = plans[0], plans[0].quality.steps
+        counts = [job.request.number_of_images for job in jobs]
+
+        def on_step_end(pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            cancel()
+            for report in reporters:
+                report(ProgressEvent(step + 1, steps))
+            return tensors
+
+        seeds = [job.seed + i for job, count in zip(jobs, counts, strict=True) for i in range(count)]
+        kwargs = self._call_kwargs(plan, seeds, on_step_end)
+        prompts = [p.prompt for p, count in zip(plans, counts, strict=True) for _ in range(count)]
+        kwargs.update(prompt=prompts, num_images_per_prompt=1)  # a str negative_prompt applies to all
+        others = f"with {len(jobs) - 1} other prediction{'s' if len(jobs) > 2 else ''} in one call"
+        for report, count in zip(reporters, counts, strict=True):
+            report(ProgressEvent(0, steps, message=f"rendering {count} at {plan.size.rendered} {others}"))
+        return run_pipeline(pipe, plan, kwargs, cancel)
+
+    def _results(
+        self,
+        jobs: Sequence[Job],
+        plans: list[RenderPlan],
+        images: list[Image.Image],
+        tokens: list[CancelToken],
+        seconds: float,
+    ) -> list[Result]:
+        """Each job's share of the images, finished on its own: one job's failure is not the others'."""
+        results: dict[str, Result] = {}
+        errors: dict[str, Exception] = {}
+        for job, plan, token in zip(jobs, plans, tokens, strict=True):
+            mine, images = images[: job.request.number_of_images], images[job.request.number_of_images :]
+            try:
+                token.raise_if_cancelled()  # canceled during the call: its images are discarded
+                results[job.id] = self._result(job, plan, mine, render_seconds=seconds)
+            except Exception as exc:  # e.g. its output blocked by moderation
+                errors[job.id] = exc
+        if errors:
+            raise PartialBatch(results, errors)
+        return [results[job.id] for job in jobs]
 
     def _finish(self, image: Image.Image, plan: RenderPlan) -> Image.Image:
         if plan.background == "transparent":
@@ -240,6 +327,25 @@ class DiffusersEngine:
         if plan.size.upscaled:
             image = resize.fit_exact(image, plan.size.width, plan.size.height)
         return image
+
+
+def batch_key(plan: RenderPlan) -> tuple[Any, ...]:
+    """What a shared pipeline call fixes: the pipeline, the render size, the steps and the guidance."""
+    size, quality = plan.size, plan.quality
+    return (plan.variant.pipeline, size.render_width, size.render_height, quality.steps, quality.guidance)
+
+
+def run_pipeline(pipe: Any, plan: RenderPlan, kwargs: dict[str, Any], raise_if_cancelled: Callable[[], None]) -> Any:
+    """The images of one pipeline call; a cancel surfacing as the pipeline's own error is a cancel."""
+    import torch
+
+    try:
+        with torch.inference_mode():
+            output = pipe(**kwargs)
+    except (RuntimeError, ValueError) as exc:
+        raise_if_cancelled()
+        raise EngineError(f"{plan.variant.pipeline} failed: {exc}") from exc
+    return list(output.images)
 
 
 def resolve_background(background: str, prompt: str, output_format: str) -> str:

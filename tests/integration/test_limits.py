@@ -1,0 +1,229 @@
+"""Fairness and limits with a scriptable fake engine: fair turns, rate limits, caps on live jobs, and a
+429 with ``Retry-After`` through the HTTP doors."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from atelier.app import create_app
+from atelier.config import Settings
+from atelier.engines.base import Capabilities
+from atelier.errors import TooManyRequests, UnsupportedRequest
+from atelier.jobs.files import FileStore
+from atelier.jobs.limits import Limits
+from atelier.jobs.routing import EngineRouter
+from atelier.jobs.runner import Runner
+from atelier.jobs.store import Store
+from atelier.request import ImageRequest, parse_request
+from fakes import FakeEngine
+
+TOKEN_A, TOKEN_B = "token-a-0123456789", "token-b-0123456789"
+
+
+def request(**fields: Any) -> ImageRequest:
+    return parse_request({"prompt": "a red square", **fields})
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Harness:
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.runners: list[Runner] = []
+        self.gates: list[Any] = []
+
+    async def runner(self, engine: FakeEngine, **overrides: Any) -> Runner:
+        settings = Settings(data_dir=self.tmp_path, **{"max_concurrency": 1, "max_queue": 32, **overrides})
+        store = Store(settings.database_path)
+        router = EngineRouter({engine.model: engine}, engine.model)
+        runner = Runner(store, FileStore(settings.files_dir, store), router, settings, stop_timeout=1.0)
+        self.runners.append(runner)
+        await runner.start()
+        return runner
+
+    def block(self, engine: FakeEngine) -> Any:
+        gate = engine.block()
+        self.gates.append(gate)
+        return gate
+
+    def rows(self) -> int:
+        with sqlite3.connect(self.tmp_path / "atelier.db") as db:
+            return db.execute("select count(*) from predictions").fetchone()[0]
+
+
+@pytest.fixture
+async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
+    h = Harness(tmp_path)
+    yield h
+    for gate in h.gates:
+        gate.set()
+    for runner in h.runners:
+        await runner.stop(timeout=1.0)
+        runner.store.close()
+
+
+async def started(engine: FakeEngine) -> None:
+    assert await asyncio.to_thread(engine.started.wait, 2.0), "the engine never started"
+    engine.started.clear()
+
+
+async def test_one_tokens_burst_does_not_starve_another(harness: Harness) -> None:
+    engine = FakeEngine()
+    gate = harness.block(engine)
+    runner = await harness.runner(engine)
+    burst = [await runner.submit(request(), source="replicate", owner="a") for _ in range(10)]
+    await started(engine)  # the burst's first job is running; nine wait
+    other = await runner.submit(request(), source="replicate", owner="b")
+    gate.set()
+    for p in [*burst, other]:
+        assert (await runner.wait(p.id, timeout=3)).status == "succeeded"
+    ran = [job.id for job in engine.jobs]
+    assert ran[1] == other.id  # second, not eleventh
+    assert [id for id in ran if id != other.id] == [p.id for p in burst]  # FIFO within a caller
+
+
+async def test_users_of_one_token_take_turns(harness: Harness) -> None:
+    engine = FakeEngine()
+    gate = harness.block(engine)
+    runner = await harness.runner(engine)
+    first = await runner.submit(request(user_id="alice"), source="openai", owner="app")
+    await started(engine)
+    alice = [await runner.submit(request(user_id="alice"), source="openai", owner="app") for _ in range(4)]
+    bob = await runner.submit(request(user_id="bob"), source="openai", owner="app")
+    gate.set()
+    for p in [first, *alice, bob]:
+        assert (await runner.wait(p.id, timeout=3)).status == "succeeded"
+    assert [job.id for job in engine.jobs][1] == bob.id
+
+
+async def test_limits_are_off_by_default(harness: Harness) -> None:
+    settings = Settings(data_dir=harness.tmp_path)
+    assert (settings.rate_limit_per_token, settings.rate_limit_per_user) == (None, None)
+    assert (settings.max_jobs_per_token, settings.max_jobs_per_user) == (None, None)
+    engine = FakeEngine()
+    harness.block(engine)
+    runner = await harness.runner(engine)
+    accepted = [await runner.submit(request(user_id="u"), source="replicate", owner="a") for _ in range(20)]
+    assert len(accepted) == 20 and harness.rows() == 20
+
+
+async def test_rate_limit_per_token_is_a_429_that_stores_nothing(harness: Harness) -> None:
+    runner = await harness.runner(
+        FakeEngine(model="text-only", capabilities=Capabilities()), rate_limit_per_token="2/min"
+    )
+    clock = Clock()
+    runner.limits = Limits.from_settings(runner.settings, clock=clock)
+    with pytest.raises(UnsupportedRequest):  # refused for another reason: spends nothing
+        await runner.submit(request(input_images=["https://example.com/a.png"]), source="replicate", owner="a")
+    for _ in range(2):
+        await runner.submit(request(), source="replicate", owner="a")
+    with pytest.raises(TooManyRequests, match="2 per minute") as info:
+        await runner.submit(request(), source="replicate", owner="a")
+    assert info.value.retry_after == 30  # one prediction refills every 60/2 s
+    assert harness.rows() == 2
+    await runner.submit(request(), source="replicate", owner="b")  # another token has its own allowance
+    clock.now += 29
+    with pytest.raises(TooManyRequests) as info:
+        await runner.submit(request(), source="replicate", owner="a")
+    assert info.value.retry_after == 1
+    clock.now += 1
+    await runner.submit(request(), source="replicate", owner="a")
+    assert harness.rows() == 4
+
+
+async def test_rate_limit_per_user_counts_users_within_their_token(harness: Harness) -> None:
+    runner = await harness.runner(FakeEngine(), rate_limit_per_user="1/hour")
+    runner.limits = Limits.from_settings(runner.settings, clock=Clock())
+    await runner.submit(request(user_id="alice"), source="openai", owner="a")
+    with pytest.raises(TooManyRequests, match="user_id 'alice' may create 1 per hour") as info:
+        await runner.submit(request(user_id="alice"), source="openai", owner="a")
+    assert info.value.retry_after == 3600
+    await runner.submit(request(user_id="alice"), source="openai", owner="b")  # token b's alice
+    await runner.submit(request(user_id="bob"), source="openai", owner="a")
+    await runner.submit(request(), source="openai", owner="a")  # no user_id: token limits only
+    assert harness.rows() == 4
+
+
+async def test_concurrent_cap_per_user_frees_up_when_a_job_finishes(harness: Harness) -> None:
+    engine = FakeEngine()
+    gate = harness.block(engine)
+    runner = await harness.runner(engine, max_jobs_per_user=2)
+    running = await runner.submit(request(user_id="alice"), source="openai", owner="a")
+    await started(engine)
+    queued = await runner.submit(request(user_id="alice"), source="openai", owner="a")
+    with pytest.raises(TooManyRequests, match="queued or running") as info:
+        await runner.submit(request(user_id="alice"), source="openai", owner="a")
+    assert info.value.retry_after >= 1
+    assert harness.rows() == 2
+    await runner.submit(request(user_id="bob"), source="openai", owner="a")
+    await runner.submit(request(user_id="alice"), source="openai", owner="b")
+    await runner.cancel(queued.id, owner="a")  # a canceled job no longer counts
+    await runner.submit(request(user_id="alice"), source="openai", owner="a")
+    gate.set()
+    assert (await runner.wait(running.id, timeout=2)).status == "succeeded"
+
+
+async def test_concurrent_cap_per_token(harness: Harness) -> None:
+    engine = FakeEngine()
+    gate = harness.block(engine)
+    runner = await harness.runner(engine, max_jobs_per_token=1)
+    first = await runner.submit(request(), source="cog", owner="a")
+    with pytest.raises(TooManyRequests, match="this API token has 1 predictions"):
+        await runner.submit(request(user_id="someone-else"), source="cog", owner="a")
+    gate.set()
+    assert (await runner.wait(first.id, timeout=2)).status == "succeeded"
+    await runner.submit(request(), source="cog", owner="a")
+
+
+def test_a_bad_rate_setting_says_how_to_write_one(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="N/period"):
+        Settings(data_dir=tmp_path, rate_limit_per_token="60 per minute")
+    assert Settings(data_dir=tmp_path, rate_limit_per_user="").rate_limit_per_user is None
+
+
+@pytest.fixture
+async def app(tmp_path: Path) -> AsyncIterator[Any]:
+    settings = Settings(data_dir=tmp_path, api_tokens=[TOKEN_A, TOKEN_B], rate_limit_per_token="1/min")
+    app = create_app(settings, engines={"fake": FakeEngine()}, default="fake", warm_up=False)
+    async with app.router.lifespan_context(app):
+        yield app
+
+
+def client(app: Any, token: str) -> httpx.AsyncClient:
+    auth = {"Authorization": f"Bearer {token}"}
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://atelier.test", headers=auth)
+
+
+async def test_replicate_door_answers_429_with_retry_after_and_stores_nothing(app: Any) -> None:
+    body = {"input": {"prompt": "a red square"}}
+    async with client(app, TOKEN_A) as a, client(app, TOKEN_B) as b:
+        assert (await a.post("/v1/models/openai/gpt-image-2/predictions", json=body)).status_code == 201
+        refused = await a.post("/v1/models/openai/gpt-image-2/predictions", json=body)
+        assert refused.status_code == 429
+        assert refused.headers["Retry-After"] == "60"
+        assert refused.json()["detail"].startswith("Request was throttled. this API token may create 1 per minute")
+        assert (await b.post("/v1/models/openai/gpt-image-2/predictions", json=body)).status_code == 201
+        listed = (await a.get("/v1/predictions")).json()["results"]
+        assert len(listed) == 1
+
+
+async def test_openai_door_answers_429_in_its_own_shape(app: Any) -> None:
+    body = {"model": "gpt-image-2", "prompt": "a red square"}
+    async with client(app, TOKEN_A) as a:
+        assert (await a.post("/v1/images/generations", json=body)).status_code == 200
+        refused = await a.post("/v1/images/generations", json=body)
+        assert refused.status_code == 429 and refused.headers["Retry-After"] == "60"
+        assert refused.json()["error"]["code"] == "rate_limited"
