@@ -18,6 +18,7 @@ Drive it like a fake, not a mock::
     standin.fail_next("rate_limit", retry_after=1)   # FIFO, one per authenticated request
     standin.hold(); ...; standin.release()            # park answers (cancellation tests)
     standin.requests[-1].files_named("image[]")       # what the SDK really sent
+    standin.answers                                   # what it sent back: headers and body bytes, in order
 
 Answers are checked with the SDK's response models before they leave; a stand-in bug lands in
 ``standin.errors`` (a test should end with it empty) and reaches the client as a 500.
@@ -405,6 +406,7 @@ class StandIn:
         self.use_schema = SPEC_PATH.exists()
         self.stream_interval = 0.0  # seconds between SSE events
         self.disconnects = 0
+        self.answers: list[bytearray] = []  # each answer's header lines and body, as sent (none for a drop)
         self._released.set()
 
     def fail_next(self, kind: str, *, times: int = 1, **options: Any) -> None:
@@ -458,7 +460,21 @@ class StandIn:
             send.__self__.transport.abort()  # uvicorn's h11 cycle: no bytes at all, not even a 500
             await receive()  # http.disconnect: now uvicorn will not answer either
         elif response is not None:
-            await response(scope, receive, send)
+            await response(scope, receive, self._recording(send))
+
+    def _recording(self, send: Any) -> Callable[[dict[str, Any]], Any]:
+        """``send``, keeping a copy of what goes out (secret scans read it)."""
+        answer = bytearray()
+        self.answers.append(answer)
+
+        async def record(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                answer.extend(b"".join(name + b": " + value + b"\r\n" for name, value in message.get("headers", [])))
+            elif message["type"] == "http.response.body":
+                answer.extend(message.get("body", b""))
+            await send(message)
+
+        return record
 
     async def _handle(self, request: Request) -> Response | None:
         rec = await self._record(request)

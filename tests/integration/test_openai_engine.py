@@ -89,6 +89,16 @@ def test_input_images_and_mask_make_an_edits_call(openai_standin):
     assert result.images[0].format == "webp"
 
 
+def test_user_id_goes_with_edits_too(openai_standin):
+    request = parse_request(
+        {"prompt": "add a hat", "input_images": [png()], "user_id": "user-42", "openai_api_key": KEY}
+    )
+    studio(openai_standin).run(request)
+    sent = openai_standin.requests[-1]
+    assert sent.path == "/v1/images/edits"
+    assert sent.form["user"] == sent.form["safety_identifier"] == "user-42"
+
+
 def test_edits_cannot_relax_moderation(openai_standin):
     request = parse_request({"prompt": "x", "input_images": [png()], "moderation": "low", "openai_api_key": KEY})
     with pytest.raises(UnsupportedRequest, match="edits endpoint has no moderation setting"):
@@ -223,3 +233,12 @@ def test_the_operator_key_can_come_from_a_file(openai_standin, tmp_path):
 
 def test_scrub_removes_keys_and_masked_fragments():
     assert scrub(f"bad key {KEY} and sk-te****1234.", KEY) == "bad key [REDACTED] and [REDACTED]"
+
+
+def test_scrub_removes_the_masked_fragment_of_a_key_of_any_shape():
+    azure_like = "0123456789abcdef0123456789abcdef"  # no "sk-": OpenAI's 401 still quotes 01234****cdef
+    said = "Incorrect API key provided: 01234****cdef. You can find your API key at https://example.com."
+    assert (
+        scrub(said, azure_like)
+        == "Incorrect API key provided: [REDACTED] You can find your API key at https://example.com."
+    )

@@ -27,7 +27,7 @@ from atelier.api.openai_images import inputs, service
 from atelier.app import create_app
 from atelier.config import Settings
 from atelier.engines.base import Capabilities, Job
-from atelier.errors import EngineError, ModerationBlocked
+from atelier.errors import EngineError, ModerationBlocked, TooManyRequests
 from fakes import FakeEngine, FakePlan
 
 SPEC_PATH = Path(__file__).parents[3] / "shared" / "reference" / "openai-images-openapi.yaml"
@@ -326,6 +326,14 @@ async def test_an_engine_failure_is_a_server_error(door: Door, spec: Any) -> Non
     error = error_of(await generate(door, prompt="a red square"), 502, spec)
     assert (error["type"], error["code"]) == ("server_error", "engine_error")
     assert "out of memory" in error["message"]
+
+
+async def test_an_upstream_rate_limit_is_429_with_retry_after(door: Door, spec: Any) -> None:
+    door.engine.fail_next(TooManyRequests("OpenAI is rate limiting: try again in 12s", retry_after=12))
+    response = await generate(door, prompt="a red square")
+    error = error_of(response, 429, spec)
+    assert error["code"] == "rate_limited" and "rate limiting" in error["message"]
+    assert int(response.headers["retry-after"]) >= 1
 
 
 async def test_a_full_queue_is_429_with_retry_after(tmp_path: Path, spec: Any) -> None:

@@ -68,8 +68,9 @@ def render(path: str, error: AtelierError) -> JSONResponse:
         response = cog_error(error)
     else:
         response = replicate_error(error)
-    if isinstance(error, TooManyRequests):
-        response.headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
+    if response.status_code == 429:  # also a rate limit rebuilt from a failed prediction's code (no retry_after)
+        retry_after = error.retry_after if isinstance(error, TooManyRequests) else 1.0
+        response.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
     return response
 
 
@@ -102,9 +103,13 @@ COG_BODY_FIELDS = frozenset({"input", "id", "created_at", "output_file_prefix", 
 
 def _cog_loc(field: str) -> list[str | int]:
     parts = re.findall(r"[^.\[\]]+", field) or [field]  # "input.input_images[0]" -> input, input_images, 0
-    if parts[0] not in COG_BODY_FIELDS and not parts[0].isdigit():
+    if parts[0] not in COG_BODY_FIELDS and not _is_index(parts[0]):
         parts.insert(0, "input")
-    return ["body", *(int(p) if p.isdigit() else p for p in parts)]
+    return ["body", *(int(p) if _is_index(p) else p for p in parts)]
+
+
+def _is_index(part: str) -> bool:
+    return part.isascii() and part.isdigit()  # "³".isdigit() is True, and int("³") raises
 
 
 def replicate_error(error: AtelierError) -> JSONResponse:

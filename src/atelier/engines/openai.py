@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
 RATIO_TO_SIZE = {ratio: f"{w}x{h}" for ratio, (w, h) in RATIO_SIZES.items()}
 KEY_PATTERN = re.compile(r"sk-[A-Za-z0-9_\-*.]{2,}")
+MASKED_PATTERN = re.compile(r"[A-Za-z0-9_\-.]*\*{4,}[A-Za-z0-9_\-.]*")  # OpenAI's quote of any key: 01234****cdef
 
 
 @dataclass(frozen=True)
@@ -232,12 +233,11 @@ class OpenAIEngine:
         }
         if r.output_format != "png":  # OpenAI's compression is for lossy formats; a PNG is lossless either way
             params["output_compression"] = r.output_compression
-        if r.user_id:
+        if r.user_id:  # both endpoints take both (``user`` is deprecated in favour of ``safety_identifier``)
             params["user"] = r.user_id
-        if not job.images:  # edits take neither: they are always moderated at "auto" (checked in ``check``)
+            params["safety_identifier"] = r.user_id
+        if not job.images:  # edits have no moderation setting: always "auto" (checked in ``check``)
             params["moderation"] = r.moderation
-            if r.user_id:
-                params["safety_identifier"] = r.user_id
         return params
 
     def _files(self, job: Job) -> dict[str, Any]:
@@ -315,7 +315,7 @@ def _status_error(exc: Any, *, caller_key: bool, key: str | None) -> AtelierErro
 def scrub(text: str, key: str | None) -> str:
     if key:
         text = text.replace(key, "[REDACTED]")
-    return KEY_PATTERN.sub("[REDACTED]", text)
+    return MASKED_PATTERN.sub("[REDACTED]", KEY_PATTERN.sub("[REDACTED]", text))
 
 
 def usage_log(usage: Mapping[str, Any]) -> str:
