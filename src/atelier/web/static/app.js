@@ -1,0 +1,315 @@
+// The playground's wiring: load the model's schema, build the form, run predictions, show history.
+// Everything goes through the public Replicate API (api.js); no endpoint exists for the page alone.
+
+import { api, ApiError, hasToken, onUnauthorized, setToken } from "./api.js";
+import { $, formatSeconds, show } from "./dom.js";
+import { buildForm } from "./form.js";
+import { renderGallery, renderSummary } from "./gallery.js";
+import { historyView } from "./history.js";
+import { follow, parseProgress, TERMINAL } from "./run.js";
+
+const ui = {
+  form: $("#prompt-form"), fields: $("#fields"), submit: $("#submit"), reset: $("#reset"),
+  formError: $("#form-error"), modelDescription: $("#model-description"),
+  run: $("#run"), status: $("#status"), progressRow: $("#progress-row"), progress: $("#progress"),
+  progressText: $("#progress-text"), cancel: $("#cancel"), runError: $("#run-error"),
+  runTitle: $("#run-title"), summary: $("#summary"), gallery: $("#gallery"),
+  logsBox: $("#logs-box"), logs: $("#logs"),
+  tokenPanel: $("#token-panel"), tokenForm: $("#token-form"), tokenInput: $("#token-input"),
+  tokenError: $("#token-error"), tokenState: $("#token-state"), forgetToken: $("#forget-token"),
+  history: { list: $("#history-list"), more: $("#history-more"), empty: $("#history-empty") },
+  historyRefresh: $("#history-refresh"),
+};
+
+let form = null; // built once the schema has loaded
+const run = { prediction: null, follower: null, timer: null, step: null, pass: 1, began: 0 };
+
+const history = historyView(ui.history, {
+  onShow: showPrediction,
+  onLoad: loadInputs,
+  onError: (error) => error.status !== 401 && announce(`Could not load the history: ${error.message}`),
+});
+
+onUnauthorized(askForToken);
+bindEvents();
+start();
+
+async function start() {
+  ui.tokenState.hidden = !hasToken();
+  if (!form) await loadModel();
+  if (form) history.reload();
+}
+
+async function loadModel() {
+  try {
+    const model = await api.model();
+    form = buildForm(ui.fields, model.latest_version.openapi_schema);
+    ui.modelDescription.textContent = model.description || "";
+    ui.submit.disabled = false;
+    ui.reset.disabled = false;
+  } catch (error) {
+    ui.fields.textContent = error.status === 401
+      ? "Enter an API token above to continue."
+      : `Could not load the model's inputs: ${error.message}`;
+  }
+}
+
+function bindEvents() {
+  ui.form.addEventListener("submit", submit);
+  ui.form.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
+      event.preventDefault();
+      ui.form.requestSubmit();
+    }
+  });
+  ui.reset.addEventListener("click", () => {
+    form.reset();
+    form.clearErrors();
+    ui.formError.textContent = "";
+    announce("The form is back to the model's defaults.");
+  });
+  ui.cancel.addEventListener("click", cancel);
+  ui.tokenForm.addEventListener("submit", useToken);
+  ui.forgetToken.addEventListener("click", () => {
+    setToken("");
+    location.reload(); // nothing shown so far may stay on screen without the token
+  });
+  ui.historyRefresh.addEventListener("click", () => history.reload());
+  // Pasting an image (not text) anywhere on the page adds it to the input images.
+  document.addEventListener("paste", (event) => {
+    const files = [...(event.clipboardData?.files || [])].filter((f) => f.type.startsWith("image/"));
+    if (!form || !files.length) return;
+    event.preventDefault();
+    form.addFiles(files);
+    announce(`Adding ${files.length} pasted image${files.length > 1 ? "s" : ""} to the input images.`);
+  });
+}
+
+// -- tokens --------------------------------------------------------------------------------------
+
+function askForToken() {
+  const wasSet = hasToken();
+  show(ui.tokenPanel);
+  ui.tokenState.hidden = true;
+  ui.tokenError.textContent = wasSet ? "The server did not accept this token; check it and try again." : "";
+  ui.tokenInput.toggleAttribute("aria-invalid", wasSet);
+  if (document.activeElement !== ui.tokenInput) ui.tokenInput.focus();
+}
+
+async function useToken(event) {
+  event.preventDefault();
+  const value = ui.tokenInput.value.trim();
+  if (!value) {
+    ui.tokenError.textContent = "is required";
+    return;
+  }
+  setToken(value);
+  ui.tokenInput.value = "";
+  show(ui.tokenPanel, false);
+  await start();
+}
+
+// -- creating a prediction -----------------------------------------------------------------------
+
+async function submit(event) {
+  event.preventDefault();
+  if (!form || ui.submit.disabled) return; // Ctrl+Enter while a create is still on its way
+  form.clearErrors();
+  ui.formError.textContent = "";
+  let input;
+  try {
+    input = await form.values(); // waits for uploads still in flight
+  } catch (error) {
+    form.showErrors([{ field: "input.input_images", description: error.message }]);
+    return;
+  }
+  const missing = form.missing(input);
+  if (missing.length) {
+    form.showErrors(missing);
+    announce("Some fields need attention.");
+    return;
+  }
+  ui.submit.disabled = true;
+  try {
+    track(await api.create(input));
+    // On a phone the result is below the form: bring it into view.
+    if (ui.run.getBoundingClientRect().top > window.innerHeight) ui.run.scrollIntoView({ behavior: "smooth" });
+  } catch (error) {
+    refused(error);
+  } finally {
+    ui.submit.disabled = false;
+  }
+}
+
+// The API said no: its own messages go next to the fields (422) or above the buttons.
+function refused(error) {
+  if (!(error instanceof ApiError)) {
+    ui.formError.textContent = `Could not reach the server: ${error.message}`;
+    return;
+  }
+  if (error.invalidFields.length) {
+    const unplaced = form.showErrors(error.invalidFields);
+    ui.formError.textContent = unplaced.map((p) => `${p.field}: ${p.description}`).join(" ");
+    const count = error.invalidFields.length;
+    announce(`The API refused the input: ${count} problem${count > 1 ? "s" : ""}, shown next to the fields.`);
+    return;
+  }
+  const wait = error.retryAfter ? ` Try again in ${error.retryAfter} s.` : "";
+  ui.formError.textContent = `${error.message}${wait}`;
+}
+
+// -- following a prediction ----------------------------------------------------------------------
+
+function track(prediction) {
+  run.follower?.stop();
+  resetRun(prediction);
+  showStatus(prediction.status, prediction);
+  const follower = follow(prediction, {
+    status: (status) => showStatus(status, prediction),
+    log: appendLog,
+    error: (detail) => showRunError(detail),
+  });
+  run.follower = follower;
+  follower.done.then(
+    (final) => final && run.follower === follower && finish(final),
+    (error) => run.follower === follower && lost(error),
+  );
+}
+
+function resetRun(prediction) {
+  run.prediction = prediction;
+  ui.run.dataset.prediction = prediction.id; // which prediction the panel shows (tests wait on it)
+  run.step = null;
+  run.pass = 1;
+  ui.logs.textContent = "";
+  ui.gallery.replaceChildren();
+  ui.summary.hidden = true;
+  showRunError("");
+  ui.progress.removeAttribute("value"); // indeterminate until the first progress line
+  show(ui.progressRow);
+  show(ui.logsBox);
+  ui.cancel.hidden = false;
+  ui.cancel.disabled = false;
+  run.began = Date.now();
+  clearInterval(run.timer);
+  run.timer = setInterval(() => showProgressText(), 250);
+}
+
+function appendLog(line) {
+  ui.logs.append(`${line}\n`);
+  ui.logs.scrollTop = ui.logs.scrollHeight;
+  const progress = parseProgress(line);
+  if (!progress) return;
+  // Steps counting down again: the engine started another pass (e.g. one more batch of images).
+  if (run.step && progress.step < run.step.step) run.pass += 1;
+  run.step = progress;
+  ui.progress.max = progress.total;
+  ui.progress.value = progress.step;
+  showProgressText();
+}
+
+// "Step 2 of 6 · pass 2 · 3.50 s"; `seconds` defaults to the time since the run was shown.
+function showProgressText(seconds = (Date.now() - run.began) / 1000) {
+  const parts = [];
+  if (run.step) parts.push(`Step ${run.step.step} of ${run.step.total}`);
+  if (run.pass > 1) parts.push(`pass ${run.pass}`);
+  parts.push(formatSeconds(seconds));
+  ui.progressText.textContent = parts.join(" · ");
+}
+
+function showStatus(status, prediction) {
+  const messages = {
+    starting: "Queued: waiting for the model…",
+    processing: "Generating…",
+    succeeded: succeededMessage(prediction),
+    failed: `Failed: ${prediction.error || "the prediction failed"}`,
+    canceled: prediction.error ? `Canceled: ${prediction.error}` : "Canceled.",
+  };
+  announce(messages[status] || status);
+  ui.status.dataset.state = status; // colours the message
+  ui.run.dataset.status = status; // the state of the prediction shown (tests wait on it)
+}
+
+function succeededMessage(prediction) {
+  if (prediction.data_removed) return "Done; its images have since been deleted (data retention).";
+  const count = prediction.output?.length ?? 0;
+  const time = prediction.metrics ? ` in ${formatSeconds(prediction.metrics.predict_time)}` : "";
+  return `Done: ${count} image${count === 1 ? "" : "s"}${time}.`;
+}
+
+// `live`: it just finished while we watched, so the history has a new state to show.
+function finish(prediction, { live = true } = {}) {
+  clearInterval(run.timer);
+  run.prediction = prediction;
+  ui.cancel.hidden = true;
+  showStatus(prediction.status, prediction);
+  if (prediction.status === "succeeded") {
+    if (!run.step) ui.progress.max = 1; // an engine without steps (OpenAI upstream): just full
+    ui.progress.value = ui.progress.max;
+    showProgressText(prediction.metrics?.predict_time ?? null);
+  } else {
+    show(ui.progressRow, false);
+  }
+  if (prediction.status === "failed") showRunError(prediction.error || "The prediction failed.");
+  if (prediction.metrics) renderSummary(ui.summary, prediction);
+  renderGallery(ui.gallery, prediction, { onUseAsInput: useAsInput });
+  if (live) history.reload();
+}
+
+function lost(error) {
+  clearInterval(run.timer);
+  ui.cancel.hidden = true;
+  showRunError(`Lost track of the prediction: ${error.message}`);
+}
+
+async function cancel() {
+  if (!run.prediction) return;
+  ui.cancel.disabled = true;
+  announce("Canceling…");
+  try {
+    await api.cancel(run.prediction); // the stream then ends with `done`, and finish() shows "Canceled."
+  } catch (error) {
+    ui.cancel.disabled = false;
+    showRunError(`Could not cancel: ${error.message}`);
+  }
+}
+
+function showRunError(text) {
+  ui.runError.textContent = text;
+  ui.runError.hidden = !text;
+}
+
+// -- history and iterating -----------------------------------------------------------------------
+
+function showPrediction(prediction) {
+  if (TERMINAL.has(prediction.status)) {
+    run.follower?.stop();
+    run.follower = null;
+    resetRun(prediction);
+    for (const line of (prediction.logs || "").split("\n")) if (line) appendLog(line);
+    finish(prediction, { live: false });
+  } else {
+    track(prediction);
+  }
+  ui.runTitle.focus();
+  ui.runTitle.scrollIntoView({ block: "start" });
+}
+
+function loadInputs(prediction) {
+  form.fill(prediction.input || {});
+  form.clearErrors();
+  announce("Loaded that prediction's inputs into the form.");
+  form.focus("prompt");
+}
+
+function useAsInput(url) {
+  form.addImage(url);
+  announce("Added the image to the input images: describe the edit and press Generate.");
+  form.focus("prompt");
+}
+
+// The live region: screen readers read every change, so only state changes and answers to actions.
+function announce(text) {
+  ui.status.textContent = text;
+  delete ui.status.dataset.state;
+}

@@ -1,0 +1,69 @@
+// A finished prediction as a gallery: its images with size and format, download and "use as input",
+// and the prediction's seed, timing and cost. Output URLs are signed capability URLs, so <img> and
+// download links work without the token.
+
+import { el, formatCost, formatSeconds } from "./dom.js";
+
+export function renderSummary(node, prediction) {
+  const metrics = prediction.metrics || {};
+  const rows = [
+    ["Seed", metrics.seed ?? "–"],
+    ["Predict time", formatSeconds(metrics.predict_time)],
+    ["Cost", formatCost(metrics.estimated_cost)],
+    ["Rendered", rendered(metrics)],
+    ["Steps", metrics.steps ?? "–"],
+    ["Model", [metrics.engine, metrics.model].filter(Boolean).join(" · ") || "–"],
+  ];
+  node.replaceChildren(...rows.map(([name, value]) =>
+    el("div", { "data-metric": name.toLowerCase().replace(" ", "_") }, el("dt", {}, name), el("dd", {}, String(value)))));
+  node.hidden = false;
+}
+
+// The size the model drew at, and whether it was upscaled to the size asked for (PRODUCT: "Size").
+function rendered(metrics) {
+  if (!metrics.rendered_size) return "–";
+  return metrics.upscaled ? `${metrics.rendered_size}, upscaled to ${metrics.size}` : metrics.rendered_size;
+}
+
+export function renderGallery(node, prediction, { onUseAsInput }) {
+  const outputs = prediction.output || [];
+  const format = (prediction.input?.output_format || "").toLowerCase();
+  // The resolved background: "auto" may have become transparent.
+  const background = prediction.metrics?.background || prediction.input?.background;
+  const prompt = shorten(prediction.input?.prompt || "", 80);
+  node.replaceChildren(...outputs.map((url, index) => {
+    const alt = `Result ${index + 1} of ${outputs.length}: ${prompt}`;
+    return figure({ url, alt, format, transparent: background === "transparent", onUseAsInput, index });
+  }));
+}
+
+function figure({ url, alt, format, transparent, onUseAsInput, index }) {
+  const image = el("img", { src: url, alt, decoding: "async" });
+  const size = el("span", { class: "image-size" }, "…");
+  image.addEventListener("load", () => {
+    size.textContent = `${image.naturalWidth}×${image.naturalHeight}`;
+  });
+  image.addEventListener("error", () => {
+    size.textContent = "could not load";
+  });
+  // Names say which image: "Download" alone is ambiguous when there are several.
+  const use = el("button", { type: "button", class: "quiet", "aria-label": `Use as input: result ${index + 1}` },
+    "Use as input");
+  use.addEventListener("click", () => onUseAsInput(url));
+  return el("figure", { class: "result" },
+    el("a", { href: url, target: "_blank", rel: "noopener", class: `frame${transparent ? " checker" : ""}`,
+      title: "Open full size" }, image),
+    el("figcaption", {},
+      el("p", { class: "small" }, size, " · ", el("span", { class: "image-format" }, format.toUpperCase())),
+      el("div", { class: "buttons" },
+        // The file's own name comes from the server (Content-Disposition wins over a name given here).
+        el("a", { href: url, download: "", class: "button", "aria-label": `Download result ${index + 1}` },
+          "Download"),
+        use),
+    ),
+  );
+}
+
+export function shorten(text, length) {
+  return text.length > length ? `${text.slice(0, length - 1)}…` : text;
+}

@@ -1,0 +1,97 @@
+// Following one prediction live: its SSE stream (urls.stream), with polling as the fallback.
+//
+// Replicate's stream has only four events — logs, output, error, done — so the page derives the rest:
+// * status: "starting" (queued) until the first log line, then "processing"; the final status,
+//   metrics and outputs come from GET urls.get once `done` arrives.
+// * progress: parsed from the tqdm-style progress lines in the logs (" 50%|█████     | 2/4 [00:01<…").
+// * step previews: the job system has them, but the public Replicate stream does not carry them (and
+//   the page uses no private endpoint), so the page shows the progress bar instead.
+
+import { api } from "./api.js";
+
+const PROGRESS_LINE = /(\d+)\/(\d+)\s*\[/;
+const POLL_MS = 1000;
+export const TERMINAL = new Set(["succeeded", "failed", "canceled"]);
+
+export function parseProgress(line) {
+  const match = PROGRESS_LINE.exec(line);
+  if (!match) return null;
+  const step = Number(match[1]);
+  const total = Number(match[2]);
+  return total > 0 && step <= total ? { step, total } : null;
+}
+
+// on: { status(name), log(line), error(detail) }. Returns { done: Promise<prediction|null>, stop() };
+// `done` resolves with the finished prediction, or null when stop() was called first.
+export function follow(prediction, on) {
+  let stopped = false;
+  let source = null;
+  const close = () => {
+    source?.close();
+    source = null;
+  };
+  const done = new Promise((resolve, reject) => {
+    const settle = (promise) => promise.then(resolve, reject);
+    if (!prediction.urls.stream || typeof EventSource === "undefined") {
+      settle(poll(prediction, on, () => stopped));
+      return;
+    }
+    source = new EventSource(prediction.urls.stream);
+    let started = false;
+    source.addEventListener("logs", (event) => {
+      if (!started) {
+        started = true;
+        on.status("processing");
+      }
+      on.log(event.data);
+    });
+    source.addEventListener("error", (event) => {
+      // A server-sent `error` event (the prediction failed) and a broken connection share this name.
+      if (event instanceof MessageEvent) {
+        on.error(detailOf(event.data));
+        return;
+      }
+      // EventSource would reconnect and replay every log line from the start: poll instead.
+      close();
+      settle(poll(prediction, on, () => stopped, started));
+    });
+    source.addEventListener("done", () => {
+      close();
+      settle(stopped ? Promise.resolve(null) : poll(prediction, on, () => stopped, true, true));
+    });
+  });
+  return {
+    done,
+    stop() {
+      stopped = true;
+      close();
+    },
+  };
+}
+
+function detailOf(data) {
+  try {
+    return JSON.parse(data).detail || data;
+  } catch {
+    return data;
+  }
+}
+
+// GET the prediction until it is over. `quiet`: the logs were already shown (by the stream), so only
+// the final state is wanted; otherwise new log lines are passed on as they appear.
+async function poll(prediction, on, stopped, started = false, quiet = false) {
+  let shown = quiet ? Infinity : 0;
+  for (;;) {
+    if (stopped()) return null;
+    const current = await api.get(prediction);
+    const lines = (current.logs || "").split("\n").filter((line) => line !== "");
+    for (const line of lines.slice(shown)) on.log(line);
+    shown = Math.max(shown, lines.length);
+    if (!started && current.status !== "starting") {
+      started = true;
+      on.status(current.status);
+    }
+    if (TERMINAL.has(current.status)) return current;
+    await new Promise((wake) => setTimeout(wake, POLL_MS));
+  }
+}
