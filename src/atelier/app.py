@@ -27,7 +27,8 @@ def create_app(
 
     ``engines`` replaces the engines built from settings (tests pass a fake one).
     """
-    from atelier.api import cog, errors, openai_images, replicate
+    from atelier.api import cog, errors, openai_images, openapi, replicate
+    from atelier.api.body_limit import BodyLimit
 
     services = Services.build(settings, engines=engines, default=default)
     cog_door = cog.CogDoor(services)  # registers the Cog webhook sender with the runner
@@ -45,7 +46,12 @@ def create_app(
     app.state.services = services
     app.state.cog = cog_door
     errors.install(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)  # 413 in the door's shape
     app.include_router(openai_images.router)
     app.include_router(replicate.router)
     app.include_router(cog.router)
+    openapi.install(app)  # request bodies and error shapes FastAPI cannot see (api/openapi.py)
+    from atelier import web  # the playground at /: static files that use only the public API
+
+    web.install(app)
     return app

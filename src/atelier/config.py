@@ -7,6 +7,8 @@ their own. Flags override the environment; the environment overrides these defau
 from __future__ import annotations
 
 import os
+import re
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -18,6 +20,33 @@ def default_data_dir() -> Path:
     """A per-user folder: $XDG_DATA_HOME/atelier, else ~/.local/share/atelier."""
     base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
     return Path(base) / "atelier"
+
+
+_DURATION = re.compile(r"^(?:(?P<d>\d+)d)?(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m)?(?:(?P<s>\d+)s)?$")
+_OFF = ("", "0", "off", "none", "never")
+
+
+def parse_retention(value: object) -> object:
+    """``"1h"``, ``"30m"``, ``"7d"``, ``"1h30m"``, seconds or ISO 8601 (``PT1H``) as a ``timedelta``;
+    None (off) for 0, "off" and the like."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return timedelta(seconds=value) if value > 0 else None
+    if isinstance(value, timedelta):
+        return value if value > timedelta(0) else None
+    if not isinstance(value, str):
+        return value
+    text = value.strip().lower()
+    if text in _OFF:
+        return None
+    if text.isascii() and text.isdigit():
+        return timedelta(seconds=int(text))
+    match = _DURATION.match(text)
+    if match is None:
+        if text.startswith("p"):  # ISO 8601 (PT1H): pydantic's own parser
+            return value
+        raise ValueError(f"got {value[:40]!r}; use a duration such as '1h', '30m', '7d' or '1h30m', seconds, or 'off'")
+    d, h, m, s = (int(match.group(k) or 0) for k in "dhms")
+    return parse_retention(timedelta(days=d, hours=h, minutes=m, seconds=s))
 
 
 class Settings(BaseSettings):
@@ -43,6 +72,63 @@ class Settings(BaseSettings):
     max_concurrency: int = 1  # jobs running at once
     max_queue: int = 64  # jobs waiting; beyond this, 429 with Retry-After
     cost_per_second: float = 0.0  # USD per second of hardware time, for cost estimates
+
+    # Limits and fairness (atelier.jobs.limits); all off when unset. A user is a user_id within one token.
+    rate_limit_per_token: str | None = None  # "60/min", "1000/day", "10/30s": predictions created per period
+    rate_limit_per_user: str | None = None
+    max_jobs_per_token: int | None = Field(default=None, ge=1)  # predictions queued or running at once
+    max_jobs_per_user: int | None = Field(default=None, ge=1)
+
+    @field_validator("rate_limit_per_token", "rate_limit_per_user")
+    @classmethod
+    def _check_rate(cls, value: str | None) -> str | None:
+        from atelier.jobs.limits import parse_rate
+
+        if value is None or not value.strip():
+            return None
+        parse_rate(value)
+        return value.strip()
+
+    # Batching (atelier.jobs.queue): compatible queued jobs share one pipeline call, within max_batch_pixels
+    batching: bool = True
+    max_batch_jobs: int = Field(default=8, ge=1)  # jobs in one pipeline call
+
+    # Retention
+    # How long the inputs, outputs and logs of a finished prediction, and uploaded files, are kept: "1h" is
+    # Replicate's policy. None (unset, "0" or "off"): kept until deleted, the default for a self-hosted server.
+    retention: timedelta | None = None
+    retention_interval: float = Field(default=60.0, gt=0)  # seconds between sweeps for expired data
+
+    @field_validator("retention", mode="before")
+    @classmethod
+    def _parse_retention(cls, value: object) -> object:
+        return parse_retention(value)
+
+    @field_validator("retention")
+    @classmethod
+    def _positive_retention(cls, value: timedelta | None) -> timedelta | None:
+        return value if value is not None and value > timedelta(0) else None
+
+    # Fetching and input limits (atelier.fetch: input image URLs; atelier.api.body_limit: request bodies)
+    # Hosts and networks trusted although not public: "10.0.0.0/8,images.internal,.cdn.internal".
+    fetch_allow: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    fetch_allow_private: bool = False  # fetch from any non-public address (development only; never metadata)
+    fetch_timeout: float = Field(default=30.0, gt=0)  # seconds for one input image URL, redirects included
+    fetch_connect_timeout: float = Field(default=10.0, gt=0)
+    # A request body over this is refused with 413 while it streams in. 128 MiB: a 100 MiB file upload, or
+    # a 50 MiB image as a base64 data URI, fits.
+    max_body_bytes: int = Field(default=128 * 1024 * 1024, ge=1024)
+
+    @field_validator("fetch_allow", mode="before")
+    @classmethod
+    def _parse_fetch_allow(cls, value: object) -> object:
+        from atelier.fetch import parse_allow
+
+        entries = value.split(",") if isinstance(value, str) else value
+        if isinstance(entries, list | tuple):
+            parse_allow(str(e) for e in entries)  # a ValueError naming the bad entry
+            return [str(e).strip() for e in entries if str(e).strip()]
+        return value
 
     # OpenAI upstream (OpenAI's own variable names)
     openai_api_key: SecretStr | None = Field(

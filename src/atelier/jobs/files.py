@@ -13,6 +13,8 @@
 * Secrets live in ``<data dir>/secrets/`` (mode 0700, files 0600), created on first use with an atomic
   link so two processes starting together agree on one secret: the signing key, and the webhook
   signing secret (``whsec_`` + base64 of 32 random bytes, the Standard Webhooks format).
+* After a crash: ``remove_strays`` (at start-up) deletes temporary files and files without a row;
+  ``discard_outputs`` deletes the outputs of a run that was cut short before it is run again.
 """
 
 from __future__ import annotations
@@ -154,6 +156,32 @@ class FileStore:
 
     def for_prediction(self, prediction_id: str) -> list[FileRecord]:
         return self.store.files_for_prediction(prediction_id)
+
+    # -- after a crash ----------------------------------------------------------------------------------
+
+    def discard_outputs(self, prediction_id: str) -> int:
+        """Delete the output files an unfinished prediction has (a run a crash cut short); returns how many."""
+        outputs = [record.id for record in self.for_prediction(prediction_id) if record.kind == "output"]
+        self.delete_many(outputs)
+        return len(outputs)
+
+    def remove_strays(self) -> int:
+        """Delete files on disk that no row knows; returns how many.
+
+        A crash can leave the temporary file of an interrupted write, or a file whose row was never
+        inserted. Call only while nothing writes files (at start-up): a write in progress looks the same.
+        """
+        removed = 0
+        folders = self.folder.iterdir() if self.folder.is_dir() else iter(())
+        for folder in folders:
+            if not folder.is_dir() or folder.is_symlink():
+                continue
+            known = self.store.file_ids(folder.name)
+            for path in folder.iterdir():
+                if path.is_file() and path.name.partition(".")[0] not in known:
+                    path.unlink(missing_ok=True)
+                    removed += 1
+        return removed
 
     # -- capability URLs and secrets ------------------------------------------------------------------
 

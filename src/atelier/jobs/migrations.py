@@ -156,3 +156,15 @@ def m003_webhook_deliveries(conn: Connection) -> None:
     Index("webhook_deliveries_due", table.c.next_attempt_at)
     Index("webhook_deliveries_prediction", table.c.prediction_id)
     metadata.create_all(conn)
+
+
+@migration
+def m004_retention_indexes(conn: Connection) -> None:
+    """Indexes for the retention sweep: finished predictions by completion, uploads and deliveries by age."""
+    metadata = MetaData()
+    predictions = Table("predictions", metadata, Column("data_removed", Boolean), Column("completed_at", String(32)))
+    files = Table("files", metadata, Column("kind", String(16)), Column("created_at", String(32)))
+    deliveries = Table("webhook_deliveries", metadata, Column("created_at", String(32)))
+    Index("predictions_retention", predictions.c.data_removed, predictions.c.completed_at).create(conn)
+    Index("files_kind_created", files.c.kind, files.c.created_at).create(conn)
+    Index("webhook_deliveries_created", deliveries.c.created_at).create(conn)

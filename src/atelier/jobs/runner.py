@@ -7,11 +7,12 @@ Design:
   time and leaves no trace. Then, with no ``await`` in between, it checks the queue bound
   (``TooManyRequests`` with ``retry_after``), inserts the prediction and queues it: whatever was
   accepted is in the database, and nothing refused is.
-* **Workers.** ``settings.max_concurrency`` workers pull from one FIFO queue; each sets the engine up
-  once (in a thread), marks the task ``processing``, runs ``engine.generate`` in a thread (the loop
-  never blocks on a model), writes the outputs durably through the ``FileStore``, and only then marks
-  the task ``succeeded``. Progress callbacks from the engine's thread are handed to the loop
-  (``call_soon_threadsafe``), where the ``Task`` lives: one writer per prediction.
+  The caller's limits (``atelier.jobs.limits``) are checked with the bound, and once before the engine.
+* **Workers.** ``settings.max_concurrency`` workers pull from one queue, in fair order across callers
+  (``atelier.jobs.queue``); each sets the engine up once (in a thread), marks the task ``processing``,
+  runs ``engine.generate`` in a thread (the loop never blocks on a model), writes the outputs durably
+  through the ``FileStore``, and only then marks the task ``succeeded``. Progress callbacks from the
+  engine's thread are handed to the loop (``call_soon_threadsafe``), where the ``Task`` lives.
 * **Cancel and deadlines.** Each job has a ``CancelToken``. A queued job is canceled at once; a
   running one gets its token set and the engine raises ``Canceled`` between steps; a token set while
   the engine was finishing still cancels (outputs discarded). A ``deadline`` (``Cancel-After``) arms a
@@ -28,7 +29,10 @@ Design:
   runner is not started again; build a new one.
 * **Listeners** (``runner.listeners.append(async fn(prediction, event))``, the webhook sender) are
   fed in order by ``atelier.jobs.dispatch``; live ``subscribe``rs also get every log line and progress.
-* **Batching** (later): the seam is ``JobQueue.next_batch``; see ``atelier.jobs.queue``.
+* **Batching** (``settings.batching``): a worker may take compatible queued jobs (``next_batch``) into
+  one ``engine.generate_many`` call; each task still starts, ends and gets its outputs on its own. A
+  call cannot drop a member: a batched job canceled while running is canceled at once and its images
+  are discarded when the call ends; the call stops early only when all its jobs are canceled.
 """
 
 from __future__ import annotations
@@ -38,19 +42,20 @@ import builtins
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from atelier.engines.base import CancelToken, Engine, Job, ProgressEvent
+from atelier.engines.base import BatchPlan, CancelToken, Engine, Job, PartialBatch, Result, batching, generate_together
 from atelier.errors import AtelierError, Canceled, Conflict, EngineError, ModelUnavailable, NotFound
 from atelier.ids import new_id, new_seed
 from atelier.jobs import recovery
 from atelier.jobs.dispatch import Dispatcher, Listener
 from atelier.jobs.events import Subscription, finished_subscription
 from atelier.jobs.files import FileStore
+from atelier.jobs.limits import Caller, Limits
 from atelier.jobs.queue import Entry, JobQueue
-from atelier.jobs.records import SOURCES, Prediction, utc_now
+from atelier.jobs.records import PROCESSING, SOURCES, Prediction, utc_now
 from atelier.jobs.recovery import ImageLoader
 from atelier.jobs.routing import EngineRouter
 from atelier.jobs.store import Store
@@ -89,7 +94,9 @@ class Runner:
         self.cancel_grace = CANCEL_GRACE_SECONDS
         self.dispatcher = Dispatcher()
         self.listeners: list[Listener] = self.dispatcher.listeners  # append async fn(prediction, event)
-        self.queue = JobQueue(settings.max_queue, settings.max_concurrency)
+        batch_jobs = settings.max_batch_jobs if settings.batching else 1
+        self.queue = JobQueue(settings.max_queue, settings.max_concurrency, max_batch_jobs=batch_jobs)
+        self.limits = Limits.from_settings(settings)
         self._load_images = load_images
         self._workers: list[asyncio.Task[None]] = []
         self._started = False
@@ -109,7 +116,7 @@ class Runner:
     @property
     def busy(self) -> bool:
         """Every worker is taken (Cog answers 409 then)."""
-        return self.running >= self.queue.concurrency
+        return self.queue.busy_workers >= self.queue.concurrency
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -168,8 +175,8 @@ class Runner:
         """Validate, then queue; returns the new prediction (status ``starting``).
 
         Raises the engine's typed error for a request it cannot honour, ``TooManyRequests`` when the
-        queue is full, ``ModelUnavailable`` while not running. An existing ``prediction_id`` of the
-        same owner returns that prediction (Cog's idempotent ``PUT /predictions/{id}``).
+        queue is full or the caller is over a limit, ``ModelUnavailable`` while not running. An
+        existing ``prediction_id`` of the same owner returns that prediction (Cog's idempotent ``PUT``).
         """
         if source not in SOURCES:
             raise ValueError(f"source {source!r} is not one of {', '.join(SOURCES)}")
@@ -178,26 +185,37 @@ class Runner:
         self._check_accepting()
         if prediction_id is not None and (existing := self._existing(prediction_id, owner)):
             return existing
+        caller = Caller(owner, request.user_id)
+        self.check_admission(caller)
         key, engine = self.engines.route(request, model)
         job = Job(
             prediction_id or new_id(), request, new_seed() if seed is None else seed, tuple(images), mask, previews
         )
-        await asyncio.to_thread(engine.check, job)
-        # No await from here on: the bound check, the insert and the enqueue are one step.
+        batch = await asyncio.to_thread(self._check_job, engine, job)
+        # No await from here on: the bound and limit checks, the insert and the enqueue are one step.
         self._check_accepting()
         if prediction_id is not None and (existing := self._existing(prediction_id, owner)):
             return existing
-        self.queue.check_capacity()
+        self.check_admission(caller)
+        self.limits.spend(caller)
         prediction = recovery.new_prediction(
             job, key=key, engine=engine, model=model, source=source, owner=owner, version=version,
             webhook=webhook, webhook_events_filter=webhook_events_filter, deadline=deadline,
         )  # fmt: skip
         self.store.insert_prediction(prediction)
-        entry = Entry(self._new_task(prediction), job, engine, CancelToken())
+        entry = Entry(self._new_task(prediction), job, engine, CancelToken(), batch=batch)
         self._enqueue(entry)
         entry.task.announce()
         log.info("prediction %s accepted from %s for model %s (queue %d)", job.id, source, key, self.queue_depth)
         return prediction.snapshot()
+
+    def check_admission(self, caller: Caller) -> None:
+        """``TooManyRequests`` when the queue is full or ``caller`` is over a limit; spends nothing.
+
+        ``submit`` calls it; a door may call it first, before fetching a request's input images.
+        """
+        self.queue.check_capacity()
+        self.limits.check(caller, self.queue.live(caller), finish_estimate=self.queue.estimate())
 
     async def get(self, id: str, *, owner: str | None = None) -> Prediction:
         """The prediction, if it exists and belongs to ``owner``; ``NotFound`` otherwise (the same answer)."""
@@ -240,19 +258,23 @@ class Runner:
 
     async def _worker(self) -> None:
         while True:
-            for entry in await self.queue.next_batch():
-                try:
-                    await self._run(entry)
-                except Exception:  # e.g. the database went away while recording the outcome
-                    log.exception("prediction %s: the outcome could not be recorded", entry.id)
+            batch = await self.queue.next_batch()
+            try:
+                await self._run(batch)
+            except Exception:  # e.g. the database went away while recording the outcome
+                log.exception("prediction %s: the outcome could not be recorded", ", ".join(e.id for e in batch))
 
-    async def _run(self, entry: Entry) -> None:
+    async def _run(self, batch: builtins.list[Entry]) -> None:
+        """One model call's jobs (usually one); each task starts, ends and is recorded on its own."""
         try:
-            await self._execute(entry)
-        except Exception as exc:
-            self._settle(entry, exc)
+            results, errors = await self._attempt(batch)
+            for entry in batch:  # settling skips jobs already settled (canceled before they began)
+                if entry.id in results:
+                    await self._deliver(entry, results[entry.id])
+                else:
+                    self._settle(entry, errors.get(entry.id) or EngineError("the engine returned nothing for it"))
         finally:
-            self.queue.done(entry)
+            self.queue.release(batch)
 
     def _settle(self, entry: Entry, exc: Exception) -> None:
         """A job ended with an exception: canceled if its token was set, else failed with the error."""
@@ -267,24 +289,58 @@ class Runner:
             log.error("prediction %s: the engine raised unexpectedly", task.id, exc_info=exc)
             task.fail(EngineError(f"the engine failed unexpectedly ({type(exc).__name__}: {exc})"))
 
-    async def _execute(self, entry: Entry) -> None:
+    async def _attempt(self, batch: builtins.list[Entry]) -> tuple[dict[str, Result], dict[str, Exception]]:
+        """Each job's result or the exception it ended with, by id: one engine call, in a thread."""
+        try:
+            running = await self._begin(batch)
+            if not running:
+                return {}, {}
+            began = time.monotonic()
+            jobs, engine = [e.job for e in running], running[0].engine
+            progress_for, cancel_for = {e.id: e.progress_callback() for e in running}, {e.id: e.token for e in running}
+            try:
+                results = await asyncio.to_thread(
+                    generate_together, engine, jobs, progress_for=progress_for, cancel_for=cancel_for
+                )
+            except PartialBatch as partial:
+                return partial.results, partial.errors
+            self.queue.observe((time.monotonic() - began) / len(running))
+            return {job.id: result for job, result in zip(jobs, results, strict=True)}, {}
+        except Exception as exc:
+            return {}, {entry.id: exc for entry in batch}
+
+    async def _begin(self, batch: builtins.list[Entry]) -> builtins.list[Entry]:
+        """The batch's jobs not canceled meanwhile, marked ``processing`` once their engine is ready."""
+        waiting = self._uncanceled(batch)
+        if waiting:
+            await self._ready(waiting[0].engine)
+        running = self._uncanceled(waiting)
+        for entry in running:
+            entry.task.start()
+            entry.task.log(f"Using seed: {entry.job.seed}")
+        return running
+
+    def _uncanceled(self, batch: builtins.list[Entry]) -> builtins.list[Entry]:
+        for entry in batch:
+            if entry.token.cancelled and not entry.task.terminal:
+                self._on_canceled(entry, entry.token.reason)
+        return [entry for entry in batch if not entry.token.cancelled]
+
+    async def _deliver(self, entry: Entry, result: Result) -> None:
+        """Write the outputs durably, then mark the task succeeded; a job canceled meanwhile keeps none."""
         task, token = entry.task, entry.token
-        token.raise_if_cancelled()
-        await self._ready(entry.engine)
-        token.raise_if_cancelled()
-        task.start()
-        task.log(f"Using seed: {entry.job.seed}")
-        began = time.monotonic()
-        progress = self._progress_callback(entry)
-        result = await asyncio.to_thread(entry.engine.generate, entry.job, progress=progress, cancel=token)
-        token.raise_if_cancelled()  # canceled while the engine finished: honour it
-        owner, id = task.prediction.owner, task.id
-        records = await asyncio.to_thread(self.files.put_outputs, result.images, owner=owner, prediction_id=id)
-        if token.cancelled:
-            await asyncio.to_thread(self.files.delete_many, [r.id for r in records])
-            token.raise_if_cancelled()
-        task.succeed(result, records)
-        self.queue.observe(time.monotonic() - began)
+        try:
+            if task.terminal:  # canceled while its batch ran: its images are discarded
+                return
+            token.raise_if_cancelled()  # canceled while the engine finished: honour it
+            owner, id = task.prediction.owner, task.id
+            records = await asyncio.to_thread(self.files.put_outputs, result.images, owner=owner, prediction_id=id)
+            if token.cancelled:
+                await asyncio.to_thread(self.files.delete_many, [r.id for r in records])
+                token.raise_if_cancelled()
+            task.succeed(result, records)
+        except Exception as exc:
+            self._settle(entry, exc)
 
     async def _ready(self, engine: Engine) -> None:
         try:
@@ -293,20 +349,6 @@ class Runner:
             raise
         except Exception as exc:
             raise ModelUnavailable(f"model {engine.model!r} could not be loaded: {exc}") from exc
-
-    def _progress_callback(self, entry: Entry) -> Callable[[ProgressEvent], None]:
-        loop = asyncio.get_running_loop()
-
-        def on_loop(event: ProgressEvent) -> None:
-            if not entry.interrupted:  # an engine still running after stop gave up on it is not heard
-                entry.task.progress(event)
-
-        def progress(event: ProgressEvent) -> None:  # on the engine's thread
-            # RuntimeError: the loop has closed (stopped mid-job), and nobody is listening any more.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(on_loop, event)
-
-        return progress
 
     # -- cancel, deadlines, shutdown -------------------------------------------------------------------
 
@@ -317,6 +359,8 @@ class Runner:
         if self.queue.remove_queued(entry):
             entry.task.cancel(reason)
             self.queue.forget(entry)
+        elif entry.batch_size > 1 and entry.task.status == PROCESSING:
+            entry.task.cancel(reason)  # a shared call cannot drop it: canceled now, its images discarded later
         # Otherwise a worker holds it (running or setting up): it sees the token and cancels the task.
 
     def _on_canceled(self, entry: Entry, reason: str) -> None:
@@ -338,8 +382,8 @@ class Runner:
             task.log("Interrupted by server shutdown; it will run again when the server restarts")
             task.flush_logs()
 
-    def _enqueue(self, entry: Entry) -> None:
-        self.queue.push(entry)
+    def _enqueue(self, entry: Entry, *, first: bool = False) -> None:
+        self.queue.push(entry, first=first)
         deadline = entry.task.prediction.deadline
         if deadline is not None:
             delay = max(0.0, (deadline - utc_now()).total_seconds())
@@ -350,6 +394,8 @@ class Runner:
 
     async def _recover(self) -> None:
         for prediction in self.store.unfinished_predictions():
+            if self.files.discard_outputs(prediction.id):  # a crash between writing outputs and succeeding
+                log.warning("prediction %s: discarded the outputs of its interrupted run", prediction.id)
             task = self._new_task(prediction)
             reason = recovery.why_not_rerunnable(prediction, can_load_images=self._load_images is not None)
             if reason:
@@ -358,6 +404,7 @@ class Runner:
                 continue
             try:
                 job, engine = await recovery.rebuild(prediction, self.engines, self._load_images)
+                batch = await asyncio.to_thread(self._check_job, engine, job)
             except AtelierError as exc:
                 task.fail(exc)
                 continue
@@ -365,7 +412,7 @@ class Runner:
                 task.fail(f"the job could not be prepared again after a restart ({exc}); resubmit", "interrupted")
                 continue
             task.requeue(RESTARTED)
-            self._enqueue(Entry(task, job, engine, CancelToken()))
+            self._enqueue(Entry(task, job, engine, CancelToken(), batch=batch), first=True)
             log.info("prediction %s re-queued after restart", prediction.id)
 
     # -- internals -------------------------------------------------------------------------------------
@@ -373,6 +420,12 @@ class Runner:
     def _new_task(self, prediction: Prediction) -> Task:
         cost = self.settings.cost_per_second
         return Task(prediction, self.store, cost_per_second=cost, notify=self.dispatcher.notify)
+
+    def _check_job(self, engine: Engine, job: Job) -> BatchPlan | None:
+        """The engine's checks (in a thread); then how the job may share a model call, when batching."""
+        engine.check(job)
+        many = batching(engine) if self.queue.max_batch_jobs > 1 else None
+        return many.batch_plan(job) if many is not None else None
 
     def _check_accepting(self) -> None:
         if not self._accepting:

@@ -24,7 +24,7 @@ import base64
 import binascii
 import json
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -53,6 +53,7 @@ from atelier.jobs import migrations
 from atelier.jobs.records import (
     PROCESSING,
     STARTING,
+    TERMINAL,
     Delivery,
     FileRecord,
     Prediction,
@@ -270,6 +271,50 @@ class Store:
         values = {"last_error": error[:2000], "next_attempt_at": retry, "attempts": DELIVERIES.c.attempts + 1}
         with self._write() as conn:
             conn.execute(update(DELIVERIES).where(DELIVERIES.c.id == id).values(**values))
+
+    # -- retention (see atelier.jobs.retention) -------------------------------------------------------
+
+    def expired_predictions(self, completed_before: datetime, limit: int) -> list[str]:
+        """Ids of finished predictions completed at or before the time whose data is still there, oldest first."""
+        c = PREDICTIONS.c
+        query = (
+            select(c.id)
+            .where(c.data_removed.is_(False), c.completed_at <= format_time(completed_before))
+            .where(c.status.in_(sorted(TERMINAL)))
+            .order_by(c.completed_at)
+            .limit(limit)
+        )
+        with self._read() as conn:
+            return list(conn.execute(query).scalars())
+
+    def expired_files(
+        self, uploaded_before: datetime, now: datetime, limit: int, keep: Collection[str] = ()
+    ) -> list[FileRecord]:
+        """Uploads older than the time, files past their ``expires_at`` and outputs of removed predictions,
+        except those in ``keep``."""
+        c = FILES.c
+        removed = select(PREDICTIONS.c.id).where(PREDICTIONS.c.data_removed.is_(True))
+        expired = or_(
+            and_(c.kind == "upload", c.created_at <= format_time(uploaded_before)),
+            and_(c.expires_at.is_not(None), c.expires_at <= format_time(now)),
+            c.prediction_id.in_(removed),
+        )
+        query = select(FILES).where(expired, c.id.not_in(list(keep))).order_by(c.created_at).limit(limit)
+        with self._read() as conn:
+            return [_file(r) for r in conn.execute(query).mappings()]
+
+    def delete_finished_deliveries(self, created_before: datetime) -> int:
+        """Forget webhook messages created at or before the time that were delivered or given up."""
+        c = DELIVERIES.c
+        query = delete(DELIVERIES).where(c.created_at <= format_time(created_before), c.next_attempt_at.is_(None))
+        with self._write() as conn:
+            return conn.execute(query).rowcount
+
+    def file_ids(self, prefix: str) -> set[str]:
+        """The ids of every file whose id starts with ``prefix`` (one folder of the files store)."""
+        query = select(FILES.c.id).where(FILES.c.id.startswith(prefix, autoescape=True))
+        with self._read() as conn:
+            return set(conn.execute(query).scalars())
 
 
 # -- cursors -----------------------------------------------------------------------------------------

@@ -61,21 +61,23 @@ def cog_schemas() -> dict[str, Any]:
                 },
             },
         },
+        # compat: cog's own document (pydantic 1) leaves out ``nullable``, yet its responses carry null
+        # wherever a value is missing; declared here so that the document describes what is sent.
         "PredictionResponse": {
             "type": "object",
             "title": "PredictionResponse",
             "properties": {
                 "input": _ref("Input"),
-                "output": _ref("Output"),
+                "output": {**components()["Output"], "nullable": True},  # Output, inline: a $ref cannot be nullable
                 "id": {"type": "string", "title": "Id"},
-                "version": {"type": "string", "title": "Version"},
-                "created_at": _time("Created At"),
-                "started_at": _time("Started At"),
-                "completed_at": _time("Completed At"),
+                "version": {"type": "string", "title": "Version", "nullable": True},
+                "created_at": {**_time("Created At"), "nullable": True},
+                "started_at": {**_time("Started At"), "nullable": True},
+                "completed_at": {**_time("Completed At"), "nullable": True},
                 "logs": {"type": "string", "title": "Logs", "default": ""},
-                "error": {"type": "string", "title": "Error"},
+                "error": {"type": "string", "title": "Error", "nullable": True},
                 "status": _ref("Status"),
-                "metrics": {"type": "object", "title": "Metrics"},
+                "metrics": {"type": "object", "title": "Metrics", "nullable": True},
             },
         },
         "Status": {

@@ -9,6 +9,7 @@
   URLs work with and without the Authorization header); without a valid signature it falls back to
   the caller's token and the file's owner.
 * A file another caller owns is "not found", exactly like a missing one.
+* With ``ATELIER_RETENTION`` set, an upload's ``expires_at`` says when the retention sweep deletes it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import asyncio
 import json
 import re
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 from fastapi import UploadFile
@@ -26,7 +28,7 @@ from atelier.api.replicate import protocol as wire
 from atelier.errors import FieldProblem, InputError, NotFound
 from atelier.imaging.inputs import sniff
 from atelier.jobs.files import FileStore
-from atelier.jobs.records import FileRecord, format_time
+from atelier.jobs.records import FileRecord, format_time, utc_now
 
 MAX_UPLOAD_BYTES = 100 * 1024 * 1024
 GENERIC_TYPE = "application/octet-stream"
@@ -37,8 +39,9 @@ Caller = Callable[[], str | None]
 
 
 class FilesAPI:
-    def __init__(self, files: FileStore) -> None:
+    def __init__(self, files: FileStore, retention: timedelta | None = None) -> None:
         self.files = files
+        self.retention = retention  # uploads expire this long after they were made (ATELIER_RETENTION)
 
     async def upload(
         self,
@@ -63,6 +66,7 @@ class FilesAPI:
             kind="upload",
             owner=owner,
             metadata=_metadata(metadata),
+            expires_at=utc_now() + self.retention if self.retention is not None else None,
         )
         return self.describe(record, base)
 

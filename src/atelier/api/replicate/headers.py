@@ -41,7 +41,7 @@ def parse_prefer(header: str | None) -> Wait | None:
         value = value.strip().strip('"')
         if not value:
             return Wait(WAIT_CAP)
-        if not value.isdigit() or not 1 <= int(value) <= MAX_WAIT:
+        if not _is_number(value) or not 1 <= int(value) <= MAX_WAIT:
             raise InputError(
                 FieldProblem(
                     "Prefer",
@@ -68,8 +68,12 @@ def parse_cancel_after(header: str | None) -> float | None:
     return seconds
 
 
+def _is_number(text: str) -> bool:
+    return text.isascii() and text.isdigit()  # "³".isdigit() is True, and int("³") raises
+
+
 def _duration(text: str) -> float | None:
-    if text.isdigit():
+    if _is_number(text):
         return float(text)
     match = _DURATION.match(text)
     if not text or match is None:

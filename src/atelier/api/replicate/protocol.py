@@ -117,3 +117,21 @@ class Model(BaseModel):
 
 class WebhookSecret(BaseModel):
     key: str
+
+
+# -- errors ---------------------------------------------------------------------------------------------
+
+
+class InvalidField(BaseModel):
+    type: str
+    field: str
+    description: str
+
+
+class Problem(BaseModel):
+    """Every error (problem JSON); a 422 adds ``invalid_fields``. Rendered by ``atelier.api.errors``."""
+
+    title: str
+    detail: str
+    status: int
+    invalid_fields: list[InvalidField] | None = None

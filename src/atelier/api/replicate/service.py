@@ -55,7 +55,7 @@ class ReplicateDoor:
     def __init__(self, services: Services) -> None:
         self.services = services
         self.models = ModelIndex(services.router)
-        self.files = FilesAPI(services.files)
+        self.files = FilesAPI(services.files, services.settings.retention)
         settings = services.settings
         fallback = (settings.public_url or f"http://{settings.host}:{settings.port}").rstrip("/")
         self.webhooks = WebhookSender(
