@@ -323,7 +323,7 @@ def _follow(
 
 def _read(response: httpcore.Response, policy: FetchPolicy, deadline: float, check_head: HeadCheck | None) -> bytes:
     declared = _header(response, b"content-length")
-    if declared.isdigit() and int(declared) > policy.max_bytes:
+    if declared.isascii() and declared.isdigit() and int(declared) > policy.max_bytes:
         raise _problem(f"is {_mb(int(declared))}; the limit is {_mb(policy.max_bytes)}", "too_large")
     body = bytearray()
     for chunk in response.iter_stream():

@@ -242,3 +242,12 @@ def test_scrub_removes_the_masked_fragment_of_a_key_of_any_shape():
         scrub(said, azure_like)
         == "Incorrect API key provided: [REDACTED] You can find your API key at https://example.com."
     )
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"), [("7", 7.0), ("³", 5.0), ("Wed, 21 Oct 2026 07:28:00 GMT", 5.0), (None, 5.0)]
+)
+def test_retry_after_headers_that_are_not_plain_seconds_fall_back(header, expected):
+    from atelier.engines.openai import seconds
+
+    assert seconds(header, default=5.0) == expected

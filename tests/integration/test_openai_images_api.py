@@ -681,3 +681,43 @@ def test_the_sizes_served_are_the_seeds() -> None:
     assert service.SIZES == (
         "1024x1024", "1536x1024", "1024x1536", "2048x2048", "2048x1152", "1152x2048", "3840x2160", "2160x3840",
     )  # fmt: skip
+
+
+async def test_an_upstream_rate_limit_keeps_its_retry_after(door: Door, spec: Any) -> None:
+    door.engine.fail_next(TooManyRequests("OpenAI is rate limiting: try again in 12s", retry_after=12))
+    response = await generate(door, prompt="a red square")
+    error_of(response, 429, spec)
+    assert response.headers["retry-after"] == "12"  # the upstream's own wait, not a default
+
+
+async def test_an_upstream_client_error_keeps_its_status_code_and_param(door: Door, spec: Any) -> None:
+    from atelier.engines.openai import UpstreamError
+
+    door.engine.fail_next(
+        UpstreamError("OpenAI rejected the request: Invalid prompt", status=400, code="invalid_value", field="prompt")
+    )
+    response = await generate(door, prompt="a red square")
+    error = error_of(response, 400, spec)
+    assert (error["code"], error["param"], error["type"]) == ("invalid_value", "prompt", "invalid_request_error")
+
+
+async def test_a_callers_own_openai_key_routes_the_request_upstream(tmp_path: Path) -> None:
+    upstream = FakeEngine(model="gpt-image-2", scale=16)
+    upstream.name = "openai"
+    local = FakeEngine(model="fake", scale=16)
+    app = create_app(
+        Settings(data_dir=tmp_path), engines={"fake": local, "openai": upstream}, default="fake", warm_up=False
+    )
+    await app.state.services.start(warm_up=False)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            body = {"prompt": "a red square", "openai_api_key": "sk-caller-0123456789"}
+            response = await client.post("/v1/images/generations", json=body)
+            assert response.status_code == 200, response.text
+            assert "sk-caller" not in response.text
+            (job,) = upstream.jobs
+            assert job.request.api_key() == "sk-caller-0123456789" and local.jobs == []
+            plain = await client.post("/v1/images/generations", json={"prompt": "a red square"})
+            assert plain.status_code == 200 and len(local.jobs) == 1
+    finally:
+        await app.state.services.stop()

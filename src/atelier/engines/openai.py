@@ -295,9 +295,7 @@ def _status_error(exc: Any, *, caller_key: bool, key: str | None) -> AtelierErro
         return ModerationBlocked(f"OpenAI's safety system blocked this request: {message}", category="upstream")
     if status == 429:
         retry = exc.response.headers.get("retry-after") if exc.response is not None else None
-        return TooManyRequests(
-            f"OpenAI is rate limiting: {message}", retry_after=float(retry) if retry and retry.isdigit() else 5.0
-        )
+        return TooManyRequests(f"OpenAI is rate limiting: {message}", retry_after=seconds(retry, default=5.0))
     if status in (401, 403):
         if caller_key:  # the caller's own key: their problem to fix
             return UpstreamError(
@@ -310,6 +308,13 @@ def _status_error(exc: Any, *, caller_key: bool, key: str | None) -> AtelierErro
     if 400 <= status < 500:
         return UpstreamError(f"OpenAI rejected the request: {message}", status=400, code=code, field=param)
     return UpstreamError(f"OpenAI failed ({status}) after retries: {message}", status=502, code=code)
+
+
+def seconds(header: str | None, *, default: float) -> float:
+    """A ``Retry-After`` in seconds; anything else (an HTTP date, garbage, Unicode digits) gives ``default``."""
+    if header and header.isascii() and header.strip().isdigit():
+        return float(header)
+    return default
 
 
 def scrub(text: str, key: str | None) -> str:

@@ -72,6 +72,7 @@ log = logging.getLogger(__name__)
 DEADLINE_EXCEEDED = "deadline exceeded"
 SHUTDOWN = "server shutting down"
 RESTARTED = "re-queued after restart"
+RECENT_FAILURES = 256  # how many typed failures ``failure`` remembers
 CANCEL_GRACE_SECONDS = 2.0  # after stop's timeout, how long a canceled engine gets to notice it
 
 
@@ -98,6 +99,7 @@ class Runner:
         self.queue = JobQueue(settings.max_queue, settings.max_concurrency, max_batch_jobs=batch_jobs)
         self.limits = Limits.from_settings(settings)
         self._load_images = load_images
+        self._failures: dict[str, AtelierError] = {}  # recent failures by id, for doors waiting in-process
         self._workers: list[asyncio.Task[None]] = []
         self._started = False
         self._accepting = False
@@ -276,6 +278,15 @@ class Runner:
         finally:
             self.queue.release(batch)
 
+    def failure(self, id: str) -> AtelierError | None:
+        """The typed error a recent prediction failed with in this process (memory only, never stored)."""
+        return self._failures.get(id)
+
+    def _remember_failure(self, id: str, error: AtelierError) -> None:
+        self._failures[id] = error
+        while len(self._failures) > RECENT_FAILURES:
+            self._failures.pop(next(iter(self._failures)))
+
     def _settle(self, entry: Entry, exc: Exception) -> None:
         """A job ended with an exception: canceled if its token was set, else failed with the error."""
         task, token = entry.task, entry.token
@@ -284,6 +295,7 @@ class Runner:
         if token.cancelled or isinstance(exc, Canceled):  # an engine may surface a cancel as its own error
             self._on_canceled(entry, token.reason if token.cancelled else str(exc))
         elif isinstance(exc, AtelierError):
+            self._remember_failure(task.id, exc)
             task.fail(exc)
         else:
             log.error("prediction %s: the engine raised unexpectedly", task.id, exc_info=exc)

@@ -95,10 +95,14 @@ def read_base64(files: FileStore, file_ids: Sequence[str]) -> list[bytes]:
     return [base64.b64encode(files.read(file_id)) for file_id in file_ids]
 
 
-def outputs_of(prediction: Prediction) -> list[str]:
-    """The output file ids of a succeeded prediction; the typed error of any other."""
+def outputs_of(prediction: Prediction, live: AtelierError | None = None) -> list[str]:
+    """The output file ids of a succeeded prediction; the typed error of any other.
+
+    ``live`` is the error the job failed with in this process (``Runner.failure``): it keeps what the
+    stored code cannot — an upstream's HTTP status and ``param``, a 429's ``Retry-After``.
+    """
     if prediction.status != SUCCEEDED:
-        raise failure(prediction)
+        raise live or failure(prediction)
     return list(prediction.output or [])
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 Quality = Literal["low", "medium", "high", "auto"]
 Background = Literal["transparent", "opaque", "auto"]
@@ -49,6 +49,9 @@ class ImageGenerateRequest(_Params):
     safety_identifier: str | None = None
     # not an OpenAI generation parameter; accepted only to be refused with the reason
     input_fidelity: str | None = None
+    # Atelier extension: the caller's own OpenAI key for this request (SDK: extra_body={"openai_api_key": ...});
+    # the request then goes to OpenAI with it, as the seed's openai_api_key does. Never stored or echoed.
+    openai_api_key: SecretStr | None = None
 
 
 class ImageEditForm(_Params):
@@ -71,6 +74,9 @@ class ImageEditForm(_Params):
     safety_identifier: str | None = None
     # Atelier extension: the JSON form of this endpoint has it, so the multipart form takes it too
     moderation: Moderation | None = None
+    # Atelier extension: the caller's own OpenAI key for this request (SDK: extra_body={"openai_api_key": ...});
+    # the request then goes to OpenAI with it, as the seed's openai_api_key does. Never stored or echoed.
+    openai_api_key: SecretStr | None = None
 
 
 class ImageRef(_Params):
@@ -101,6 +107,9 @@ class ImageEditJSON(_Params):
     # openai 3.x SDK (after the spec snapshot); response_format as in the multipart form
     safety_identifier: str | None = None
     response_format: str | None = None
+    # Atelier extension: the caller's own OpenAI key for this request (SDK: extra_body={"openai_api_key": ...});
+    # the request then goes to OpenAI with it, as the seed's openai_api_key does. Never stored or echoed.
+    openai_api_key: SecretStr | None = None
 
 
 ImageParams = ImageGenerateRequest | ImageEditForm | ImageEditJSON

@@ -149,6 +149,7 @@ def to_request(params: ImageParams, input_images: list[str] | None = None, *, im
         "moderation": params.moderation,
         "user_id": user_id(params),
         "input_images": input_images,
+        "openai_api_key": params.openai_api_key.get_secret_value() if params.openai_api_key else None,
     }
     data.update({key: value for key, value in optional.items() if value is not None})
     try:
@@ -294,9 +295,10 @@ async def answer(services: Services, prediction: Prediction, reply: Reply) -> Re
     """The SSE stream, or the ``ImagesResponse`` once the prediction has finished."""
     if reply.stream:
         # Subscribed before this coroutine yields to the loop: the job cannot have emitted anything yet.
-        return streaming.response(services.files, services.runner.subscribe(prediction.id), reply)
+        subscription = services.runner.subscribe(prediction.id)
+        return streaming.response(services.files, subscription, reply, services.runner.failure)
     done = await services.runner.wait(prediction.id, None)
-    images = await asyncio.to_thread(read_base64, services.files, outputs_of(done))
+    images = await asyncio.to_thread(read_base64, services.files, outputs_of(done, services.runner.failure(done.id)))
     return Response(images_response(done, reply, images), media_type="application/json")
 
 

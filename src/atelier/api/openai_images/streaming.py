@@ -26,7 +26,7 @@ import asyncio
 import base64
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 from fastapi.responses import StreamingResponse
@@ -47,11 +47,15 @@ HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 CUT_SHORT = "the stream ended before the images were finished (the server is stopping); retry the request"
 
 
-def response(files: FileStore, subscription: Subscription, reply: Reply) -> StreamingResponse:
-    return StreamingResponse(events(files, subscription, reply), media_type="text/event-stream", headers=HEADERS)
+Failure = Callable[[str], "AtelierError | None"]  # Runner.failure: the live error of a failed prediction
 
 
-async def events(files: FileStore, subscription: Subscription, reply: Reply) -> AsyncIterator[bytes]:
+def response(files: FileStore, subscription: Subscription, reply: Reply, failure: Failure) -> StreamingResponse:
+    stream = events(files, subscription, reply, failure)
+    return StreamingResponse(stream, media_type="text/event-stream", headers=HEADERS)
+
+
+async def events(files: FileStore, subscription: Subscription, reply: Reply, failure: Failure) -> AsyncIterator[bytes]:
     final: Prediction | None = None
     index = 0
     try:
@@ -69,7 +73,7 @@ async def events(files: FileStore, subscription: Subscription, reply: Reply) -> 
         yield error_frame(ModelUnavailable(CUT_SHORT))
         return
     try:
-        file_ids = outputs_of(final)
+        file_ids = outputs_of(final, failure(final.id))
     except AtelierError as error:
         yield error_frame(error)
         return
