@@ -143,7 +143,9 @@ def test_a_killed_server_loses_nothing_it_accepted(tiny_flux2: Path, tmp_path: P
         assert len(at_kill) == COUNT and {"succeeded", "processing", "starting"} <= set(at_kill.values()), at_kill
         finished_before = {pid for pid, status in at_kill.items() if status == "succeeded"} & with_webhook
         stored_before = completed_messages(db)
-        assert finished_before and set(stored_before) == finished_before, "a completed webhook was not stored"
+        # A prediction that finished in the instant before the kill may not have its message stored yet:
+        # the restart re-queues it (checked below: every webhook prediction ends with a delivered message).
+        assert finished_before and set(stored_before) <= finished_before, "a message for an unfinished prediction"
 
         receiver.open.set()
         server = start_server(data, tiny_flux2, env=env)

@@ -214,6 +214,23 @@ class Store:
         with self._read() as conn:
             return [_prediction(r) for r in conn.execute(query).mappings()]
 
+    def finished_without_message(self, event: str, *, source: str, since: datetime) -> list[Prediction]:
+        """Finished predictions (since ``since``) with a webhook but no stored ``event`` message.
+
+        The final status is committed before its ``completed`` message is stored, so a crash between the
+        two leaves exactly these behind; the webhook sender enqueues them again at start-up.
+        """
+        c, d = PREDICTIONS.c, DELIVERIES.c
+        sent = select(d.prediction_id).where(d.event == event)
+        query = (
+            select(PREDICTIONS)
+            .where(c.source == source, c.webhook.is_not(None), c.status.in_(sorted(TERMINAL)))
+            .where(c.completed_at >= format_time(since), c.data_removed.is_not(True), c.id.not_in(sent))
+            .order_by(c.completed_at, c.id)
+        )
+        with self._read() as conn:
+            return [_prediction(r) for r in conn.execute(query).mappings()]
+
     # -- files ---------------------------------------------------------------------------------------
 
     def insert_file(self, record: FileRecord) -> None:

@@ -65,6 +65,7 @@ class ReplicateDoor:
 
     async def start(self) -> None:
         self.services.runner.listeners.append(self.webhooks.on_event)
+        self.webhooks.reconcile()  # after the listener: a message is better sent twice than lost
         self.webhooks.start()
 
     async def stop(self) -> None:

@@ -68,6 +68,7 @@ MAX_REMEMBERED = 10_000
 TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 SOURCE = "replicate"
 THROTTLED = ("logs", "output")
+RECONCILE_WINDOW = timedelta(hours=1)  # how far back a start-up looks for lost completed messages
 
 Render = Callable[[Prediction, str], dict[str, Any]]
 
@@ -150,6 +151,18 @@ class WebhookSender:
 
     def remember(self, prediction_id: str, base: str) -> None:
         self.base_urls[prediction_id] = base
+
+    def reconcile(self, *, within: timedelta = RECONCILE_WINDOW) -> int:
+        """Enqueue the ``completed`` message of predictions that finished just before a crash lost it."""
+        lost = self.store.finished_without_message("completed", source=SOURCE, since=utc_now() - within)
+        count = 0
+        for prediction in lost:
+            if "completed" in set(prediction.webhook_events_filter or WEBHOOK_EVENTS):
+                self._enqueue(prediction, "completed")
+                count += 1
+        if count:
+            log.info("re-queued %d completed webhook(s) lost by a previous process", count)
+        return count
 
     # -- the runner listener ---------------------------------------------------------------------------
 
