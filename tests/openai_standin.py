@@ -169,6 +169,7 @@ class RecordedRequest:
     error: dict[str, Any] | None = None  # the "error" object answered
     rejected_by: str | None = None  # "auth", "fault", "route", "schema", "sdk_types", "rules"
     disconnected: bool = False  # the client closed the connection before the answer
+    peer: str = ""  # the client's host:port: one per TCP connection
     request_id: str = field(default_factory=lambda: f"req_{secrets.token_hex(16)}")  # sent as x-request-id
 
     def files_named(self, name: str) -> list[UploadedFile]:
@@ -507,6 +508,7 @@ class StandIn:
     async def _record(self, request: Request) -> RecordedRequest:
         headers = {k.lower(): v for k, v in request.headers.items()}
         rec = RecordedRequest(request.method, request.url.path, headers, await request.body())
+        rec.peer = f"{request.client.host}:{request.client.port}" if request.client else ""
         self.requests.append(rec)
         if headers.get("content-type", "").startswith("multipart/form-data"):
             async with request.form(max_files=100) as form:  # closes the spooled uploads

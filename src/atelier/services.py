@@ -122,6 +122,7 @@ class Services:
             self.sweeper.cancel()
             await asyncio.gather(self.sweeper, return_exceptions=True)
         await self.runner.stop()
+        await asyncio.to_thread(self.router.close)
         self.store.close()
         self.started = False
 

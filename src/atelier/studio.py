@@ -68,6 +68,18 @@ class Atelier:
             self._upstream = create_engine("openai", self.settings)
         return self._upstream
 
+    def close(self) -> None:
+        """Release the engines' connections (the OpenAI engine's pool); ``Atelier`` works again after."""
+        from atelier.jobs.routing import close_engines
+
+        close_engines(e for e in (self._engine, self._upstream) if e is not None)
+
+    def __enter__(self) -> Atelier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def setup(self, engine: Engine | None = None) -> Engine:
         engine = engine or self.engine
         with self._lock:

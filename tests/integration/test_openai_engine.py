@@ -2,6 +2,7 @@
 
 import base64
 import io
+import threading
 
 import pytest
 from PIL import Image
@@ -115,6 +116,28 @@ def test_a_mask_must_match_the_first_image(openai_standin):
     job = Atelier(engine=engine).prepare(parse_request({"prompt": "x", "input_images": [png()]}), seed=1)
     with pytest.raises(InputError, match="mask: is 10x10 but the first image is 64x48"):
         engine.check(replace(job, mask=Image.new("L", (10, 10))))
+
+
+def test_calls_share_one_connection_pool_across_keys_and_close_releases_it(openai_standin):
+    def loops() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name == "atelier-openai"}
+
+    others = loops()  # other tests' engines, not closed
+    engine = OpenAIEngine(api_key="sk-op", base_url=openai_standin.url, max_retries=0)
+    with Atelier(engine=engine) as atelier:
+        atelier.generate("x")
+        atelier.generate("y", openai_api_key=KEY)  # the caller's key, the same connections
+        atelier.generate("z")
+        assert len({r.peer for r in openai_standin.requests}) == 1  # one kept-alive TCP connection
+        assert [r.headers["authorization"] for r in openai_standin.requests] == [
+            "Bearer sk-op",
+            f"Bearer {KEY}",
+            "Bearer sk-op",
+        ]
+        (thread,) = loops() - others  # one loop thread for the engine, started on first use
+    assert not thread.is_alive()  # close stopped it
+    assert len(Atelier(engine=engine).generate("again").images) == 1  # and a later call starts it again
+    engine.close()
 
 
 def test_usage_is_logged_and_priced(openai_standin):

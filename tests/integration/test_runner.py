@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 
 from atelier.config import Settings
-from atelier.engines.base import Capabilities
+from atelier.engines.base import CancelToken, Capabilities, Job, ProgressFn, Result
 from atelier.errors import EngineError, ModelUnavailable, NotFound, TooManyRequests, UnsupportedRequest
 from atelier.jobs.events import Event
 from atelier.jobs.files import FileStore
@@ -175,6 +176,32 @@ async def test_concurrency_bound_is_respected(harness: Harness) -> None:
     results = await asyncio.gather(*(runner.wait(p.id, timeout=3) for p in submitted))
     assert [r.status for r in results] == ["succeeded"] * 6
     assert engine.max_active == 2
+
+
+class MeetingEngine(FakeEngine):
+    """Each generate waits at a barrier: they all finish only if all of them run at once."""
+
+    def __init__(self, parties: int) -> None:
+        super().__init__(steps=1)
+        self.barrier = threading.Barrier(parties, timeout=10)
+        self.threads: set[str] = set()
+
+    def generate(self, job: Job, *, progress: ProgressFn, cancel: CancelToken) -> Result:
+        self.threads.add(threading.current_thread().name)
+        self.barrier.wait()
+        return super().generate(job, progress=progress, cancel=cancel)
+
+
+async def test_every_worker_gets_its_own_engine_thread(harness: Harness) -> None:
+    """Upstream jobs hold a thread for a whole HTTP round trip: asyncio's default pool (min(32, cpus + 4)
+    threads, shared with file I/O) must not cap ``max_concurrency``."""
+    count = 40
+    engine = MeetingEngine(count)
+    runner = await harness.runner(engine, max_concurrency=count, max_queue=count)
+    submitted = [await runner.submit(request(), source="python") for _ in range(count)]
+    results = await asyncio.gather(*(runner.wait(p.id, timeout=15) for p in submitted))
+    assert [r.status for r in results] == ["succeeded"] * count
+    assert len(engine.threads) == count and all(t.startswith("atelier-engine") for t in engine.threads)
 
 
 async def test_subscribe_sees_status_progress_output_done_in_order(harness: Harness) -> None:

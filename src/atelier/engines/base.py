@@ -7,7 +7,8 @@ spent (``check``), so a request an engine cannot honour is refused, never silent
 
 Batching is an optional capability (``BatchingEngine``): an engine that can run several queued jobs
 in one model call says how a job may share a call (``batch_plan``) and runs them (``generate_many``).
-Engines without it run one job at a time.
+Engines without it run one job at a time. An engine may also have ``close()`` (optional, blocking) to
+release what it keeps between calls, such as an upstream's connection pool; the server calls it at stop.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class Job:
     seed: int
     images: tuple[Image.Image, ...] = ()
     mask: Image.Image | None = None
-    previews: int = 0  # how many intermediate previews the caller wants (OpenAI partial_images)
+    previews: int = 0  # how many intermediate previews the caller wants (OpenAI partial_images, Replicate previews)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from atelier.engines.aio import BackgroundLoop
 from atelier.engines.base import CancelToken, Capabilities, Job, OutputImage, ProgressEvent, ProgressFn, Result
 from atelier.errors import (
     AtelierError,
@@ -96,6 +97,8 @@ class OpenAIEngine:
         self._max_retries = max_retries
         self._deadline = deadline
         self.prices = prices or Prices()
+        self._loop = BackgroundLoop(f"atelier-{self.name}")  # the calls, the connection pool (see aio.py)
+        self._http: Any = None  # one httpx.AsyncClient on that loop, shared by every key's calls
 
     def setup(self) -> None:
         try:
@@ -140,20 +143,25 @@ class OpenAIEngine:
     def generate(self, job: Job, *, progress: ProgressFn, cancel: CancelToken) -> Result:
         size = self.check(job)
         cancel.raise_if_cancelled()
-        return asyncio.run(self._run(job, size, progress, cancel))
+        return self._loop.run(self._run(job, size, progress, cancel))
+
+    def close(self) -> None:
+        """Close the connection pool and stop the engine's loop (a later call starts them again)."""
+        self._loop.close(self._close_http)
+
+    async def _close_http(self) -> None:
+        http, self._http = self._http, None
+        if http is not None:
+            await http.aclose()
 
     # -- the call ----------------------------------------------------------------------------------------
 
     async def _run(self, job: Job, size: str, progress: ProgressFn, cancel: CancelToken) -> Result:
-        from openai import AsyncOpenAI
-
         key = job.request.api_key() or self._api_key
         started = time.perf_counter()
-        client = AsyncOpenAI(api_key=key, base_url=self._base_url, timeout=self._timeout, max_retries=self._max_retries)
         try:
-            async with client:
-                call = asyncio.ensure_future(self._call(client, job, size, progress))
-                data, usage = await self._supervise(call, cancel)
+            call = asyncio.ensure_future(self._call(self._client(key), job, size, progress))
+            data, usage = await self._supervise(call, cancel)
         except AtelierError:
             raise
         except Exception as exc:  # the SDK's errors, mapped once
@@ -174,6 +182,20 @@ class OpenAIEngine:
             usage=usage,
             cost=self.prices.cost(usage) if usage else None,
             timings={"upstream": time.perf_counter() - started},
+        )
+
+    def _client(self, key: str | None) -> Any:
+        """An SDK client for ``key`` over the shared connection pool (cheap: no SSL context, no pool)."""
+        import openai
+
+        if self._http is None:
+            self._http = openai.DefaultAsyncHttpxClient()
+        return openai.AsyncOpenAI(
+            api_key=key,
+            base_url=self._base_url,
+            timeout=self._timeout,
+            max_retries=self._max_retries,
+            http_client=self._http,
         )
 
     async def _supervise(self, call: asyncio.Future[Any], cancel: CancelToken) -> Any:

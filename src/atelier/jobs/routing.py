@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -40,6 +40,17 @@ class SetupRecord:
     started_at: datetime
     completed_at: datetime | None = None
     error: str | None = None
+
+
+def close_engines(engines: Iterable[Engine]) -> None:
+    """Call ``close()`` on each engine that has one (it is optional), once per engine object."""
+    for engine in {id(e): e for e in engines}.values():
+        close = getattr(engine, "close", None)
+        if callable(close):
+            try:
+                close()
+            except Exception:
+                log.exception("could not close engine %s (%s)", engine.name, engine.model)
 
 
 class EngineRouter:
@@ -121,6 +132,10 @@ class EngineRouter:
 
     def is_ready(self, engine: Engine) -> bool:
         return id(engine) in self._ready
+
+    def close(self) -> None:
+        """Release what engines hold beyond a call (an upstream's connection pool); blocking."""
+        close_engines(self.engines.values())
 
     def _openai_key(self) -> str:
         if OPENAI in self.engines:

@@ -10,7 +10,8 @@ Design:
   The caller's limits (``atelier.jobs.limits``) are checked with the bound, and once before the engine.
 * **Workers.** ``settings.max_concurrency`` workers pull from one queue, in fair order across callers
   (``atelier.jobs.queue``); each sets the engine up once (in a thread), marks the task ``processing``,
-  runs ``engine.generate`` in a thread (the loop never blocks on a model), writes the outputs durably
+  runs ``engine.generate`` in one of the runner's own threads (one per worker, so engine calls never
+  wait for threads that file I/O holds, nor it for them; the loop never blocks on a model), writes the outputs durably
   through the ``FileStore``, and only then marks the task ``succeeded``. Progress callbacks from the
   engine's thread are handed to the loop (``call_soon_threadsafe``), where the ``Task`` lives.
 * **Cancel and deadlines.** Each job has a ``CancelToken``. A queued job is canceled at once; a
@@ -43,7 +44,9 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
+from functools import partial
 from typing import TYPE_CHECKING
 
 from atelier.engines.base import BatchPlan, CancelToken, Engine, Job, PartialBatch, Result, batching, generate_together
@@ -101,6 +104,7 @@ class Runner:
         self._load_images = load_images
         self._failures: dict[str, AtelierError] = {}  # recent failures by id, for doors waiting in-process
         self._workers: list[asyncio.Task[None]] = []
+        self._threads: ThreadPoolExecutor | None = None  # engine calls: one thread per worker
         self._started = False
         self._accepting = False
         self._stopping = False
@@ -131,6 +135,7 @@ class Runner:
         await self._recover()
         self._accepting = True
         count = self.queue.concurrency
+        self._threads = ThreadPoolExecutor(count, thread_name_prefix="atelier-engine")
         self._workers = [asyncio.create_task(self._worker(), name=f"atelier-worker-{i}") for i in range(count)]
         log.info("runner started: %d worker(s), queue bound %d", count, self.queue.max_queue)
 
@@ -152,6 +157,8 @@ class Runner:
         for worker in self._workers:
             worker.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
+        if self._threads is not None:
+            self._threads.shutdown(wait=False)  # engine calls still running end on their cancel token
         await self.dispatcher.drain(max(0.1, until - time.monotonic()))
         log.info("runner stopped")
 
@@ -311,11 +318,10 @@ class Runner:
             jobs, engine = [e.job for e in running], running[0].engine
             progress_for, cancel_for = {e.id: e.progress_callback() for e in running}, {e.id: e.token for e in running}
             try:
-                results = await asyncio.to_thread(
-                    generate_together, engine, jobs, progress_for=progress_for, cancel_for=cancel_for
-                )
-            except PartialBatch as partial:
-                return partial.results, partial.errors
+                call = partial(generate_together, engine, jobs, progress_for=progress_for, cancel_for=cancel_for)
+                results = await asyncio.get_running_loop().run_in_executor(self._threads, call)
+            except PartialBatch as some:
+                return some.results, some.errors
             self.queue.observe((time.monotonic() - began) / len(running))
             return {job.id: result for job, result in zip(jobs, results, strict=True)}, {}
         except Exception as exc:
