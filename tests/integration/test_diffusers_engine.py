@@ -14,6 +14,7 @@ from atelier import Atelier
 from atelier.engines.base import CancelToken, ProgressEvent
 from atelier.errors import Canceled, ModelUnavailable, ModerationBlocked, UnsupportedRequest
 from atelier.imaging.encode import decode_info
+from atelier.request import parse_request
 
 pytestmark = pytest.mark.slow
 
@@ -62,6 +63,20 @@ def test_number_of_images_gives_distinct_images_each_with_its_seed(flux):
     assert [image.seed for image in result.images] == [10, 11, 12]
     arrays = [np.asarray(decoded(image)) for image in result.images]
     assert not np.array_equal(arrays[0], arrays[1]) and not np.array_equal(arrays[1], arrays[2])
+
+
+def test_images_per_call_default_to_four_megapixels_on_cuda_and_one_elsewhere(flux, tiny_flux2):
+    from atelier.engines.diffusers import DiffusersEngine
+
+    def batches(engine, **fields):
+        job = flux.prepare(parse_request({"prompt": "x", "number_of_images": 4, **fields}), seed=1)
+        return engine.check(job).batches
+
+    assert batches(flux.engine) == (1, 1, 1, 1)  # 1024x1024 on a CPU: one image per call (bench/concurrency.py)
+    assert batches(flux.engine, quality="low") == (2, 2)  # 720x720
+    cuda = DiffusersEngine(model_path=tiny_flux2, device="cuda")  # planning only: nothing is loaded
+    assert batches(cuda) == (4,)
+    assert batches(DiffusersEngine(model_path=tiny_flux2, device="cpu", max_batch_pixels=4 << 20)) == (4,)
 
 
 def test_a_seed_reproduces_an_image_alone_or_in_a_batch(flux):
