@@ -207,6 +207,7 @@ def test_generate_shows_progress_and_a_result_of_the_requested_size(
     created = submit(page)
     wait_done(page)
     assert natural_sizes(page) == [(1536, 1024)]
+    expect(page.locator("#gallery .preview")).to_have_count(0)  # the results replaced the step previews
     expect(page.locator("#gallery figcaption").first).to_contain_text("1536×1024 · PNG")
     # The progress bar was fed by the stream's log lines and ends full.
     assert re.search(r"\d+/\d+ \[", page.text_content("#logs") or "")
@@ -246,6 +247,34 @@ def test_cancel_stops_a_running_prediction(browser: Browser, page: Page, server:
     assert fetch(server, created)["status"] == "canceled"
     expect(page.locator("#history-list li").first).to_have_attribute("data-status", "canceled")
     shot(page, "canceled")
+
+
+def test_step_previews_appear_while_the_model_runs(browser: Browser, page: Page, server: Server) -> None:
+    with api(server) as client:
+        model = client.get(f"/v1/models/{SEED}").json()
+    assert (model["engine"], model["previews"]) == ("diffusers", 3)  # a local model: previews cost nothing
+    visit(page, server)
+    fill_form(page, "a harbour at dawn", quality="high")
+    page.fill("#f-number_of_images", "10")  # slow enough on the tiny model to be seen running
+    with page.expect_request(lambda r: r.method == "POST" and r.url.endswith("/predictions")) as creating:
+        submit(page)
+    assert creating.value.post_data_json["previews"] == 3
+    # Polled on every animation frame: a preview is on screen, decoded, while the prediction runs.
+    page.wait_for_function(
+        "() => { const i = document.querySelector('#gallery .preview img'); return i && i.complete && i.naturalWidth; }",
+        timeout=RUN_TIMEOUT,
+    )
+    preview = page.locator("#gallery .preview img")
+    assert (preview.get_attribute("src") or "").startswith("data:image/webp;base64,")
+    where = r"Preview of image 1 at step \d+ of \d+"
+    assert re.fullmatch(where + ": a harbour at dawn", preview.get_attribute("alt") or "")
+    expect(page.locator("#gallery .preview figcaption")).to_contain_text(re.compile(where))
+    assert preview.evaluate("i => [i.naturalWidth, i.naturalHeight]") == [512, 512]  # scaled down from 1024
+    assert page.get_attribute("#run", "data-status") in ("starting", "processing")  # not finished yet
+    shot(page, "preview")
+    page.click("#cancel")  # the rest of the run would only take time
+    wait_done(page, "canceled")
+    expect(page.locator("#gallery .preview")).to_have_count(0)
 
 
 def test_a_result_can_be_used_as_the_input_of_an_edit(browser: Browser, page: Page, server: Server) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from atelier.imaging.encode import decode_info, encode, encode_many
+from atelier.imaging.encode import decode_info, encode, encode_many, encode_preview
 
 
 def photo(width: int = 256, height: int = 192, seed: int = 0) -> Image.Image:
@@ -136,3 +136,13 @@ def test_encode_many_of_one_and_none() -> None:
     assert encode_many([], "webp", 90, background="opaque") == []
     [one] = encode_many([with_alpha(photo())], "webp", 90, background="transparent")
     assert decode_info(one) == ("webp", 256, 192, True)
+
+
+def test_a_preview_is_opaque_and_scaled_down_to_fit_never_up() -> None:
+    """Step previews (OpenAI partial images, Replicate preview events) are never matted: no alpha, ever."""
+    assert decode_info(encode_preview(with_alpha(photo(300, 200)), "webp", 75, max_side=120)) == (
+        "webp", 120, 80, False
+    )  # fmt: skip
+    assert decode_info(encode_preview(photo(90, 160), "png", 50, max_side=120))[1:3] == (68, 120)
+    assert decode_info(encode_preview(photo(100, 60), "jpeg", 75, max_side=512))[1:3] == (100, 60)
+    assert decode_info(encode_preview(photo(300, 200), "png", 50))[1:3] == (300, 200)

@@ -3,7 +3,7 @@
 * ``inputs``  — input images loaded safely: data: URIs, http(s) URLs, local paths; png/jpeg/webp only,
   sniffed from the bytes; byte and pixel limits checked before decoding; EXIF orientation applied.
 * ``encode``  — finished pixels to png/jpeg/webp bytes, honouring ``output_compression`` and
-  ``background`` (a real alpha channel, or none at all).
+  ``background`` (a real alpha channel, or none at all); step previews, opaque and optionally smaller.
 * ``matting`` — a subject drawn on a flat backdrop cut out into real alpha (``background=transparent``
   on local engines), and ``wants_transparency`` for ``background=auto``.
 * ``resize``  — a render resized to exactly the requested size (premultiplied alpha, Lanczos).

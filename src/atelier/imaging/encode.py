@@ -29,6 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image
 
+from atelier.imaging.resize import fit_exact
+
 FORMATS = ("png", "jpeg", "webp")
 BACKGROUNDS = ("transparent", "opaque")
 WHITE = (255, 255, 255, 255)
@@ -73,6 +75,16 @@ def encode(image: Image.Image, fmt: str, compression: int, *, background: str) -
         method = WEBP_METHOD_AT_100 if compression == 100 else WEBP_METHOD
         pixels.save(buf, "WEBP", quality=compression, method=method, lossless=False)
     return buf.getvalue()
+
+
+def encode_preview(image: Image.Image, fmt: str, compression: int, *, max_side: int | None = None) -> bytes:
+    """An engine's step preview as ``fmt``: always opaque (a preview is never matted; a transparent request
+    is cut out only at the end) and, with ``max_side``, scaled down to fit within it (never up)."""
+    longest = max(image.size)
+    if max_side is not None and longest > max_side:
+        scale = max_side / longest
+        image = fit_exact(image, max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return encode(image, fmt, compression, background="opaque")
 
 
 def encode_many(

@@ -35,7 +35,7 @@ from atelier.api.errors import openai_error_body
 from atelier.api.openai_images.outputs import ZERO_USAGE, Reply, outputs_of, read_base64, resolved, upstream_usage
 from atelier.api.openai_images.protocol import CompletedEvent, PartialImageEvent
 from atelier.errors import AtelierError, ModelUnavailable
-from atelier.imaging.encode import encode
+from atelier.imaging.encode import encode_preview
 from atelier.jobs.events import Subscription
 from atelier.jobs.files import FileStore
 from atelier.jobs.records import Prediction
@@ -84,7 +84,7 @@ async def events(files: FileStore, subscription: Subscription, reply: Reply, fai
 
 
 async def partial_frame(preview: Image.Image, index: int, reply: Reply) -> bytes:
-    data = await asyncio.to_thread(encode, preview, reply.output_format, reply.output_compression, background="opaque")
+    data = await asyncio.to_thread(encode_preview, preview, reply.output_format, reply.output_compression)
     event = PartialImageEvent(
         type=f"{reply.kind}.partial_image",  # type: ignore[arg-type]  # one of two known prefixes
         created_at=int(time.time()),

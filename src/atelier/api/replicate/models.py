@@ -7,6 +7,8 @@
 * ``POST /v1/predictions`` takes ``version`` as ``owner/name`` (versionless, shown as ``"hidden"``),
   ``owner/name:<id>`` or a bare ``<id>``; an id must be one this server issued (refuse to guess:
   an unknown id is a 404 naming the current ids, never silently the default model).
+* A model's description adds two Atelier fields: ``engine`` (the family that serves it, as in a
+  prediction's ``metrics.engine``) and ``previews`` (the most step previews a create may ask for).
 """
 
 from __future__ import annotations
@@ -113,6 +115,7 @@ class ModelIndex:
         raise NotFound(f"version {ref!r} was not found; current versions: {current}", field="version")
 
     def describe(self, model: ServedModel, base: str) -> wire.Model:
+        engine = self.router.engines[model.key]
         return wire.Model(
             url=f"{base}/v1/models/{model.address}",
             owner=model.owner,
@@ -127,6 +130,8 @@ class ModelIndex:
                 cog_version=f"atelier-{__version__}",
                 openapi_schema=openapi_schema(),
             ),
+            engine=engine.name,
+            previews=wire.MAX_PREVIEWS if engine.capabilities.can_preview else 0,
         )
 
     def _description(self, model: ServedModel) -> str:

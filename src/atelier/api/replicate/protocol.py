@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 Status = Literal["starting", "processing", "succeeded", "failed", "canceled"]
 WebhookEvent = Literal["start", "output", "logs", "completed"]
 WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = ("start", "output", "logs", "completed")
+# OpenAI's own bound on partial images: the default route may run upstream, where more is refused.
+MAX_PREVIEWS = 3
 
 
 def _is_none(value: Any) -> bool:
@@ -34,6 +36,13 @@ class ModelPredictionRequest(BaseModel):
     webhook_completed: str | None = None  # legacy: a URL that gets only the ``completed`` event
     webhook_events_filter: list[WebhookEvent] | None = None
     stream: bool | None = None  # accepted; ``urls.stream`` is always given
+    previews: StrictInt | None = Field(  # atelier: step previews, sent on ``urls.stream?previews=1`` only
+        default=None,
+        ge=0,
+        le=MAX_PREVIEWS,
+        description=f"how many step previews to decode while the model runs, 0 to {MAX_PREVIEWS}; "
+        "they are sent live on the stream URL opened with ?previews=1",
+    )
 
 
 class PredictionRequest(ModelPredictionRequest):
@@ -113,6 +122,8 @@ class Model(BaseModel):
     cover_image_url: str | None = None
     default_example: dict[str, Any] | None = None
     latest_version: ModelVersion | None
+    engine: str | None = None  # atelier: the engine family that serves it without an openai_api_key
+    previews: int = 0  # atelier: the most ``previews`` a create may ask for; 0: its engine makes none
 
 
 class WebhookSecret(BaseModel):

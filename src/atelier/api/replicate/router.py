@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, File, Form, Header, Request, Response, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Header, Query, Request, Response, UploadFile
 from fastapi.responses import FileResponse, StreamingResponse
 
 from atelier.api.deps import BaseURL, Owner, ServicesDep, authenticate
@@ -56,6 +56,10 @@ Door = Annotated[ReplicateDoor, Depends(get_door)]
 JSONBody = Annotated[Any, Depends(json_body)]
 Prefer = Annotated[str | None, Header()]
 CancelAfter = Annotated[str | None, Header()]
+Previews = Annotated[
+    bool,
+    Query(description="atelier: add `preview` events (step previews of a prediction created with `previews`)"),
+]
 SSE_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
 
 
@@ -100,9 +104,10 @@ async def cancel_prediction(prediction_id: str, door: Door, owner: Owner, base: 
 
 @router.get("/predictions/{prediction_id}/stream")
 async def stream_prediction(
-    prediction_id: str, door: Door, services: ServicesDep, request: Request, base: BaseURL, sig: str | None = None
-) -> StreamingResponse:
-    events = await door.stream(prediction_id, sig, lambda: authenticate(request, services), base)
+    prediction_id: str, door: Door, services: ServicesDep, request: Request, base: BaseURL, sig: str | None = None,
+    previews: Previews = False,
+) -> StreamingResponse:  # fmt: skip
+    events = await door.stream(prediction_id, sig, lambda: authenticate(request, services), base, previews=previews)
     return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
 
 

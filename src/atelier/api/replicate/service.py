@@ -7,14 +7,18 @@ in the grace period become deliveries and get their first attempt before the sto
 
 A create is checked completely before any model time is spent, in this order: the body (unknown
 fields are a 422), the ``Prefer`` and ``Cancel-After`` headers, the model or version, the input
-(``parse_request``, 422 ``invalid_fields``), the webhook, then the input images (fetched in a
-thread); only then is the job submitted. ``Prefer: wait`` holds the answer until the prediction is
-over or the time is up, counted from the start of the request.
+(``parse_request``, 422 ``invalid_fields``), the webhook, ``previews`` against the engine that would
+run it, then the input images (fetched in a thread); only then is the job submitted. ``Prefer: wait``
+holds the answer until the prediction is over or the time is up, counted from the start of the request.
+
+``previews`` (an Atelier extension, docs/api.md) is recorded with the job (``jobs/recovery.py``), so a
+prediction run again after a restart makes them too; ``stream.py`` sends them, to a stream that asks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
@@ -34,7 +38,7 @@ from atelier.api.replicate.webhooks import WebhookSender
 from atelier.errors import FieldProblem, InputError, NotFound
 from atelier.jobs.records import Prediction, utc_now
 from atelier.jobs.store import encode_cursor
-from atelier.request import parse_request
+from atelier.request import ImageRequest, parse_request
 from atelier.services import Services
 
 PAGE_SIZE = 100  # Replicate's page size for GET /v1/predictions
@@ -88,10 +92,11 @@ class ReplicateDoor:
         model, version = self._target(body, address)
         request = parse_request(body.input, prefix="input.")
         webhook, webhook_events = webhook_target(body)
+        previews = self._previews(body, request, model)
         images = await asyncio.to_thread(self.services.load_inputs, request, owner)
         prediction = await self.services.runner.submit(
-            request, model=model.address, source=SOURCE, owner=owner, images=images, webhook=webhook,
-            webhook_events_filter=webhook_events, version=None if version == HIDDEN else version,
+            request, model=model.address, source=SOURCE, owner=owner, images=images, previews=previews,
+            webhook=webhook, webhook_events_filter=webhook_events, version=None if version == HIDDEN else version,
             deadline=utc_now() + timedelta(seconds=lifetime) if lifetime is not None else None,
         )  # fmt: skip
         if webhook is not None:
@@ -127,8 +132,11 @@ class ReplicateDoor:
             return f"{base}/v1/predictions"
         return f"{base}/v1/predictions?cursor={encode_cursor(newer[self.page_size])}"
 
-    async def stream(self, prediction_id: str, sig: str | None, caller: Caller, base: str) -> AsyncIterator[str]:
-        """SSE text for ``urls.stream``; access by the URL's signature or the caller's token."""
+    async def stream(
+        self, prediction_id: str, sig: str | None, caller: Caller, base: str, *, previews: bool = False
+    ) -> AsyncIterator[str]:
+        """SSE text for ``urls.stream``; access by the URL's signature or the caller's token. ``previews``
+        adds the ``preview`` events (an extension the official clients would raise on)."""
         runner = self.services.runner
         owner = self._stream_owner(prediction_id, sig) if sig else caller()
         await runner.get(prediction_id, owner=owner)  # NotFound for anyone else's
@@ -136,7 +144,8 @@ class ReplicateDoor:
         subscription = runner.subscribe(prediction_id)
         snapshot = await runner.get(prediction_id, owner=owner)  # never suspends: a plain read
         files = self.services.files
-        return events(snapshot, subscription, lambda ids: [download_url(base, files, i) for i in ids])
+        urls = lambda ids: [download_url(base, files, i) for i in ids]  # noqa: E731
+        return events(snapshot, subscription, urls, previews=previews)
 
     def _stream_owner(self, prediction_id: str, sig: str) -> str | None:
         record = self.services.store.get_prediction(prediction_id)
@@ -149,6 +158,22 @@ class ReplicateDoor:
 
     def _webhook_body(self, prediction: Prediction, base: str) -> dict[str, Any]:
         return self.render(prediction, base).model_dump(mode="json")
+
+    def _previews(self, body: wire.ModelPredictionRequest, request: ImageRequest, model: ServedModel) -> int:
+        """The previews asked for; refused when the engine that would run the request cannot make them
+        (the runner would silently make none)."""
+        count = body.previews or 0
+        if count and not self.services.router.engine_for(request, model.address).capabilities.can_preview:
+            raise InputError(
+                FieldProblem(
+                    "previews",
+                    f"got {count}; model {model.address!r} cannot make step previews; leave 'previews' out or "
+                    "set it to 0 (a model's description, GET /v1/models/{owner}/{name}, gives how many it can make)",
+                    "unsupported",
+                    count,
+                )
+            )
+        return count
 
     def _target(self, body: wire.ModelPredictionRequest, address: str | None) -> tuple[ServedModel, str]:
         if isinstance(body, wire.PredictionRequest):
@@ -177,6 +202,8 @@ _KINDS = {
     "missing": "required",
     "extra_forbidden": "additional_property_not_allowed",
     "literal_error": "enum",
+    "less_than_equal": "number_lte",
+    "greater_than_equal": "number_gte",
 }
 
 
@@ -201,7 +228,10 @@ def _body_problem(model: type[BaseModel], err: Any) -> FieldProblem:
     elif kind == "enum":
         message = f"got {err.get('input')!r}; allowed values are: {', '.join(wire.WEBHOOK_EVENTS)}"
     else:
-        message = f"got {str(err.get('input'))[:60]!r}: {err['msg']}"
+        message = f"got {json.dumps(err.get('input'), default=str)[:60]}: {err['msg']}"  # as sent: 3 vs "3"
+        field = model.model_fields.get(loc[0]) if loc else None
+        if field is not None and field.description:  # what the field is for, and what it allows
+            message += f"; '{name}' is {field.description}"
     return FieldProblem(name, message, kind)
 
 

@@ -7,19 +7,34 @@ soon as the outputs exist (for images: at the end); a failed prediction sends ``
 ``{"detail": "<why>"}`` before ``done``. A prediction that is already over is replayed (its logs,
 outputs, error) and ends with ``done``. A comment line every 15 s keeps idle connections open
 through proxies; clients skip comments.
+
+Atelier's one extension, strictly opt-in (``?previews=1`` on the URL; without it the stream is exactly
+Replicate's): ``preview`` events with ``{"step", "total", "image"}``, ``image`` a ``data:image/webp``
+URL of the engine's step preview scaled down to ``PREVIEW_MAX_SIDE``: the ones the engine made for
+the create's ``previews``. They are live only (never stored, never replayed once the prediction is
+over) and best-effort: like every ``progress`` event, the first thing a full subscription drops for a
+slow reader.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING
 
+from atelier.imaging.encode import encode_preview
 from atelier.jobs.events import Event, Subscription
 from atelier.jobs.records import FAILED, Prediction
 
+if TYPE_CHECKING:
+    from PIL import Image
+
 KEEPALIVE_SECONDS = 15.0
 KEEPALIVE = ": keepalive\n\n"
+PREVIEW_MAX_SIDE = 512  # a glance at the composition: ~2-30 KB of webp, ~100 KB for pure noise
+PREVIEW_QUALITY = 75
 
 OutputURLs = Callable[[list[str]], list[str]]
 
@@ -30,12 +45,17 @@ def frame(event_id: int, name: str, data: str) -> str:
 
 
 async def events(
-    snapshot: Prediction, subscription: Subscription, urls: OutputURLs, *, keepalive: float = KEEPALIVE_SECONDS
+    snapshot: Prediction,
+    subscription: Subscription,
+    urls: OutputURLs,
+    *,
+    previews: bool = False,
+    keepalive: float = KEEPALIVE_SECONDS,
 ) -> AsyncIterator[str]:
     """The SSE text of one prediction: what happened so far (``snapshot``), then live events until ``done``.
 
     ``subscription`` must have been taken before ``snapshot`` with no ``await`` in between, so that no
-    event is missed or repeated.
+    event is missed or repeated. ``previews`` adds the live ``preview`` events.
     """
     ids = iter(range(1, 2**62))
     try:
@@ -48,9 +68,11 @@ async def events(
         async for event in _with_keepalive(subscription, keepalive):
             if event is None:
                 yield KEEPALIVE
-                continue
-            for name, data in _translate(event, urls):
-                yield frame(next(ids), name, data)
+            elif previews and (image := _preview_of(event)) is not None:
+                yield frame(next(ids), "preview", await _preview(event, image))
+            else:
+                for name, data in _translate(event, urls):
+                    yield frame(next(ids), name, data)
     finally:
         subscription.close()
 
@@ -63,6 +85,17 @@ def _translate(event: Event, urls: OutputURLs) -> Iterator[tuple[str, str]]:
             yield "output", url
     elif event.kind == "done" and event.prediction is not None:
         yield from _ending(event.prediction, urls, with_output=False)
+
+
+def _preview_of(event: Event) -> Image.Image | None:
+    return event.data.get("preview") if event.kind == "progress" else None
+
+
+async def _preview(event: Event, image: Image.Image) -> str:
+    """A ``preview`` event's data; encoded off the event loop (tens of ms for a full-size preview)."""
+    data = await asyncio.to_thread(encode_preview, image, "webp", PREVIEW_QUALITY, max_side=PREVIEW_MAX_SIDE)
+    url = "data:image/webp;base64," + base64.b64encode(data).decode()
+    return json.dumps({"step": event.data.get("step"), "total": event.data.get("total"), "image": url})
 
 
 def _logs(text: str) -> Iterator[tuple[str, str]]:

@@ -74,7 +74,9 @@ async function readJSON(response) {
 
 export const api = {
   model: () => request(`v1/models/${MODEL}`),
-  create: (input) => request(`v1/models/${MODEL}/predictions`, { method: "POST", json: { input } }),
+  // `previews`: step previews to ask for (Atelier's extension of the create body; 0 leaves it out).
+  create: (input, { previews = 0 } = {}) =>
+    request(`v1/models/${MODEL}/predictions`, { method: "POST", json: previews ? { input, previews } : { input } }),
   get: (prediction) => request(prediction.urls.get),
   cancel: (prediction) => request(prediction.urls.cancel, { method: "POST" }),
   list: (pageURL) => request(pageURL || "v1/predictions"),

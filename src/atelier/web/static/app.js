@@ -4,7 +4,7 @@
 import { api, ApiError, hasToken, onUnauthorized, setToken } from "./api.js";
 import { $, formatSeconds, show } from "./dom.js";
 import { buildForm } from "./form.js";
-import { renderGallery, renderSummary } from "./gallery.js";
+import { renderGallery, renderPreview, renderSummary } from "./gallery.js";
 import { historyView } from "./history.js";
 import { follow, parseProgress, TERMINAL } from "./run.js";
 
@@ -22,6 +22,10 @@ const ui = {
 };
 
 let form = null; // built once the schema has loaded
+let model = null; // GET v1/models/...: its description, and how many step previews it can make
+// Step previews asked of a model that can make them (Atelier's `previews`; docs/api.md). A few are
+// enough to watch the picture form; the engine spreads them over the steps and never sends more.
+const PREVIEWS = 3;
 const run = { prediction: null, follower: null, timer: null, step: null, pass: 1, began: 0 };
 
 const history = historyView(ui.history, {
@@ -42,7 +46,7 @@ async function start() {
 
 async function loadModel() {
   try {
-    const model = await api.model();
+    model = await api.model();
     form = buildForm(ui.fields, model.latest_version.openapi_schema);
     ui.modelDescription.textContent = model.description || "";
     ui.submit.disabled = false;
@@ -131,7 +135,7 @@ async function submit(event) {
   }
   ui.submit.disabled = true;
   try {
-    track(await api.create(input));
+    track(await api.create(input, { previews: previewsFor(input) }));
     // On a phone the result is below the form: bring it into view.
     if (ui.run.getBoundingClientRect().top > window.innerHeight) ui.run.scrollIntoView({ behavior: "smooth" });
   } catch (error) {
@@ -139,6 +143,13 @@ async function submit(event) {
   } finally {
     ui.submit.disabled = false;
   }
+}
+
+// None when the run goes to OpenAI (a typed key, or the server's own route): there each preview is a
+// partial image that OpenAI bills, and the page does not spend money on a glimpse.
+function previewsFor(input) {
+  if (input.openai_api_key || model?.engine === "openai") return 0;
+  return Math.min(PREVIEWS, model?.previews || 0);
 }
 
 // The API said no: its own messages go next to the fields (422) or above the buttons.
@@ -168,6 +179,7 @@ function track(prediction) {
     status: (status) => showStatus(status, prediction),
     log: appendLog,
     error: (detail) => showRunError(detail),
+    preview: (preview) => renderPreview(ui.gallery, preview, prediction.input || {}),
   });
   run.follower = follower;
   follower.done.then(

@@ -64,6 +64,25 @@ function figure({ url, alt, format, transparent, onUseAsInput, index }) {
   );
 }
 
+// A step preview while the prediction runs (engines preview the first image of a batch): one figure,
+// updated in place, until renderGallery replaces it with the results. Not a live region: a screen reader
+// hears the status and the result, not each step.
+export function renderPreview(node, { step, total, image }, input) {
+  let figure = node.querySelector(".preview");
+  if (!figure) {
+    figure = el("figure", { class: "result preview" },
+      el("div", { class: "frame" }, el("img", { alt: "", decoding: "async" })),
+      el("figcaption", { class: "small muted" }));
+    node.replaceChildren(figure);
+  }
+  const what = (input.number_of_images || 1) > 1 ? "Preview of image 1" : "Preview";
+  const where = total ? `step ${step} of ${total}` : "in progress";
+  const img = figure.querySelector("img");
+  img.src = image;
+  img.alt = `${what} at ${where}: ${shorten(input.prompt || "", 80)}`;
+  figure.querySelector("figcaption").textContent = `${what} at ${where} (smaller than the result)`;
+}
+
 export function shorten(text, length) {
   return text.length > length ? `${text.slice(0, length - 1)}…` : text;
 }

@@ -4,8 +4,9 @@
 // * status: "starting" (queued) until the first log line, then "processing"; the final status,
 //   metrics and outputs come from GET urls.get once `done` arrives.
 // * progress: parsed from the tqdm-style progress lines in the logs (" 50%|█████     | 2/4 [00:01<…").
-// * step previews: the job system has them, but the public Replicate stream does not carry them (and
-//   the page uses no private endpoint), so the page shows the progress bar instead.
+// * step previews: Replicate's stream has none; Atelier adds `preview` events when the stream URL is
+//   opened with ?previews=1 (docs/api.md), for predictions created with `previews`. The official clients
+//   never ask, so their streams stay Replicate's.
 
 import { api } from "./api.js";
 
@@ -21,8 +22,9 @@ export function parseProgress(line) {
   return total > 0 && step <= total ? { step, total } : null;
 }
 
-// on: { status(name), log(line), error(detail) }. Returns { done: Promise<prediction|null>, stop() };
-// `done` resolves with the finished prediction, or null when stop() was called first.
+// on: { status(name), log(line), error(detail), preview?({step, total, image}) }. Returns
+// { done: Promise<prediction|null>, stop() }; `done` resolves with the finished prediction, or null when
+// stop() was called first. With on.preview the stream is opened with ?previews=1.
 export function follow(prediction, on) {
   let stopped = false;
   let source = null;
@@ -36,8 +38,12 @@ export function follow(prediction, on) {
       settle(poll(prediction, on, () => stopped));
       return;
     }
-    source = new EventSource(prediction.urls.stream);
+    source = new EventSource(on.preview ? withPreviews(prediction.urls.stream) : prediction.urls.stream);
     let started = false;
+    source.addEventListener("preview", (event) => {
+      const preview = parsed(event.data);
+      if (preview?.image) on.preview(preview);
+    });
     source.addEventListener("logs", (event) => {
       if (!started) {
         started = true;
@@ -69,12 +75,22 @@ export function follow(prediction, on) {
   };
 }
 
-function detailOf(data) {
+function withPreviews(streamURL) {
+  const url = new URL(streamURL, location.href);
+  url.searchParams.set("previews", "1");
+  return url.href;
+}
+
+function parsed(data) {
   try {
-    return JSON.parse(data).detail || data;
+    return JSON.parse(data);
   } catch {
-    return data;
+    return null;
   }
+}
+
+function detailOf(data) {
+  return parsed(data)?.detail || data;
 }
 
 // GET the prediction until it is over. `quiet`: the logs were already shown (by the stream), so only
