@@ -2,7 +2,9 @@
 
 Two real ``atelier serve`` processes on the same saved pipeline (the tiny FLUX.2 klein by default,
 ``--model-path`` for another), identical but for ``ATELIER_BATCHING`` (``true``: compatible queued jobs
-share one pipeline call, up to ``ATELIER_MAX_BATCH_JOBS``; ``false``: one job per call, the baseline).
+share one pipeline call, within the device's default pixel budget; ``false``: one job per call, the
+baseline), and a third that batches with ``ATELIER_MAX_BATCH_PIXELS`` = 8 MP (up to 8 1024x1024
+images per call, whatever the device: what batching itself does on this hardware).
 For each concurrency level, N client threads each send ``--requests`` predictions through the
 Replicate door (``POST /v1/models/openai/gpt-image-2/predictions`` with ``Prefer: wait``, 1024x1024,
 webp) and wait for the answer; the two servers take turns level by level, so drift hits both alike.
@@ -37,8 +39,9 @@ PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 SHARED = re.compile(r"with (\d+) other predictions? in one call")  # the diffusers engine's log line
 
 
-def server(folder: Path, data_dir: Path, *, batching: bool, concurrency: int) -> Any:
+def server(folder: Path, data_dir: Path, *, batching: bool, concurrency: int, pixels: int | None = None) -> Any:
     env = {
+        **({"ATELIER_MAX_BATCH_PIXELS": str(pixels)} if pixels else {}),
         "ATELIER_MODEL_PATH": str(folder),
         "ATELIER_BATCHING": "true" if batching else "false",
         "ATELIER_MAX_CONCURRENCY": "1",  # one device: one pipeline call at a time, as in production
@@ -110,6 +113,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "batched": server(folder, Path(tmp) / "batched" / "data", batching=True, concurrency=top),
             "one_at_a_time": server(folder, Path(tmp) / "single" / "data", batching=False, concurrency=top),
         }
+        if args.forced:  # up to 8 1024x1024 images per call whatever the device's default budget
+            servers["batched_8_per_call"] = server(
+                folder, Path(tmp) / "forced" / "data", batching=True, concurrency=top, pixels=8 << 20
+            )
         with stopping(*servers.values()):
             for name, process in servers.items():  # warm-up: first call compiles kernels, fills caches
                 one_level(process.url, 1, 1)
@@ -120,9 +127,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for name, process in servers.items():
                     log(f"  concurrency {level}: {name} ({requests} request(s) per caller) ...")
                     entry[name] = one_level(process.url, level, requests)
-                entry["ratio_images_per_s_batched/one_at_a_time"] = ratio(
-                    entry["batched"]["images_per_s"], entry["one_at_a_time"]["images_per_s"]
-                )
+                for name in servers:
+                    if name != "one_at_a_time":
+                        entry[f"ratio_images_per_s_{name}/one_at_a_time"] = ratio(
+                            entry[name]["images_per_s"], entry["one_at_a_time"]["images_per_s"]
+                        )
                 levels[str(level)] = entry
     return {
         "what": "images/s and latency with N concurrent callers (Replicate door, Prefer: wait, 1024x1024 webp)",
@@ -138,6 +147,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16])
     p.add_argument("--images", type=int, default=32, help="images per level (split over the callers)")
     p.add_argument("--model-path", help="a saved diffusers pipeline (default: the tiny FLUX.2 klein)")
+    p.add_argument(
+        "--no-forced",
+        dest="forced",
+        action="store_false",
+        help="skip the third server, batching with ATELIER_MAX_BATCH_PIXELS=8 MP (the device default aside)",
+    )
     return p
 
 

@@ -102,6 +102,21 @@ def encoding(doc: dict[str, Any]) -> str:
     return single + "\n\n" + batch + "\n"
 
 
+def concurrency(doc: dict[str, Any]) -> str:
+    rows = []
+    for level, entry in doc["levels"].items():
+        for server, r in entry.items():
+            if server.startswith("ratio_"):
+                continue
+            lat = r["latency_s"]
+            rows.append([level, server, r["images_per_s"], lat["median"], lat["p95"], r["mean_batch_size"]])
+        for key, value in entry.items():
+            if key.startswith("ratio_"):
+                rows.append([level, f"ratio {key.removeprefix('ratio_images_per_s_')}", value, None, None, None])
+    header = ["concurrent callers", "server", "images/s", "median s", "p95 s", "predictions per call"]
+    return f"model: {doc['model']}\n\n" + table(header, rows) + "\n"
+
+
 def proxy(doc: dict[str, Any]) -> str:
     out = []
     for name, scenario in doc["scenarios"].items():
@@ -142,7 +157,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("document", type=Path)
     doc = json.loads(parser.parse_args().document.read_text())
-    for name, render in (("engine_overhead", engine_overhead), ("encoding", encoding), ("proxy", proxy)):
+    renderers = (
+        ("engine_overhead", engine_overhead),
+        ("concurrency", concurrency),
+        ("encoding", encoding),
+        ("proxy", proxy),
+    )
+    for name, render in renderers:
         if name in doc and "error" not in doc[name]:
             print(f"## {name}\n\n{render(doc[name])}")
 
