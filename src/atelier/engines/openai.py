@@ -10,7 +10,8 @@ encoded them — no decode/re-encode.
 Failures: the SDK retries 429 and 5xx with backoff honouring ``Retry-After``/``retry-after-ms``; the
 whole call is bounded by a deadline; cancellation aborts the HTTP request. OpenAI's 4xx (moderation
 included) become typed errors carrying OpenAI's message and code. Keys are scrubbed from every
-message: OpenAI quotes a masked fragment of a bad key, and that must not reach a log either.
+message, code and param (``scrub``): the caller's and the operator's, whole or any run of 8 of their
+characters in any wording, and OpenAI's masked quotes of a key; none of it may reach a log either.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from atelier.errors import (
     UnsupportedRequest,
 )
 from atelier.imaging.encode import decode_info
+from atelier.request import REDACTED
 from atelier.sizes import RATIO_SIZES
 
 if TYPE_CHECKING:
@@ -46,6 +48,8 @@ if TYPE_CHECKING:
 RATIO_TO_SIZE = {ratio: f"{w}x{h}" for ratio, (w, h) in RATIO_SIZES.items()}
 KEY_PATTERN = re.compile(r"sk-[A-Za-z0-9_\-*.]{2,}")
 MASKED_PATTERN = re.compile(r"[A-Za-z0-9_\-.]*\*{4,}[A-Za-z0-9_\-.]*")  # OpenAI's quote of any key: 01234****cdef
+MIN_FRAGMENT = 8  # this many characters of a key in a row, anywhere in a message, are taken to be the key
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
 @dataclass(frozen=True)
@@ -165,7 +169,7 @@ class OpenAIEngine:
         except AtelierError:
             raise
         except Exception as exc:  # the SDK's errors, mapped once
-            raise self._map_error(exc, caller_key=job.request.api_key() is not None, key=key) from None
+            raise self._map_error(exc, caller_key=job.request.api_key()) from None
         images = self._check_outputs(job, size, data)
         if usage:
             progress(ProgressEvent(0, 0, message=usage_log(usage)))
@@ -286,33 +290,38 @@ class OpenAIEngine:
             images.append(OutputImage(raw, fmt, width, height))
         return images
 
-    def _map_error(self, exc: Exception, *, caller_key: bool, key: str | None) -> AtelierError:
-        return map_openai_error(exc, caller_key=caller_key, key=key, base_url=self._base_url, timeout=self._timeout)
+    def _map_error(self, exc: Exception, *, caller_key: str | None) -> AtelierError:
+        keys = (caller_key, self._api_key)  # both scrubbed: a message may quote either
+        return map_openai_error(
+            exc, caller_key=caller_key is not None, keys=keys, base_url=self._base_url, timeout=self._timeout
+        )
 
 
 def map_openai_error(
-    exc: Exception, *, caller_key: bool, key: str | None, base_url: str | None, timeout: float
+    exc: Exception, *, caller_key: bool, keys: tuple[str | None, ...], base_url: str | None, timeout: float
 ) -> AtelierError:
+    """A typed error for an SDK exception; no text from it reaches the error before ``scrub`` saw it."""
     import openai
 
     if isinstance(exc, openai.APITimeoutError):
         return EngineError(f"OpenAI did not answer within {timeout:.0f}s (after retries)")
     if isinstance(exc, openai.APIConnectionError):
         return EngineError(
-            f"could not reach OpenAI at {base_url or 'https://api.openai.com/v1'}: {scrub(str(exc), key)}"
+            f"could not reach OpenAI at {base_url or 'https://api.openai.com/v1'}: {scrub(str(exc), *keys)}"
         )
     if isinstance(exc, openai.APIStatusError):
-        return _status_error(exc, caller_key=caller_key, key=key)
+        return _status_error(exc, caller_key=caller_key, keys=keys)
     if isinstance(exc, openai.APIResponseValidationError | ValueError | KeyError | TypeError):
-        return EngineError(f"OpenAI returned a malformed response: {scrub(str(exc), key)[:200]}")
-    return EngineError(f"the OpenAI call failed: {type(exc).__name__}: {scrub(str(exc), key)[:200]}")
+        return EngineError(f"OpenAI returned a malformed response: {scrub(str(exc), *keys)[:200]}")
+    return EngineError(f"the OpenAI call failed: {type(exc).__name__}: {scrub(str(exc), *keys)[:200]}")
 
 
-def _status_error(exc: Any, *, caller_key: bool, key: str | None) -> AtelierError:
+def _status_error(exc: Any, *, caller_key: bool, keys: tuple[str | None, ...]) -> AtelierError:
     body = exc.body if isinstance(exc.body, dict) else {}
     detail = body.get("error", body) if isinstance(body.get("error", body), dict) else {}
-    message = scrub(str(detail.get("message") or exc.message), key)
-    code, param, status = detail.get("code"), detail.get("param"), exc.status_code
+    message = scrub(str(detail.get("message") or exc.message), *keys)
+    code, param = (scrub(str(v), *keys) if v is not None else None for v in (detail.get("code"), detail.get("param")))
+    status = exc.status_code
     if code == "moderation_blocked":
         return ModerationBlocked(f"OpenAI's safety system blocked this request: {message}", category="upstream")
     if status == 429:
@@ -339,10 +348,37 @@ def seconds(header: str | None, *, default: float) -> float:
     return default
 
 
-def scrub(text: str, key: str | None) -> str:
-    if key:
-        text = text.replace(key, "[REDACTED]")
-    return MASKED_PATTERN.sub("[REDACTED]", KEY_PATTERN.sub("[REDACTED]", text))
+def scrub(text: str, *keys: str | None) -> str:
+    """``text`` with no trace of ``keys``, whatever its wording.
+
+    Each key is removed whole, and so is any run of ``MIN_FRAGMENT`` or more of its characters (in any
+    case: a message may quote a key upper-cased, cut, or glued to other words); then anything shaped
+    like a key (``sk-...``) or like OpenAI's masked quote of one (``sk-ab****wxyz``) goes too.
+    """
+    for key in keys:
+        if key:
+            text = _without_fragments(text, key)
+    return MASKED_PATTERN.sub(REDACTED, KEY_PATTERN.sub(REDACTED, text))
+
+
+def _without_fragments(text: str, key: str) -> str:
+    if len(key) < MIN_FRAGMENT:
+        return text.replace(key, REDACTED)
+    folded, key_folded = text.translate(_ASCII_LOWER), key.translate(_ASCII_LOWER)  # same lengths, unlike lower()
+    runs = {key_folded[i : i + MIN_FRAGMENT] for i in range(len(key) - MIN_FRAGMENT + 1)}
+    secret = [False] * len(text)
+    for i in range(len(text) - MIN_FRAGMENT + 1):
+        if folded[i : i + MIN_FRAGMENT] in runs:
+            secret[i : i + MIN_FRAGMENT] = [True] * MIN_FRAGMENT
+    if not any(secret):
+        return text
+    pieces: list[str] = []
+    for i, char in enumerate(text):
+        if not secret[i]:
+            pieces.append(char)
+        elif i == 0 or not secret[i - 1]:  # one marker for each hidden run
+            pieces.append(REDACTED)
+    return "".join(pieces)
 
 
 def usage_log(usage: Mapping[str, Any]) -> str:

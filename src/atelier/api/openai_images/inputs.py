@@ -29,8 +29,8 @@ from atelier.api.openai_images.protocol import ImageEditForm, ImageEditJSON, Ima
 from atelier.errors import FieldProblem, InputError, NotFound
 from atelier.imaging.inputs import MAX_BYTES, load_image, read_reference, sniff
 from atelier.jobs.files import clean_name
-from atelier.jobs.records import FileRecord
-from atelier.request import MAX_INPUT_IMAGES
+from atelier.jobs.records import SECRET_KEYS, FileRecord
+from atelier.request import MAX_INPUT_IMAGES, REDACTED
 from atelier.services import Services
 
 if TYPE_CHECKING:
@@ -154,8 +154,9 @@ def parse(model: type[P], data: Mapping[str, Any], *, strict: bool = True) -> P:
 def _problem(model: type[BaseModel], err: Any, data: Mapping[str, Any]) -> FieldProblem:
     loc = tuple(err["loc"])
     name = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "body"
-    received = _at(data, loc)
-    shown = _show(received)
+    secret = any(str(part).lower() in SECRET_KEYS for part in loc)
+    received = REDACTED if secret else _at(data, loc)  # a key of the wrong type is still a key: never echoed
+    shown = REDACTED if secret else _show(received)
     ctx = err.get("ctx") or {}
     etype = err["type"]
     if etype == "missing":
