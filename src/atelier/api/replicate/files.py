@@ -9,6 +9,10 @@
   URLs work with and without the Authorization header); without a valid signature it falls back to
   the caller's token and the file's owner.
 * A file another caller owns is "not found", exactly like a missing one.
+* Downloads are served as this server's origin, so a file must never run there: every download says
+  ``X-Content-Type-Options: nosniff`` (the browser believes the content type, never the bytes) and a
+  CSP ``sandbox``; only raster images (``INLINE_TYPES``) are shown inline, anything else (HTML, SVG,
+  unknown bytes) is an attachment, saved rather than rendered.
 * With ``ATELIER_RETENTION`` set, an upload's ``expires_at`` says when the retention sweep deletes it.
 """
 
@@ -34,6 +38,12 @@ MAX_UPLOAD_BYTES = 100 * 1024 * 1024
 GENERIC_TYPE = "application/octet-stream"
 _MEDIA_TYPE = re.compile(r"^[\w.+-]+/[\w.+-]+$")
 _SNIFFED = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
+INLINE_TYPES = frozenset(_SNIFFED.values())  # images a browser shows and never runs (SVG can run script)
+DOWNLOAD_HEADERS = {
+    "Cache-Control": "private, max-age=3600",
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'none'; sandbox",
+}
 
 Caller = Callable[[], str | None]
 
@@ -87,8 +97,8 @@ class FilesAPI:
             path,
             media_type=record.content_type,
             filename=record.name,
-            content_disposition_type="inline",
-            headers={"Cache-Control": "private, max-age=3600"},
+            content_disposition_type="inline" if record.content_type in INLINE_TYPES else "attachment",
+            headers=DOWNLOAD_HEADERS,
         )
 
     def describe(self, record: FileRecord, base: str) -> wire.File:
