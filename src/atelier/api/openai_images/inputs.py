@@ -16,14 +16,16 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser, parse_options_header
 
 from atelier.api.openai_images.protocol import ImageEditForm, ImageEditJSON, ImageRef
 from atelier.errors import FieldProblem, InputError, NotFound
@@ -40,6 +42,8 @@ P = TypeVar("P", bound=BaseModel)
 
 MAX_MASK_BYTES = 4 * 1024 * 1024
 IMAGE_FIELDS = ("image", "image[]")  # compat: the SDK sends one image as `image`, a list as `image[]`
+FILE_FIELDS = (*IMAGE_FIELDS, "mask")
+FILE_FIELD_NAMES = frozenset(name.encode() for name in FILE_FIELDS)
 MAX_FORM_FILES = 64  # more than this is refused by the form parser itself; 17–64 get our own message
 _CONTENT_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 
@@ -97,12 +101,10 @@ async def _read_form(request: Request) -> EditUpload:
     fields: dict[str, Any] = {}
     uploads: list[Upload] = []
     problems: list[FieldProblem] = []
-    async with request.form(max_files=MAX_FORM_FILES) as form:
+    async with _form(request) as form:
         for name, value in form.multi_items():
             if isinstance(value, UploadFile):
                 uploads.append(await _read_upload(name, value, problems))
-            elif name in (*IMAGE_FIELDS, "mask"):
-                problems.append(FieldProblem(name, "must be an uploaded file; to give images by URL send JSON", "type"))
             elif name in fields:
                 problems.append(FieldProblem(name, "is given more than once; give it once", "invalid"))
             else:
@@ -115,15 +117,58 @@ async def _read_form(request: Request) -> EditUpload:
     return EditUpload(parse(ImageEditForm, fields, strict=False), images, masks[0] if masks else None)
 
 
+@asynccontextmanager
+async def _form(request: Request) -> AsyncIterator[FormData]:
+    """The multipart form, its file parts spooled (and closed at the end); bad multipart is a 400."""
+    parser = _EditFormParser(request.headers, request.stream(), max_files=MAX_FORM_FILES)
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        raise InputError(FieldProblem("body", f"is not valid multipart/form-data: {exc.message}", "format")) from None
+    try:
+        yield form
+    finally:
+        await form.close()
+
+
+class _EditFormParser(MultiPartParser):
+    """Starlette's parser, except that a part named ``image``, ``image[]`` or ``mask`` is a file even
+    without a ``filename`` in its Content-Disposition.
+
+    compat: some clients (hand-built forms, ``curl -F 'image=<a.png'``, a few HTTP libraries) send file
+    parts without a filename; starlette would make them text fields, decoded and capped at 1 MiB.
+    ``_read_upload`` then tells an image from a text value by its bytes.
+    """
+
+    def on_headers_finished(self) -> None:
+        part = self._current_part
+        _, options = parse_options_header(part.content_disposition)
+        if b"filename" not in options and options.get(b"name") in FILE_FIELD_NAMES:
+            part.content_disposition = (part.content_disposition or b"") + b'; filename=""'
+        super().on_headers_finished()
+
+
 async def _read_upload(name: str, value: UploadFile, problems: list[FieldProblem]) -> Upload:
-    if name not in (*IMAGE_FIELDS, "mask"):
+    if name not in FILE_FIELDS:
         problems.append(FieldProblem(name, "is a file, but files are taken only as image, image[] and mask", "invalid"))
     limit = MAX_MASK_BYTES if name == "mask" else MAX_BYTES
     data = await value.read(limit + 1)  # never more than the limit in memory
     if len(data) > limit:
         what = repr(value.filename) if value.filename else "the file"
         problems.append(FieldProblem(name, f"{what} is over the {limit // 2**20} MiB limit", "too_large"))
-    return Upload(name, value.filename, data)
+    elif not value.filename and sniff(data) is None:  # a part without a filename, and not an image either
+        problems.append(FieldProblem(name, _text_part(data), "type"))
+    return Upload(name, value.filename or None, data)
+
+
+def _text_part(data: bytes) -> str:
+    """What to say of a filename-less ``image``/``mask`` part whose bytes are no image."""
+    text = data.decode("utf-8", "replace").strip()
+    looks = " (it looks like a URL)" if text.lower().startswith(("http://", "https://", "data:")) else ""
+    return (
+        f"is a text field of {len(text)} characters{looks}, not an image; send the image's bytes as a file "
+        'part, or send JSON with images: [{"image_url": ...}] to give images by URL'
+    )
 
 
 def _upload_count_problems(images: list[Upload], masks: list[Upload]) -> list[FieldProblem]:
@@ -162,7 +207,7 @@ def _problem(model: type[BaseModel], err: Any, data: Mapping[str, Any]) -> Field
     if etype == "missing":
         return FieldProblem(name, "is required", "required")
     if etype == "extra_forbidden":
-        files = (*IMAGE_FIELDS, "mask") if model is ImageEditForm else ()
+        files = FILE_FIELDS if model is ImageEditForm else ()
         allowed = ", ".join([*files, *model.model_fields] if len(loc) == 1 else ImageRef.model_fields)
         return FieldProblem(name, f"is not a parameter of this endpoint; the parameters are: {allowed}", "unknown")
     if etype == "literal_error":
