@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from atelier.engines.base import ProgressEvent
+from atelier.errors import FieldProblem, InputError
 from atelier.request import parse_request
 
 FIELD_OPTIONS = (
@@ -29,7 +30,17 @@ def request_options(func: Any) -> Any:
         click.option("--output-format", help="png, jpeg or webp. [webp]"),
         click.option("--quality", help="low, medium, high or auto. [auto]"),
         click.option("--user-id", help="Your end-user's id, recorded with the request."),
-        click.option("--openai-api-key", help="Send this request to OpenAI's Images API with this key; never stored or logged."),
+        click.option(
+            "--openai-api-key",
+            help="Send this request to OpenAI's Images API with this key; never stored or logged. A key on the "
+            "command line is visible to other local users (ps, /proc): prefer --openai-api-key-file or "
+            "OPENAI_API_KEY.",
+        ),
+        click.option(
+            "--openai-api-key-file", type=click.Path(dir_okay=False, allow_dash=True, path_type=str),
+            help="Like --openai-api-key, with the key read from this file ('-' reads it from stdin), so it "
+            "never appears in the process list.",
+        ),
         click.option("--model", envvar="ATELIER_MODEL", help="Catalog model (see `atelier models`)."),
         click.option(
             "--model-path", envvar="ATELIER_MODEL_PATH", type=click.Path(path_type=Path),
@@ -72,6 +83,8 @@ def run(prompt: str, images: list[str], options: dict[str, Any]) -> None:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
     fields = {name: options[name] for name in FIELD_OPTIONS if options.get(name) is not None}
+    if options.get("openai_api_key_file") is not None:
+        fields["openai_api_key"] = key_from_file(options["openai_api_key_file"], also_given=options["openai_api_key"])
     request = parse_request({"prompt": prompt, **fields, **({"input_images": images} if images else {})})
     studio = Atelier(options["model"], model_path=options["model_path"])
     with Progress(enabled=not options["quiet"]) as progress:
@@ -82,6 +95,30 @@ def run(prompt: str, images: list[str], options: dict[str, Any]) -> None:
     if result.upscaled:
         note += f", rendered at {result.rendered_size} and upscaled"
     click.echo(note, err=True)
+
+
+def key_from_file(path: str, *, also_given: str | None) -> str:
+    """The key in ``path`` (``-``: stdin), stripped; a problem names --openai-api-key-file, never the contents."""
+    field = "openai_api_key_file"
+    if also_given is not None:
+        raise InputError(
+            FieldProblem(field, "give the key once: --openai-api-key or --openai-api-key-file", "conflict")
+        )
+    where = "stdin" if path == "-" else repr(path)
+    try:
+        text = click.get_text_stream("stdin").read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InputError(FieldProblem(field, f"cannot read {where}: {exc.strerror or exc}", "unreadable")) from None
+    except UnicodeDecodeError:
+        raise InputError(
+            FieldProblem(field, f"{where} is not UTF-8 text; it must hold the key only", "format")
+        ) from None
+    key = text.strip()
+    if not key:
+        raise InputError(FieldProblem(field, f"{where} is empty; it must hold the key (sk-...)", "required"))
+    if len(key.split()) > 1:
+        raise InputError(FieldProblem(field, f"{where} holds more than one word; it must hold the key only", "format"))
+    return key
 
 
 def slug(prompt: str, limit: int = 40) -> str:
