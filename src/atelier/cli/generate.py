@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +107,7 @@ def key_from_file(path: str, *, also_given: str | None) -> str:
         )
     where = "stdin" if path == "-" else repr(path)
     try:
-        text = click.get_text_stream("stdin").read() if path == "-" else Path(path).read_text(encoding="utf-8")
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise InputError(FieldProblem(field, f"cannot read {where}: {exc.strerror or exc}", "unreadable")) from None
     except UnicodeDecodeError:
