@@ -27,7 +27,7 @@ def create_app(
 
     ``engines`` replaces the engines built from settings (tests pass a fake one).
     """
-    from atelier.api import cog, errors, openai_images, openapi, replicate
+    from atelier.api import cog, docs, errors, openai_images, openapi, replicate
     from atelier.api.body_limit import BodyLimit
 
     services = Services.build(settings, engines=engines, default=default)
@@ -42,7 +42,10 @@ def create_app(
             await services.stop()
             await cog_door.aclose()
 
-    app = FastAPI(title="Atelier", version=__version__, lifespan=lifespan, openapi_url="/openapi-atelier.json")
+    app = FastAPI(
+        title="Atelier", version=__version__, lifespan=lifespan, openapi_url="/openapi-atelier.json",
+        docs_url=None, redoc_url=None,  # theirs load a CDN's script: /docs and /redoc are ours (api/docs.py)
+    )  # fmt: skip
     app.state.services = services
     app.state.cog = cog_door
     errors.install(app)
@@ -51,6 +54,7 @@ def create_app(
     app.include_router(replicate.router)
     app.include_router(cog.router)
     openapi.install(app)  # request bodies and error shapes FastAPI cannot see (api/openapi.py)
+    docs.install(app)
     from atelier import web  # the playground at /: static files that use only the public API
 
     web.install(app)
