@@ -7,13 +7,21 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.types import ASGIApp
 
 from atelier import __version__
+from atelier.api.request_id import RequestId, install_log_records
 from atelier.config import Settings
 from atelier.engines.base import Engine
 from atelier.services import Services
 
 log = logging.getLogger(__name__)
+
+
+class _App(FastAPI):
+    def build_middleware_stack(self) -> ASGIApp:
+        # Outermost, outside even Starlette's ServerErrorMiddleware: a 500 carries the request id too.
+        return RequestId(super().build_middleware_stack())
 
 
 def create_app(
@@ -42,7 +50,8 @@ def create_app(
             await services.stop()
             await cog_door.aclose()
 
-    app = FastAPI(
+    install_log_records()  # log lines written while a request is handled name its x-request-id
+    app = _App(
         title="Atelier", version=__version__, lifespan=lifespan, openapi_url="/openapi-atelier.json",
         docs_url=None, redoc_url=None,  # theirs load a CDN's script: /docs and /redoc are ours (api/docs.py)
     )  # fmt: skip

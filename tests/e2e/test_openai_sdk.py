@@ -124,3 +124,11 @@ def test_models_list_what_is_served(client: openai.OpenAI) -> None:
     ids = [model.id for model in client.models.list()]
     assert "flux2-klein-4b" in ids and "gpt-image-2" in ids
     assert client.models.retrieve("gpt-image-2").owned_by == "atelier"
+
+
+def test_each_answer_has_a_request_id_that_the_servers_log_names(client: openai.OpenAI, server: Server) -> None:
+    result = client.images.generate(prompt="a blue circle", size="1024x1024", quality="low")
+    request_id = result._request_id or ""
+    assert request_id.startswith("req_") and len(request_id) == 36
+    accepted = [line for line in server.log.splitlines() if "accepted from openai" in line]
+    assert accepted and accepted[-1].endswith(f" [request_id={request_id}]"), accepted

@@ -12,6 +12,7 @@ import sys
 import click
 
 from atelier import __version__
+from atelier.api.request_id import install_log_records
 from atelier.cli.generate import edit, generate
 from atelier.cli.models import models
 from atelier.cli.serve import serve
@@ -34,7 +35,10 @@ def cli(ctx: click.Context, debug: bool) -> None:
     """Create and edit images with open-weight models or OpenAI, locally or as a service."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    install_log_records()  # %(request_note)s: the x-request-id of the request a line was written for, if any
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s%(request_note)s"
+    )
 
 
 cli.add_command(generate)
