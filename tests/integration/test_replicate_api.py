@@ -617,6 +617,60 @@ async def test_stream_of_a_failed_prediction_ends_with_error_then_done(door: Doo
     assert "event: done" in blocks[-1]
 
 
+def subscribed(door: Door, prediction_id: str) -> Callable[[], bool]:
+    """True once a stream listens to the live prediction (ASGITransport buffers a response whole, so the
+    test cannot read the first frame to know)."""
+    entry = door.app.state.services.runner.queue.get(prediction_id)
+    return lambda: bool(entry.task._subscribers)
+
+
+async def live_stream(door: Door, body: dict[str, Any], then: Callable[[], Any]) -> list[ServerSentEvent]:
+    """The stream of a running prediction, opened before ``then`` ends it; decoded by the official client."""
+    reading = asyncio.create_task(door.client().get(body["urls"]["stream"]))
+    await until(subscribed(door, body["id"]))
+    await then()
+    response = await reading
+    check_frames(response.text)
+    return decode_sse(response.text)
+
+
+def ending(events: list[ServerSentEvent]) -> list[tuple[str, Any]]:
+    return [(e.event.value, json.loads(e.data)) for e in events if e.event.value in ("error", "done")]
+
+
+async def test_done_says_why_a_prediction_did_not_succeed_live_and_on_replay(door: Door) -> None:
+    client = door.client()
+    door.block()
+    canceled = await door.create()
+    await engine_started(door.engine)
+    events = await live_stream(door, canceled, lambda: client.post(canceled["urls"]["cancel"]))
+    assert ending(events) == [("done", {"reason": "canceled"})]
+    assert (await door.finished(canceled["id"]))["status"] == "canceled"
+    replay = decode_sse((await client.get(canceled["urls"]["stream"])).text)
+    assert ending(replay) == [("done", {"reason": "canceled"})]
+
+    door.engine.started.clear()
+    gate = door.engine.block(then=EngineError("the model ran out of ideas"))
+    failed = await door.create()
+    await engine_started(door.engine)
+    events = await live_stream(door, failed, lambda: asyncio.to_thread(gate.set))
+    expected = [("error", {"detail": "the model ran out of ideas"}), ("done", {"reason": "error"})]
+    assert ending(events) == expected
+    replay = decode_sse((await client.get(failed["urls"]["stream"])).text)
+    assert ending(replay) == expected
+
+    door.engine.started.clear()
+    gate = door.block()
+    running = await door.create()
+    await engine_started(door.engine)
+    queued = await door.create()  # canceled while it waits: it never starts
+    assert (await client.post(queued["urls"]["cancel"])).json()["status"] == "canceled"
+    assert ending(decode_sse((await client.get(queued["urls"]["stream"])).text)) == [("done", {"reason": "canceled"})]
+    gate.set()
+    assert (await door.finished(running["id"]))["status"] == "succeeded"
+    assert ending(decode_sse((await client.get(running["urls"]["stream"])).text)) == [("done", {})]
+
+
 # -- webhooks -------------------------------------------------------------------------------------------
 
 
