@@ -403,6 +403,35 @@ async def test_get_and_cancel(door: Door) -> None:
     assert (await client.get("/v1/predictions/nosuchpredictionid")).status_code == 404
 
 
+async def test_cancel_answers_canceled_at_once_and_the_slot_stays_taken_until_the_engine_returns(
+    door: Door, receiver: Receiver
+) -> None:
+    door.engine.ignore_cancel = True  # a model step that cannot be interrupted: the call goes on a while
+    gate = door.block()
+    client, runner = door.client(), door.app.state.services.runner
+    response = await client.post(
+        "/v1/models/openai/gpt-image-2/predictions",
+        json={"input": {"prompt": "x"}, "webhook": receiver.url(), "webhook_events_filter": ["completed"]},
+    )
+    running = response.json()
+    await engine_started(door.engine)
+    answer = (await client.post(running["urls"]["cancel"])).json()
+    assert (answer["status"], answer["output"]) == ("canceled", None) and "completed_at" in answer
+    assert ClientPrediction(**answer).status == "canceled"
+    assert (await client.get(running["urls"]["get"])).json() == answer  # and it stays so
+    waiting = await door.create()
+    assert (runner.running, runner.busy, len(door.engine.jobs)) == (1, True, 1), "the engine still runs the job"
+    assert (await client.get(waiting["urls"]["get"])).json()["status"] == "starting"
+
+    gate.set()  # the engine returns its images: they are discarded
+    assert (await door.finished(waiting["id"]))["status"] == "succeeded"
+    assert (await client.get(running["urls"]["get"])).json() == answer
+    assert door.app.state.services.files.for_prediction(running["id"]) == []
+    await runner.dispatcher.flush(5)
+    assert not await door.replicate.webhooks.flush(5)
+    assert receiver.events() == ["canceled"]  # exactly one completed message
+
+
 async def test_failed_predictions_carry_the_error(door: Door) -> None:
     door.engine.fail_next(EngineError("the model ran out of ideas"))
     failed = await door.finished((await door.create())["id"])
