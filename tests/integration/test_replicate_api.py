@@ -382,6 +382,71 @@ async def test_file_fields_types_and_delete(door: Door) -> None:
     assert (await client.get(f"/v1/files/{file_id}")).status_code == 404
 
 
+def js_client_upload(content: bytes, metadata: bytes, *, name: str = "buffer_1796294044754") -> tuple[bytes, str]:
+    """The multipart body of the JS client's ``files.create(buffer, metadata)`` (npm ``replicate`` 1.4 on Node 20,
+    captured byte for byte): ``metadata`` is a Blob of JSON, so it arrives as a file part named "blob"."""
+    boundary = "----formdata-undici-050244061140"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="content"; filename="{name}"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
+    body += content + f"\r\n--{boundary}\r\n".encode()
+    body += (
+        b'Content-Disposition: form-data; name="metadata"; filename="blob"\r\nContent-Type: application/json\r\n\r\n'
+    )
+    body += metadata + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+async def test_metadata_comes_as_a_text_field_or_as_the_js_clients_json_file_part(door: Door) -> None:
+    client = door.client()
+    body, content_type = js_client_upload(png(), b'{"purpose":"js"}')
+    response = await client.post("/v1/files", content=body, headers={"Content-Type": content_type})
+    assert response.status_code == 201, response.text
+    uploaded = ClientFile(**response.json())
+    assert (uploaded.name, uploaded.content_type, uploaded.metadata) == (
+        "buffer_1796294044754",
+        "image/png",
+        {"purpose": "js"},
+    )
+    body, content_type = js_client_upload(b"hello", b"{}")  # what files.create(buffer) sends without metadata
+    empty = await client.post("/v1/files", content=body, headers={"Content-Type": content_type})
+    assert empty.status_code == 201 and empty.json()["metadata"] == {}
+    as_parts = await client.post(  # any text field may come as a file part
+        "/v1/files",
+        files={
+            "content": ("a.bin", b"hello", "application/octet-stream"),
+            "filename": ("blob", b"notes.txt", "text/plain"),
+            "type": ("blob", b"text/plain", "text/plain"),
+            "metadata": ("blob", '{"k": "ü"}'.encode(), "application/json"),
+        },
+    )
+    assert as_parts.status_code == 201, as_parts.text
+    assert [as_parts.json()[k] for k in ("name", "content_type", "metadata")] == ["notes.txt", "text/plain", {"k": "ü"}]
+
+    bad = {
+        "not json": b"{purpose: js}",
+        "not an object": b'["js"]',
+        "null": b"null",
+        "a lone surrogate": b'{"k": "\\ud800"}',
+        "deeply nested": b'{"k": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        # (as text parts, Starlette refuses these itself: over 1 MiB is a 400, bad bytes become U+FFFD)
+        "too large": b'{"k": "' + b"x" * (1024 * 1024) + b'"}',
+        "not UTF-8": b'{"k": "\xff"}',
+    }
+    for why, metadata in bad.items():
+        for as_text in (False, True) if why not in ("too large", "not UTF-8") else (False,):
+            if as_text:
+                response = await client.post(
+                    "/v1/files", files={"content": ("a.png", png(), "image/png")}, data={"metadata": metadata}
+                )
+            else:
+                body, content_type = js_client_upload(png(), metadata)
+                response = await client.post("/v1/files", content=body, headers={"Content-Type": content_type})
+            assert response.status_code == 422, (why, as_text, response.text)
+            assert [f["field"] for f in response.json()["invalid_fields"]] == ["metadata"], (why, response.text)
+
+
 # -- get, cancel, list ------------------------------------------------------------------------------------
 
 

@@ -133,9 +133,9 @@ async def get_model_version(
 async def create_file(
     door: Door, owner: Owner, base: BaseURL,
     content: Annotated[UploadFile | None, File()] = None,
-    filename: Annotated[str | None, Form()] = None,
-    type: Annotated[str | None, Form()] = None,
-    metadata: Annotated[str | None, Form()] = None,
+    filename: Annotated[str | UploadFile | None, Form()] = None,
+    type: Annotated[str | UploadFile | None, Form()] = None,
+    metadata: Annotated[str | UploadFile | None, Form()] = None,  # compat: the JS client sends a JSON file part
 ) -> wire.File:  # fmt: skip
     return await door.files.upload(
         content, filename=filename, content_type=type, metadata=metadata, owner=owner, base=base
