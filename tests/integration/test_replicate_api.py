@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 import pytest
+import replicate
 from PIL import Image
 from replicate.file import File as ClientFile
 from replicate.model import Model as ClientModel
@@ -69,6 +70,10 @@ class Door:
         client = httpx.AsyncClient(transport=httpx.ASGITransport(self.app), base_url=BASE, headers=auth, timeout=30)
         self.clients.append(client)
         return client
+
+    def sdk(self, token: str = TOKEN_A) -> replicate.Client:
+        """The official client, in-process: its ``async_*`` methods go through the app."""
+        return replicate.Client(api_token=token, base_url=BASE, transport=httpx.ASGITransport(self.app))
 
     def block(self) -> threading.Event:
         gate = self.engine.block()
@@ -447,6 +452,32 @@ async def test_metadata_comes_as_a_text_field_or_as_the_js_clients_json_file_par
             assert [f["field"] for f in response.json()["invalid_fields"]] == ["metadata"], (why, response.text)
 
 
+async def test_files_list_the_callers_uploads_newest_first_with_absolute_cursor_urls(door: Door) -> None:
+    door.replicate.files.page_size = 2
+    client = door.client()
+    uploads = [await client.post("/v1/files", files={"content": (f"{i}.png", png(), "image/png")}) for i in range(5)]
+    ids = [u.json()["id"] for u in uploads]
+    other = await door.client(TOKEN_B).post("/v1/files", files={"content": ("b.png", png(), "image/png")})
+    await door.finished((await door.create())["id"])  # its outputs are files too, but not uploads
+    first = (await client.get("/v1/files")).json()
+    assert [f["id"] for f in first["results"]] == ids[::-1][:2] and first["previous"] is None
+    assert [f.id for f in await door.sdk().files.async_list()] == ids[::-1][:2]  # the official client's list()
+    assert first["results"][0] == uploads[-1].json()
+    assert first["next"].startswith(f"{BASE}/v1/files?cursor=")
+    second = (await client.get(first["next"])).json()
+    assert [f["id"] for f in second["results"]] == ids[::-1][2:4] and second["previous"] == f"{BASE}/v1/files"
+    third = (await client.get(second["next"])).json()
+    assert [f["id"] for f in third["results"]] == [ids[0]] and third["next"] is None
+    back = (await client.get(third["previous"])).json()
+    assert [f["id"] for f in back["results"]] == [f["id"] for f in second["results"]]
+    assert [f["id"] for f in (await door.client(TOKEN_B).get("/v1/files")).json()["results"]] == [other.json()["id"]]
+    await client.delete(f"/v1/files/{ids[-1]}")
+    assert [f["id"] for f in (await client.get("/v1/files")).json()["results"]] == ids[::-1][1:3]
+    bad = await client.get("/v1/files", params={"cursor": "not-a-cursor"})
+    assert bad.status_code == 422 and bad.json()["invalid_fields"][0]["field"] == "cursor"
+    assert (await door.client(token=None).get("/v1/files")).status_code == 401
+
+
 # -- get, cancel, list ------------------------------------------------------------------------------------
 
 
@@ -638,6 +669,20 @@ async def test_models_describe_the_seed_and_each_served_model(door: Door) -> Non
         assert version.status_code == 200 and version.json() == latest
     assert (await client.get("/v1/models/acme/nothing")).status_code == 404
     assert (await client.get(f"/v1/models/atelier/fake/versions/{'0' * 64}")).status_code == 404
+
+
+async def test_versions_list_each_models_version_as_a_page(door: Door) -> None:
+    client, sdk = door.client(), door.sdk()
+    for address in ("openai/gpt-image-2", "atelier/fake", "atelier/openai"):
+        response = await client.get(f"/v1/models/{address}/versions")
+        assert response.status_code == 200, response.text
+        latest = (await client.get(f"/v1/models/{address}")).json()["latest_version"]
+        assert response.json() == {"next": None, "previous": None, "results": [latest]}
+        model = await sdk.models.async_get(address)  # the official client's models.get(...).versions.list()
+        assert [v.id for v in await model.versions.async_list()] == [version_id(address)]
+    missing = await client.get("/v1/models/acme/nothing/versions")
+    assert missing.status_code == 404 and "openai/gpt-image-2" in missing.json()["detail"]
+    assert (await door.client(token=None).get("/v1/models/atelier/fake/versions")).status_code == 401
 
 
 # -- SSE ------------------------------------------------------------------------------------------------

@@ -11,6 +11,9 @@
 * ``GET /v1/files/{id}/download?sig=...`` serves the bytes to anyone holding the signature (output
   URLs work with and without the Authorization header); without a valid signature it falls back to
   the caller's token and the file's owner.
+* ``GET /v1/files`` lists the caller's uploads, newest first, in pages like ``GET /v1/predictions``
+  (``api/replicate/pages.py``). Outputs are not listed: Replicate's Files API holds what was uploaded,
+  and an output belongs to its prediction (its URL is in ``output``).
 * A file another caller owns is "not found", exactly like a missing one.
 * With ``ATELIER_RETENTION`` set, an upload's ``expires_at`` says when the retention sweep deletes it.
 """
@@ -22,6 +25,7 @@ import json
 import re
 from collections.abc import Callable
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 from fastapi import UploadFile
@@ -29,6 +33,7 @@ from fastapi.responses import FileResponse
 from starlette.datastructures import UploadFile as Part
 
 from atelier.api.replicate import protocol as wire
+from atelier.api.replicate.pages import links
 from atelier.errors import FieldProblem, InputError, NotFound
 from atelier.imaging.inputs import sniff
 from atelier.jobs.files import FileStore
@@ -45,9 +50,10 @@ Field = str | Part | None  # a text field, sent as a text part or as a file part
 
 
 class FilesAPI:
-    def __init__(self, files: FileStore, retention: timedelta | None = None) -> None:
+    def __init__(self, files: FileStore, retention: timedelta | None = None, *, page_size: int = 100) -> None:
         self.files = files
         self.retention = retention  # uploads expire this long after they were made (ATELIER_RETENTION)
+        self.page_size = page_size
 
     async def upload(
         self,
@@ -77,6 +83,14 @@ class FilesAPI:
             expires_at=utc_now() + self.retention if self.retention is not None else None,
         )
         return self.describe(record, base)
+
+    def page(self, owner: str | None, cursor: str | None, base: str) -> wire.FilePage:
+        """``owner``'s uploads, newest first, paged like ``GET /v1/predictions`` (indexed reads: on the loop)."""
+        store = self.files.store
+        page, next_cursor = store.list_uploads(owner, cursor, self.page_size)
+        newer = partial(store.newer_uploads, owner)
+        around = links(f"{base}/v1/files", page, next_cursor, cursor=cursor, size=self.page_size, newer=newer)
+        return wire.FilePage(next=around.next, previous=around.previous, results=[self.describe(r, base) for r in page])
 
     def info(self, file_id: str, owner: str | None, base: str) -> wire.File:
         return self.describe(self._owned(file_id, owner), base)
