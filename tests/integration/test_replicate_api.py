@@ -428,6 +428,9 @@ async def test_metadata_comes_as_a_text_field_or_as_the_js_clients_json_file_par
     )
     assert as_parts.status_code == 201, as_parts.text
     assert [as_parts.json()[k] for k in ("name", "content_type", "metadata")] == ["notes.txt", "text/plain", {"k": "ü"}]
+    text = await client.post("/v1/files", files={"content": (None, b"hello", "text/plain")})  # no filename
+    assert text.status_code == 422 and text.json()["invalid_fields"][0]["field"] == "content"
+    assert "without a filename" in text.json()["detail"]
 
     bad = {
         "not json": b"{purpose: js}",

@@ -28,7 +28,6 @@ from datetime import timedelta
 from functools import partial
 from typing import Any
 
-from fastapi import UploadFile
 from fastapi.responses import FileResponse
 from starlette.datastructures import UploadFile as Part
 
@@ -57,7 +56,7 @@ class FilesAPI:
 
     async def upload(
         self,
-        content: UploadFile | None,
+        content: Field,
         *,
         filename: Field,
         content_type: Field,
@@ -67,6 +66,15 @@ class FilesAPI:
     ) -> wire.File:
         if content is None:
             raise InputError(FieldProblem("content", "is required: the file's bytes as a multipart part", "required"))
+        if isinstance(content, str):  # a part without a filename is a text field: its bytes were decoded as text
+            raise InputError(
+                FieldProblem(
+                    "content",
+                    "arrived as a text field (a multipart part without a filename), so its bytes cannot be kept as "
+                    "sent; send it as a file part with a filename, e.g. curl -F content=@photo.png",
+                    "type",
+                )
+            )
         name, declared = await _text(filename, "filename"), await _text(content_type, "type")
         extra = _metadata(await _text(metadata, "metadata"))
         data = await content.read(MAX_UPLOAD_BYTES + 1)

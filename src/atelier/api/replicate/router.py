@@ -137,7 +137,7 @@ async def get_model_version(
 @router.post("/files", status_code=201)
 async def create_file(
     door: Door, owner: Owner, base: BaseURL,
-    content: Annotated[UploadFile | None, File()] = None,
+    content: Annotated[UploadFile | str | None, File()] = None,
     filename: Annotated[str | UploadFile | None, Form()] = None,
     type: Annotated[str | UploadFile | None, Form()] = None,
     metadata: Annotated[str | UploadFile | None, Form()] = None,  # compat: the JS client sends a JSON file part
