@@ -3,8 +3,8 @@
 The server runs the OpenAI engine against the stand-in (``tests/openai_standin.py``, OpenAI is never
 called), so it starts without torch or a model. ``js/replicate_client.js`` makes the calls a JS user
 makes: ``files.create`` with a Buffer and a Blob (the client sends ``metadata`` as a JSON file part),
-``files.list``, ``models.versions.list``, and ``run`` with a Buffer input (uploaded through
-``files.create``, then given by its ``urls.get``). The package is installed with npm into a temporary
+``files.list``, ``models.versions.list``, and ``run`` with a Buffer and a Blob input (uploaded through
+``files.create``, then given by their ``urls.get``). The package is installed with npm into a temporary
 folder (from npm's cache when offline); without Node, npm or the package the JS test is skipped, saying why.
 """
 
@@ -87,7 +87,7 @@ def run_js(server: Server, node_modules: Path, image: Path) -> dict[str, Any]:
     return result
 
 
-def test_the_js_client_uploads_lists_and_runs_with_a_buffer(
+def test_the_js_client_uploads_lists_and_runs_with_a_buffer_and_a_blob(
     server: Server, node_modules: Path, openai_standin: StandIn, tmp_path: Path
 ) -> None:
     image = tmp_path / "blue.png"
@@ -100,8 +100,8 @@ def test_the_js_client_uploads_lists_and_runs_with_a_buffer(
         assert (uploaded["content_type"], uploaded["size"]) == ("image/png", image.stat().st_size)
     assert buffer["name"].startswith("buffer_") and blob["name"].startswith("blob_")
     listed = [f["id"] for f in seen["list"]["results"]]
-    assert listed[-2:] == [blob["id"], buffer["id"]], "newest first: run()'s upload, then the blob, the buffer"
-    assert len(listed) == 3 and seen["list"]["next"] is None
+    assert listed[2:] == [blob["id"], buffer["id"]], "newest first: run()'s two uploads, then the blob, the buffer"
+    assert len(listed) == 4 and seen["list"]["next"] is None and seen["list"]["previous"] is None
 
     versions = seen["versions"]
     model = httpx.get(f"{server.url}/v1/models/openai/gpt-image-2", headers={"Authorization": f"Bearer {TOKEN}"})
@@ -109,9 +109,9 @@ def test_the_js_client_uploads_lists_and_runs_with_a_buffer(
 
     prediction = seen["prediction"]
     assert prediction["status"] == "succeeded" and seen["run"] == prediction["output"]
-    assert prediction["input"]["input_images"] == [f"{server.url}/v1/files/{listed[0]}"]
+    assert prediction["input"]["input_images"] == [f"{server.url}/v1/files/{i}" for i in (listed[1], listed[0])]
     edit = openai_standin.requests[-1]
-    assert edit.path.endswith("/images/edits")
+    assert edit.path.endswith("/images/edits") and len(edit.files) == 2
     response = httpx.get(seen["run"][0])  # as JS downloads: without the Authorization header
     assert response.status_code == 200 and response.headers["content-type"] == "image/png"
 

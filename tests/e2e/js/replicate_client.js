@@ -12,9 +12,10 @@ async function main() {
   seen.buffer = await replicate.files.create(image, { purpose: "js" }); // metadata goes as a JSON Blob part
   seen.blob = await replicate.files.create(new Blob([image], { type: "image/png" }));
   seen.versions = await replicate.models.versions.list("openai", "gpt-image-2");
-  // run() uploads a Buffer input through files.create and sends its urls.get
+  // run() uploads Buffer and Blob inputs through files.create, in order, and sends their urls.get
+  const images = [image, new Blob([image], { type: "image/png" })];
   seen.run = await replicate.run("openai/gpt-image-2", {
-    input: { prompt: "make it red", input_images: [image], output_format: "png" },
+    input: { prompt: "make it red", input_images: images, output_format: "png" },
   });
   seen.list = await replicate.files.list();
   const listed = await replicate.predictions.list();
