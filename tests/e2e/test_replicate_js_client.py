@@ -6,6 +6,7 @@ makes: ``files.create`` with a Buffer and a Blob (the client sends ``metadata`` 
 ``files.list``, ``models.versions.list``, and ``run`` with a Buffer and a Blob input (uploaded through
 ``files.create``, then given by their ``urls.get``). The package is installed with npm into a temporary
 folder (from npm's cache when offline); without Node, npm or the package the JS test is skipped, saying why.
+The Python client's lists, and a cancel while OpenAI has not answered yet, use the same quick server.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import httpx
 import pytest
 import replicate
 from PIL import Image
+from replicate.stream import EventSource
 
 from conftest import Server, start_server
 from openai_standin import StandIn
@@ -47,6 +49,12 @@ def server(standin_server: StandIn, tmp_path_factory: pytest.TempPathFactory) ->
     running = start_server(folder / "data", folder / "no-local-model", env=env)
     yield running
     running.stop()
+
+
+@pytest.fixture
+def standin(openai_standin: StandIn) -> Iterator[StandIn]:
+    yield openai_standin
+    openai_standin.release()  # whatever a test held
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +131,28 @@ def test_the_python_client_lists_files_and_versions(server: Server) -> None:
     assert files[0].id == uploaded.id and files[0].metadata == {"purpose": "py"}
     versions = client.models.get("openai/gpt-image-2").versions.list()
     assert [v.id for v in versions] == [client.models.get("openai/gpt-image-2").latest_version.id]
+
+
+def test_a_running_prediction_is_canceled_at_once_and_its_stream_says_why(server: Server, standin: StandIn) -> None:
+    client = replicate.Client(api_token=TOKEN, base_url=server.url)
+    standin.hold()  # OpenAI has the request and does not answer: the prediction is processing
+    prediction = client.predictions.create(model="openai/gpt-image-2", input={"prompt": "a slow one"})
+    standin.wait_for_requests(1, timeout=10)
+    decoder, events = EventSource.Decoder(), []  # the official client's decoder (it raises on unknown names)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with httpx.stream("GET", prediction.urls["stream"], headers=auth, timeout=30) as live:
+        lines = live.iter_lines()
+        for line in lines:  # up to the first event: the stream is following the prediction
+            if (event := decoder.decode(line)) is not None:
+                events.append(event)
+                break
+        canceled = client.predictions.cancel(prediction.id)
+        assert (canceled.status, canceled.output) == ("canceled", None) and canceled.completed_at
+        events += [e for line in lines if (e := decoder.decode(line)) is not None]
+    assert (events[-1].event.value, json.loads(events[-1].data)) == ("done", {"reason": "canceled"})
+    replay = httpx.get(prediction.urls["stream"], headers=auth, timeout=30).text
+    decoder = EventSource.Decoder()
+    done = [e for line in replay.split("\n") if (e := decoder.decode(line)) is not None]
+    assert json.loads(done[-1].data) == {"reason": "canceled"}
+    standin.wait_for_disconnects(1, timeout=10)  # the upstream call was aborted, not left to run
+    assert client.predictions.get(prediction.id).status == "canceled"
