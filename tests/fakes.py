@@ -7,6 +7,7 @@ to do next::
     engine = FakeEngine(steps=4)
     engine.fail_next(EngineError("upstream exploded"))   # the next generate raises this
     gate = engine.block()                                # generate waits (cancellable) until gate.set()
+    gate = engine.block(then=EngineError("late"))        # ... and then raises this
     engine.step_delay = 0.05                             # sleep per step
 
 It reports progress after every step, honours the CancelToken between steps (and while blocked),
@@ -36,6 +37,12 @@ class FakePlan:
     background: str
 
 
+class Gate(threading.Event):
+    """What ``block`` returns: set it to let the generate go on (to raise ``then``, when given)."""
+
+    then: Exception | None = None
+
+
 @dataclass(eq=False)
 class FakeEngine:
     model: str = "fake"
@@ -53,7 +60,7 @@ class FakeEngine:
     setup_calls: int = 0
     max_active: int = 0
     started: threading.Event = field(default_factory=threading.Event)  # set when a generate begins
-    _script: deque[Exception | threading.Event] = field(default_factory=deque)
+    _script: deque[Exception | Gate] = field(default_factory=deque)
     _active: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -62,9 +69,11 @@ class FakeEngine:
     def fail_next(self, error: Exception) -> None:
         self._script.append(error)
 
-    def block(self) -> threading.Event:
-        """The next generate waits, between steps 1 and 2, until the returned event is set."""
-        gate = threading.Event()
+    def block(self, then: Exception | None = None) -> Gate:
+        """The next generate waits, between steps 1 and 2, until the returned event is set; then it raises
+        ``then``, when given (a failure while someone watches)."""
+        gate = Gate()
+        gate.then = then
         self._script.append(gate)
         return gate
 
@@ -107,14 +116,16 @@ class FakeEngine:
         plan: FakePlan,
         progress: ProgressFn,
         cancel: CancelToken,
-        script: Exception | threading.Event | None,
+        script: Exception | Gate | None,
     ) -> None:
         for step in range(1, self.steps + 1):
             self._check_cancel(cancel)
             if isinstance(script, Exception) and step == 1:
                 raise script
-            if isinstance(script, threading.Event) and step == 2:
+            if isinstance(script, Gate) and step == 2:
                 self._wait(script, cancel)
+                if script.then is not None:
+                    raise script.then
             time.sleep(self.step_delay)
             preview = Image.new("RGB", (plan.width, plan.height), self.color) if job.previews else None
             progress(ProgressEvent(step, self.steps, preview=preview))

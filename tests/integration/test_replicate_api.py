@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 import pytest
+import replicate
 from PIL import Image
 from replicate.file import File as ClientFile
 from replicate.model import Model as ClientModel
@@ -69,6 +70,10 @@ class Door:
         client = httpx.AsyncClient(transport=httpx.ASGITransport(self.app), base_url=BASE, headers=auth, timeout=30)
         self.clients.append(client)
         return client
+
+    def sdk(self, token: str = TOKEN_A) -> replicate.Client:
+        """The official client, in-process: its ``async_*`` methods go through the app."""
+        return replicate.Client(api_token=token, base_url=BASE, transport=httpx.ASGITransport(self.app))
 
     def block(self) -> threading.Event:
         gate = self.engine.block()
@@ -382,6 +387,100 @@ async def test_file_fields_types_and_delete(door: Door) -> None:
     assert (await client.get(f"/v1/files/{file_id}")).status_code == 404
 
 
+def js_client_upload(content: bytes, metadata: bytes, *, name: str = "buffer_1796294044754") -> tuple[bytes, str]:
+    """The multipart body of the JS client's ``files.create(buffer, metadata)`` (npm ``replicate`` 1.4 on Node 20,
+    captured byte for byte): ``metadata`` is a Blob of JSON, so it arrives as a file part named "blob"."""
+    boundary = "----formdata-undici-050244061140"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="content"; filename="{name}"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
+    body += content + f"\r\n--{boundary}\r\n".encode()
+    body += (
+        b'Content-Disposition: form-data; name="metadata"; filename="blob"\r\nContent-Type: application/json\r\n\r\n'
+    )
+    body += metadata + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+async def test_metadata_comes_as_a_text_field_or_as_the_js_clients_json_file_part(door: Door) -> None:
+    client = door.client()
+    body, content_type = js_client_upload(png(), b'{"purpose":"js"}')
+    response = await client.post("/v1/files", content=body, headers={"Content-Type": content_type})
+    assert response.status_code == 201, response.text
+    uploaded = ClientFile(**response.json())
+    assert (uploaded.name, uploaded.content_type, uploaded.metadata) == (
+        "buffer_1796294044754",
+        "image/png",
+        {"purpose": "js"},
+    )
+    body, content_type = js_client_upload(b"hello", b"{}")  # what files.create(buffer) sends without metadata
+    empty = await client.post("/v1/files", content=body, headers={"Content-Type": content_type})
+    assert empty.status_code == 201 and empty.json()["metadata"] == {}
+    as_parts = await client.post(  # any text field may come as a file part
+        "/v1/files",
+        files={
+            "content": ("a.bin", b"hello", "application/octet-stream"),
+            "filename": ("blob", b"notes.txt", "text/plain"),
+            "type": ("blob", b"text/plain", "text/plain"),
+            "metadata": ("blob", '{"k": "ü"}'.encode(), "application/json"),
+        },
+    )
+    assert as_parts.status_code == 201, as_parts.text
+    assert [as_parts.json()[k] for k in ("name", "content_type", "metadata")] == ["notes.txt", "text/plain", {"k": "ü"}]
+    text = await client.post("/v1/files", files={"content": (None, b"hello", "text/plain")})  # no filename
+    assert text.status_code == 422 and text.json()["invalid_fields"][0]["field"] == "content"
+    assert "without a filename" in text.json()["detail"]
+
+    bad = {
+        "not json": b"{purpose: js}",
+        "not an object": b'["js"]',
+        "null": b"null",
+        "a lone surrogate": b'{"k": "\\ud800"}',
+        "deeply nested": b'{"k": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        # (as text parts, Starlette refuses these itself: over 1 MiB is a 400, bad bytes become U+FFFD)
+        "too large": b'{"k": "' + b"x" * (1024 * 1024) + b'"}',
+        "not UTF-8": b'{"k": "\xff"}',
+    }
+    for why, metadata in bad.items():
+        for as_text in (False, True) if why not in ("too large", "not UTF-8") else (False,):
+            if as_text:
+                response = await client.post(
+                    "/v1/files", files={"content": ("a.png", png(), "image/png")}, data={"metadata": metadata}
+                )
+            else:
+                body, content_type = js_client_upload(png(), metadata)
+                response = await client.post("/v1/files", content=body, headers={"Content-Type": content_type})
+            assert response.status_code == 422, (why, as_text, response.text)
+            assert [f["field"] for f in response.json()["invalid_fields"]] == ["metadata"], (why, response.text)
+
+
+async def test_files_list_the_callers_uploads_newest_first_with_absolute_cursor_urls(door: Door) -> None:
+    door.replicate.files.page_size = 2
+    client = door.client()
+    uploads = [await client.post("/v1/files", files={"content": (f"{i}.png", png(), "image/png")}) for i in range(5)]
+    ids = [u.json()["id"] for u in uploads]
+    other = await door.client(TOKEN_B).post("/v1/files", files={"content": ("b.png", png(), "image/png")})
+    await door.finished((await door.create())["id"])  # its outputs are files too, but not uploads
+    first = (await client.get("/v1/files")).json()
+    assert [f["id"] for f in first["results"]] == ids[::-1][:2] and first["previous"] is None
+    assert [f.id for f in await door.sdk().files.async_list()] == ids[::-1][:2]  # the official client's list()
+    assert first["results"][0] == uploads[-1].json()
+    assert first["next"].startswith(f"{BASE}/v1/files?cursor=")
+    second = (await client.get(first["next"])).json()
+    assert [f["id"] for f in second["results"]] == ids[::-1][2:4] and second["previous"] == f"{BASE}/v1/files"
+    third = (await client.get(second["next"])).json()
+    assert [f["id"] for f in third["results"]] == [ids[0]] and third["next"] is None
+    back = (await client.get(third["previous"])).json()
+    assert [f["id"] for f in back["results"]] == [f["id"] for f in second["results"]]
+    assert [f["id"] for f in (await door.client(TOKEN_B).get("/v1/files")).json()["results"]] == [other.json()["id"]]
+    await client.delete(f"/v1/files/{ids[-1]}")
+    assert [f["id"] for f in (await client.get("/v1/files")).json()["results"]] == ids[::-1][1:3]
+    bad = await client.get("/v1/files", params={"cursor": "not-a-cursor"})
+    assert bad.status_code == 422 and bad.json()["invalid_fields"][0]["field"] == "cursor"
+    assert (await door.client(token=None).get("/v1/files")).status_code == 401
+
+
 # -- get, cancel, list ------------------------------------------------------------------------------------
 
 
@@ -401,6 +500,35 @@ async def test_get_and_cancel(door: Door) -> None:
     assert again.json()["status"] == "canceled"
     gate.set()
     assert (await client.get("/v1/predictions/nosuchpredictionid")).status_code == 404
+
+
+async def test_cancel_answers_canceled_at_once_and_the_slot_stays_taken_until_the_engine_returns(
+    door: Door, receiver: Receiver
+) -> None:
+    door.engine.ignore_cancel = True  # a model step that cannot be interrupted: the call goes on a while
+    gate = door.block()
+    client, runner = door.client(), door.app.state.services.runner
+    response = await client.post(
+        "/v1/models/openai/gpt-image-2/predictions",
+        json={"input": {"prompt": "x"}, "webhook": receiver.url(), "webhook_events_filter": ["completed"]},
+    )
+    running = response.json()
+    await engine_started(door.engine)
+    answer = (await client.post(running["urls"]["cancel"])).json()
+    assert (answer["status"], answer["output"]) == ("canceled", None) and "completed_at" in answer
+    assert ClientPrediction(**answer).status == "canceled"
+    assert (await client.get(running["urls"]["get"])).json() == answer  # and it stays so
+    waiting = await door.create()
+    assert (runner.running, runner.busy, len(door.engine.jobs)) == (1, True, 1), "the engine still runs the job"
+    assert (await client.get(waiting["urls"]["get"])).json()["status"] == "starting"
+
+    gate.set()  # the engine returns its images: they are discarded
+    assert (await door.finished(waiting["id"]))["status"] == "succeeded"
+    assert (await client.get(running["urls"]["get"])).json() == answer
+    assert door.app.state.services.files.for_prediction(running["id"]) == []
+    await runner.dispatcher.flush(5)
+    assert not await door.replicate.webhooks.flush(5)
+    assert receiver.events() == ["canceled"]  # exactly one completed message
 
 
 async def test_failed_predictions_carry_the_error(door: Door) -> None:
@@ -546,6 +674,20 @@ async def test_models_describe_the_seed_and_each_served_model(door: Door) -> Non
     assert (await client.get(f"/v1/models/atelier/fake/versions/{'0' * 64}")).status_code == 404
 
 
+async def test_versions_list_each_models_version_as_a_page(door: Door) -> None:
+    client, sdk = door.client(), door.sdk()
+    for address in ("openai/gpt-image-2", "atelier/fake", "atelier/openai"):
+        response = await client.get(f"/v1/models/{address}/versions")
+        assert response.status_code == 200, response.text
+        latest = (await client.get(f"/v1/models/{address}")).json()["latest_version"]
+        assert response.json() == {"next": None, "previous": None, "results": [latest]}
+        model = await sdk.models.async_get(address)  # the official client's models.get(...).versions.list()
+        assert [v.id for v in await model.versions.async_list()] == [version_id(address)]
+    missing = await client.get("/v1/models/acme/nothing/versions")
+    assert missing.status_code == 404 and "openai/gpt-image-2" in missing.json()["detail"]
+    assert (await door.client(token=None).get("/v1/models/atelier/fake/versions")).status_code == 401
+
+
 # -- SSE ------------------------------------------------------------------------------------------------
 
 
@@ -615,6 +757,60 @@ async def test_stream_of_a_failed_prediction_ends_with_error_then_done(door: Doo
     blocks = [b for b in response.text.split("\n\n") if b]
     assert "event: error" in blocks[-2] and json.loads(blocks[-2].split("data: ", 1)[1]) == {"detail": "boom"}
     assert "event: done" in blocks[-1]
+
+
+def subscribed(door: Door, prediction_id: str) -> Callable[[], bool]:
+    """True once a stream listens to the live prediction (ASGITransport buffers a response whole, so the
+    test cannot read the first frame to know)."""
+    entry = door.app.state.services.runner.queue.get(prediction_id)
+    return lambda: bool(entry.task._subscribers)
+
+
+async def live_stream(door: Door, body: dict[str, Any], then: Callable[[], Any]) -> list[ServerSentEvent]:
+    """The stream of a running prediction, opened before ``then`` ends it; decoded by the official client."""
+    reading = asyncio.create_task(door.client().get(body["urls"]["stream"]))
+    await until(subscribed(door, body["id"]))
+    await then()
+    response = await reading
+    check_frames(response.text)
+    return decode_sse(response.text)
+
+
+def ending(events: list[ServerSentEvent]) -> list[tuple[str, Any]]:
+    return [(e.event.value, json.loads(e.data)) for e in events if e.event.value in ("error", "done")]
+
+
+async def test_done_says_why_a_prediction_did_not_succeed_live_and_on_replay(door: Door) -> None:
+    client = door.client()
+    door.block()
+    canceled = await door.create()
+    await engine_started(door.engine)
+    events = await live_stream(door, canceled, lambda: client.post(canceled["urls"]["cancel"]))
+    assert ending(events) == [("done", {"reason": "canceled"})]
+    assert (await door.finished(canceled["id"]))["status"] == "canceled"
+    replay = decode_sse((await client.get(canceled["urls"]["stream"])).text)
+    assert ending(replay) == [("done", {"reason": "canceled"})]
+
+    door.engine.started.clear()
+    gate = door.engine.block(then=EngineError("the model ran out of ideas"))
+    failed = await door.create()
+    await engine_started(door.engine)
+    events = await live_stream(door, failed, lambda: asyncio.to_thread(gate.set))
+    expected = [("error", {"detail": "the model ran out of ideas"}), ("done", {"reason": "error"})]
+    assert ending(events) == expected
+    replay = decode_sse((await client.get(failed["urls"]["stream"])).text)
+    assert ending(replay) == expected
+
+    door.engine.started.clear()
+    gate = door.block()
+    running = await door.create()
+    await engine_started(door.engine)
+    queued = await door.create()  # canceled while it waits: it never starts
+    assert (await client.post(queued["urls"]["cancel"])).json()["status"] == "canceled"
+    assert ending(decode_sse((await client.get(queued["urls"]["stream"])).text)) == [("done", {"reason": "canceled"})]
+    gate.set()
+    assert (await door.finished(running["id"]))["status"] == "succeeded"
+    assert ending(decode_sse((await client.get(running["urls"]["stream"])).text)) == [("done", {})]
 
 
 # -- webhooks -------------------------------------------------------------------------------------------

@@ -156,6 +156,36 @@ async def test_cancel_queued_and_running(harness: Harness) -> None:
     assert runner.files.for_prediction(running.id) == []
 
 
+class LoadingEngine(FakeEngine):
+    """Its model loads until ``loaded`` is set (``loading`` says it has begun)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loading, self.loaded = threading.Event(), threading.Event()
+
+    def setup(self) -> None:
+        self.loading.set()
+        assert self.loaded.wait(5), "the test never let the model load"
+        super().setup()
+
+
+async def test_cancel_while_the_model_loads_answers_canceled_and_the_job_never_runs(harness: Harness) -> None:
+    engine = LoadingEngine()
+    harness.gates.append(engine.loaded)
+    runner = await harness.runner(engine)
+    first = await runner.submit(request(), source="replicate", owner="t")
+    assert await asyncio.to_thread(engine.loading.wait, 2)
+    answer = await runner.cancel(first.id, owner="t")
+    assert (answer.status, answer.started_at) == ("canceled", None) and answer.completed_at is not None
+    assert (await runner.get(first.id, owner="t")).status == "canceled"
+    assert (runner.running, runner.busy) == (1, True), "the worker holds its slot while the model loads"
+    engine.loaded.set()
+    second = await runner.submit(request(), source="replicate", owner="t")
+    assert (await runner.wait(second.id, timeout=2)).status == "succeeded"
+    assert [job.id for job in engine.jobs] == [second.id]
+    assert runner.store.get_prediction(first.id) == answer
+
+
 async def test_deadline_cancels_running_and_queued_jobs(harness: Harness) -> None:
     engine = FakeEngine()
     harness.block(engine)

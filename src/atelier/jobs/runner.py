@@ -14,10 +14,14 @@ Design:
   wait for threads that file I/O holds, nor it for them; the loop never blocks on a model), writes the outputs durably
   through the ``FileStore``, and only then marks the task ``succeeded``. Progress callbacks from the
   engine's thread are handed to the loop (``call_soon_threadsafe``), where the ``Task`` lives.
-* **Cancel and deadlines.** Each job has a ``CancelToken``. A queued job is canceled at once; a
-  running one gets its token set and the engine raises ``Canceled`` between steps; a token set while
-  the engine was finishing still cancels (outputs discarded). A ``deadline`` (``Cancel-After``) arms a
-  timer that cancels with reason "deadline exceeded".
+* **Cancel and deadlines.** Each job has a ``CancelToken``. Every cancel is at once: the task is
+  ``canceled`` (``completed_at`` stamped, ``completed`` sent once) before ``cancel`` returns, so the
+  answer is the state the caller will keep (Replicate answers ``canceled``). A queued job leaves the
+  queue; a running one (or one whose model is still loading) also gets its token set, the engine
+  raises ``Canceled`` between steps, and whatever the call returns is discarded. Its worker slot is
+  released only when the engine call returns: the device is busy until then, so ``running``, ``busy``
+  and the caller's live count still include it. A ``deadline`` (``Cancel-After``) arms a timer that
+  cancels with reason "deadline exceeded".
 * **Restart.** ``start`` resolves what a previous process left unfinished: what can run again (see
   ``atelier.jobs.recovery``) goes back to ``starting`` ("re-queued after restart") and is queued first,
   beyond ``max_queue``; the rest fails with a reason that says to resubmit. One process owns a
@@ -32,8 +36,8 @@ Design:
   fed in order by ``atelier.jobs.dispatch``; live ``subscribe``rs also get every log line and progress.
 * **Batching** (``settings.batching``): a worker may take compatible queued jobs (``next_batch``) into
   one ``engine.generate_many`` call; each task still starts, ends and gets its outputs on its own. A
-  call cannot drop a member: a batched job canceled while running is canceled at once and its images
-  are discarded when the call ends; the call stops early only when all its jobs are canceled.
+  call cannot drop a member: a batched job canceled while running keeps its share of the call and its
+  images are discarded when the call ends; the call stops early only when all its jobs are canceled.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ from atelier.jobs.events import Subscription, finished_subscription
 from atelier.jobs.files import FileStore
 from atelier.jobs.limits import Caller, Limits
 from atelier.jobs.queue import Entry, JobQueue
-from atelier.jobs.records import PROCESSING, SOURCES, Prediction, utc_now
+from atelier.jobs.records import SOURCES, Prediction, utc_now
 from atelier.jobs.recovery import ImageLoader
 from atelier.jobs.routing import EngineRouter
 from atelier.jobs.store import Store
@@ -234,7 +238,7 @@ class Runner:
         return prediction
 
     async def cancel(self, id: str, *, owner: str | None = None) -> Prediction:
-        """Cancel; a finished prediction is returned unchanged. A running one may still show ``processing``."""
+        """Cancel; returns the prediction ``canceled`` (a finished one unchanged). See the module docstring."""
         prediction = await self.get(id, owner=owner)
         entry = self.queue.get(id)
         if entry is None or entry.task.terminal:
@@ -374,12 +378,11 @@ class Runner:
         if entry.task.terminal:
             return
         entry.token.cancel(reason)
+        entry.task.cancel(reason)
         if self.queue.remove_queued(entry):
-            entry.task.cancel(reason)
             self.queue.forget(entry)
-        elif entry.batch_size > 1 and entry.task.status == PROCESSING:
-            entry.task.cancel(reason)  # a shared call cannot drop it: canceled now, its images discarded later
-        # Otherwise a worker holds it (running or setting up): it sees the token and cancels the task.
+        # Otherwise a worker holds it: the engine sees the token; the worker discards what the call returns
+        # (``_deliver`` and ``_settle`` skip a finished task) and releases the slot when the call is over.
 
     def _on_canceled(self, entry: Entry, reason: str) -> None:
         if self._stopping and reason == SHUTDOWN:

@@ -24,14 +24,15 @@ import base64
 import binascii
 import json
 import logging
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import (
     Column,
+    ColumnElement,
     Connection,
     Engine,
     MetaData,
@@ -181,31 +182,11 @@ class Store:
         self, owner: str | None, before_cursor: str | None = None, limit: int = 100
     ) -> tuple[list[Prediction], str | None]:
         """Newest first; ``owner`` None lists predictions without an owner. Returns (page, next cursor)."""
-        c = PREDICTIONS.c
-        query = select(PREDICTIONS).where(c.owner.is_(None) if owner is None else c.owner == owner)
-        if before_cursor:
-            created, last_id = decode_cursor(before_cursor)
-            query = query.where(or_(c.created_at < created, and_(c.created_at == created, c.id < last_id)))
-        query = query.order_by(c.created_at.desc(), c.id.desc()).limit(limit + 1)
-        with self._read() as conn:
-            rows = conn.execute(query).mappings().all()
-        page = [_prediction(r) for r in rows[:limit]]
-        more = len(rows) > limit and page
-        return page, encode_cursor(page[-1]) if more else None
+        return self._older(PREDICTIONS, _owned_by(PREDICTIONS, owner), before_cursor, limit, _prediction)
 
     def newer_predictions(self, owner: str | None, than_cursor: str, limit: int) -> list[Prediction]:
         """Up to ``limit`` of ``owner``'s predictions newer than the cursor's, oldest first (a previous page)."""
-        c = PREDICTIONS.c
-        created, last_id = decode_cursor(than_cursor)
-        query = (
-            select(PREDICTIONS)
-            .where(c.owner.is_(None) if owner is None else c.owner == owner)
-            .where(or_(c.created_at > created, and_(c.created_at == created, c.id > last_id)))
-            .order_by(c.created_at, c.id)
-            .limit(limit)
-        )
-        with self._read() as conn:
-            return [_prediction(r) for r in conn.execute(query).mappings()]
+        return self._newer(PREDICTIONS, _owned_by(PREDICTIONS, owner), than_cursor, limit, _prediction)
 
     def unfinished_predictions(self) -> list[Prediction]:
         """Predictions a previous process left ``starting`` or ``processing``, oldest first."""
@@ -249,6 +230,17 @@ class Store:
     def delete_file(self, id: str) -> None:
         with self._write() as conn:
             conn.execute(delete(FILES).where(FILES.c.id == id))
+
+    def list_uploads(
+        self, owner: str | None, before_cursor: str | None = None, limit: int = 100
+    ) -> tuple[list[FileRecord], str | None]:
+        """``owner``'s uploads (not outputs: those belong to their predictions), newest first, paged like
+        ``list_predictions``."""
+        return self._older(FILES, _uploads_of(owner), before_cursor, limit, _file)
+
+    def newer_uploads(self, owner: str | None, than_cursor: str, limit: int) -> list[FileRecord]:
+        """Up to ``limit`` of ``owner``'s uploads newer than the cursor's, oldest first (a previous page)."""
+        return self._newer(FILES, _uploads_of(owner), than_cursor, limit, _file)
 
     def files_for_prediction(self, prediction_id: str) -> list[FileRecord]:
         query = select(FILES).where(FILES.c.prediction_id == prediction_id).order_by(FILES.c.created_at, FILES.c.id)
@@ -333,12 +325,67 @@ class Store:
         with self._read() as conn:
             return set(conn.execute(query).scalars())
 
+    # -- pages (predictions and uploads alike) ---------------------------------------------------------
+
+    def _older(
+        self, table: Table, where: ColumnElement[bool], before_cursor: str | None, limit: int, record: Reader[Item]
+    ) -> tuple[list[Item], str | None]:
+        """Up to ``limit`` rows before the cursor (all, without one), newest first, and the next page's cursor."""
+        c = table.c
+        query = select(table).where(where)
+        if before_cursor:
+            created, last_id = decode_cursor(before_cursor)
+            query = query.where(or_(c.created_at < created, and_(c.created_at == created, c.id < last_id)))
+        query = query.order_by(c.created_at.desc(), c.id.desc()).limit(limit + 1)
+        with self._read() as conn:
+            rows = conn.execute(query).mappings().all()
+        page = [record(r) for r in rows[:limit]]
+        more = len(rows) > limit and page
+        return page, encode_cursor(page[-1]) if more else None
+
+    def _newer(
+        self, table: Table, where: ColumnElement[bool], than_cursor: str, limit: int, record: Reader[Item]
+    ) -> list[Item]:
+        c = table.c
+        created, last_id = decode_cursor(than_cursor)
+        query = (
+            select(table)
+            .where(where)
+            .where(or_(c.created_at > created, and_(c.created_at == created, c.id > last_id)))
+            .order_by(c.created_at, c.id)
+            .limit(limit)
+        )
+        with self._read() as conn:
+            return [record(r) for r in conn.execute(query).mappings()]
+
+
+def _owned_by(table: Table, owner: str | None) -> ColumnElement[bool]:
+    return table.c.owner.is_(None) if owner is None else table.c.owner == owner
+
+
+def _uploads_of(owner: str | None) -> ColumnElement[bool]:
+    return and_(_owned_by(FILES, owner), FILES.c.kind == "upload")
+
 
 # -- cursors -----------------------------------------------------------------------------------------
 
 
-def encode_cursor(prediction: Prediction) -> str:
-    raw = f"{format_time(prediction.created_at)}|{prediction.id}".encode()
+class Listed(Protocol):
+    """What a page lists (a prediction, a file): ordered by creation, then id."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def created_at(self) -> datetime: ...
+
+
+Item = TypeVar("Item", bound=Listed)
+Reader = Callable[[RowMapping], Item]
+
+
+def encode_cursor(item: Listed) -> str:
+    raw = f"{format_time(item.created_at)}|{item.id}".encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 

@@ -3,11 +3,17 @@
 * ``POST /v1/files`` takes multipart ``content`` (the bytes), ``filename``, ``type`` and ``metadata``
   (a JSON object), as Replicate's clients send them; the part's own file name and content type are
   used when the fields are absent, and an image's type is sniffed when none is given. Uploads are at
-  most 100 MiB (Replicate's limit). ``urls.get`` (``/v1/files/{id}``) is what clients put into
+  most 100 MiB (Replicate's limit). The text fields may come as text parts (the Python client) or as
+  file parts: the JS client appends ``metadata`` as a Blob of JSON, which arrives as a part with
+  ``filename="blob"`` and ``Content-Type: application/json``; either way it is UTF-8 text of at most
+  1 MiB (Starlette's own bound on a text part). ``urls.get`` (``/v1/files/{id}``) is what clients put into
   ``input_images``; ``Services.own_file`` resolves it for the file's owner without any HTTP.
 * ``GET /v1/files/{id}/download?sig=...`` serves the bytes to anyone holding the signature (output
   URLs work with and without the Authorization header); without a valid signature it falls back to
   the caller's token and the file's owner.
+* ``GET /v1/files`` lists the caller's uploads, newest first, in pages like ``GET /v1/predictions``
+  (``api/replicate/pages.py``). Outputs are not listed: Replicate's Files API holds what was uploaded,
+  and an output belongs to its prediction (its URL is in ``output``).
 * A file another caller owns is "not found", exactly like a missing one.
 * Downloads are served as this server's origin, so a file must never run there: every download says
   ``X-Content-Type-Options: nosniff`` (the browser believes the content type, never the bytes) and a
@@ -23,18 +29,21 @@ import json
 import re
 from collections.abc import Callable
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
-from fastapi import UploadFile
 from fastapi.responses import FileResponse
+from starlette.datastructures import UploadFile as Part
 
 from atelier.api.replicate import protocol as wire
+from atelier.api.replicate.pages import links
 from atelier.errors import FieldProblem, InputError, NotFound
 from atelier.imaging.inputs import sniff
 from atelier.jobs.files import FileStore
 from atelier.jobs.records import FileRecord, format_time, utc_now
 
 MAX_UPLOAD_BYTES = 100 * 1024 * 1024
+MAX_FIELD_BYTES = 1024 * 1024  # a text field sent as a file part: Starlette's bound on a text part
 GENERIC_TYPE = "application/octet-stream"
 _MEDIA_TYPE = re.compile(r"^[\w.+-]+/[\w.+-]+$")
 _SNIFFED = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
@@ -46,39 +55,60 @@ DOWNLOAD_HEADERS = {
 }
 
 Caller = Callable[[], str | None]
+Field = str | Part | None  # a text field, sent as a text part or as a file part (FastAPI passes Starlette's)
 
 
 class FilesAPI:
-    def __init__(self, files: FileStore, retention: timedelta | None = None) -> None:
+    def __init__(self, files: FileStore, retention: timedelta | None = None, *, page_size: int = 100) -> None:
         self.files = files
         self.retention = retention  # uploads expire this long after they were made (ATELIER_RETENTION)
+        self.page_size = page_size
 
     async def upload(
         self,
-        content: UploadFile | None,
+        content: Field,
         *,
-        filename: str | None,
-        content_type: str | None,
-        metadata: str | None,
+        filename: Field,
+        content_type: Field,
+        metadata: Field,
         owner: str | None,
         base: str,
     ) -> wire.File:
         if content is None:
             raise InputError(FieldProblem("content", "is required: the file's bytes as a multipart part", "required"))
+        if isinstance(content, str):  # a part without a filename is a text field: its bytes were decoded as text
+            raise InputError(
+                FieldProblem(
+                    "content",
+                    "arrived as a text field (a multipart part without a filename), so its bytes cannot be kept as "
+                    "sent; send it as a file part with a filename, e.g. curl -F content=@photo.png",
+                    "type",
+                )
+            )
+        name, declared = await _text(filename, "filename"), await _text(content_type, "type")
+        extra = _metadata(await _text(metadata, "metadata"))
         data = await content.read(MAX_UPLOAD_BYTES + 1)
         if len(data) > MAX_UPLOAD_BYTES:
             raise InputError(FieldProblem("content", f"is over the {MAX_UPLOAD_BYTES // 2**20} MiB limit", "too_large"))
         record = await asyncio.to_thread(
             self.files.put,
             data,
-            name=filename or content.filename or "file",
-            content_type=_content_type(content_type or content.content_type, data),
+            name=name or content.filename or "file",
+            content_type=_content_type(declared or content.content_type, data),
             kind="upload",
             owner=owner,
-            metadata=_metadata(metadata),
+            metadata=extra,
             expires_at=utc_now() + self.retention if self.retention is not None else None,
         )
         return self.describe(record, base)
+
+    def page(self, owner: str | None, cursor: str | None, base: str) -> wire.FilePage:
+        """``owner``'s uploads, newest first, paged like ``GET /v1/predictions`` (indexed reads: on the loop)."""
+        store = self.files.store
+        page, next_cursor = store.list_uploads(owner, cursor, self.page_size)
+        newer = partial(store.newer_uploads, owner)
+        around = links(f"{base}/v1/files", page, next_cursor, cursor=cursor, size=self.page_size, newer=newer)
+        return wire.FilePage(next=around.next, previous=around.previous, results=[self.describe(r, base) for r in page])
 
     def info(self, file_id: str, owner: str | None, base: str) -> wire.File:
         return self.describe(self._owned(file_id, owner), base)
@@ -133,15 +163,34 @@ def _content_type(declared: str | None, data: bytes) -> str:
     return _SNIFFED.get(sniff(data) or "", GENERIC_TYPE)
 
 
+async def _text(value: Field, name: str) -> str | None:
+    """A text field's value, whichever kind of part it came in."""
+    if not isinstance(value, Part):
+        return value
+    data = await value.read(MAX_FIELD_BYTES + 1)
+    if len(data) > MAX_FIELD_BYTES:
+        raise InputError(FieldProblem(name, f"is over the {MAX_FIELD_BYTES // 1024} KiB limit", "too_large"))
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(FieldProblem(name, f"got {data[:40]!r}, which is not UTF-8 text", "type")) from None
+
+
 def _metadata(text: str | None) -> dict[str, Any]:
     if not text:
         return {}
     try:
         value = json.loads(text)
-    except ValueError:
+        json.dumps(value, ensure_ascii=False).encode()  # a lone surrogate ("\ud800") could not be stored
+    except (ValueError, RecursionError):  # UnicodeEncodeError is a ValueError; RecursionError: deep nesting
         value = None
     if not isinstance(value, dict):
         raise InputError(
-            FieldProblem("metadata", f'got {text[:60]!r}; give a JSON object such as \'{{"k": "v"}}\'', "type")
+            FieldProblem(
+                "metadata",
+                f'got {text[:60]!r}; give a JSON object of UTF-8 text such as \'{{"k": "v"}}\' (as a text field or a '
+                "JSON file part)",
+                "type",
+            )
         )
     return value

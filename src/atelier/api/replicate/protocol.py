@@ -102,11 +102,23 @@ class File(BaseModel):
     urls: FileURLs
 
 
+class FilePage(BaseModel):
+    next: str | None
+    previous: str | None
+    results: list[File]
+
+
 class ModelVersion(BaseModel):
     id: str
     created_at: str
     cog_version: str
     openapi_schema: dict[str, Any]
+
+
+class VersionPage(BaseModel):
+    next: str | None
+    previous: str | None
+    results: list[ModelVersion]
 
 
 class Model(BaseModel):

@@ -119,6 +119,11 @@ async def get_model(model_owner: str, model_name: str, door: Door, owner: Owner,
     return door.model(model_owner, model_name, base)
 
 
+@router.get("/models/{model_owner}/{model_name}/versions")
+async def list_model_versions(model_owner: str, model_name: str, door: Door, owner: Owner) -> wire.VersionPage:
+    return door.versions(model_owner, model_name)
+
+
 @router.get("/models/{model_owner}/{model_name}/versions/{version_id}")
 async def get_model_version(
     model_owner: str, model_name: str, version_id: str, door: Door, owner: Owner
@@ -132,14 +137,19 @@ async def get_model_version(
 @router.post("/files", status_code=201)
 async def create_file(
     door: Door, owner: Owner, base: BaseURL,
-    content: Annotated[UploadFile | None, File()] = None,
-    filename: Annotated[str | None, Form()] = None,
-    type: Annotated[str | None, Form()] = None,
-    metadata: Annotated[str | None, Form()] = None,
+    content: Annotated[UploadFile | str | None, File()] = None,
+    filename: Annotated[str | UploadFile | None, Form()] = None,
+    type: Annotated[str | UploadFile | None, Form()] = None,
+    metadata: Annotated[str | UploadFile | None, Form()] = None,  # compat: the JS client sends a JSON file part
 ) -> wire.File:  # fmt: skip
     return await door.files.upload(
         content, filename=filename, content_type=type, metadata=metadata, owner=owner, base=base
     )
+
+
+@router.get("/files")
+async def list_files(door: Door, owner: Owner, base: BaseURL, cursor: str | None = None) -> wire.FilePage:
+    return door.files.page(owner, cursor, base)
 
 
 @router.get("/files/{file_id}")

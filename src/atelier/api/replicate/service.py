@@ -24,6 +24,7 @@ import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -32,12 +33,12 @@ from atelier.api.replicate import protocol as wire
 from atelier.api.replicate.files import FilesAPI
 from atelier.api.replicate.headers import parse_cancel_after, parse_prefer
 from atelier.api.replicate.models import HIDDEN, ModelIndex, ServedModel
+from atelier.api.replicate.pages import links
 from atelier.api.replicate.render import download_url, render, stream_token
 from atelier.api.replicate.stream import events
 from atelier.api.replicate.webhooks import WebhookSender
 from atelier.errors import FieldProblem, InputError, NotFound
 from atelier.jobs.records import Prediction, utc_now
-from atelier.jobs.store import encode_cursor
 from atelier.request import ImageRequest, parse_request
 from atelier.services import Services
 
@@ -59,7 +60,7 @@ class ReplicateDoor:
     def __init__(self, services: Services) -> None:
         self.services = services
         self.models = ModelIndex(services.router)
-        self.files = FilesAPI(services.files, services.settings.retention)
+        self.files = FilesAPI(services.files, services.settings.retention, page_size=PAGE_SIZE)
         settings = services.settings
         fallback = (settings.public_url or f"http://{settings.host}:{settings.port}").rstrip("/")
         self.webhooks = WebhookSender(
@@ -115,22 +116,11 @@ class ReplicateDoor:
 
     async def page(self, owner: str | None, cursor: str | None, base: str) -> wire.PredictionPage:
         page, next_cursor = await self.services.runner.list(owner=owner, cursor=cursor, limit=self.page_size)
+        newer = partial(self.services.store.newer_predictions, owner)
+        around = links(f"{base}/v1/predictions", page, next_cursor, cursor=cursor, size=self.page_size, newer=newer)
         return wire.PredictionPage(
-            next=f"{base}/v1/predictions?cursor={next_cursor}" if next_cursor else None,
-            previous=self._previous(owner, page, base) if cursor else None,
-            results=[self.render(p, base) for p in page],
+            next=around.next, previous=around.previous, results=[self.render(p, base) for p in page]
         )
-
-    def _previous(self, owner: str | None, page: list[Prediction], base: str) -> str | None:
-        """The page just newer than this one: the first page, or one that starts ``page_size`` items up."""
-        if not page:
-            return None
-        newer = self.services.store.newer_predictions(owner, encode_cursor(page[0]), self.page_size + 1)
-        if not newer:
-            return None
-        if len(newer) <= self.page_size:
-            return f"{base}/v1/predictions"
-        return f"{base}/v1/predictions?cursor={encode_cursor(newer[self.page_size])}"
 
     async def stream(
         self, prediction_id: str, sig: str | None, caller: Caller, base: str, *, previews: bool = False
@@ -185,6 +175,11 @@ class ReplicateDoor:
 
     def model(self, owner: str, name: str, base: str) -> wire.Model:
         return self.models.describe(self.models.by_address(f"{owner}/{name}"), base)
+
+    def versions(self, owner: str, name: str) -> wire.VersionPage:
+        """Every version of the model, newest first: one, the contract this server runs (one page)."""
+        latest = self.models.describe(self.models.by_address(f"{owner}/{name}"), "").latest_version
+        return wire.VersionPage(next=None, previous=None, results=[latest] if latest else [])
 
     def version(self, owner: str, name: str, version_id: str) -> wire.ModelVersion:
         model, _ = self.models.by_version(f"{owner}/{name}:{version_id}")

@@ -2,7 +2,8 @@
 
 Event names are only ``output``, ``logs``, ``error`` and ``done`` (the Python client raises on any
 other), every event has an ``id:`` line (the Python client drops events without one), and ``done``
-carries ``{}``. ``logs`` sends one event per log line; ``output`` one event per output file URL, as
+carries ``{}`` on success, ``{"reason": "canceled"}`` or ``{"reason": "error"}`` otherwise (Replicate's
+values; live and on replay alike, both end through ``_ending``). ``logs`` sends one event per log line; ``output`` one event per output file URL, as
 soon as the outputs exist (for images: at the end); a failed prediction sends ``error`` with
 ``{"detail": "<why>"}`` before ``done``. A prediction that is already over is replayed (its logs,
 outputs, error) and ends with ``done``. A comment line every 15 s keeps idle connections open
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from atelier.imaging.encode import encode_preview
 from atelier.jobs.events import Event, Subscription
-from atelier.jobs.records import FAILED, Prediction
+from atelier.jobs.records import CANCELED, FAILED, Prediction
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -37,6 +38,7 @@ PREVIEW_MAX_SIDE = 512  # a glance at the composition: ~2-30 KB of webp, ~100 KB
 PREVIEW_QUALITY = 75
 
 OutputURLs = Callable[[list[str]], list[str]]
+DONE_REASONS = {CANCELED: "canceled", FAILED: "error"}  # the ``done`` event's ``reason``; none on success
 
 
 def frame(event_id: int, name: str, data: str) -> str:
@@ -109,7 +111,8 @@ def _ending(prediction: Prediction, urls: OutputURLs, *, with_output: bool) -> I
             yield "output", url
     if prediction.status == FAILED:
         yield "error", json.dumps({"detail": prediction.error or "the prediction failed"})
-    yield "done", "{}"
+    reason = DONE_REASONS.get(prediction.status)
+    yield "done", json.dumps({"reason": reason}) if reason else "{}"
 
 
 async def _with_keepalive(subscription: Subscription, keepalive: float) -> AsyncIterator[Event | None]:
