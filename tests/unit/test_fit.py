@@ -8,7 +8,7 @@ from PIL import Image
 
 from atelier.engines.base import Capabilities
 from atelier.engines.catalog import CATALOG, KLEIN_INPUTS
-from atelier.errors import InputError
+from atelier.errors import UnsupportedRequest
 from atelier.imaging.fit import PAD_RGB, Fit, InputLimits, fit_image, fit_mask, plan_fit
 
 KLEIN = InputLimits(min_side=64, max_aspect=8)
@@ -57,7 +57,7 @@ def test_a_padded_canvas_is_kept_within_the_pixel_budget(size) -> None:
 
 @pytest.mark.parametrize("size", [(1, 40000), (40000, 1), (6000, 1), (1, 6000)])
 def test_an_image_too_thin_to_keep_is_refused_naming_it(size) -> None:
-    with pytest.raises(InputError) as caught:
+    with pytest.raises(UnsupportedRequest) as caught:
         plan_fit(*size, KLEIN, field="input_images[2]", model="model 'flux2-klein-4b'")
     (problem,) = caught.value.problems
     assert problem.field == "input_images[2]" and problem.received == f"{size[0]}x{size[1]}"
@@ -146,6 +146,6 @@ def test_capabilities_check_names_every_image_that_cannot_fit() -> None:
     capabilities = Capabilities(can_edit=True, max_input_images=4, input_limits=KLEIN)
     fits = capabilities.fit_inputs([(1, 1), (96, 64)], model="m")
     assert [f.canvas for f in fits] == [(64, 64), (96, 64)]
-    with pytest.raises(InputError) as caught:
+    with pytest.raises(UnsupportedRequest) as caught:
         capabilities.fit_inputs([(1, 40000), (96, 64), (50000, 2)], model="m")
     assert [p.field for p in caught.value.problems] == ["input_images[0]", "input_images[2]"]

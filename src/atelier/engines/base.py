@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from atelier.errors import Canceled, FieldProblem, InputError, UnsupportedRequest
+from atelier.errors import Canceled, FieldProblem, UnsupportedRequest
 from atelier.imaging.fit import Fit, InputLimits, plan_fit
 from atelier.request import ImageRequest
 
@@ -99,7 +99,7 @@ class Capabilities:
 
     def check(self, job_or_request: Job | ImageRequest, *, model: str, has_mask: bool = False) -> tuple[Fit, ...]:
         """Raise ``UnsupportedRequest`` for anything this engine cannot honour and, for a ``Job``, an
-        ``InputError`` naming any input image that cannot be brought into ``input_limits``; returns how
+        ``UnsupportedRequest`` naming any input image that cannot be brought into ``input_limits``; returns how
         each input image fits (none for a bare request)."""
         request = job_or_request.request if isinstance(job_or_request, Job) else job_or_request
         self._check_counts(request, model=model, has_mask=has_mask)
@@ -110,7 +110,7 @@ class Capabilities:
     def fit_inputs(self, sizes: Sequence[tuple[int, int]], *, model: str) -> tuple[Fit, ...]:
         """How each input image (by width and height: admission needs no pixels) fits ``input_limits``.
 
-        Raises one ``InputError`` naming every ``input_images[i]`` that has no sensible fit.
+        Raises one ``UnsupportedRequest`` naming every ``input_images[i]`` that has no sensible fit.
         """
         fits: list[Fit] = []
         problems: list[FieldProblem] = []
@@ -119,10 +119,10 @@ class Capabilities:
                 fits.append(
                     plan_fit(width, height, self.input_limits, field=f"input_images[{index}]", model=f"model '{model}'")
                 )
-            except InputError as exc:
+            except UnsupportedRequest as exc:
                 problems += exc.problems
         if problems:
-            raise InputError(problems)
+            raise UnsupportedRequest(problems)
         return tuple(fits)
 
     def _check_counts(self, request: ImageRequest, *, model: str, has_mask: bool) -> None:

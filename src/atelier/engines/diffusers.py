@@ -39,7 +39,7 @@ from atelier.engines.base import (
     Result,
 )
 from atelier.engines.catalog import CATALOG, ModelSpec, QualitySetting, Variant, spec_for_pipeline
-from atelier.errors import EngineError, FieldProblem, InputError, ModelUnavailable
+from atelier.errors import EngineError, FieldProblem, ModelUnavailable, UnsupportedRequest
 from atelier.imaging import encode, matting, resize
 from atelier.imaging.fit import Fit, InputLimits, fit_image
 from atelier.moderation import Policy
@@ -356,7 +356,7 @@ def run_pipeline(pipe: Any, plan: RenderPlan, kwargs: dict[str, Any], raise_if_c
         if plan.fits and isinstance(exc, ValueError) and raised_preparing_images(exc):
             # Our fitting should have prevented it, but a pipeline whose limits outgrow the catalog's is
             # still refusing the caller's image, not failing: a 4xx (never retried), not a 502.
-            raise InputError(
+            raise UnsupportedRequest(
                 FieldProblem(
                     "input_images",
                     f"{plan.variant.pipeline} could not take the input images ({exc}); "

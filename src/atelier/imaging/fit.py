@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from atelier.errors import FieldProblem, InputError
+from atelier.errors import FieldProblem, UnsupportedRequest
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -81,7 +81,8 @@ class Fit:
 
 
 def plan_fit(width: int, height: int, limits: InputLimits, *, field: str, model: str = "this model") -> Fit:
-    """How an image of ``width`` x ``height`` fits ``limits``; ``InputError`` on ``field`` if it cannot.
+    """How an image of ``width`` x ``height`` fits ``limits``; ``UnsupportedRequest`` on ``field`` if it
+    cannot (the image is valid, this model cannot use it).
 
     Pure arithmetic on the size: cheap enough for admission, and the same answer when the job runs.
     """
@@ -116,9 +117,9 @@ def _scale(need_w: float, need_h: float, limits: InputLimits, padding: bool) -> 
     return 1.0
 
 
-def _too_thin(width: int, height: int, limits: InputLimits, *, field: str, model: str) -> InputError:
+def _too_thin(width: int, height: int, limits: InputLimits, *, field: str, model: str) -> UnsupportedRequest:
     ratio = max(width, height) / min(width, height)
-    return InputError(
+    return UnsupportedRequest(
         FieldProblem(
             field,
             f"is {width}x{height}, an aspect ratio of {ratio:,.0f}:1; {model} takes {limits.describe()} and "
