@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from atelier.errors import Canceled, FieldProblem, UnsupportedRequest
+from atelier.imaging.fit import Fit, InputLimits, plan_fit
 from atelier.request import ImageRequest
 
 if TYPE_CHECKING:
@@ -93,10 +94,38 @@ class Capabilities:
     max_input_images: int = 0
     can_inpaint: bool = False  # honours a mask
     can_preview: bool = False  # can emit intermediate previews while denoising
+    # What the model takes as a reference image; the engine brings others into it (imaging/fit.py).
+    input_limits: InputLimits = field(default_factory=InputLimits)
 
-    def check(self, job_or_request: Job | ImageRequest, *, model: str, has_mask: bool = False) -> None:
-        """Raise ``UnsupportedRequest`` for anything this engine cannot honour."""
+    def check(self, job_or_request: Job | ImageRequest, *, model: str, has_mask: bool = False) -> tuple[Fit, ...]:
+        """Raise ``UnsupportedRequest`` for anything this engine cannot honour and, for a ``Job``, an
+        ``UnsupportedRequest`` naming any input image that cannot be brought into ``input_limits``; returns how
+        each input image fits (none for a bare request)."""
         request = job_or_request.request if isinstance(job_or_request, Job) else job_or_request
+        self._check_counts(request, model=model, has_mask=has_mask)
+        if not isinstance(job_or_request, Job):
+            return ()
+        return self.fit_inputs([image.size for image in job_or_request.images], model=model)
+
+    def fit_inputs(self, sizes: Sequence[tuple[int, int]], *, model: str) -> tuple[Fit, ...]:
+        """How each input image (by width and height: admission needs no pixels) fits ``input_limits``.
+
+        Raises one ``UnsupportedRequest`` naming every ``input_images[i]`` that has no sensible fit.
+        """
+        fits: list[Fit] = []
+        problems: list[FieldProblem] = []
+        for index, (width, height) in enumerate(sizes):
+            try:
+                fits.append(
+                    plan_fit(width, height, self.input_limits, field=f"input_images[{index}]", model=f"model '{model}'")
+                )
+            except UnsupportedRequest as exc:
+                problems += exc.problems
+        if problems:
+            raise UnsupportedRequest(problems)
+        return tuple(fits)
+
+    def _check_counts(self, request: ImageRequest, *, model: str, has_mask: bool) -> None:
         count = len(request.input_images or ())
         if count and not self.can_edit:
             raise UnsupportedRequest(

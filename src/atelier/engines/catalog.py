@@ -12,6 +12,18 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from atelier.imaging.fit import InputLimits
+
+# FLUX.2 [klein]'s pipeline refuses a reference under 64 px on a side or beyond 8:1
+# (``Flux2ImageProcessor.check_image_input``) and resizes any over a megapixel down to one.
+KLEIN_INPUTS = InputLimits(min_side=64, max_aspect=8, max_pixels=1024 * 1024)
+# Qwen-Image-Edit-Plus resizes every reference to fixed areas itself (384x384 for its vision encoder,
+# 1024x1024 for the VAE), so any small one is fine; its Qwen2-VL processor refuses past 200:1 after that
+# resize. 8:1 keeps a reference within shapes the model can make sense of, and since an ``auto`` edit is
+# drawn in the (fitted) reference's shape, it keeps the output drawable and encodable too (WebP's sides
+# stop at 16383 px).
+QWEN_EDIT_INPUTS = InputLimits(min_side=1, max_aspect=8, max_pixels=1024 * 1024)
+
 
 @dataclass(frozen=True)
 class QualitySetting:
@@ -30,6 +42,7 @@ class Variant:
     edits: bool  # takes ``image=`` references
     max_input_images: int = 0
     revision: str | None = None
+    input_limits: InputLimits = field(default_factory=InputLimits)  # what a reference may be (edits only)
 
 
 @dataclass(frozen=True)
@@ -73,7 +86,14 @@ CATALOG: dict[str, ModelSpec] = {
             title="FLUX.2 [klein] 4B",
             licence="Apache-2.0",
             variants=(
-                Variant("black-forest-labs/FLUX.2-klein-4B", "Flux2KleinPipeline", True, True, max_input_images=4),
+                Variant(
+                    "black-forest-labs/FLUX.2-klein-4B",
+                    "Flux2KleinPipeline",
+                    True,
+                    True,
+                    max_input_images=4,
+                    input_limits=KLEIN_INPUTS,
+                ),
             ),
             grid=16,
             native_pixels=1024 * 1024,
@@ -94,7 +114,14 @@ CATALOG: dict[str, ModelSpec] = {
             licence="Apache-2.0",
             variants=(
                 Variant("Qwen/Qwen-Image-2512", "QwenImagePipeline", True, False),
-                Variant("Qwen/Qwen-Image-Edit-2511", "QwenImageEditPlusPipeline", False, True, max_input_images=3),
+                Variant(
+                    "Qwen/Qwen-Image-Edit-2511",
+                    "QwenImageEditPlusPipeline",
+                    False,
+                    True,
+                    max_input_images=3,
+                    input_limits=QWEN_EDIT_INPUTS,
+                ),
             ),
             grid=16,
             native_pixels=1328 * 1328,

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +39,9 @@ from atelier.engines.base import (
     Result,
 )
 from atelier.engines.catalog import CATALOG, ModelSpec, QualitySetting, Variant, spec_for_pipeline
-from atelier.errors import EngineError, ModelUnavailable
+from atelier.errors import EngineError, FieldProblem, ModelUnavailable, UnsupportedRequest
 from atelier.imaging import encode, matting, resize
+from atelier.imaging.fit import Fit, InputLimits, fit_image
 from atelier.moderation import Policy
 from atelier.sizes import SizePlan, plan_size
 
@@ -60,6 +63,7 @@ class RenderPlan:
     prompt: str
     background: str  # "transparent" or "opaque": what will be delivered
     batches: tuple[int, ...]  # images per pipeline call
+    fits: tuple[Fit, ...] = ()  # how each input image is brought into the model's limits
 
 
 class DiffusersEngine:
@@ -93,6 +97,7 @@ class DiffusersEngine:
             can_edit=any(v.edits for v in self.variants),
             max_input_images=max((v.max_input_images for v in self.variants if v.edits), default=0),
             can_preview=True,
+            input_limits=next((v.input_limits for v in self.variants if v.edits), InputLimits()),
         )
         self._device_name = device
         self._dtype_name = dtype
@@ -130,7 +135,7 @@ class DiffusersEngine:
     def check(self, job: Job) -> RenderPlan:
         """Refuse what this model cannot do and plan the render; costs no model time."""
         request = job.request
-        self.capabilities.check(job, model=self.model, has_mask=job.mask is not None)
+        fits = self.capabilities.check(job, model=self.model, has_mask=job.mask is not None)
         self._policy.check_prompt(request.prompt, request.moderation)
         self._policy.check_images(job.images, request.moderation, field="input_images")
         variant = self.spec.variant_for(edit=request.is_edit) if len(self.variants) > 1 else self.variants[0]
@@ -140,7 +145,7 @@ class DiffusersEngine:
             native_pixels=self.spec.native_pixels,
             grid=self.spec.grid,
             prompt=request.prompt,
-            first_input=job.images[0].size if job.images else None,
+            first_input=fits[0].canvas if fits else None,  # ``auto``: the shape the model is shown
             pixel_scale=quality.pixel_scale,
         )
         background = resolve_background(request.background, request.prompt, request.output_format)
@@ -148,7 +153,7 @@ class DiffusersEngine:
         per_call = self._images_per_call(size.render_width * size.render_height)
         n = request.number_of_images
         batches = tuple(min(per_call, n - start) for start in range(0, n, per_call))
-        return RenderPlan(variant, size, quality, prompt, background, batches)
+        return RenderPlan(variant, size, quality, prompt, background, batches, fits)
 
     def _images_per_call(self, pixels: int) -> int:
         """4 MP on CUDA; 1 MP elsewhere: on a CPU, 8 1024x1024 images in one call took 1.2-1.7x as long as
@@ -222,7 +227,9 @@ class DiffusersEngine:
         kwargs = self._call_kwargs(plan, [first_seed + i for i in range(count)], on_step_end)
         kwargs.update(prompt=plan.prompt, num_images_per_prompt=count)
         if job.images:
-            kwargs["image"] = [image.convert("RGB") for image in job.images]
+            kwargs["image"] = [
+                fit_image(image, fit).convert("RGB") for image, fit in zip(job.images, plan.fits, strict=True)
+            ]
         progress(ProgressEvent(done_before, steps_total, message=f"rendering {count} at {plan.size.rendered}"))
         return run_pipeline(pipe, plan, kwargs, cancel.raise_if_cancelled)
 
@@ -346,8 +353,33 @@ def run_pipeline(pipe: Any, plan: RenderPlan, kwargs: dict[str, Any], raise_if_c
             output = pipe(**kwargs)
     except (RuntimeError, ValueError) as exc:
         raise_if_cancelled()
+        if plan.fits and isinstance(exc, ValueError) and raised_preparing_images(exc):
+            # Our fitting should have prevented it, but a pipeline whose limits outgrow the catalog's is
+            # still refusing the caller's image, not failing: a 4xx (never retried), not a 502.
+            raise UnsupportedRequest(
+                FieldProblem(
+                    "input_images",
+                    f"{plan.variant.pipeline} could not take the input images ({exc}); "
+                    "give images closer to square, or larger",
+                    "unsupported",
+                )
+            ) from exc
         raise EngineError(f"{plan.variant.pipeline} failed: {exc}") from exc
     return list(output.images)
+
+
+# Where pipelines check and resize reference images: diffusers' image processors (shared and
+# per-pipeline) and transformers' (the vision encoders' processors, e.g. Qwen2-VL's ``smart_resize``).
+_IMAGE_PREPARATION = re.compile(
+    r"/diffusers/(pipelines/[^/]+/)?image_processor\.py$|/transformers/(image_[a-z_]+|models/[^/]+/image_processing[a-z_0-9]*)\.py$"
+)
+
+
+def raised_preparing_images(exc: BaseException) -> bool:
+    """Whether ``exc`` came out of the code that checks and resizes the pipeline's input images: the
+    cause class of "this image cannot be used" (too small, too extreme), as opposed to a model failure."""
+    frames = traceback.walk_tb(exc.__traceback__)
+    return any(_IMAGE_PREPARATION.search(frame.f_code.co_filename.replace("\\", "/")) for frame, _ in frames)
 
 
 def resolve_background(background: str, prompt: str, output_format: str) -> str:

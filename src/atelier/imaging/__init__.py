@@ -7,6 +7,8 @@
 * ``matting`` — a subject drawn on a flat backdrop cut out into real alpha (``background=transparent``
   on local engines), and ``wants_transparency`` for ``background=auto``.
 * ``resize``  — a render resized to exactly the requested size (premultiplied alpha, Lanczos).
+* ``fit``     — input images brought into a model's limits (``InputLimits``): scaled up or padded, from a
+  plan decided on width and height alone (admission), applied to the pixels when the job runs.
 
 Import the submodule you need; this package imports nothing itself.
 """
