@@ -131,7 +131,9 @@ async def upstream(tmp_path: Path, openai_standin) -> AsyncIterator[openai.Async
     app = create_app(settings, warm_up=False)
     async with app.router.lifespan_context(app):
         http = httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://atelier.test", timeout=30)
-        yield openai.AsyncOpenAI(base_url="http://atelier.test/v1", api_key="x", http_client=http, max_retries=0)
+        client = openai.AsyncOpenAI(base_url="http://atelier.test/v1", api_key="x", http_client=http, max_retries=0)
+        client.http = http  # type: ignore[attr-defined]  # the same app, for its Replicate door
+        yield client
 
 
 def png_upload(size: tuple[int, int]) -> tuple[str, bytes, str]:
@@ -167,3 +169,16 @@ async def test_upstream_usage_is_in_each_completed_event(upstream: openai.AsyncO
     completed = events[-1]
     assert completed.type == "image_generation.completed"
     assert completed.usage.output_tokens == OUTPUT_TOKENS_1MP["low"] + PARTIAL_IMAGE_TOKENS
+
+
+async def test_openais_own_request_id_is_in_the_logs_and_in_errors(
+    upstream: openai.AsyncOpenAI, openai_standin
+) -> None:
+    await upstream.images.generate(prompt="a red barn", size="1024x1024", quality="low")
+    (prediction,) = (await upstream.http.get("/v1/predictions")).json()["results"]  # type: ignore[attr-defined]
+    assert f"OpenAI request id: {openai_standin.requests[-1].request_id}" in prediction["logs"]
+    openai_standin.fail_next("bad_request", message="Invalid size.", param="size")
+    with pytest.raises(openai.BadRequestError) as refused:
+        await upstream.images.generate(prompt="a red barn", size="1024x1024")
+    assert refused.value.message.endswith(f"(OpenAI request id {openai_standin.requests[-1].request_id})")
+    assert refused.value.request_id != openai_standin.requests[-1].request_id  # ours is ours, theirs is theirs

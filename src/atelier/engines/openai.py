@@ -45,6 +45,7 @@ from atelier.sizes import RATIO_SIZES
 if TYPE_CHECKING:
     from PIL import Image
 
+Answer = tuple[list[str], dict[str, Any], str | None]  # base64 images, usage, OpenAI's x-request-id
 RATIO_TO_SIZE = {ratio: f"{w}x{h}" for ratio, (w, h) in RATIO_SIZES.items()}
 KEY_PATTERN = re.compile(r"sk-[A-Za-z0-9_\-*.]{2,}")
 MASKED_PATTERN = re.compile(r"[A-Za-z0-9_\-.]*\*{4,}[A-Za-z0-9_\-.]*")  # OpenAI's quote of any key: 01234****cdef
@@ -165,12 +166,14 @@ class OpenAIEngine:
         started = time.perf_counter()
         try:
             call = asyncio.ensure_future(self._call(self._client(key), job, size, progress))
-            data, usage = await self._supervise(call, cancel)
+            data, usage, upstream_id = await self._supervise(call, cancel)
         except AtelierError:
             raise
         except Exception as exc:  # the SDK's errors, mapped once
             raise self._map_error(exc, caller_key=job.request.api_key()) from None
         images = self._check_outputs(job, size, data)
+        if upstream_id:  # what OpenAI's support asks for; the caller's own x-request-id is ours, not theirs
+            progress(ProgressEvent(0, 0, message=f"OpenAI request id: {upstream_id}"))
         if usage:
             progress(ProgressEvent(0, 0, message=usage_log(usage)))
         request = job.request
@@ -216,7 +219,7 @@ class OpenAIEngine:
             await asyncio.wait({call}, timeout=0.1)
         return call.result()
 
-    async def _call(self, client: Any, job: Job, size: str, progress: ProgressFn) -> tuple[list[str], dict[str, Any]]:
+    async def _call(self, client: Any, job: Job, size: str, progress: ProgressFn) -> Answer:
         params = self._params(job, size)
         if job.previews:
             return await self._stream(client, job, params, progress)
@@ -225,11 +228,9 @@ class OpenAIEngine:
         else:
             response = await client.images.generate(**params)
         usage = response.usage.model_dump(exclude_none=True) if response.usage else {}
-        return [item.b64_json for item in response.data or []], usage
+        return [item.b64_json for item in response.data or []], usage, getattr(response, "_request_id", None)
 
-    async def _stream(
-        self, client: Any, job: Job, params: dict[str, Any], progress: ProgressFn
-    ) -> tuple[list[str], dict[str, Any]]:
+    async def _stream(self, client: Any, job: Job, params: dict[str, Any], progress: ProgressFn) -> Answer:
         params = {**params, "stream": True, "partial_images": job.previews}
         stream = await (
             client.images.edit(**params, **self._files(job)) if job.images else client.images.generate(**params)
@@ -244,7 +245,7 @@ class OpenAIEngine:
                 finals.append(event.b64_json)
                 usage = event.usage.model_dump(exclude_none=True) if event.usage else usage
         progress(ProgressEvent(total, total))
-        return finals, usage
+        return finals, usage, stream.response.headers.get("x-request-id")
 
     def _params(self, job: Job, size: str) -> dict[str, Any]:
         r = job.request
@@ -320,6 +321,9 @@ def _status_error(exc: Any, *, caller_key: bool, keys: tuple[str | None, ...]) -
     body = exc.body if isinstance(exc.body, dict) else {}
     detail = body.get("error", body) if isinstance(body.get("error", body), dict) else {}
     message = scrub(str(detail.get("message") or exc.message), *keys)
+    upstream_id = getattr(exc, "request_id", None)
+    if upstream_id and upstream_id not in message:  # for OpenAI's support, as their own messages do
+        message += f" (OpenAI request id {scrub(str(upstream_id), *keys)})"
     code, param = (scrub(str(v), *keys) if v is not None else None for v in (detail.get("code"), detail.get("param")))
     status = exc.status_code
     if code == "moderation_blocked":

@@ -260,6 +260,12 @@ class Runner:
         entry = self.queue.get(id)
         return entry.task.subscribe() if entry is not None else finished_subscription(self._require(id))
 
+    def abandon(self, id: str, reason: str) -> None:
+        """Cancel ``id`` because the one waiting for it went away (no owner check: the door already did)."""
+        entry = self.queue.get(id)
+        if entry is not None:
+            self._cancel_entry(entry, reason)
+
     async def list(
         self, *, owner: str | None, cursor: str | None, limit: int
     ) -> tuple[builtins.list[Prediction], str | None]:

@@ -40,9 +40,9 @@ async def openapi(door: Door) -> dict[str, Any]:
 
 @router.post("/predictions")
 async def predict(
-    door: Door, owner: Owner, response: Response, body: OptionalBody = None, prefer: Prefer = None
+    door: Door, owner: Owner, request: Request, response: Response, body: OptionalBody = None, prefer: Prefer = None
 ) -> PredictionResponse:
-    response.status_code, prediction = await door.predict(body, owner=owner, prefer=prefer)
+    response.status_code, prediction = await door.predict(body, owner=owner, prefer=prefer, receive=request.receive)
     return prediction
 
 
@@ -50,12 +50,15 @@ async def predict(
 async def predict_idempotent(
     door: Door,
     owner: Owner,
+    request: Request,
     response: Response,
     prediction_id: PredictionId,
     body: OptionalBody = None,
     prefer: Prefer = None,
 ) -> PredictionResponse:
-    response.status_code, prediction = await door.predict(body, owner=owner, prefer=prefer, prediction_id=prediction_id)
+    response.status_code, prediction = await door.predict(
+        body, owner=owner, prefer=prefer, prediction_id=prediction_id, receive=request.receive
+    )
     return prediction
 
 

@@ -8,7 +8,8 @@
   lock, so two requests racing for the last slot cannot both get it. Input images are loaded before
   (in a thread): a bad image is a 4xx that costs no model time and holds no slot.
 * **Sync and async.** ``POST /predictions`` waits for the end and returns the finished prediction
-  (HTTP 200 even when it failed: the status says so, as in cog). ``Prefer: respond-async`` answers 202
+  (HTTP 200 even when it failed: the status says so, as in cog); a client that hangs up before then
+  cancels it (``atelier.api.hangup``), so the slot is free for the next. ``Prefer: respond-async`` answers 202
   at once with the prediction as it stands and reports through the webhook (``webhooks.py``).
 * **Idempotent ids.** ``PUT /predictions/{id}`` (or a body ``id``) names the prediction; the same id
   again from the same caller returns that prediction instead of starting another: 202 with its current
@@ -41,12 +42,15 @@ from atelier.api.cog.protocol import (
     SetupResult,
 )
 from atelier.api.cog.webhooks import WebhookSender
+from atelier.api.hangup import wait_or_cancel
 from atelier.errors import Conflict, EngineError, FieldProblem, InputError, NotFound
 from atelier.jobs.records import Prediction
 from atelier.jobs.routing import SetupRecord
 from atelier.request import parse_request
 
 if TYPE_CHECKING:
+    from starlette.types import Receive
+
     from atelier.services import Services
 
 BUSY = "Already running a prediction"  # compat: cog's exact 409 detail
@@ -83,8 +87,12 @@ class CogDoor:
         owner: str | None,
         prefer: str | None,
         prediction_id: str | None = None,
+        receive: Receive | None = None,
     ) -> tuple[int, PredictionResponse]:
-        """``(HTTP status, prediction)`` for ``POST /predictions`` and ``PUT /predictions/{prediction_id}``."""
+        """``(HTTP status, prediction)`` for ``POST /predictions`` and ``PUT /predictions/{prediction_id}``.
+
+        Synchronous: a client that disconnects before the end cancels the job (``receive`` is watched).
+        """
         body = body or PredictionRequest()
         if prediction_id is not None and body.id is not None and body.id != prediction_id:
             raise InputError(FieldProblem("id", ID_MISMATCH, "value_error", body.id))
@@ -110,7 +118,7 @@ class CogDoor:
             )
         if wants_async(prefer):
             return 202, await self.response(prediction)
-        final = await self.services.runner.wait(prediction.id, None)
+        final = await wait_or_cancel(self.services.runner, prediction.id, receive)
         return 200, await self.response(final, upload_to=body.output_file_prefix)
 
     async def cancel(self, id: str, *, owner: str | None) -> PredictionResponse:

@@ -18,13 +18,13 @@ router = APIRouter(tags=["OpenAI Images"])
 @router.post("/v1/images/generations", response_model=None)
 async def create_image(request: Request, services: ServicesDep, owner: Owner) -> Response:
     params = inputs.parse(ImageGenerateRequest, await inputs.read_json(request))
-    return await service.generate(services, params, owner=owner)
+    return await service.generate(services, params, owner=owner, receive=request.receive)
 
 
 @router.post("/v1/images/edits", response_model=None)
 async def create_image_edit(request: Request, services: ServicesDep, owner: Owner, base_url: BaseURL) -> Response:
     edit = await inputs.read_edit(request)
-    return await service.edit(services, edit, owner=owner, base_url=base_url)
+    return await service.edit(services, edit, owner=owner, base_url=base_url, receive=request.receive)
 
 
 @router.get("/v1/models")

@@ -47,10 +47,12 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Response
 
+from atelier.api.hangup import hung_up, wait_or_cancel
 from atelier.api.openai_images import inputs, streaming
 from atelier.api.openai_images.outputs import Reply, images_response, outputs_of, read_base64
 from atelier.api.openai_images.protocol import ImageEditJSON, ImageGenerateRequest, ImageParams, Model, ModelList
@@ -62,6 +64,7 @@ from atelier.services import Services
 
 if TYPE_CHECKING:
     from PIL import Image
+    from starlette.types import Receive
 
 SIZES: tuple[str, ...] = tuple(ratio for ratio in ASPECT_RATIOS if "x" in ratio)
 DEFAULT_SIZE = "auto"  # compat: OpenAI's default for gpt-image-2; the seed's is 1:1
@@ -213,23 +216,32 @@ def _check(params: ImageParams, services: Services, extra: Sequence[FieldProblem
 # -- the endpoints ---------------------------------------------------------------------------------------
 
 
-async def generate(services: Services, params: ImageGenerateRequest, *, owner: str | None) -> Response:
+async def generate(
+    services: Services, params: ImageGenerateRequest, *, owner: str | None, receive: Receive | None = None
+) -> Response:
     _check(params, services)
     request = to_request(params)
     reply = reply_for("image_generation", params, request)
     prediction = await submit(services, request, reply, model=params.model, owner=owner, names=param_names(params))
-    return await answer(services, prediction, reply)
+    return await answer(services, prediction, reply, receive)
 
 
 async def edit(
-    services: Services, edit: inputs.EditUpload | ImageEditJSON, *, owner: str | None, base_url: str
+    services: Services,
+    edit: inputs.EditUpload | ImageEditJSON,
+    *,
+    owner: str | None,
+    base_url: str,
+    receive: Receive | None = None,
 ) -> Response:
     if isinstance(edit, inputs.EditUpload):
-        return await _edit_uploads(services, edit, owner=owner, base_url=base_url)
-    return await _edit_references(services, edit, owner=owner, base_url=base_url)
+        return await _edit_uploads(services, edit, owner=owner, base_url=base_url, receive=receive)
+    return await _edit_references(services, edit, owner=owner, base_url=base_url, receive=receive)
 
 
-async def _edit_uploads(services: Services, edit: inputs.EditUpload, *, owner: str | None, base_url: str) -> Response:
+async def _edit_uploads(
+    services: Services, edit: inputs.EditUpload, *, owner: str | None, base_url: str, receive: Receive | None
+) -> Response:
     params = edit.params
     _check(params, services)
     images, mask = await asyncio.to_thread(inputs.decode_uploads, edit)
@@ -245,10 +257,12 @@ async def _edit_uploads(services: Services, edit: inputs.EditUpload, *, owner: s
     except BaseException:  # refused: the uploads belong to no prediction
         await asyncio.to_thread(services.files.delete_many, [record.id for record in records])
         raise
-    return await answer(services, prediction, reply)
+    return await answer(services, prediction, reply, receive)
 
 
-async def _edit_references(services: Services, params: ImageEditJSON, *, owner: str | None, base_url: str) -> Response:
+async def _edit_references(
+    services: Services, params: ImageEditJSON, *, owner: str | None, base_url: str, receive: Receive | None
+) -> Response:
     _check(params, services, inputs.reference_problems(params))
     refs = [
         inputs.reference(services, ref, f"images[{i}]", owner=owner, base_url=base_url)
@@ -268,7 +282,7 @@ async def _edit_references(services: Services, params: ImageEditJSON, *, owner: 
     prediction = await submit(
         services, request, reply, model=params.model, owner=owner, images=images, mask=mask, names=names
     )
-    return await answer(services, prediction, reply)
+    return await answer(services, prediction, reply, receive)
 
 
 async def submit(
@@ -291,13 +305,19 @@ async def submit(
         raise renamed(exc, names) from None
 
 
-async def answer(services: Services, prediction: Prediction, reply: Reply) -> Response:
-    """The SSE stream, or the ``ImagesResponse`` once the prediction has finished."""
+async def answer(services: Services, prediction: Prediction, reply: Reply, receive: Receive | None = None) -> Response:
+    """The SSE stream, or the ``ImagesResponse`` once the prediction has finished.
+
+    Either way a client that hangs up before its images cancels the job (``atelier.api.hangup``).
+    """
+    runner = services.runner
     if reply.stream:
         # Subscribed before this coroutine yields to the loop: the job cannot have emitted anything yet.
-        subscription = services.runner.subscribe(prediction.id)
-        return streaming.response(services.files, subscription, reply, services.runner.failure)
-    done = await services.runner.wait(prediction.id, None)
+        subscription = runner.subscribe(prediction.id)
+        return streaming.response(
+            services.files, subscription, reply, runner.failure, partial(hung_up, runner, prediction.id)
+        )
+    done = await wait_or_cancel(runner, prediction.id, receive)
     images = await asyncio.to_thread(read_base64, services.files, outputs_of(done, services.runner.failure(done.id)))
     return Response(images_response(done, reply, images), media_type="application/json")
 

@@ -16,8 +16,9 @@ reader slower than the model may get fewer than it asked for: the subscription d
 preview rather than buffer without bound — OpenAI's "the final image may be sent before the full
 number of partial images are generated".
 
-The subscription is taken when the job is accepted, before the loop can run it, so no event is missed;
-closing the stream (the client went away) closes the subscription and leaves the job to finish.
+The subscription is taken when the job is accepted, before the loop can run it, so no event is missed.
+A stream closed before the job's end (the client went away: Starlette cancels the response) closes the
+subscription and cancels the job, whose images nobody would receive (``atelier.api.hangup``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from atelier.api.errors import openai_error_body
 from atelier.api.openai_images.outputs import ZERO_USAGE, Reply, outputs_of, read_base64, resolved, upstream_usage
@@ -48,11 +50,38 @@ CUT_SHORT = "the stream ended before the images were finished (the server is sto
 
 
 Failure = Callable[[str], "AtelierError | None"]  # Runner.failure: the live error of a failed prediction
+HungUp = Callable[[], None]  # cancels the job: its caller went away
 
 
-def response(files: FileStore, subscription: Subscription, reply: Reply, failure: Failure) -> StreamingResponse:
-    stream = events(files, subscription, reply, failure)
-    return StreamingResponse(stream, media_type="text/event-stream", headers=HEADERS)
+def response(
+    files: FileStore, subscription: Subscription, reply: Reply, failure: Failure, hung_up: HungUp
+) -> StreamingResponse:
+    return EventStream(events(files, subscription, reply, failure), hung_up)
+
+
+class EventStream(StreamingResponse):
+    """The answer as server-sent events; a client that goes before the end cancels the job (``hung_up``).
+
+    Checked around the whole response, not inside the generator: a client that leaves before the first
+    event may have the response cancelled before the generator ever runs.
+    """
+
+    def __init__(self, content: AsyncIterator[bytes], hung_up: HungUp) -> None:
+        self._ended = False
+        self._hung_up = hung_up
+        super().__init__(self._to_the_end(content), media_type="text/event-stream", headers=HEADERS)
+
+    async def _to_the_end(self, content: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for chunk in content:
+            yield chunk
+        self._ended = True
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self._ended:  # cancelled (the client went), or the client's socket failed mid-stream
+                self._hung_up()
 
 
 async def events(files: FileStore, subscription: Subscription, reply: Reply, failure: Failure) -> AsyncIterator[bytes]:
