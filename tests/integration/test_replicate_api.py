@@ -428,6 +428,11 @@ async def test_metadata_comes_as_a_text_field_or_as_the_js_clients_json_file_par
     )
     assert as_parts.status_code == 201, as_parts.text
     assert [as_parts.json()[k] for k in ("name", "content_type", "metadata")] == ["notes.txt", "text/plain", {"k": "ü"}]
+    nested = {"a": [[[{"b": [1]}]]]}
+    kept = await client.post(
+        "/v1/files", files={"content": ("a.png", png(), "image/png")}, data={"metadata": json.dumps(nested)}
+    )
+    assert kept.status_code == 201 and kept.json()["metadata"] == nested
     text = await client.post("/v1/files", files={"content": (None, b"hello", "text/plain")})  # no filename
     assert text.status_code == 422 and text.json()["invalid_fields"][0]["field"] == "content"
     assert "without a filename" in text.json()["detail"]
@@ -438,6 +443,7 @@ async def test_metadata_comes_as_a_text_field_or_as_the_js_clients_json_file_par
         "null": b"null",
         "a lone surrogate": b'{"k": "\\ud800"}',
         "deeply nested": b'{"k": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        "nested past the bound": b'{"k": ' + b"[" * 500 + b"]" * 500 + b"}",  # parses, but the store recurses
         # (as text parts, Starlette refuses these itself: over 1 MiB is a 400, bad bytes become U+FFFD)
         "too large": b'{"k": "' + b"x" * (1024 * 1024) + b'"}',
         "not UTF-8": b'{"k": "\xff"}',

@@ -40,6 +40,7 @@ from atelier.jobs.records import FileRecord, format_time, utc_now
 
 MAX_UPLOAD_BYTES = 100 * 1024 * 1024
 MAX_FIELD_BYTES = 1024 * 1024  # a text field sent as a file part: Starlette's bound on a text part
+MAX_METADATA_DEPTH = 32  # nesting of an upload's metadata: plenty for labels, far from any recursion limit
 GENERIC_TYPE = "application/octet-stream"
 _MEDIA_TYPE = re.compile(r"^[\w.+-]+/[\w.+-]+$")
 _SNIFFED = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
@@ -183,4 +184,19 @@ def _metadata(text: str | None) -> dict[str, Any]:
                 "type",
             )
         )
+    if _depth(value) > MAX_METADATA_DEPTH:  # the store walks it recursively (redaction) on the way in
+        raise InputError(
+            FieldProblem("metadata", f"is nested more than {MAX_METADATA_DEPTH} levels deep; flatten it", "too_deep")
+        )
     return value
+
+
+def _depth(value: Any) -> int:
+    """How deeply objects and arrays nest in ``value`` (counted without recursion: it may be thousands deep)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
