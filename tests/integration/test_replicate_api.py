@@ -487,6 +487,29 @@ async def test_files_list_the_callers_uploads_newest_first_with_absolute_cursor_
     assert (await door.client(token=None).get("/v1/files")).status_code == 401
 
 
+async def test_a_multipart_charset_cannot_smuggle_a_lone_surrogate_into_a_file_name(door: Door) -> None:
+    """Starlette decodes names and text parts with the body's declared ``charset``; ``unicode_escape`` turns
+    ``\\ud800`` into a lone surrogate, which the database cannot store (it was a 500)."""
+    client = door.client()
+    surrogate = b"\\ud800"
+    cases = {
+        "content": b'--x\r\nContent-Disposition: form-data; name="content"; filename="' + surrogate + b'.png"',
+        "filename": b'--x\r\nContent-Disposition: form-data; name="filename"\r\n\r\n' + surrogate + b"\r\n"
+        b'--x\r\nContent-Disposition: form-data; name="content"; filename="a.png"',
+        "metadata": b'--x\r\nContent-Disposition: form-data; name="metadata"\r\n\r\n{"k": "' + surrogate + b'"}\r\n'
+        b'--x\r\nContent-Disposition: form-data; name="content"; filename="a.png"',
+        "type": b'--x\r\nContent-Disposition: form-data; name="type"\r\n\r\nimage/' + surrogate + b"\r\n"
+        b'--x\r\nContent-Disposition: form-data; name="content"; filename="a.png"',
+    }
+    headers = {"Content-Type": "multipart/form-data; boundary=x; charset=unicode_escape"}
+    for field, head in cases.items():
+        body = head + b"\r\nContent-Type: image/png\r\n\r\n" + png() + b"\r\n--x--\r\n"
+        response = await client.post("/v1/files", content=body, headers=headers)
+        assert response.status_code == 422, (field, response.text)
+        assert [f["field"] for f in response.json()["invalid_fields"]] == [field]
+    assert (await client.get("/v1/files")).json()["results"] == []
+
+
 # -- get, cancel, list ------------------------------------------------------------------------------------
 
 

@@ -77,6 +77,7 @@ class FilesAPI:
                 )
             )
         name, declared = await _text(filename, "filename"), await _text(content_type, "type")
+        name = _unicode(name, "filename") if name else _unicode(content.filename, "content")
         extra = _metadata(await _text(metadata, "metadata"))
         data = await content.read(MAX_UPLOAD_BYTES + 1)
         if len(data) > MAX_UPLOAD_BYTES:
@@ -84,7 +85,7 @@ class FilesAPI:
         record = await asyncio.to_thread(
             self.files.put,
             data,
-            name=name or content.filename or "file",
+            name=name or "file",
             content_type=_content_type(declared or content.content_type, data),
             kind="upload",
             owner=owner,
@@ -165,6 +166,19 @@ async def _text(value: Field, name: str) -> str | None:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         raise InputError(FieldProblem(name, f"got {data[:40]!r}, which is not UTF-8 text", "type")) from None
+
+
+def _unicode(name: str | None, field: str) -> str | None:
+    """The file name, if it is Unicode text: a multipart body may declare a codec (``charset=unicode_escape``)
+    that turns ``\\ud800`` into a lone surrogate, which no database or header can carry."""
+    try:
+        name and name.encode()
+    except UnicodeEncodeError:
+        what = "the part's filename" if field == "content" else "it"
+        raise InputError(
+            FieldProblem(field, f"has a file name that is not Unicode text ({what} holds a lone surrogate)", "type")
+        ) from None
+    return name
 
 
 def _metadata(text: str | None) -> dict[str, Any]:
