@@ -428,6 +428,11 @@ async def test_metadata_comes_as_a_text_field_or_as_the_js_clients_json_file_par
     )
     assert as_parts.status_code == 201, as_parts.text
     assert [as_parts.json()[k] for k in ("name", "content_type", "metadata")] == ["notes.txt", "text/plain", {"k": "ü"}]
+    nested = {"a": [[[{"b": [1]}]]]}
+    kept = await client.post(
+        "/v1/files", files={"content": ("a.png", png(), "image/png")}, data={"metadata": json.dumps(nested)}
+    )
+    assert kept.status_code == 201 and kept.json()["metadata"] == nested
     text = await client.post("/v1/files", files={"content": (None, b"hello", "text/plain")})  # no filename
     assert text.status_code == 422 and text.json()["invalid_fields"][0]["field"] == "content"
     assert "without a filename" in text.json()["detail"]
@@ -438,6 +443,7 @@ async def test_metadata_comes_as_a_text_field_or_as_the_js_clients_json_file_par
         "null": b"null",
         "a lone surrogate": b'{"k": "\\ud800"}',
         "deeply nested": b'{"k": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        "nested past the bound": b'{"k": ' + b"[" * 500 + b"]" * 500 + b"}",  # parses, but the store recurses
         # (as text parts, Starlette refuses these itself: over 1 MiB is a 400, bad bytes become U+FFFD)
         "too large": b'{"k": "' + b"x" * (1024 * 1024) + b'"}',
         "not UTF-8": b'{"k": "\xff"}',
@@ -479,6 +485,29 @@ async def test_files_list_the_callers_uploads_newest_first_with_absolute_cursor_
     bad = await client.get("/v1/files", params={"cursor": "not-a-cursor"})
     assert bad.status_code == 422 and bad.json()["invalid_fields"][0]["field"] == "cursor"
     assert (await door.client(token=None).get("/v1/files")).status_code == 401
+
+
+async def test_a_multipart_charset_cannot_smuggle_a_lone_surrogate_into_a_file_name(door: Door) -> None:
+    """Starlette decodes names and text parts with the body's declared ``charset``; ``unicode_escape`` turns
+    ``\\ud800`` into a lone surrogate, which the database cannot store (it was a 500)."""
+    client = door.client()
+    surrogate = b"\\ud800"
+    cases = {
+        "content": b'--x\r\nContent-Disposition: form-data; name="content"; filename="' + surrogate + b'.png"',
+        "filename": b'--x\r\nContent-Disposition: form-data; name="filename"\r\n\r\n' + surrogate + b"\r\n"
+        b'--x\r\nContent-Disposition: form-data; name="content"; filename="a.png"',
+        "metadata": b'--x\r\nContent-Disposition: form-data; name="metadata"\r\n\r\n{"k": "' + surrogate + b'"}\r\n'
+        b'--x\r\nContent-Disposition: form-data; name="content"; filename="a.png"',
+        "type": b'--x\r\nContent-Disposition: form-data; name="type"\r\n\r\nimage/' + surrogate + b"\r\n"
+        b'--x\r\nContent-Disposition: form-data; name="content"; filename="a.png"',
+    }
+    headers = {"Content-Type": "multipart/form-data; boundary=x; charset=unicode_escape"}
+    for field, head in cases.items():
+        body = head + b"\r\nContent-Type: image/png\r\n\r\n" + png() + b"\r\n--x--\r\n"
+        response = await client.post("/v1/files", content=body, headers=headers)
+        assert response.status_code == 422, (field, response.text)
+        assert [f["field"] for f in response.json()["invalid_fields"]] == [field]
+    assert (await client.get("/v1/files")).json()["results"] == []
 
 
 # -- get, cancel, list ------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from atelier.jobs.records import FileRecord, format_time, utc_now
 
 MAX_UPLOAD_BYTES = 100 * 1024 * 1024
 MAX_FIELD_BYTES = 1024 * 1024  # a text field sent as a file part: Starlette's bound on a text part
+MAX_METADATA_DEPTH = 32  # nesting of an upload's metadata: plenty for labels, far from any recursion limit
 GENERIC_TYPE = "application/octet-stream"
 _MEDIA_TYPE = re.compile(r"^[\w.+-]+/[\w.+-]+$")
 _SNIFFED = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
@@ -86,6 +87,7 @@ class FilesAPI:
                 )
             )
         name, declared = await _text(filename, "filename"), await _text(content_type, "type")
+        name = _unicode(name, "filename") if name else _unicode(content.filename, "content")
         extra = _metadata(await _text(metadata, "metadata"))
         data = await content.read(MAX_UPLOAD_BYTES + 1)
         if len(data) > MAX_UPLOAD_BYTES:
@@ -93,7 +95,7 @@ class FilesAPI:
         record = await asyncio.to_thread(
             self.files.put,
             data,
-            name=name or content.filename or "file",
+            name=name or "file",
             content_type=_content_type(declared or content.content_type, data),
             kind="upload",
             owner=owner,
@@ -176,6 +178,19 @@ async def _text(value: Field, name: str) -> str | None:
         raise InputError(FieldProblem(name, f"got {data[:40]!r}, which is not UTF-8 text", "type")) from None
 
 
+def _unicode(name: str | None, field: str) -> str | None:
+    """The file name, if it is Unicode text: a multipart body may declare a codec (``charset=unicode_escape``)
+    that turns ``\\ud800`` into a lone surrogate, which no database or header can carry."""
+    try:
+        name and name.encode()
+    except UnicodeEncodeError:
+        what = "the part's filename" if field == "content" else "it"
+        raise InputError(
+            FieldProblem(field, f"has a file name that is not Unicode text ({what} holds a lone surrogate)", "type")
+        ) from None
+    return name
+
+
 def _metadata(text: str | None) -> dict[str, Any]:
     if not text:
         return {}
@@ -193,4 +208,19 @@ def _metadata(text: str | None) -> dict[str, Any]:
                 "type",
             )
         )
+    if _depth(value) > MAX_METADATA_DEPTH:  # the store walks it recursively (redaction) on the way in
+        raise InputError(
+            FieldProblem("metadata", f"is nested more than {MAX_METADATA_DEPTH} levels deep; flatten it", "too_deep")
+        )
     return value
+
+
+def _depth(value: Any) -> int:
+    """How deeply objects and arrays nest in ``value`` (counted without recursion: it may be thousands deep)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
