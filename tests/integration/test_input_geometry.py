@@ -101,3 +101,14 @@ def test_a_pipeline_refusing_an_image_is_an_input_error_not_an_engine_failure(ti
         loose.edit("make it blue", [png_file(tmp_path, (48, 48))], quality="low")
     assert not isinstance(caught.value, EngineError)
     assert caught.value.field == "input_images" and "Image too small: 48×48" in caught.value.message
+
+
+def test_the_openai_engine_sends_images_as_they_are(openai_standin: Any, tmp_path: Path) -> None:
+    """OpenAI takes what it takes: no local limits, so tiny and extreme images go upstream untouched."""
+    from atelier.config import Settings
+
+    studio = Atelier(settings=Settings(openai_base_url=openai_standin.url, openai_max_retries=0))
+    refs = [png_file(tmp_path, (1, 1)), png_file(tmp_path, (1, 40000))]
+    result = studio.edit("make it blue", refs, openai_api_key="sk-test-caller-key-1234567890")
+    assert len(result.images) == 1
+    assert [f.open().size for f in openai_standin.requests[-1].files] == [(1, 1), (1, 40000)]

@@ -149,3 +149,35 @@ def test_capabilities_check_names_every_image_that_cannot_fit() -> None:
     with pytest.raises(UnsupportedRequest) as caught:
         capabilities.fit_inputs([(1, 40000), (96, 64), (50000, 2)], model="m")
     assert [p.field for p in caught.value.problems] == ["input_images[0]", "input_images[2]"]
+
+
+# -- a pipeline's own refusal of an image: the cause class ------------------------------------------------
+
+
+def raised_in(filename: str) -> ValueError:
+    """A ValueError raised by code that lives in ``filename``."""
+    scope: dict = {}
+    exec(compile("def check():\n    raise ValueError('Image too small')\n", filename, "exec"), scope)
+    try:
+        scope["check"]()
+    except ValueError as exc:
+        return exc
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize(
+    ("filename", "input_problem"),
+    [
+        ("/venv/site-packages/diffusers/pipelines/flux2/image_processor.py", True),
+        ("/venv/site-packages/diffusers/image_processor.py", True),
+        ("/venv/site-packages/transformers/models/qwen2_vl/image_processing_pil_qwen2_vl.py", True),
+        ("/venv/site-packages/transformers/image_transforms.py", True),
+        ("/venv/site-packages/diffusers/pipelines/flux2/pipeline_flux2_klein.py", False),
+        ("/venv/site-packages/diffusers/models/transformers/transformer_flux2.py", False),
+        ("/venv/site-packages/torch/nn/functional.py", False),
+    ],
+)
+def test_only_errors_from_image_preparation_are_input_problems(filename: str, input_problem: bool) -> None:
+    from atelier.engines.diffusers import raised_preparing_images
+
+    assert raised_preparing_images(raised_in(filename)) is input_problem

@@ -38,6 +38,13 @@ class Job:
     mask: Image.Image | None = None
     previews: int = 0  # how many intermediate previews the caller wants (OpenAI partial_images, Replicate previews)
 
+    @property
+    def input_sizes(self) -> tuple[tuple[int, int], ...]:
+        """Each input image's width and height: all that admission needs to check them against a model's
+        ``input_limits`` (``Capabilities.fit_inputs``), so it is the one place to change should images
+        reach an engine before their pixels do."""
+        return tuple(image.size for image in self.images)
+
 
 @dataclass(frozen=True)
 class OutputImage:
@@ -105,7 +112,7 @@ class Capabilities:
         self._check_counts(request, model=model, has_mask=has_mask)
         if not isinstance(job_or_request, Job):
             return ()
-        return self.fit_inputs([image.size for image in job_or_request.images], model=model)
+        return self.fit_inputs(job_or_request.input_sizes, model=model)
 
     def fit_inputs(self, sizes: Sequence[tuple[int, int]], *, model: str) -> tuple[Fit, ...]:
         """How each input image (by width and height: admission needs no pixels) fits ``input_limits``.
