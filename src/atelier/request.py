@@ -7,6 +7,7 @@ names the field, what was received and what is allowed, before any model time is
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any, Literal, get_args
 
@@ -76,6 +77,21 @@ class ImageRequest(BaseModel):
         "detect abuse.",
     )
 
+    @field_validator("prompt", "user_id", "input_images", "openai_api_key")
+    @classmethod
+    def _unicode_text(cls, value: Any) -> Any:
+        """compat: JSON can carry a lone surrogate ("\\ud800"); it is not text, and SQLite cannot store it.
+        The doors' JSON reader refuses it first; this holds for every other caller (the Python API)."""
+        texts = value if isinstance(value, list) else [value]
+        for i, text in enumerate(texts):
+            secret = isinstance(text, SecretStr)
+            where = lone_surrogate(text.get_secret_value() if secret else text) if text is not None else None
+            if where is not None:
+                item = f"item {i} " if isinstance(value, list) else ""
+                shown = "" if secret else f" ({where[1]})"
+                raise ValueError(f"{item}holds a lone surrogate{shown} at character {where[0]}; {UNICODE_TEXT}")
+        return value
+
     @field_validator("prompt")
     @classmethod
     def _prompt_rules(cls, prompt: str) -> str:
@@ -120,6 +136,20 @@ class ImageRequest(BaseModel):
 
     def api_key(self) -> str | None:
         return self.openai_api_key.get_secret_value() if self.openai_api_key else None
+
+
+UNICODE_TEXT = (
+    "text must be Unicode: send it as UTF-8, or escape a character outside the Basic Multilingual Plane as a "
+    "surrogate pair (\\ud83d\\ude00 for U+1F600)"
+)
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(text: str) -> tuple[int, str] | None:
+    """Where ``text`` holds a UTF-16 surrogate on its own (a pair decodes to one character): its index and
+    ``\\udXXX``; None for valid Unicode text."""
+    match = _SURROGATE.search(text) if not text.isascii() else None
+    return (match.start(), f"\\u{ord(match.group()):04x}") if match else None
 
 
 class _CrossFieldError(ValueError):

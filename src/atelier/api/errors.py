@@ -102,6 +102,8 @@ COG_BODY_FIELDS = frozenset({"input", "id", "created_at", "output_file_prefix", 
 
 
 def _cog_loc(field: str) -> list[str | int]:
+    if field == "body":  # the body as a whole (not JSON, too deep), as FastAPI places it
+        return ["body"]
     parts = re.findall(r"[^.\[\]]+", field) or [field]  # "input.input_images[0]" -> input, input_images, 0
     if parts[0] not in COG_BODY_FIELDS and not _is_index(parts[0]):
         parts.insert(0, "input")
@@ -109,7 +111,8 @@ def _cog_loc(field: str) -> list[str | int]:
 
 
 def _is_index(part: str) -> bool:
-    return part.isascii() and part.isdigit()  # "³".isdigit() is True, and int("³") raises
+    # "³".isdigit() is True, and int("³") raises; so does int() of 4300 digits and more
+    return part.isascii() and part.isdigit() and len(part) <= 18
 
 
 def replicate_error(error: AtelierError) -> JSONResponse:

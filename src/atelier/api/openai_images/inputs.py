@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -25,6 +24,7 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
+from atelier.api import json_body
 from atelier.api.openai_images.protocol import ImageEditForm, ImageEditJSON, ImageRef
 from atelier.errors import FieldProblem, InputError, NotFound
 from atelier.imaging.inputs import MAX_BYTES, load_image, read_reference, sniff
@@ -65,12 +65,7 @@ class EditUpload:
 
 async def read_json(request: Request) -> dict[str, Any]:
     """The request body as a JSON object, or a 400 that says what was sent instead."""
-    try:
-        data = json.loads(await request.body())
-    except ValueError:
-        raise InputError(
-            FieldProblem("body", 'is not valid JSON; send a JSON object such as {"prompt": "a red fox"}', "type")
-        ) from None
+    data = await json_body.read_json(request, example='{"prompt": "a red fox"}')
     if not isinstance(data, dict):
         raise InputError(FieldProblem("body", f"is a JSON {type(data).__name__}; expected an object", "type"))
     return data
