@@ -7,6 +7,7 @@ sent the only way they can arrive, as ``\\udXXX`` escapes in JSON (``json.dumps`
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 
 from doors import REPLICATE_CREATE, refused, serve
 
@@ -156,3 +158,48 @@ async def test_a_lone_surrogate_in_the_key_is_refused_without_echoing_the_key(tm
     fields, _ = refused("replicate", response)
     assert fields == ["input.openai_api_key"]
     assert "VERYSECRET" not in response.text
+
+
+# -- multipart edits: no escapes, but bytes that are not UTF-8 (Starlette read them as Latin-1) ------------
+
+
+def _png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 120, 200)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"prompt": b"a red fox \xff\xfe"}, "prompt"),
+        ({"prompt": "a red fox", "user": b"caf\xe9"}, "user"),  # Latin-1 bytes, not UTF-8
+        ({"prompt": "a red fox", "size": b"1024x1024\xc3"}, "size"),
+    ],
+)
+async def test_a_form_field_that_is_not_utf8_is_refused_naming_it(
+    tmp_path: Path, fields: dict[str, Any], field: str
+) -> None:
+    async with serve(tmp_path) as doors:
+        files = {"image": ("in.png", _png(), "image/png")}
+        response = await doors.client.post("/v1/images/edits", data=fields, files=files)
+        assert response.status_code == 400, response.text
+        named, message = refused("openai", response)
+        assert named == [field] and "is not UTF-8 text" in message
+        assert doors.jobs == 0 and doors.stored == {"predictions": 0, "files": 0}
+
+
+async def test_utf8_form_fields_are_read_as_sent(tmp_path: Path) -> None:
+    async with serve(tmp_path) as doors:
+        files = {"image": ("in.png", _png(), "image/png")}
+        response = await doors.client.post("/v1/images/edits", data={"prompt": "café 🦊".encode()}, files=files)
+        assert response.status_code == 200, response.text
+        assert doors.engine.jobs[0].request.prompt == "café 🦊"
+
+
+async def test_a_form_the_parser_cannot_read_is_a_400_naming_the_body(tmp_path: Path) -> None:
+    async with serve(tmp_path) as doors:
+        headers = {"Content-Type": "multipart/form-data"}  # no boundary
+        response = await doors.client.post("/v1/images/edits", content=b"--x\r\n", headers=headers)
+        named, message = refused("openai", response)
+        assert named == ["body"] and "multipart" in message

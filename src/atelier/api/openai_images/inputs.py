@@ -24,7 +24,7 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
-from atelier.api import json_body
+from atelier.api import forms, json_body
 from atelier.api.openai_images.protocol import ImageEditForm, ImageEditJSON, ImageRef
 from atelier.errors import FieldProblem, InputError, NotFound
 from atelier.imaging.inputs import MAX_BYTES, load_image, read_reference, sniff
@@ -92,7 +92,7 @@ async def _read_form(request: Request) -> EditUpload:
     fields: dict[str, Any] = {}
     uploads: list[Upload] = []
     problems: list[FieldProblem] = []
-    async with request.form(max_files=MAX_FORM_FILES) as form:
+    async with forms.read_form(request, max_files=MAX_FORM_FILES) as form:  # text fields in UTF-8 or refused
         for name, value in form.multi_items():
             if isinstance(value, UploadFile):
                 uploads.append(await _read_upload(name, value, problems))
