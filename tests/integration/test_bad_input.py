@@ -64,6 +64,12 @@ CORPUS = [
     Bad("surrogate in webhook", "webhook", top={"webhook": "https://example.com/\ud800"}, doors=("replicate", "cog")),
     Bad("surrogate in the id", "id", top={"id": "p-\ud800"}, doors=("cog",)),
     Bad("surrogate in the version", "version", top={"version": "\ud800"}, doors=("replicate-version",)),
+    # -- URLs no client can parse: a 500 from urlsplit, or a Cog webhook task that crashed later ----------
+    Bad("unparseable webhook", "webhook", top={"webhook": "http://[::1/hook"}, doors=("replicate", "cog")),
+    Bad("webhook port", "webhook", top={"webhook": "http://example.com:99999/"}, doors=("replicate", "cog")),
+    Bad("unparseable upload prefix", "output_file_prefix", top={"output_file_prefix": "http://[::1/"}, doors=("cog",)),
+    Bad("unparseable image URL", "input_images", input={"prompt": "a", "input_images": ["http://[::1/x.png"]}),
+    Bad("a key no header can carry", "openai_api_key", input={"prompt": "a", "openai_api_key": "sk-ünicode"}),
     # -- bytes and numbers that are not JSON -------------------------------------------------------------
     Bad("invalid UTF-8", "body", raw=b'{"input": {"prompt": "\xff\xfe"}, "prompt": "\xc3"}'),
     Bad("NaN", "body", raw=b'{"input": {"prompt": "a", "number_of_images": NaN}, "n": NaN}'),
@@ -84,12 +90,12 @@ def door_field(door: str, where: str) -> str:
     """``where`` as ``door`` names it in a refusal (``refused`` joins Cog's ``loc`` with dots)."""
     if where in ("body", "Cancel-After", "Prefer"):
         return where
-    top = where in ("webhook", "id", "version")
+    top = where in ("webhook", "id", "version", "output_file_prefix")
     if door.startswith("replicate"):
         return where if top else f"input.{where}"
     if door.startswith("cog"):
         return f"body.{where}" if top else f"body.input.{where.replace('[', '.').rstrip(']')}"
-    return {"user_id": "user", "input_images[0]": "images[0].image_url"}.get(where, where)
+    return {"user_id": "user", "input_images[0]": "images[0].image_url", "input_images": "images"}.get(where, where)
 
 
 def request_for(door: str, bad: Bad) -> tuple[str, str, bytes]:

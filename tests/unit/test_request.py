@@ -147,3 +147,23 @@ def test_a_lone_surrogate_in_any_text_field_is_refused_naming_it(data, field, sa
 def test_a_surrogate_pair_is_one_character_and_fine():
     assert parse_request({"prompt": "a fox \ud83e\udd8a".encode("utf-16", "surrogatepass").decode("utf-16")}).prompt
     assert parse_request({"prompt": "a fox 🦊"}).prompt == "a fox 🦊"
+
+
+@pytest.mark.parametrize("key", ["sk-ünicode-0123456789", "sk-abc def", "sk-abc\n", "\tsk-abc"])
+def test_an_api_key_that_cannot_go_in_a_header_is_refused_without_showing_it(key):
+    [problem] = problems({"prompt": "a", "openai_api_key": key})
+    assert problem.field == "openai_api_key" and "not visible ASCII at position" in problem.message
+    assert "sk-" not in problem.message and problem.received == REDACTED
+
+
+@pytest.mark.parametrize(
+    ("ref", "says"),
+    [
+        ("http://[::1/x.png", "Invalid IPv6 URL"),
+        ("https://example.com:99999/x.png", "Port out of range"),
+        ("http:///x.png", "no host"),
+    ],
+)
+def test_an_input_image_url_that_cannot_be_parsed_is_refused_at_once(ref, says):
+    [problem] = problems({"prompt": "a", "input_images": [ref]})
+    assert problem.field == "input_images" and says in problem.message
