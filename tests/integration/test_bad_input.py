@@ -209,3 +209,14 @@ async def test_a_form_the_parser_cannot_read_is_a_400_naming_the_body(tmp_path: 
         response = await doors.client.post("/v1/images/edits", content=b"--x\r\n", headers=headers)
         named, message = refused("openai", response)
         assert named == ["body"] and "multipart" in message
+
+
+async def test_cancel_after_takes_up_to_seven_days_and_no_more(tmp_path: Path) -> None:
+    async with serve(tmp_path) as doors:
+        body = {"input": {"prompt": "a red fox"}}
+        longest = await doors.client.post(REPLICATE_CREATE, json=body, headers={"Cancel-After": "168h"})
+        assert longest.status_code == 201 and longest.json()["deadline"], longest.text
+        over = await doors.client.post(REPLICATE_CREATE, json=body, headers={"Cancel-After": "168h0m1s"})
+        fields, message = refused("replicate", over)
+        assert fields == ["Cancel-After"] and "the maximum is 168 hours" in message
+        assert doors.stored["predictions"] == 1
