@@ -153,3 +153,21 @@ def _record(metadata: dict[str, str]) -> FileRecord:
         path=f"{file_id[:2]}/{file_id}.txt", owner=None, prediction_id=None, metadata=metadata,
         created_at=utc_now(), expires_at=None,
     )  # fmt: skip
+
+
+async def test_an_openai_caller_waiting_on_its_images_gets_507_when_the_disk_fills(small_disk: Path) -> None:
+    async with serve(small_disk, **DISK) as doors:
+        gate = doors.engine.block()
+        call = asyncio.create_task(doors.client.post("/v1/images/generations", json={"prompt": "a red fox"}))
+        await asyncio.to_thread(doors.engine.started.wait, 30)
+        filler = fill(small_disk)
+        gate.set()
+        answer = await call
+        assert answer.status_code == 507 and answer.headers["Retry-After"] == "60", answer.text
+        error = answer.json()["error"]
+        assert error["code"] == "insufficient_storage" and error["type"] == "server_error"
+        assert "this prediction's outputs could not be written" in error["message"]
+        assert leftovers(small_disk) == []
+        filler.unlink()
+        again = await doors.client.post("/v1/images/generations", json={"prompt": "a red fox"})
+        assert again.status_code == 200, again.text
