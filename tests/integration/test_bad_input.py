@@ -220,3 +220,12 @@ async def test_cancel_after_takes_up_to_seven_days_and_no_more(tmp_path: Path) -
         fields, message = refused("replicate", over)
         assert fields == ["Cancel-After"] and "the maximum is 168 hours" in message
         assert doors.stored["predictions"] == 1
+
+
+async def test_a_content_length_of_thousands_of_digits_is_a_413_not_a_500(tmp_path: Path) -> None:
+    async with serve(tmp_path) as doors:
+        doors.client._transport = httpx.ASGITransport(doors.app, raise_app_exceptions=False)
+        headers = {"Content-Type": "application/json", "Content-Length": "9" * 5000}  # int() refuses 4300+ digits
+        response = await doors.client.post(REPLICATE_CREATE, content=b"{}", headers=headers)
+        assert response.status_code == 413, response.text
+        assert response.json()["title"] == "Payload too large"
