@@ -8,6 +8,9 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.pop("OPENAI_API_KEY", None)
 os.environ.pop("ATELIER_MODEL_PATH", None)
+# No disk reserve (8 MiB, really allocated) in every test's data folder: hundreds of apps start per run.
+# The disk-full tests set their own (tests/integration/test_disk_full.py).
+os.environ["ATELIER_DISK_RESERVE_BYTES"] = "0"
 
 from pathlib import Path
 

@@ -40,6 +40,13 @@ class Doors:
         """Jobs any engine has run: a refused request must leave this at 0."""
         return len(self.engine.jobs) + len(self.upstream.jobs)
 
+    @property
+    def stored(self) -> dict[str, int]:
+        """Rows in the store's predictions and files tables: a refused request must add to neither."""
+        engine = self.app.state.services.store.engine
+        with engine.connect() as conn:
+            return {t: conn.exec_driver_sql(f"select count(*) from {t}").scalar_one() for t in ("predictions", "files")}
+
     async def send(
         self, door: str, *, prompt: str = "make it blue", images: Sequence[bytes] = (), mask: bytes | None = None
     ) -> httpx.Response:

@@ -119,6 +119,12 @@ class Settings(BaseSettings):
     # a 50 MiB image as a base64 data URI, fits.
     max_body_bytes: int = Field(default=128 * 1024 * 1024, ge=1024)
 
+    # Disk space in the data folder (atelier.jobs.disk): a reserve file given up when the disk fills, so the
+    # work under way can still be recorded as failed; below min_free_bytes new work gets 507 Insufficient
+    # Storage, until min_free_bytes + disk_reserve_bytes are free again. 0 turns either off.
+    disk_reserve_bytes: int = Field(default=8 * 1024 * 1024, ge=0)
+    min_free_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+
     @field_validator("fetch_allow", mode="before")
     @classmethod
     def _parse_fetch_allow(cls, value: object) -> object:

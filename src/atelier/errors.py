@@ -15,6 +15,7 @@ them in their own shapes in exactly one place each; nothing else turns errors in
     ├── PayloadTooLarge               413 payload_too_large the request body is over ATELIER_MAX_BODY_BYTES
     ├── TooManyRequests               429 rate_limited      carries retry_after seconds
     ├── ModelUnavailable              503 model_unavailable weights missing, offline, wrong folder
+    ├── InsufficientStorage           507 insufficient_storage  the server's disk is full; carries retry_after
     ├── Canceled                      499 canceled          a job stopped on request
     └── EngineError                   502 engine_error      the model or upstream failed
 """
@@ -123,6 +124,17 @@ class TooManyRequests(AtelierError):
 class ModelUnavailable(AtelierError):
     status = 503
     code = "model_unavailable"
+
+
+class InsufficientStorage(AtelierError):
+    """The server's disk is full: nothing was written, and no new work is taken until space is freed."""
+
+    status = 507
+    code = "insufficient_storage"
+
+    def __init__(self, message: str, *, retry_after: float = 60.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class Canceled(AtelierError):

@@ -7,6 +7,7 @@ names the field, what was received and what is allowed, before any model time is
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any, Literal, get_args
 
@@ -21,6 +22,7 @@ from pydantic import (
 )
 
 from atelier.errors import FieldProblem, InputError
+from atelier.urls import http_url_problem
 
 AspectRatio = Literal[
     "1:1", "3:2", "2:3", "16:9", "9:16", "auto",
@@ -76,6 +78,35 @@ class ImageRequest(BaseModel):
         "detect abuse.",
     )
 
+    @field_validator("prompt", "user_id", "input_images", "openai_api_key")
+    @classmethod
+    def _unicode_text(cls, value: Any) -> Any:
+        """compat: JSON can carry a lone surrogate ("\\ud800"); it is not text, and SQLite cannot store it.
+        The doors' JSON reader refuses it first; this holds for every other caller (the Python API)."""
+        texts = value if isinstance(value, list) else [value]
+        for i, text in enumerate(texts):
+            secret = isinstance(text, SecretStr)
+            where = lone_surrogate(text.get_secret_value() if secret else text) if text is not None else None
+            if where is not None:
+                item = f"item {i} " if isinstance(value, list) else ""
+                shown = "" if secret else f" ({where[1]})"
+                raise ValueError(f"{item}holds a lone surrogate{shown} at character {where[0]}; {UNICODE_TEXT}")
+        return value
+
+    @field_validator("openai_api_key")
+    @classmethod
+    def _key_is_visible_ascii(cls, key: SecretStr | None) -> SecretStr | None:
+        """An API key goes upstream in an HTTP header, which cannot carry other characters (the call
+        would fail as an engine error). Where the bad character is, never what the key is."""
+        text = key.get_secret_value() if key is not None else ""
+        bad = next((i for i, c in enumerate(text) if not "!" <= c <= "~"), None)
+        if bad is not None:
+            raise ValueError(
+                f"has a character that is not visible ASCII at position {bad}; an OpenAI API key is letters, "
+                "digits, '-' and '_' (check for a space or a stray character when it was copied)"
+            )
+        return key
+
     @field_validator("prompt")
     @classmethod
     def _prompt_rules(cls, prompt: str) -> str:
@@ -95,6 +126,8 @@ class ImageRequest(BaseModel):
         for i, ref in enumerate(images):
             if not ref.strip():
                 raise ValueError(f"item {i} is empty; give an http(s) URL, a data: URI or an uploaded file URL")
+            if (problem := _url_problem(ref)) is not None:
+                raise ValueError(f"item {i} is not a URL that can be fetched ({problem}); got {_show(ref)}")
         return images
 
     @model_validator(mode="after")
@@ -120,6 +153,27 @@ class ImageRequest(BaseModel):
 
     def api_key(self) -> str | None:
         return self.openai_api_key.get_secret_value() if self.openai_api_key else None
+
+
+UNICODE_TEXT = (
+    "text must be Unicode: send it as UTF-8, or escape a character outside the Basic Multilingual Plane as a "
+    "surrogate pair (\\ud83d\\ude00 for U+1F600)"
+)
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(text: str) -> tuple[int, str] | None:
+    """Where ``text`` holds a UTF-16 surrogate on its own (a pair decodes to one character): its index and
+    ``\\udXXX``; None for valid Unicode text."""
+    match = _SURROGATE.search(text) if not text.isascii() else None
+    return (match.start(), f"\\u{ord(match.group()):04x}") if match else None
+
+
+def _url_problem(ref: str) -> str | None:
+    """Why an http(s) reference is no URL (``http://[::1/``, a port of ``99999``), or None."""
+    if ref.split(":", 1)[0].lower() not in ("http", "https"):
+        return None  # data: URIs and the rest are checked where they are read
+    return http_url_problem(ref)
 
 
 class _CrossFieldError(ValueError):

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from atelier.config import Settings
 from atelier.engines.base import Engine
 from atelier.errors import AtelierError, ModelUnavailable
+from atelier.jobs.disk import DiskSpace
 from atelier.jobs.files import FileStore
 from atelier.jobs.retention import Retention
 from atelier.jobs.routing import EngineRouter
@@ -84,8 +85,11 @@ class Services:
         if engines is None:
             engines, default = build_engines(settings)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        store = Store(settings.database_path)
-        files = FileStore(settings.files_dir, store, secrets_dir=settings.data_dir)
+        disk = DiskSpace(
+            settings.data_dir, reserve_bytes=settings.disk_reserve_bytes, min_free_bytes=settings.min_free_bytes
+        )
+        store = Store(settings.database_path, disk=disk)
+        files = FileStore(settings.files_dir, store, secrets_dir=settings.data_dir, disk=disk)
         router = EngineRouter(engines, default or next(iter(engines)))
         services = cls(settings, store, files, router, runner=None)  # type: ignore[arg-type]
         services.runner = Runner(store, files, router, settings, load_images=services.load_inputs)
@@ -94,6 +98,8 @@ class Services:
         return services
 
     async def start(self, *, warm_up: bool = True) -> None:
+        if self.files.disk is not None:  # the reserve first: it is what a full disk leaves to record failures
+            await asyncio.to_thread(self.files.disk.start)
         self.store.open()
         strays = await asyncio.to_thread(self.files.remove_strays)  # before anything writes a file
         if strays:

@@ -125,3 +125,45 @@ def test_api_key_is_never_shown():
     assert "sk-secret" not in repr(request) and "sk-secret" not in str(request.public_input())
     (problem,) = problems({"prompt": "x", "openai_api_key": 12345678})
     assert "12345678" not in problem.message and problem.received == REDACTED
+
+
+@pytest.mark.parametrize(
+    ("data", "field", "says"),
+    [
+        ({"prompt": "\ud800"}, "prompt", "(\\ud800) at character 0"),
+        ({"prompt": "a fox \udfff"}, "prompt", "(\\udfff) at character 6"),
+        ({"prompt": "a", "user_id": "u\udc00"}, "user_id", "(\\udc00) at character 1"),
+        ({"prompt": "a", "input_images": ["https://a.test/x.png", "\ud83d"]}, "input_images", "item 1 holds"),
+        ({"prompt": "a", "openai_api_key": "sk-secret\ud800"}, "openai_api_key", "at character 9"),
+    ],
+)
+def test_a_lone_surrogate_in_any_text_field_is_refused_naming_it(data, field, says):
+    """Callers of the Python API reach the contract without the doors' JSON reader: it holds here too."""
+    [problem] = problems(data)
+    assert problem.field == field and says in problem.message and "lone surrogate" in problem.message
+    assert "secret" not in problem.message and "secret" not in repr(problem.received)
+
+
+def test_a_surrogate_pair_is_one_character_and_fine():
+    assert parse_request({"prompt": "a fox \ud83e\udd8a".encode("utf-16", "surrogatepass").decode("utf-16")}).prompt
+    assert parse_request({"prompt": "a fox 🦊"}).prompt == "a fox 🦊"
+
+
+@pytest.mark.parametrize("key", ["sk-ünicode-0123456789", "sk-abc def", "sk-abc\n", "\tsk-abc"])
+def test_an_api_key_that_cannot_go_in_a_header_is_refused_without_showing_it(key):
+    [problem] = problems({"prompt": "a", "openai_api_key": key})
+    assert problem.field == "openai_api_key" and "not visible ASCII at position" in problem.message
+    assert "sk-" not in problem.message and problem.received == REDACTED
+
+
+@pytest.mark.parametrize(
+    ("ref", "says"),
+    [
+        ("http://[::1/x.png", "Invalid IPv6 URL"),
+        ("https://example.com:99999/x.png", "Port out of range"),
+        ("http:///x.png", "no host"),
+    ],
+)
+def test_an_input_image_url_that_cannot_be_parsed_is_refused_at_once(ref, says):
+    [problem] = problems({"prompt": "a", "input_images": [ref]})
+    assert problem.field == "input_images" and says in problem.message

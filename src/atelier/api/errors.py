@@ -6,8 +6,8 @@
 * Replicate (everything else under ``/v1``): problem JSON ``{title, detail, status}``; input problems
   as 422 ``Input validation failed`` with ``invalid_fields``.
 
-A 429 always carries ``Retry-After``. Nothing here ever includes a secret: messages come from the
-typed errors, which never hold one.
+A 429, and a 507 (the server's disk is full), always carries ``Retry-After``. Nothing here ever includes a
+secret: messages come from the typed errors, which never hold one.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from atelier.errors import (
     AtelierError,
     FieldProblem,
     InputError,
+    InsufficientStorage,
     ModerationBlocked,
     TooManyRequests,
     UnsupportedRequest,
@@ -68,8 +69,8 @@ def render(path: str, error: AtelierError) -> JSONResponse:
         response = cog_error(error)
     else:
         response = replicate_error(error)
-    if response.status_code == 429:  # also a rate limit rebuilt from a failed prediction's code (no retry_after)
-        retry_after = error.retry_after if isinstance(error, TooManyRequests) else 1.0
+    if response.status_code in (429, 507):  # also one rebuilt from a failed prediction's code (no retry_after)
+        retry_after = error.retry_after if isinstance(error, TooManyRequests | InsufficientStorage) else 1.0
         response.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
     return response
 
@@ -102,6 +103,8 @@ COG_BODY_FIELDS = frozenset({"input", "id", "created_at", "output_file_prefix", 
 
 
 def _cog_loc(field: str) -> list[str | int]:
+    if field == "body":  # the body as a whole (not JSON, too deep), as FastAPI places it
+        return ["body"]
     parts = re.findall(r"[^.\[\]]+", field) or [field]  # "input.input_images[0]" -> input, input_images, 0
     if parts[0] not in COG_BODY_FIELDS and not _is_index(parts[0]):
         parts.insert(0, "input")
@@ -109,7 +112,8 @@ def _cog_loc(field: str) -> list[str | int]:
 
 
 def _is_index(part: str) -> bool:
-    return part.isascii() and part.isdigit()  # "³".isdigit() is True, and int("³") raises
+    # "³".isdigit() is True, and int("³") raises; so does int() of 4300 digits and more
+    return part.isascii() and part.isdigit() and len(part) <= 18
 
 
 def replicate_error(error: AtelierError) -> JSONResponse:

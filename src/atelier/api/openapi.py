@@ -11,7 +11,8 @@ even claims FastAPI's own ``HTTPValidationError`` for every 422. ``complete`` fi
   envelope on ``/v1/images/*`` and ``/v1/models``;
 * the OpenAI images routes answer JSON (``ImagesResponse``) or, with ``stream``, ``text/event-stream``.
 
-The Cog routes keep FastAPI's description; Cog's own contract is ``/openapi.json`` (``api/cog/openapi.py``).
+The Cog routes keep FastAPI's description, with their body (read by ``api/json_body.py``, so FastAPI does
+not see it) added as ``CogPredictionRequest``; Cog's own contract is ``/openapi.json`` (``api/cog/openapi.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic import BaseModel
 
+from atelier.api.cog import protocol as cog_wire
 from atelier.api.errors import door
 from atelier.api.openai_images import protocol as openai_wire
 from atelier.api.replicate import protocol as replicate_wire
@@ -35,6 +37,7 @@ ERRORS: dict[str, tuple[str, type[BaseModel]]] = {
     "replicate": ("Replicate", replicate_wire.Problem),
     "openai": ("OpenAI", openai_wire.ErrorResponse),
 }
+COG_BODIES = (("/predictions", "post"), ("/predictions/{prediction_id}", "put"))
 CREATES: dict[str, type[BaseModel]] = {
     "/v1/models/{model_owner}/{model_name}/predictions": replicate_wire.ModelPredictionRequest,
     "/v1/predictions": replicate_wire.PredictionRequest,
@@ -98,7 +101,17 @@ def complete(document: dict[str, Any]) -> dict[str, Any]:
                 _errors(operation, name)
     _replicate_creates(paths, schemas)
     _openai_images(paths, schemas)
+    _cog_bodies(paths, schemas)
     return document
+
+
+def _cog_bodies(paths: dict[str, Any], schemas: dict[str, Any]) -> None:
+    for path, method in COG_BODIES:
+        if operation := paths.get(path, {}).get(method):
+            name = _add(schemas, cog_wire.PredictionRequest, "Cog")
+            schemas[name]["properties"]["input"] = {"anyOf": [MODEL_INPUT, {"type": "null"}]}
+            _body(operation, {"application/json": name})
+            operation["requestBody"]["required"] = False  # compat: no body is an empty input, as in cog
 
 
 def _replicate_creates(paths: dict[str, Any], schemas: dict[str, Any]) -> None:

@@ -6,6 +6,10 @@
   folder, and only then inserts the row. The runner calls it before marking a prediction succeeded, so
   a succeeded prediction's outputs are on disk. A crash in between leaves an orphan file, never a row
   pointing at nothing. ``delete`` removes the row first for the same reason.
+* A write that fails (a full disk above all) leaves nothing: the temporary file is removed, a file
+  whose row could not be inserted is removed, and ``put_outputs`` keeps all of a prediction's outputs or
+  none. A full disk is ``InsufficientStorage`` (507) saying which write failed; ``atelier.jobs.disk``
+  refuses new writes from then on until space is freed.
 * Capability URLs: ``sign(file_id)`` is HMAC-SHA256 over the id with a per-installation secret,
   truncated to 128 bits, urlsafe base64 (22 characters). ``verify`` compares in constant time. The
   signature does not expire: a file's lifetime is its retention (``expires_at``), and deleting the file
@@ -32,6 +36,8 @@ from typing import IO, TYPE_CHECKING, Any
 
 from atelier.errors import InputError, NotFound
 from atelier.ids import new_id
+from atelier.jobs import disk as disk_space
+from atelier.jobs.disk import DiskSpace
 from atelier.jobs.records import FILE_KINDS, FileRecord, utc_now
 from atelier.jobs.store import Store
 
@@ -52,9 +58,12 @@ _NAME_UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\]")
 
 
 class FileStore:
-    def __init__(self, folder: Path, store: Store, *, secrets_dir: Path | None = None) -> None:
+    def __init__(
+        self, folder: Path, store: Store, *, secrets_dir: Path | None = None, disk: DiskSpace | None = None
+    ) -> None:
         self.folder = Path(folder)
         self.store = store
+        self.disk = disk  # None: no reserve, no free-space checks (a full disk still fails cleanly)
         self.secrets_dir = Path(secrets_dir) if secrets_dir is not None else self.folder.parent / "secrets"
         self._signing_key: bytes | None = None
 
@@ -75,9 +84,18 @@ class FileStore:
         """Write ``data`` durably, then record it; returns the record."""
         if kind not in FILE_KINDS:
             raise ValueError(f"file kind {kind!r} is not one of {', '.join(FILE_KINDS)}")
+        what = "this prediction's outputs" if kind == "output" else None  # an upload is new work
+        if self.disk is not None:
+            self.disk.check(what)
         file_id = new_id()
         relative = f"{file_id[:2]}/{file_id}{EXTENSIONS.get(content_type, '.bin')}"
-        _write_durably(self.folder / relative, data)
+        try:
+            _write_durably(self.folder / relative, data)
+        except OSError as exc:
+            (self.folder / relative).unlink(missing_ok=True)  # renamed into place before the folder's fsync failed
+            if disk_space.is_enospc(exc):
+                raise self._out_of_space(what or "the uploaded file") from exc
+            raise
         record = FileRecord(
             id=file_id,
             kind=kind,
@@ -92,8 +110,20 @@ class FileStore:
             created_at=utc_now(),
             expires_at=expires_at,
         )
-        self.store.insert_file(record)
+        try:
+            self.store.insert_file(record)
+        except BaseException:
+            (self.folder / relative).unlink(missing_ok=True)  # no file without its row
+            raise
         return record
+
+    def check_space(self) -> None:
+        """``InsufficientStorage`` when the data folder has no room for new work (``atelier.jobs.disk``)."""
+        if self.disk is not None:
+            self.disk.check()
+
+    def _out_of_space(self, what: str) -> Exception:
+        return self.disk.ran_out(what) if self.disk is not None else disk_space.error(what)
 
     def put_outputs(self, images: Sequence[OutputImage], *, owner: str | None, prediction_id: str) -> list[FileRecord]:
         """Write a prediction's output images (``output_{i}.{format}``); on any failure none is kept."""
@@ -243,17 +273,22 @@ def _b64(size: int) -> bytes:
 
 
 def _write_durably(path: Path, data: bytes) -> None:
+    """Write, fsync, rename into place, fsync the folder; a failure before the rename leaves no file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

@@ -223,12 +223,14 @@ class Runner:
         return prediction.snapshot()
 
     def check_admission(self, caller: Caller) -> None:
-        """``TooManyRequests`` when the queue is full or ``caller`` is over a limit; spends nothing.
+        """``TooManyRequests`` when the queue is full or ``caller`` is over a limit, ``InsufficientStorage``
+        when the disk is; spends nothing.
 
         ``submit`` calls it; a door may call it first, before fetching a request's input images.
         """
         self.queue.check_capacity()
         self.limits.check(caller, self.queue.live(caller), finish_estimate=self.queue.estimate())
+        self.files.check_space()  # InsufficientStorage (507) while the data folder's disk is full
 
     async def get(self, id: str, *, owner: str | None = None) -> Prediction:
         """The prediction, if it exists and belongs to ``owner``; ``NotFound`` otherwise (the same answer)."""

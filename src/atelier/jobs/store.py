@@ -16,6 +16,10 @@ output files) call the same methods from a worker thread; the pool gives each ca
 connection. A networked database would want these calls moved off the loop: the seam is this class.
 
 The store never holds a secret: every JSON column passes through ``redact_secrets`` on the way in.
+
+A full disk (SQLite's "database or disk is full", PostgreSQL's ``disk_full``) is ``InsufficientStorage``
+(507), never a bare ``OperationalError``; with a ``DiskSpace`` the store also gives up the data folder's
+reserve, so that the failures of the work under way can still be recorded (``atelier.jobs.disk``).
 """
 
 from __future__ import annotations
@@ -47,10 +51,13 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.types import BigInteger, Boolean, Integer, String, Text
 
 from atelier.errors import InputError
+from atelier.jobs import disk as disk_space
 from atelier.jobs import migrations
+from atelier.jobs.disk import DiskSpace
 from atelier.jobs.records import (
     PROCESSING,
     STARTING,
@@ -66,6 +73,8 @@ from atelier.jobs.records import (
 log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 5000
+SQLITE_FULL = 13  # sqlite3.OperationalError.sqlite_errorcode (its low byte) for "database or disk is full"
+PG_DISK_FULL = "53100"  # PostgreSQL's SQLSTATE disk_full
 
 # The current shape of the tables, for queries only; migrations.py creates them.
 _meta = MetaData()
@@ -109,8 +118,9 @@ _PREDICTION_FIELDS = frozenset(Prediction.__dataclass_fields__)
 class Store:
     """``Store(path_or_url)`` builds nothing; ``open()`` connects and migrates (idempotent)."""
 
-    def __init__(self, url: str | Path) -> None:
+    def __init__(self, url: str | Path, *, disk: DiskSpace | None = None) -> None:
         self.url = f"sqlite:///{url}" if isinstance(url, Path) else url
+        self.disk = disk
         self._engine: Engine | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------------
@@ -150,10 +160,15 @@ class Store:
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
-        with self.engine.connect() as conn:
-            conn.execution_options(atelier_begin="BEGIN IMMEDIATE")
-            with conn.begin():
-                yield conn
+        try:
+            with self.engine.connect() as conn:
+                conn.execution_options(atelier_begin="BEGIN IMMEDIATE")
+                with conn.begin():
+                    yield conn
+        except OperationalError as exc:
+            if not is_disk_full(exc):
+                raise
+            raise (self.disk.ran_out("the database") if self.disk else disk_space.error("the database")) from exc
 
     # -- predictions ---------------------------------------------------------------------------------
 
@@ -365,6 +380,13 @@ def _owned_by(table: Table, owner: str | None) -> ColumnElement[bool]:
 
 def _uploads_of(owner: str | None) -> ColumnElement[bool]:
     return and_(_owned_by(FILES, owner), FILES.c.kind == "upload")
+
+
+def is_disk_full(exc: OperationalError) -> bool:
+    code = getattr(exc.orig, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF == SQLITE_FULL
+    return getattr(exc.orig, "sqlstate", None) == PG_DISK_FULL or getattr(exc.orig, "pgcode", None) == PG_DISK_FULL
 
 
 # -- cursors -----------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from atelier.urls import http_url_problem
+
 Status = Literal["starting", "processing", "succeeded", "canceled", "failed"]
 WebhookEvent = Literal["start", "output", "logs", "completed"]
 Health = Literal["STARTING", "READY", "BUSY", "SETUP_FAILED", "DEFUNCT"]
@@ -34,8 +36,8 @@ class PredictionRequest(BaseModel):
     @field_validator("webhook", "output_file_prefix")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
-        if value is not None and not value.lower().startswith(("http://", "https://")):
-            raise ValueError(f"got {value[:80]!r}; give an http:// or https:// URL")
+        if value is not None and (problem := http_url_problem(value)) is not None:
+            raise ValueError(f"got {value[:80]!r}: {problem}; give an http:// or https:// URL")
         return value
 
 

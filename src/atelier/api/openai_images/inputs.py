@@ -15,18 +15,16 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
-from starlette.datastructures import FormData, UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser, parse_options_header
+from starlette.datastructures import UploadFile
 
+from atelier.api import forms, json_body
 from atelier.api.openai_images.protocol import ImageEditForm, ImageEditJSON, ImageRef
 from atelier.errors import FieldProblem, InputError, NotFound
 from atelier.imaging.inputs import MAX_BYTES, load_image, read_reference, sniff
@@ -69,12 +67,7 @@ class EditUpload:
 
 async def read_json(request: Request) -> dict[str, Any]:
     """The request body as a JSON object, or a 400 that says what was sent instead."""
-    try:
-        data = json.loads(await request.body())
-    except ValueError:
-        raise InputError(
-            FieldProblem("body", 'is not valid JSON; send a JSON object such as {"prompt": "a red fox"}', "type")
-        ) from None
+    data = await json_body.read_json(request, example='{"prompt": "a red fox"}')
     if not isinstance(data, dict):
         raise InputError(FieldProblem("body", f"is a JSON {type(data).__name__}; expected an object", "type"))
     return data
@@ -101,7 +94,7 @@ async def _read_form(request: Request) -> EditUpload:
     fields: dict[str, Any] = {}
     uploads: list[Upload] = []
     problems: list[FieldProblem] = []
-    async with _form(request) as form:
+    async with forms.read_form(request, max_files=MAX_FORM_FILES, file_fields=FILE_FIELD_NAMES) as form:
         for name, value in form.multi_items():
             if isinstance(value, UploadFile):
                 uploads.append(await _read_upload(name, value, problems))
@@ -115,37 +108,6 @@ async def _read_form(request: Request) -> EditUpload:
     if problems:
         raise InputError(problems, field=problems[0].field)
     return EditUpload(parse(ImageEditForm, fields, strict=False), images, masks[0] if masks else None)
-
-
-@asynccontextmanager
-async def _form(request: Request) -> AsyncIterator[FormData]:
-    """The multipart form, its file parts spooled (and closed at the end); bad multipart is a 400."""
-    parser = _EditFormParser(request.headers, request.stream(), max_files=MAX_FORM_FILES)
-    try:
-        form = await parser.parse()
-    except MultiPartException as exc:
-        raise InputError(FieldProblem("body", f"is not valid multipart/form-data: {exc.message}", "format")) from None
-    try:
-        yield form
-    finally:
-        await form.close()
-
-
-class _EditFormParser(MultiPartParser):
-    """Starlette's parser, except that a part named ``image``, ``image[]`` or ``mask`` is a file even
-    without a ``filename`` in its Content-Disposition.
-
-    compat: some clients (hand-built forms, ``curl -F 'image=<a.png'``, a few HTTP libraries) send file
-    parts without a filename; starlette would make them text fields, decoded and capped at 1 MiB.
-    ``_read_upload`` then tells an image from a text value by its bytes.
-    """
-
-    def on_headers_finished(self) -> None:
-        part = self._current_part
-        _, options = parse_options_header(part.content_disposition)
-        if b"filename" not in options and options.get(b"name") in FILE_FIELD_NAMES:
-            part.content_disposition = (part.content_disposition or b"") + b'; filename=""'
-        super().on_headers_finished()
 
 
 async def _read_upload(name: str, value: UploadFile, problems: list[FieldProblem]) -> Upload:

@@ -38,6 +38,7 @@ from atelier.errors import (
     Conflict,
     EngineError,
     InputError,
+    InsufficientStorage,
     ModelUnavailable,
     ModerationBlocked,
     NotFound,
@@ -59,7 +60,7 @@ _ERRORS_BY_CODE: dict[str, type[AtelierError]] = {
     cls.code: cls
     for cls in (
         InputError, ModerationBlocked, UnsupportedRequest, NotFound, Conflict, TooManyRequests, ModelUnavailable,
-        Canceled, EngineError,
+        Canceled, EngineError, InsufficientStorage,
     )
 }  # fmt: skip
 

@@ -7,11 +7,14 @@ the seconds actually applied (``wait=55`` for a bare ``wait``). Other preference
 (``respond-async``...) are ignored, as RFC 7240 asks; a malformed ``wait`` is refused.
 
 ``Cancel-After`` is a duration from creation: ``300`` (seconds), ``30s``, ``5m``, ``1h30m45s``;
-at least 5 seconds.
+at least 5 seconds and at most ``MAX_CANCEL_AFTER`` (7 days). Numbers are read as text first: a header
+of 400 digits or ``4000000000h`` is refused by length and bound, never turned into a deadline that
+overflows a ``datetime`` (or an ``int`` over Python's 4300-digit limit).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -20,7 +23,9 @@ from atelier.errors import FieldProblem, InputError
 MAX_WAIT = 60
 WAIT_CAP = 55
 MIN_CANCEL_AFTER = 5.0
-_DURATION = re.compile(r"^(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m)?(?:(?P<s>\d+(?:\.\d+)?)s)?$")
+MAX_CANCEL_AFTER = 7 * 24 * 3600.0
+MAX_DIGITS = 12  # of any one number in these headers: far past every bound, far below int()'s limit
+_DURATION = re.compile(r"^(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m)?(?:(?P<s>\d+(?:\.\d+)?)s)?$", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,7 @@ def parse_prefer(header: str | None) -> Wait | None:
         value = value.strip().strip('"')
         if not value:
             return Wait(WAIT_CAP)
-        if not _is_number(value) or not 1 <= int(value) <= MAX_WAIT:
+        if not _is_number(value) or len(value) > MAX_DIGITS or not 1 <= int(value) <= MAX_WAIT:
             raise InputError(
                 FieldProblem(
                     "Prefer",
@@ -65,6 +70,8 @@ def parse_cancel_after(header: str | None) -> float | None:
         raise _cancel_after_problem(header, "use seconds ('300') or a duration such as '30s', '5m' or '1h30m45s'")
     if seconds < MIN_CANCEL_AFTER:
         raise _cancel_after_problem(header, f"the minimum is {MIN_CANCEL_AFTER:g} seconds ('5s')")
+    if seconds > MAX_CANCEL_AFTER:
+        raise _cancel_after_problem(header, f"the maximum is {MAX_CANCEL_AFTER / 3600:g} hours ('168h')")
     return seconds
 
 
@@ -73,13 +80,19 @@ def _is_number(text: str) -> bool:
 
 
 def _duration(text: str) -> float | None:
+    """Seconds, or None for text that is no duration; any number too long to be meant is infinite."""
     if _is_number(text):
-        return float(text)
+        return _number(text)
     match = _DURATION.match(text)
     if not text or match is None:
         return None
     h, m, s = (match.group(k) for k in ("h", "m", "s"))
-    return int(h or 0) * 3600 + int(m or 0) * 60 + float(s or 0)
+    return _number(h or "0") * 3600 + _number(m or "0") * 60 + _number(s or "0")
+
+
+def _number(digits: str) -> float:
+    whole = digits.partition(".")[0]
+    return float(digits) if len(whole) <= MAX_DIGITS else math.inf
 
 
 def _cancel_after_problem(header: str, fix: str) -> InputError:

@@ -9,7 +9,6 @@ renders them as Replicate's problem JSON.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -18,9 +17,10 @@ from fastapi import APIRouter, Depends, FastAPI, File, Form, Header, Query, Requ
 from fastapi.responses import FileResponse, StreamingResponse
 
 from atelier.api.deps import BaseURL, Owner, ServicesDep, authenticate
+from atelier.api.json_body import read_json
 from atelier.api.replicate import protocol as wire
 from atelier.api.replicate.service import ReplicateDoor
-from atelier.errors import FieldProblem, InputError, ModelUnavailable
+from atelier.errors import ModelUnavailable
 
 
 @asynccontextmanager
@@ -46,10 +46,7 @@ def get_door(request: Request) -> ReplicateDoor:
 
 
 async def json_body(request: Request) -> Any:
-    try:
-        return json.loads(await request.body())
-    except ValueError as exc:
-        raise InputError(FieldProblem("body", f"is not valid JSON ({exc})", "type")) from None
+    return await read_json(request, example='{"input": {"prompt": "a red fox"}}')
 
 
 Door = Annotated[ReplicateDoor, Depends(get_door)]

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -41,6 +40,7 @@ from atelier.errors import FieldProblem, InputError, NotFound
 from atelier.jobs.records import Prediction, utc_now
 from atelier.request import ImageRequest, parse_request
 from atelier.services import Services
+from atelier.urls import http_url_problem
 
 PAGE_SIZE = 100  # Replicate's page size for GET /v1/predictions
 SHUTDOWN_FLUSH_SECONDS = 5.0
@@ -260,6 +260,5 @@ def webhook_target(body: wire.ModelPredictionRequest) -> tuple[str | None, list[
 
 
 def _check_url(url: str, name: str) -> None:
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InputError(FieldProblem(name, f"got {url[:80]!r}; give an absolute http(s) URL", "format"))
+    if (problem := http_url_problem(url)) is not None:
+        raise InputError(FieldProblem(name, f"got {url[:80]!r}: {problem}; give an absolute http(s) URL", "format"))
