@@ -32,6 +32,7 @@ from atelier.api.schema import components
 from atelier.app import create_app
 from atelier.config import Settings
 from atelier.errors import EngineError
+from atelier.fetch import FetchPolicy
 from atelier.jobs.events import Event
 from atelier.jobs.records import STATUSES, Prediction
 from fakes import FakeEngine
@@ -115,7 +116,8 @@ async def serve(
     tmp_path: Path, engine: FakeEngine | None = None, *, extra: dict[str, FakeEngine] | None = None, **settings: Any
 ) -> AsyncIterator[Cog]:
     engine = engine or FakeEngine()
-    settings = {"max_concurrency": 1, "max_queue": 8, **settings}
+    # the receivers below listen on loopback, which deliveries reach only when the operator trusts it
+    settings = {"max_concurrency": 1, "max_queue": 8, "webhook_allow": ["127.0.0.1"], **settings}
     app = create_app(Settings(data_dir=tmp_path, **settings), engines={"fake": engine, **(extra or {})}, default="fake")
     app.state.services.runner.stop_timeout = 2.0
     app.state.cog.webhooks.backoff = 0.01
@@ -377,7 +379,7 @@ async def test_webhook_updates_are_throttled_and_kept_in_order(
     async def render(prediction: Prediction) -> dict[str, Any]:
         return {"id": prediction.id, "logs": prediction.logs}
 
-    sender = WebhookSender(render, interval=interval)
+    sender = WebhookSender(render, interval=interval, policy=FetchPolicy.from_allow(["127.0.0.1"]))
     prediction = Prediction("p1", "fake", "cog", webhook=receiver.url, webhook_events_filter=None)
     events = [Event("status", {"status": "processing"}), Event("logs"), Event("output"), Event("logs"), Event("done")]
     for i, event in enumerate(events):  # back to back, as a fast job emits them

@@ -94,7 +94,9 @@ class Door:
 
 def build(tmp_path: Path, **overrides: Any) -> tuple[Any, FakeEngine, FakeEngine]:
     engine, upstream = FakeEngine(), FakeEngine(model="openai", name="openai", color=(10, 200, 10))
-    settings = Settings(data_dir=tmp_path, api_tokens=[TOKEN_A, TOKEN_B], **{"max_queue": 8, **overrides})
+    # webhook receivers below listen on loopback, which deliveries reach only when the operator trusts it
+    defaults = {"max_queue": 8, "webhook_allow": ["127.0.0.1"]}
+    settings = Settings(data_dir=tmp_path, api_tokens=[TOKEN_A, TOKEN_B], **{**defaults, **overrides})
     app = create_app(settings, engines={"fake": engine, "openai": upstream}, default="fake", warm_up=False)
     return app, engine, upstream
 

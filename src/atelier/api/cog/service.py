@@ -17,6 +17,10 @@
 * **Outputs.** Data URIs (``data:image/webp;base64,...``), which is what cog returns when it has no
   upload URL; with ``output_file_prefix`` (sync only, as in cog) each image is PUT (multipart, field
   ``file``) to ``prefix + file name`` and that URL is returned.
+* **Where webhooks and uploads may go** (``atelier.outbound``): through the SSRF guard, checked against
+  the address connected to; a ``webhook`` or ``output_file_prefix`` whose host is refused whatever DNS
+  says (``127.1``, ``[::1]``, ``localhost``) is a 422 at once. A failed upload tells the caller only that
+  it failed, never why (no connection oracle); the operator's log has the reason.
 * **Health.** ``STARTING`` until the default model's setup has succeeded, ``SETUP_FAILED`` when its last
   setup raised, ``BUSY`` when every slot is taken, ``READY`` otherwise; ``DEFUNCT`` once the service has
   stopped. ``setup`` carries the times of the latest setup attempt and, if it failed, the error as logs.
@@ -26,10 +30,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
-
-import httpx
 
 from atelier.api.cog.openapi import document
 from atelier.api.cog.protocol import (
@@ -42,8 +45,10 @@ from atelier.api.cog.protocol import (
 )
 from atelier.api.cog.webhooks import WebhookSender
 from atelier.errors import Conflict, EngineError, FieldProblem, InputError, NotFound
+from atelier.fetch import FetchPolicy
 from atelier.jobs.records import Prediction
 from atelier.jobs.routing import SetupRecord
+from atelier.outbound import DeliveryFailed, delivery_policy, refuse_at_creation, send
 from atelier.request import parse_request
 
 if TYPE_CHECKING:
@@ -52,6 +57,13 @@ if TYPE_CHECKING:
 BUSY = "Already running a prediction"  # compat: cog's exact 409 detail
 ID_MISMATCH = "prediction ID must match the ID supplied in the URL"  # compat: cog's message
 UPLOAD_TIMEOUT = 30.0
+WEBHOOK_TIMEOUT = 10.0
+UPLOAD_FAILED = (
+    "the prediction succeeded but its outputs could not be uploaded to output_file_prefix; check that the "
+    "prefix accepts PUT requests from this server, or leave it out to get data: URIs"
+)  # the same words whatever went wrong: the reason is for the operator's log (no connection oracle)
+
+log = logging.getLogger(__name__)
 
 
 def wants_async(prefer: str | None) -> bool:
@@ -65,7 +77,9 @@ class CogDoor:
 
     def __init__(self, services: Services) -> None:
         self.services = services
-        self.webhooks = WebhookSender(self.render)
+        settings = services.settings
+        self.upload_policy = delivery_policy(settings, timeout=UPLOAD_TIMEOUT)
+        self.webhooks = WebhookSender(self.render, policy=delivery_policy(settings, timeout=WEBHOOK_TIMEOUT))
         services.runner.listeners.append(self.webhooks)
         self._admission = asyncio.Lock()
         self._document: dict[str, Any] | None = None
@@ -90,6 +104,9 @@ class CogDoor:
             raise InputError(FieldProblem("id", ID_MISMATCH, "value_error", body.id))
         id = prediction_id or body.id
         request = parse_request(body.input or {}, prefix="input.")
+        for field, url in (("webhook", body.webhook), ("output_file_prefix", body.output_file_prefix)):
+            if url is not None:
+                refuse_at_creation(url, field, self.upload_policy)
         existing = await self._existing(id, owner)
         if existing is not None:
             status = 202 if wants_async(prefer) or not existing.terminal else 200
@@ -157,9 +174,9 @@ class CogDoor:
     async def _outputs(self, prediction: Prediction, upload_to: str | None) -> list[str] | None:
         if prediction.output is None or prediction.data_removed:
             return None
-        return await asyncio.to_thread(self._encode, prediction.output, upload_to)
+        return await asyncio.to_thread(self._encode, prediction.id, prediction.output, upload_to)
 
-    def _encode(self, file_ids: Sequence[str], upload_to: str | None) -> list[str]:
+    def _encode(self, id: str, file_ids: Sequence[str], upload_to: str | None) -> list[str]:
         files = self.services.files
         outputs = []
         for file_id in file_ids:
@@ -167,7 +184,7 @@ class CogDoor:
             if upload_to is None:
                 outputs.append(f"data:{record.content_type};base64,{base64.b64encode(data).decode()}")
             else:
-                outputs.append(upload(upload_to, record.name, data, record.content_type))
+                outputs.append(upload(upload_to, record.name, data, record.content_type, self.upload_policy, id=id))
         return outputs
 
     # -- health and schema -----------------------------------------------------------------------------
@@ -205,18 +222,19 @@ def setup_result(record: SetupRecord | None, *, ready: bool) -> SetupResult:
     return SetupResult(started_at=record.started_at, completed_at=record.completed_at, status="succeeded")
 
 
-def upload(prefix: str, name: str, data: bytes, content_type: str) -> str:
-    """cog's ``output_file_prefix``: PUT the file (multipart ``file``) to ``prefix + name``; that URL is the output."""
-    url = prefix + name
+def upload(prefix: str, name: str, data: bytes, content_type: str, policy: FetchPolicy, *, id: str) -> str:
+    """cog's ``output_file_prefix``: PUT the file (multipart ``file``) to ``prefix + name``; that URL is the output.
+
+    Any failure is ``UPLOAD_FAILED`` to the caller; why (a refused address, a refused connection, the
+    status answered) goes to the log with the prediction id, and never the URL (it may carry a signature).
+    """
     try:
-        response = httpx.put(url, files={"file": (name, data, content_type)}, timeout=UPLOAD_TIMEOUT)
-    except httpx.HTTPError as exc:  # the URL may carry a signature: say what failed, not where
-        reason = type(exc).__name__
+        status = send("PUT", prefix + name, policy, files={"file": (name, data, content_type)})
+    except DeliveryFailed as exc:
+        reason = str(exc)
     else:
-        if response.is_success:
-            return url
-        reason = f"HTTP {response.status_code}"
-    raise EngineError(
-        f"the prediction succeeded but uploading {name!r} to output_file_prefix failed ({reason}); check that the "
-        "prefix accepts PUT requests, or leave it out to get data: URIs"
-    )
+        if 200 <= status < 300:
+            return prefix + name
+        reason = f"the server answered HTTP {status}"
+    log.warning("prediction %s: uploading %r to output_file_prefix failed: %s", id, name, reason)
+    raise EngineError(UPLOAD_FAILED)
