@@ -168,3 +168,17 @@ def m004_retention_indexes(conn: Connection) -> None:
     Index("predictions_retention", predictions.c.data_removed, predictions.c.completed_at).create(conn)
     Index("files_kind_created", files.c.kind, files.c.created_at).create(conn)
     Index("webhook_deliveries_created", deliveries.c.created_at).create(conn)
+
+
+@migration
+def m005_webhook_secrets(conn: Connection) -> None:
+    """One webhook signing secret per owner (token fingerprint), shared by every process on the database."""
+    metadata = MetaData()
+    Table(
+        "webhook_secrets",
+        metadata,
+        Column("owner", String(128), primary_key=True),
+        Column("secret", String(128), nullable=False),
+        Column("created_at", String(32), nullable=False),
+    )
+    metadata.create_all(conn)

@@ -15,7 +15,9 @@ throttled by the task, so a 50-step run writes a few rows a second at most. Writ
 output files) call the same methods from a worker thread; the pool gives each call its own
 connection. A networked database would want these calls moved off the loop: the seam is this class.
 
-The store never holds a secret: every JSON column passes through ``redact_secrets`` on the way in.
+The store never holds a caller's secret: every JSON column passes through ``redact_secrets`` on the way
+in. It does hold the server's own per-owner webhook signing secrets (``webhook_secret``): every process
+must sign with the same one (SCALING.md), and none of them is anyone's credential elsewhere.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import base64
 import binascii
 import json
 import logging
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -46,6 +48,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.types import BigInteger, Boolean, Integer, String, Text
 
 from atelier.errors import InputError
@@ -60,6 +63,7 @@ from atelier.jobs.records import (
     format_time,
     parse_time,
     redact_secrets,
+    utc_now,
 )
 
 log = logging.getLogger(__name__)
@@ -91,6 +95,10 @@ DELIVERIES = Table(
     Column("id", String, primary_key=True), Column("prediction_id", String), Column("event", String),
     Column("url", Text), Column("body_json", Text), Column("attempts", Integer), Column("next_attempt_at", String),
     Column("delivered_at", String), Column("last_error", Text), Column("created_at", String),
+)  # fmt: skip
+WEBHOOK_SECRETS = Table(
+    "webhook_secrets", _meta, Column("owner", String, primary_key=True), Column("secret", String),
+    Column("created_at", String),
 )  # fmt: skip
 
 # Prediction attribute -> column, for the attributes stored as JSON or as time text.
@@ -288,6 +296,23 @@ class Store:
         values = {"last_error": error[:2000], "next_attempt_at": retry, "attempts": DELIVERIES.c.attempts + 1}
         with self._write() as conn:
             conn.execute(update(DELIVERIES).where(DELIVERIES.c.id == id).values(**values))
+
+    def webhook_secret(self, owner: str, make: Callable[[], str]) -> str:
+        """``owner``'s webhook signing secret; the first caller's ``make()`` is stored, every later one gets it."""
+        query = select(WEBHOOK_SECRETS.c.secret).where(WEBHOOK_SECRETS.c.owner == owner)
+        try:
+            with self._write() as conn:
+                stored = conn.execute(query).scalar()
+                if stored is not None:
+                    return str(stored)
+                secret = make()
+                conn.execute(
+                    insert(WEBHOOK_SECRETS).values(owner=owner, secret=secret, created_at=format_time(utc_now()))
+                )
+                return secret
+        except IntegrityError:  # another process stored one first (PostgreSQL; SQLite's BEGIN IMMEDIATE waits)
+            with self._read() as conn:
+                return str(conn.execute(query).scalar_one())
 
     # -- retention (see atelier.jobs.retention) -------------------------------------------------------
 

@@ -68,7 +68,7 @@ class ReplicateDoor:
             settings, timeout=webhooks.TIMEOUT, connect_timeout=webhooks.CONNECT_TIMEOUT
         )
         self.webhooks = WebhookSender(
-            services.store, lambda owner: services.files.webhook_secret(), self._webhook_body, fallback_base=fallback,
+            services.store, services.files.webhook_secret, self._webhook_body, fallback_base=fallback,
             policy=self.delivery_policy,
         )  # fmt: skip
         self.page_size = PAGE_SIZE
@@ -198,8 +198,9 @@ class ReplicateDoor:
         assert latest is not None
         return latest
 
-    def secret(self) -> wire.WebhookSecret:
-        return wire.WebhookSecret(key=self.services.files.webhook_secret())
+    def secret(self, owner: str | None) -> wire.WebhookSecret:
+        """The caller's own signing secret: it verifies the webhooks of their predictions, and nobody else's."""
+        return wire.WebhookSecret(key=self.services.files.webhook_secret(owner))
 
 
 # -- request bodies ------------------------------------------------------------------------------------
