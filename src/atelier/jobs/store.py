@@ -81,7 +81,7 @@ PREDICTIONS = Table(
     Column("served_model", String), Column("webhook", Text), Column("webhook_events_filter_json", Text),
     Column("deadline", String), Column("created_at", String), Column("started_at", String),
     Column("completed_at", String), Column("data_removed", Boolean), Column("user_id", String),
-    Column("request_json", Text),
+    Column("request_json", Text), Column("client_id", String),
 )  # fmt: skip
 FILES = Table(
     "files", _meta,
@@ -183,6 +183,14 @@ class Store:
     def get_prediction(self, id: str) -> Prediction | None:
         with self._read() as conn:
             row = conn.execute(select(PREDICTIONS).where(PREDICTIONS.c.id == id)).mappings().first()
+        return _prediction(row) if row else None
+
+    def find_prediction(self, owner: str | None, client_id: str) -> Prediction | None:
+        """``owner``'s prediction that its caller calls ``client_id`` (the id chosen in Cog's PUT), if any."""
+        c = PREDICTIONS.c
+        query = select(PREDICTIONS).where(c.owner.is_(None) if owner is None else c.owner == owner)
+        with self._read() as conn:
+            row = conn.execute(query.where(c.client_id == client_id)).mappings().first()
         return _prediction(row) if row else None
 
     def list_predictions(

@@ -13,7 +13,9 @@
 * **Idempotent ids.** ``PUT /predictions/{id}`` (or a body ``id``) names the prediction; the same id
   again from the same caller returns that prediction instead of starting another: 202 with its current
   state while it runs (cog's answer to a PUT for the prediction it is running), 200 once it finished.
-  A body ``id`` that differs from the URL's is a 422 at ``["body", "id"]``.
+  A body ``id`` that differs from the URL's is a 422 at ``["body", "id"]``. Ids are per token: another
+  token's use of an id changes nothing for this caller (it is free to them, and cancel answers 404);
+  the caller always sees the id they chose (``Prediction.client_id``).
 * **Outputs.** Data URIs (``data:image/webp;base64,...``), which is what cog returns when it has no
   upload URL; with ``output_file_prefix`` (sync only, as in cog) each image is PUT (multipart, field
   ``file``) to ``prefix + file name`` and that URL is returned.
@@ -131,7 +133,9 @@ class CogDoor:
         return 200, await self.response(final, upload_to=body.output_file_prefix)
 
     async def cancel(self, id: str, *, owner: str | None) -> PredictionResponse:
-        return await self.response(await self.services.runner.cancel(id, owner=owner))
+        runner = self.services.runner
+        prediction = await runner.find(id, owner=owner)
+        return await self.response(await runner.cancel(prediction.id, owner=owner))
 
     def slots_full(self) -> bool:
         runner = self.services.runner
@@ -145,9 +149,9 @@ class CogDoor:
         if id is None:
             return None
         try:
-            return await self.services.runner.get(id, owner=owner)
+            return await self.services.runner.find(id, owner=owner)
         except NotFound:
-            return None  # absent, or another caller's: then submit answers 409 "id is taken"
+            return None  # absent, or another caller's: alike (ids are per owner)
 
     # -- rendering -------------------------------------------------------------------------------------
 
@@ -156,7 +160,7 @@ class CogDoor:
         return PredictionResponse(
             input=prediction.input,
             output=await self._outputs(prediction, upload_to),
-            id=prediction.id,
+            id=prediction.client_id or prediction.id,
             version=prediction.version,
             created_at=prediction.created_at,
             started_at=prediction.started_at,
