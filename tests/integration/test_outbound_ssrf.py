@@ -40,6 +40,8 @@ ELSEWHERE = {
     "unspecified (reaches loopback on Linux)": ("0.0.0.0", "an unspecified address"),
     "private": ("10.0.0.1", "a private address"),
     "metadata": ("169.254.169.254", "a cloud metadata address"),
+    "metadata as IPv6": ("[::ffff:a9fe:a9fe]", "a cloud metadata address"),
+    "metadata, decimal": ("2852039166", "a cloud metadata address"),
     "link-local v6": ("[fe80::1]", "a link-local address"),
 }
 
@@ -52,15 +54,16 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture
-def names(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """Host name -> the one address the resolver gives for it; fill it in the test."""
-    table: dict[str, str] = {}
+def names(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Host name -> the address the resolver gives for it, or a list: one per lookup, the last one for good."""
+    table: dict[str, Any] = {}
     real = socket.getaddrinfo
 
     def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
         if host not in table:
             return real(host, port, *args, **kwargs)
-        address = table[host]
+        answers = table[host]
+        address = answers if isinstance(answers, str) else answers.pop(0) if len(answers) > 1 else answers[0]
         if ":" in address:
             return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", (address, int(port), 0, 0))]
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, int(port)))]
@@ -157,7 +160,7 @@ async def test_an_output_file_prefix_on_loopback_is_refused_naming_the_field(
 
 @pytest.mark.parametrize("address", ["127.0.0.1", "::1", "::ffff:127.0.0.1"])
 async def test_a_name_resolving_to_loopback_gets_no_delivery(
-    tmp_path: Path, receiver: Receiver, names: dict[str, str], caplog: pytest.LogCaptureFixture, address: str
+    tmp_path: Path, receiver: Receiver, names: dict[str, Any], caplog: pytest.LogCaptureFixture, address: str
 ) -> None:
     """Accepted at creation (no lookup then); at delivery the name resolves to loopback and nothing is sent:
     not the Replicate webhook (a failed attempt, to be retried), not Cog's, not the upload."""
@@ -187,6 +190,26 @@ async def test_a_name_resolving_to_loopback_gets_no_delivery(
         assert logged.count("a loopback address") >= 3  # each refusal, with its reason, for the operator
 
 
+async def test_each_attempt_is_checked_at_the_address_it_resolves_to_then(
+    tmp_path: Path, receiver: Receiver, names: dict[str, Any]
+) -> None:
+    """A trusted name that moves to an untrusted address between two attempts (DNS rebinding): the first
+    attempt reaches the receiver, the retry is refused before connecting."""
+    names["hooks.example"] = ["127.0.0.1", "127.0.0.2"]
+    receiver.statuses.append(500)
+    async with serve(tmp_path, webhook_allow=["127.0.0.1/32"]) as doors:
+        webhooks = doors.app.state.replicate.webhooks
+        webhooks.retry_delays = (0.0, 600.0)  # the retry is due at once, a third attempt never
+        url = f"http://hooks.example:{receiver.port}/hook"
+        created = (await create(doors, "replicate", webhook=url, **COMPLETED)).json()
+        await settled(doors)  # the first attempt
+        await webhooks.flush(5)  # the retry (unless the delivery loop made it already)
+        [delivery] = doors.app.state.services.store.due_deliveries(utc_now() + timedelta(hours=1))
+    assert delivery.attempts == 2
+    assert [r.path for r in receiver.requests] == ["/hook"]  # the first attempt only
+    assert delivery.prediction_id == created["id"] and "127.0.0.2, a loopback address" in (delivery.last_error or "")
+
+
 # -- no connection oracle: every failure looks the same to the caller ---------------------------------------
 
 
@@ -197,7 +220,7 @@ def closed_port() -> int:
 
 
 async def test_a_failed_upload_says_the_same_whatever_the_cause(
-    tmp_path: Path, receiver: Receiver, names: dict[str, str], caplog: pytest.LogCaptureFixture
+    tmp_path: Path, receiver: Receiver, names: dict[str, Any], caplog: pytest.LogCaptureFixture
 ) -> None:
     """A refused address, a closed port, 405 and 500 answer alike; only the operator's log tells them apart."""
     names["elsewhere.example"] = "127.0.0.2"  # loopback too, but not the trusted 127.0.0.1
@@ -229,7 +252,7 @@ async def test_a_failed_upload_says_the_same_whatever_the_cause(
 
 @pytest.mark.parametrize("host", ["127.1", "2130706433", "[::1]", "hooks.example"])
 async def test_trusted_receivers_get_webhooks_and_uploads(
-    tmp_path: Path, receiver: Receiver, names: dict[str, str], host: str
+    tmp_path: Path, receiver: Receiver, names: dict[str, Any], host: str
 ) -> None:
     if host == "[::1]" and receiver.port6 is None:
         pytest.skip("no IPv6 loopback here")

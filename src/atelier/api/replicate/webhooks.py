@@ -345,5 +345,6 @@ class WebhookSender:
 
 
 def _host(url: str) -> str:
-    """The URL's host only: a webhook URL may carry a token in its path or query."""
-    return urllib.parse.urlsplit(url).netloc or "?"
+    """The URL's host and port only: a webhook URL may carry a token in its path, query or user info."""
+    netloc = urllib.parse.urlsplit(url).netloc
+    return netloc.rpartition("@")[2] or "?"
