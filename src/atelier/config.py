@@ -12,7 +12,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -125,14 +125,20 @@ class Settings(BaseSettings):
     disk_reserve_bytes: int = Field(default=8 * 1024 * 1024, ge=0)
     min_free_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
 
-    @field_validator("fetch_allow", mode="before")
+    # Deliveries to callers' URLs (atelier.outbound: webhooks, Cog's output_file_prefix): public addresses
+    # only, unless trusted here. Separate from fetch_allow: trusting a host to receive webhooks is not
+    # trusting it as a source of input images, nor the other way round.
+    webhook_allow: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    webhook_allow_private: bool = False  # deliver to any non-public address (development only; never metadata)
+
+    @field_validator("fetch_allow", "webhook_allow", mode="before")
     @classmethod
-    def _parse_fetch_allow(cls, value: object) -> object:
+    def _parse_fetch_allow(cls, value: object, info: ValidationInfo) -> object:
         from atelier.fetch import parse_allow
 
         entries = value.split(",") if isinstance(value, str) else value
         if isinstance(entries, list | tuple):
-            parse_allow(str(e) for e in entries)  # a ValueError naming the bad entry
+            parse_allow((str(e) for e in entries), f"ATELIER_{str(info.field_name).upper()}")  # names a bad entry
             return [str(e).strip() for e in entries if str(e).strip()]
         return value
 

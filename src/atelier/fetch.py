@@ -146,8 +146,10 @@ class FetchPolicy:
         return any(name == h or (h.startswith(".") and name.endswith(h)) for h in self.hosts)
 
 
-def parse_allow(entries: Iterable[str]) -> tuple[tuple[str, ...], tuple[IPNetwork, ...]]:
-    """Split ``ATELIER_FETCH_ALLOW`` entries into host names and networks; ValueError names a bad one."""
+def parse_allow(
+    entries: Iterable[str], setting: str = "ATELIER_FETCH_ALLOW"
+) -> tuple[tuple[str, ...], tuple[IPNetwork, ...]]:
+    """Split ``setting``'s entries into host names and networks; ValueError names a bad one."""
     hosts: list[str] = []
     networks: list[IPNetwork] = []
     for entry in (e.strip().lower() for e in entries):
@@ -161,7 +163,7 @@ def parse_allow(entries: Iterable[str]) -> tuple[tuple[str, ...], tuple[IPNetwor
         name = "." + entry[2:] if entry.startswith("*.") else entry
         if not _HOST_NAME.match(name):
             raise ValueError(
-                f"ATELIER_FETCH_ALLOW entry {entry!r} is neither a network (10.0.0.0/8, 192.168.1.5, fd00::/8) "
+                f"{setting} entry {entry!r} is neither a network (10.0.0.0/8, 192.168.1.5, fd00::/8) "
                 "nor a host name (images.internal, or .example.com for it and its subdomains)"
             )
         hosts.append(name.rstrip("."))
@@ -279,7 +281,7 @@ def clip(timeout: float | None, deadline: float, error: type[Exception]) -> floa
 
 
 @functools.cache
-def _ssl_context() -> ssl.SSLContext:
+def ssl_context() -> ssl.SSLContext:
     return httpx.create_ssl_context()
 
 
@@ -294,7 +296,7 @@ def fetch(url: str, policy: FetchPolicy | None = None, *, check_head: HeadCheck 
     """
     policy = policy or FetchPolicy()
     deadline = time.monotonic() + policy.timeout
-    pool = httpcore.ConnectionPool(ssl_context=_ssl_context(), network_backend=GuardedBackend(policy, deadline))
+    pool = httpcore.ConnectionPool(ssl_context=ssl_context(), network_backend=GuardedBackend(policy, deadline))
     try:
         with pool:
             return _follow(pool, _parse(url, None), policy, deadline, check_head)
@@ -309,7 +311,7 @@ def _follow(
 ) -> bytes:
     for hop in range(policy.max_redirects + 1):
         try:
-            with pool.stream("GET", _core_url(url), headers=_headers(url), extensions=_timeouts(policy)) as response:
+            with pool.stream("GET", core_url(url), headers=_headers(url), extensions=timeouts(policy)) as response:
                 location = _header(response, b"location") if response.status in REDIRECT_STATUSES else ""
                 if not location:
                     if response.status != 200:
@@ -365,7 +367,7 @@ def _refused(exc: Refused, redirected_to: httpx.URL | None) -> InputError:
     return _problem(f"{where}resolves to {exc.address}, {exc.what}; {exc.hint}", "forbidden_address")
 
 
-def _core_url(url: httpx.URL) -> httpcore.URL:
+def core_url(url: httpx.URL) -> httpcore.URL:
     return httpcore.URL(scheme=url.raw_scheme, host=url.raw_host, port=url.port, target=url.raw_path)
 
 
@@ -378,7 +380,7 @@ def _headers(url: httpx.URL) -> list[tuple[bytes, bytes]]:
     ]
 
 
-def _timeouts(policy: FetchPolicy) -> dict[str, object]:
+def timeouts(policy: FetchPolicy) -> dict[str, object]:
     read = policy.read_timeout
     return {"timeout": {"connect": policy.connect_timeout, "read": read, "write": read, "pool": policy.timeout}}
 

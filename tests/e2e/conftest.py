@@ -57,6 +57,7 @@ def start_server(
         "ATELIER_DATA_DIR": str(data_dir),
         "ATELIER_MODEL_PATH": str(model_path),
         "ATELIER_PORT": str(port),
+        "ATELIER_WEBHOOK_ALLOW": "127.0.0.1",  # the tests' webhook receivers listen on loopback
         **(env or {}),
     }
     with log_path.open("wb") as log:

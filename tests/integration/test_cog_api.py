@@ -28,12 +28,16 @@ from PIL import Image
 from atelier.api.cog.protocol import Status
 from atelier.api.cog.service import CogDoor
 from atelier.api.cog.webhooks import WebhookSender
+from atelier.api.deps import fingerprint
 from atelier.api.schema import components
 from atelier.app import create_app
 from atelier.config import Settings
 from atelier.errors import EngineError
+from atelier.fetch import FetchPolicy
+from atelier.jobs import migrations
 from atelier.jobs.events import Event
-from atelier.jobs.records import STATUSES, Prediction
+from atelier.jobs.records import STATUSES, Prediction, format_time, utc_now
+from atelier.jobs.store import Store
 from fakes import FakeEngine
 
 SEED = Path(__file__).parents[3] / "shared" / "reference" / "gpt-image-2.schema.json"
@@ -115,7 +119,8 @@ async def serve(
     tmp_path: Path, engine: FakeEngine | None = None, *, extra: dict[str, FakeEngine] | None = None, **settings: Any
 ) -> AsyncIterator[Cog]:
     engine = engine or FakeEngine()
-    settings = {"max_concurrency": 1, "max_queue": 8, **settings}
+    # the receivers below listen on loopback, which deliveries reach only when the operator trusts it
+    settings = {"max_concurrency": 1, "max_queue": 8, "webhook_allow": ["127.0.0.1"], **settings}
     app = create_app(Settings(data_dir=tmp_path, **settings), engines={"fake": engine, **(extra or {})}, default="fake")
     app.state.services.runner.stop_timeout = 2.0
     app.state.cog.webhooks.backoff = 0.01
@@ -377,7 +382,7 @@ async def test_webhook_updates_are_throttled_and_kept_in_order(
     async def render(prediction: Prediction) -> dict[str, Any]:
         return {"id": prediction.id, "logs": prediction.logs}
 
-    sender = WebhookSender(render, interval=interval)
+    sender = WebhookSender(render, interval=interval, policy=FetchPolicy.from_allow(["127.0.0.1"]))
     prediction = Prediction("p1", "fake", "cog", webhook=receiver.url, webhook_events_filter=None)
     events = [Event("status", {"status": "processing"}), Event("logs"), Event("output"), Event("logs"), Event("done")]
     for i, event in enumerate(events):  # back to back, as a fast job emits them
@@ -548,11 +553,67 @@ async def test_tokens_guard_predictions_but_not_the_probes(tmp_path: Path) -> No
         assert anonymous.status_code == 401
         assert anonymous.json() == {"detail": "You did not pass a valid authentication token"}
         a, b = {"Authorization": "Bearer tok-a"}, {"Authorization": "Token tok-b"}
-        mine = await cog.client.put("/predictions/shared", json={"input": {"prompt": "x"}}, headers=a)
+        mine = await cog.client.put("/predictions/mine", json={"input": {"prompt": "x"}}, headers=a)
         assert mine.status_code == 200
-        theirs = await cog.client.put("/predictions/shared", json={"input": {"prompt": "x"}}, headers=b)
-        assert theirs.status_code == 409 and "taken" in theirs.json()["detail"]
-        assert (await cog.client.post("/predictions/shared/cancel", headers=b)).status_code == 404
+        assert (await cog.client.post("/predictions/mine/cancel", headers=b)).status_code == 404
+
+
+async def test_put_ids_are_per_token_and_anothers_id_answers_as_a_free_one(tmp_path: Path) -> None:
+    """Token B's PUT of an id token A used starts B's own prediction under that id, exactly as a free id
+    does; A's stays A's, untouched and invisible to B; each sees the id they chose."""
+    async with serve(tmp_path, api_tokens=["tok-a", "tok-b"]) as cog:
+        await cog.until_health("READY")
+        a, b = {"Authorization": "Bearer tok-a"}, {"Authorization": "Bearer tok-b"}
+
+        async def put(id: str, prompt: str, token: dict[str, str]) -> tuple[int, dict[str, Any]]:
+            response = await cog.client.put(f"/predictions/{id}", json={"input": {"prompt": prompt}}, headers=token)
+            return response.status_code, response.json()
+
+        status, first = await put("shared", "from a", a)
+        assert status == 200 and first["id"] == "shared"
+        taken, free = await put("shared", "from b", b), await put("fresh", "from b", b)
+        assert taken[0] == free[0] == 200
+        assert {**taken[1], "id": "", "output": [], "created_at": "", "started_at": "", "completed_at": "",
+                "metrics": {}, "logs": ""} == {**free[1], "id": "", "output": [], "created_at": "",
+                "started_at": "", "completed_at": "", "metrics": {}, "logs": ""}  # fmt: skip
+        assert taken[1]["id"] == "shared" and taken[1]["input"]["prompt"] == "from b"
+        assert len(cog.engine.jobs) == 3  # B's "shared" ran: it is B's own prediction
+        assert (await put("shared", "ignored", b))[1] == taken[1]  # idempotent for B, with B's prediction
+        assert (await put("shared", "ignored", a))[1] == first  # and A's is untouched
+        assert len(cog.engine.jobs) == 3
+        canceled = await cog.client.post("/predictions/shared/cancel", headers=b)
+        assert canceled.status_code == 200 and canceled.json()["input"]["prompt"] == "from b"
+        only_a = await put("only-a", "x", a)
+        nobody = await cog.client.post("/predictions/nobody/cancel", headers=b)
+        anothers = await cog.client.post("/predictions/only-a/cancel", headers=b)
+        assert only_a[0] == 200 and anothers.status_code == nobody.status_code == 404
+        assert anothers.json()["detail"].replace("only-a", "nobody") == nobody.json()["detail"]
+
+
+async def test_an_id_put_before_the_upgrade_still_names_its_prediction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database from before ids were per token: its predictions keep their ids, for their owner only."""
+    before = [m for m in migrations.MIGRATIONS if m[0] != "m006_prediction_client_ids"]
+    with monkeypatch.context() as patch:
+        patch.setattr(migrations, "MIGRATIONS", before)
+        store = Store(Settings(data_dir=tmp_path).database_path).open()
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO predictions (id, model, source, owner, status, input_json, logs, metrics_json, created_at,"
+            " data_removed) VALUES ('old-id', 'fake', 'cog', ?, 'succeeded', '{\"prompt\": \"old\"}', '', '{}', ?, 0)",
+            (fingerprint("tok-a"), format_time(utc_now())),
+        )
+    store.close()
+    async with serve(tmp_path, api_tokens=["tok-a", "tok-b"]) as cog:
+        await cog.until_health("READY")
+        body = {"input": {"prompt": "new"}}
+        mine = await cog.client.put("/predictions/old-id", json=body, headers={"Authorization": "Bearer tok-a"})
+        assert mine.status_code == 200 and mine.json()["input"] == {"prompt": "old"} and cog.engine.jobs == []
+        theirs = await cog.client.put("/predictions/old-id", json=body, headers={"Authorization": "Bearer tok-b"})
+        assert (
+            theirs.status_code == 200 and theirs.json()["id"] == "old-id" and theirs.json()["input"]["prompt"] == "new"
+        )
 
 
 # -- /openapi.json ---------------------------------------------------------------------------------------

@@ -99,7 +99,9 @@ class Door:
 
 def build(tmp_path: Path, **overrides: Any) -> tuple[Any, FakeEngine, FakeEngine]:
     engine, upstream = FakeEngine(), FakeEngine(model="openai", name="openai", color=(10, 200, 10))
-    settings = Settings(data_dir=tmp_path, api_tokens=[TOKEN_A, TOKEN_B], **{"max_queue": 8, **overrides})
+    # webhook receivers below listen on loopback, which deliveries reach only when the operator trusts it
+    defaults = {"api_tokens": [TOKEN_A, TOKEN_B], "max_queue": 8, "webhook_allow": ["127.0.0.1"]}
+    settings = Settings(data_dir=tmp_path, **{**defaults, **overrides})
     app = create_app(settings, engines={"fake": engine, "openai": upstream}, default="fake", warm_up=False)
     return app, engine, upstream
 
@@ -902,7 +904,7 @@ async def create_with_webhook(door: Door, *, key: bool = True, **body: Any) -> d
 async def test_webhooks_are_signed_with_the_default_secret(door: Door, receiver: Receiver) -> None:
     secret = (await door.client().get("/v1/webhooks/default/secret")).json()
     assert re.match(r"^whsec_[A-Za-z0-9+/]+=*$", secret["key"])
-    assert (await door.client(TOKEN_B).get("/v1/webhooks/default/secret")).json() == secret
+    assert (await door.client(TOKEN_B).get("/v1/webhooks/default/secret")).json() != secret  # one per token
     body = await create_with_webhook(door, webhook=receiver.url())
     await until(lambda: "succeeded" in receiver.events())
     key = WebhookSigningSecret(key=secret["key"])
@@ -919,6 +921,44 @@ async def test_webhooks_are_signed_with_the_default_secret(door: Door, receiver:
     last = json.loads(receiver.requests[-1]["body"])
     assert last["status"] == "succeeded" and last["input"]["openai_api_key"] == "[REDACTED]"
     assert last["output"][0].startswith(f"{BASE}/v1/files/") and ClientPrediction(**last)
+
+
+async def test_one_tokens_webhook_secret_verifies_no_other_tokens_webhooks(door: Door, receiver: Receiver) -> None:
+    keys: dict[str, WebhookSigningSecret] = {}
+    for token in (TOKEN_A, TOKEN_B):
+        client = door.client(token)
+        keys[token] = WebhookSigningSecret(key=(await client.get("/v1/webhooks/default/secret")).json()["key"])
+        body = {"input": {"prompt": "x"}, "webhook": receiver.url(f"/{token}"), "webhook_events_filter": ["completed"]}
+        assert (await client.post("/v1/models/openai/gpt-image-2/predictions", json=body)).status_code == 201
+    await until(lambda: len(receiver.requests) == 2)
+    assert keys[TOKEN_A].key != keys[TOKEN_B].key
+    for request in receiver.requests:
+        mine, theirs = (TOKEN_A, TOKEN_B) if request["path"] == f"/{TOKEN_A}" else (TOKEN_B, TOKEN_A)
+        Webhooks.validate(headers=request["headers"], body=request["body"], secret=keys[mine])
+        with pytest.raises(InvalidSignatureError):  # another tenant cannot forge this tenant's webhooks
+            Webhooks.validate(headers=request["headers"], body=request["body"], secret=keys[theirs])
+
+
+async def test_webhook_secrets_survive_a_restart_and_a_tokenless_server_keeps_its_old_one(tmp_path: Path) -> None:
+    """Per-token secrets live in the store; a server without tokens signs with ``secrets/webhook.key`` as before."""
+    existing = "whsec_" + base64.b64encode(b"an existing deployment's key...!").decode()
+
+    async def secret(token: str | None, **settings: Any) -> str:
+        app, _, _ = build(tmp_path, **settings)
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url=BASE) as client,
+        ):
+            old = app.state.services.files.secrets_dir / "webhook.key"
+            if not old.exists():  # as an existing deployment has it
+                old.write_text(existing)
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            key: str = (await client.get("/v1/webhooks/default/secret", headers=headers)).json()["key"]
+            return key
+
+    assert await secret(None, api_tokens=[]) == existing
+    first = await secret(TOKEN_A)
+    assert first != existing and await secret(TOKEN_A) == first  # the same after a restart
 
 
 async def test_webhook_events_follow_the_filter(door: Door, receiver: Receiver) -> None:

@@ -422,5 +422,9 @@ async def test_prediction_ids_are_idempotent_per_owner(harness: Harness) -> None
     one = await runner.submit(request(), source="cog", prediction_id="cog-123")
     two = await runner.submit(request(), source="cog", prediction_id="cog-123")
     assert one.id == two.id == "cog-123" and harness.rows() == 1
-    with pytest.raises(Exception, match="taken"):
-        await runner.submit(request(), source="cog", prediction_id="cog-123", owner="intruder")
+    # Ids are per owner: another owner's "cog-123" is its own prediction, stored under the server's id.
+    three = await runner.submit(request(), source="cog", prediction_id="cog-123", owner="other")
+    four = await runner.submit(request(), source="cog", prediction_id="cog-123", owner="other")
+    assert three.id == four.id != "cog-123" and three.client_id == "cog-123" and harness.rows() == 2
+    assert (await runner.find("cog-123", owner=None)).id == "cog-123"
+    assert (await runner.find("cog-123", owner="other")).id == three.id

@@ -24,7 +24,9 @@ def test_lost_completed_messages_are_enqueued_again_at_start(tmp_path: Path) -> 
     store.insert_prediction(finished("old", completed_at=utc_now() - timedelta(days=2)))
     store.insert_prediction(finished("cog", source="cog"))
     store.enqueue_delivery(Delivery(id="msg_1", prediction_id="sent", event="completed", url="u", body={}))
-    sender = WebhookSender(store, lambda: "whsec_" + "A" * 32, lambda p, base: {"id": p.id}, fallback_base="http://x")
+    sender = WebhookSender(
+        store, lambda owner: "whsec_" + "A" * 32, lambda p, base: {"id": p.id}, fallback_base="http://x"
+    )
     assert sender.reconcile() == 1
     since = utc_now() - timedelta(hours=1)
     left = {p.id for p in store.finished_without_message("completed", source="replicate", since=since)}

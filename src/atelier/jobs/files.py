@@ -16,7 +16,8 @@
   revokes every URL to it.
 * Secrets live in ``<data dir>/secrets/`` (mode 0700, files 0600), created on first use with an atomic
   link so two processes starting together agree on one secret: the signing key, and the webhook
-  signing secret (``whsec_`` + base64 of 32 random bytes, the Standard Webhooks format).
+  signing secret of a server without tokens (``whsec_`` + base64 of 32 random bytes, the Standard
+  Webhooks format). With tokens, each owner's webhook secret is a row in the store.
 * After a crash: ``remove_strays`` (at start-up) deletes temporary files and files without a row;
   ``discard_outputs`` deletes the outputs of a run that was cut short before it is run again.
 """
@@ -66,6 +67,7 @@ class FileStore:
         self.disk = disk  # None: no reserve, no free-space checks (a full disk still fails cleanly)
         self.secrets_dir = Path(secrets_dir) if secrets_dir is not None else self.folder.parent / "secrets"
         self._signing_key: bytes | None = None
+        self._webhook_secrets: dict[str, str] = {}  # owner -> secret, as stored
 
     # -- content -------------------------------------------------------------------------------------
 
@@ -224,10 +226,19 @@ class FileStore:
             return False
         return hmac.compare_digest(self.sign(file_id).encode(), signature.encode())
 
-    def webhook_secret(self) -> str:
-        """The ``whsec_...`` secret webhooks are signed with (Standard Webhooks)."""
-        raw = read_or_create_secret(self.secrets_dir / "webhook.key", lambda: b"whsec_" + _b64(32))
-        return raw.decode().strip()
+    def webhook_secret(self, owner: str | None = None) -> str:
+        """The ``whsec_...`` secret (Standard Webhooks) that signs the webhooks of ``owner``'s predictions.
+
+        Each token has its own, kept in the store (every process signs alike, and a restart changes
+        nothing), so one tenant's secret verifies nobody else's webhooks. Without tokens (``owner`` None)
+        there is one secret, the file it has always been in.
+        """
+        if owner is None:
+            raw = read_or_create_secret(self.secrets_dir / "webhook.key", lambda: b"whsec_" + _b64(32))
+            return raw.decode().strip()
+        if owner not in self._webhook_secrets:  # a secret never changes once stored: remember it
+            self._webhook_secrets[owner] = self.store.webhook_secret(owner, lambda: "whsec_" + _b64(32).decode())
+        return self._webhook_secrets[owner]
 
     def _key(self) -> bytes:
         if self._signing_key is None:

@@ -168,3 +168,31 @@ def m004_retention_indexes(conn: Connection) -> None:
     Index("predictions_retention", predictions.c.data_removed, predictions.c.completed_at).create(conn)
     Index("files_kind_created", files.c.kind, files.c.created_at).create(conn)
     Index("webhook_deliveries_created", deliveries.c.created_at).create(conn)
+
+
+@migration
+def m005_webhook_secrets(conn: Connection) -> None:
+    """One webhook signing secret per owner (token fingerprint), shared by every process on the database."""
+    metadata = MetaData()
+    Table(
+        "webhook_secrets",
+        metadata,
+        Column("owner", String(128), primary_key=True),
+        Column("secret", String(128), nullable=False),
+        Column("created_at", String(32), nullable=False),
+    )
+    metadata.create_all(conn)
+
+
+@migration
+def m006_prediction_client_ids(conn: Connection) -> None:
+    """The id a prediction's caller knows it by (Cog's ``PUT /predictions/{id}``), unique per owner only.
+
+    With tokens the stored id is the server's own, so two tenants may both use ``my-id``; without tokens it
+    stays the caller's id. Every prediction made so far is known by its own id.
+    """
+    conn.exec_driver_sql("ALTER TABLE predictions ADD COLUMN client_id VARCHAR(256)")
+    conn.exec_driver_sql("UPDATE predictions SET client_id = id")
+    metadata = MetaData()
+    table = Table("predictions", metadata, Column("owner", String(128)), Column("client_id", String(256)))
+    Index("predictions_owner_client_id", table.c.owner, table.c.client_id, unique=True).create(conn)

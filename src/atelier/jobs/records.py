@@ -100,6 +100,9 @@ class Prediction:
     user_id: str | None = None
     # What is needed to run the job again after a restart (never the api key): see RerunSpec.
     request: dict[str, Any] | None = None
+    # The id its caller knows it by: ``id`` itself, except a Cog ``PUT /predictions/{id}`` with tokens,
+    # where ids are per owner and ``id`` is the server's own (two tenants may both say "my-id").
+    client_id: str | None = None
 
     @property
     def terminal(self) -> bool:

@@ -188,8 +188,9 @@ class Runner:
         """Validate, then queue; returns the new prediction (status ``starting``).
 
         Raises the engine's typed error for a request it cannot honour, ``TooManyRequests`` when the
-        queue is full or the caller is over a limit, ``ModelUnavailable`` while not running. An
-        existing ``prediction_id`` of the same owner returns that prediction (Cog's idempotent ``PUT``).
+        queue is full or the caller is over a limit, ``ModelUnavailable`` while not running. A
+        ``prediction_id`` the same owner used before returns that prediction (Cog's idempotent ``PUT``);
+        ids are per owner, so another owner's use of it is none of this caller's business (``stored_id``).
         """
         if source not in SOURCES:
             raise ValueError(f"source {source!r} is not one of {', '.join(SOURCES)}")
@@ -202,7 +203,12 @@ class Runner:
         self.check_admission(caller)
         key, engine = self.engines.route(request, model)
         job = Job(
-            prediction_id or new_id(), request, new_seed() if seed is None else seed, tuple(images), mask, previews
+            stored_id(prediction_id, owner),
+            request,
+            new_seed() if seed is None else seed,
+            tuple(images),
+            mask,
+            previews,
         )
         batch = await asyncio.to_thread(self._check_job, engine, job)
         # No await from here on: the bound and limit checks, the insert and the enqueue are one step.
@@ -215,6 +221,7 @@ class Runner:
             job, key=key, engine=engine, model=model, source=source, owner=owner, version=version,
             webhook=webhook, webhook_events_filter=webhook_events_filter, deadline=deadline,
         )  # fmt: skip
+        prediction.client_id = prediction_id or job.id
         self.store.insert_prediction(prediction)
         entry = Entry(self._new_task(prediction), job, engine, CancelToken(), batch=batch)
         self._enqueue(entry)
@@ -237,6 +244,13 @@ class Runner:
         prediction = self._require(id)
         if prediction.owner != owner:
             raise NotFound(f"prediction {id[:64]!r} was not found")
+        return prediction
+
+    async def find(self, client_id: str, *, owner: str | None) -> Prediction:
+        """``owner``'s prediction known to its caller as ``client_id``; ``NotFound`` otherwise, whoever else uses it."""
+        prediction = self._existing(client_id, owner)
+        if prediction is None:
+            raise NotFound(f"prediction {client_id[:64]!r} was not found")
         return prediction
 
     async def cancel(self, id: str, *, owner: str | None = None) -> Prediction:
@@ -460,11 +474,15 @@ class Runner:
         if not self._accepting:
             raise ModelUnavailable("the server is not accepting predictions (starting up or shutting down); retry")
 
-    def _existing(self, id: str, owner: str | None) -> Prediction | None:
-        prediction = self._load(id)
-        if prediction is not None and prediction.owner != owner:
-            raise Conflict(f"prediction id {id[:64]!r} is taken; choose another id")
-        return prediction
+    def _existing(self, client_id: str, owner: str | None) -> Prediction | None:
+        stored = self.store.find_prediction(owner, client_id)
+        if stored is not None:
+            return self._live(stored.id) or stored
+        if owner is None and self._load(client_id) is not None:
+            # Without tokens the caller's id is the stored id, and a prediction made while the server had
+            # tokens holds this one; the caller is the operator, so say so rather than fail to insert.
+            raise Conflict(f"prediction id {client_id[:64]!r} is taken; choose another id")
+        return None
 
     def _require(self, id: str) -> Prediction:
         prediction = self._load(id)
@@ -478,3 +496,9 @@ class Runner:
     def _live(self, id: str) -> Prediction | None:
         entry = self.queue.get(id)
         return entry.task.prediction.snapshot() if entry is not None else None
+
+
+def stored_id(client_id: str | None, owner: str | None) -> str:
+    """The id a new prediction is stored under: without tokens the caller's own (as it always was); with
+    tokens the server's, so one tenant's ids never collide with, nor reveal, another's."""
+    return client_id if client_id is not None and owner is None else new_id()

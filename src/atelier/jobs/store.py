@@ -20,6 +20,10 @@ The store never holds a secret: every JSON column passes through ``redact_secret
 A full disk (SQLite's "database or disk is full", PostgreSQL's ``disk_full``) is ``InsufficientStorage``
 (507), never a bare ``OperationalError``; with a ``DiskSpace`` the store also gives up the data folder's
 reserve, so that the failures of the work under way can still be recorded (``atelier.jobs.disk``).
+
+The store never holds a caller's secret: every JSON column passes through ``redact_secrets`` on the way
+in. It does hold the server's own per-owner webhook signing secrets (``webhook_secret``): every process
+must sign with the same one (SCALING.md), and none of them is anyone's credential elsewhere.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.types import BigInteger, Boolean, Integer, String, Text
 
 from atelier.errors import InputError
@@ -68,6 +72,7 @@ from atelier.jobs.records import (
     format_time,
     parse_time,
     redact_secrets,
+    utc_now,
 )
 
 log = logging.getLogger(__name__)
@@ -87,7 +92,7 @@ PREDICTIONS = Table(
     Column("served_model", String), Column("webhook", Text), Column("webhook_events_filter_json", Text),
     Column("deadline", String), Column("created_at", String), Column("started_at", String),
     Column("completed_at", String), Column("data_removed", Boolean), Column("user_id", String),
-    Column("request_json", Text),
+    Column("request_json", Text), Column("client_id", String),
 )  # fmt: skip
 FILES = Table(
     "files", _meta,
@@ -101,6 +106,10 @@ DELIVERIES = Table(
     Column("id", String, primary_key=True), Column("prediction_id", String), Column("event", String),
     Column("url", Text), Column("body_json", Text), Column("attempts", Integer), Column("next_attempt_at", String),
     Column("delivered_at", String), Column("last_error", Text), Column("created_at", String),
+)  # fmt: skip
+WEBHOOK_SECRETS = Table(
+    "webhook_secrets", _meta, Column("owner", String, primary_key=True), Column("secret", String),
+    Column("created_at", String),
 )  # fmt: skip
 
 # Prediction attribute -> column, for the attributes stored as JSON or as time text.
@@ -191,6 +200,14 @@ class Store:
     def get_prediction(self, id: str) -> Prediction | None:
         with self._read() as conn:
             row = conn.execute(select(PREDICTIONS).where(PREDICTIONS.c.id == id)).mappings().first()
+        return _prediction(row) if row else None
+
+    def find_prediction(self, owner: str | None, client_id: str) -> Prediction | None:
+        """``owner``'s prediction that its caller calls ``client_id`` (the id chosen in Cog's PUT), if any."""
+        c = PREDICTIONS.c
+        query = select(PREDICTIONS).where(c.owner.is_(None) if owner is None else c.owner == owner)
+        with self._read() as conn:
+            row = conn.execute(query.where(c.client_id == client_id)).mappings().first()
         return _prediction(row) if row else None
 
     def list_predictions(
@@ -295,6 +312,23 @@ class Store:
         values = {"last_error": error[:2000], "next_attempt_at": retry, "attempts": DELIVERIES.c.attempts + 1}
         with self._write() as conn:
             conn.execute(update(DELIVERIES).where(DELIVERIES.c.id == id).values(**values))
+
+    def webhook_secret(self, owner: str, make: Callable[[], str]) -> str:
+        """``owner``'s webhook signing secret; the first caller's ``make()`` is stored, every later one gets it."""
+        query = select(WEBHOOK_SECRETS.c.secret).where(WEBHOOK_SECRETS.c.owner == owner)
+        try:
+            with self._write() as conn:
+                stored = conn.execute(query).scalar()
+                if stored is not None:
+                    return str(stored)
+                secret = make()
+                conn.execute(
+                    insert(WEBHOOK_SECRETS).values(owner=owner, secret=secret, created_at=format_time(utc_now()))
+                )
+                return secret
+        except IntegrityError:  # another process stored one first (PostgreSQL; SQLite's BEGIN IMMEDIATE waits)
+            with self._read() as conn:
+                return str(conn.execute(query).scalar_one())
 
     # -- retention (see atelier.jobs.retention) -------------------------------------------------------
 

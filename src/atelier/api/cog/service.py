@@ -14,10 +14,16 @@
 * **Idempotent ids.** ``PUT /predictions/{id}`` (or a body ``id``) names the prediction; the same id
   again from the same caller returns that prediction instead of starting another: 202 with its current
   state while it runs (cog's answer to a PUT for the prediction it is running), 200 once it finished.
-  A body ``id`` that differs from the URL's is a 422 at ``["body", "id"]``.
+  A body ``id`` that differs from the URL's is a 422 at ``["body", "id"]``. Ids are per token: another
+  token's use of an id changes nothing for this caller (it is free to them, and cancel answers 404);
+  the caller always sees the id they chose (``Prediction.client_id``).
 * **Outputs.** Data URIs (``data:image/webp;base64,...``), which is what cog returns when it has no
   upload URL; with ``output_file_prefix`` (sync only, as in cog) each image is PUT (multipart, field
   ``file``) to ``prefix + file name`` and that URL is returned.
+* **Where webhooks and uploads may go** (``atelier.outbound``): through the SSRF guard, checked against
+  the address connected to; a ``webhook`` or ``output_file_prefix`` whose host is refused whatever DNS
+  says (``127.1``, ``[::1]``, ``localhost``) is a 422 at once. A failed upload tells the caller only that
+  it failed, never why (no connection oracle); the operator's log has the reason.
 * **Health.** ``STARTING`` until the default model's setup has succeeded, ``SETUP_FAILED`` when its last
   setup raised, ``BUSY`` when every slot is taken, ``READY`` otherwise; ``DEFUNCT`` once the service has
   stopped. ``setup`` carries the times of the latest setup attempt and, if it failed, the error as logs.
@@ -27,10 +33,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
-
-import httpx
 
 from atelier.api.cog.openapi import document
 from atelier.api.cog.protocol import (
@@ -44,8 +49,10 @@ from atelier.api.cog.protocol import (
 from atelier.api.cog.webhooks import WebhookSender
 from atelier.api.hangup import wait_or_cancel
 from atelier.errors import Conflict, EngineError, FieldProblem, InputError, NotFound
+from atelier.fetch import FetchPolicy
 from atelier.jobs.records import Prediction
 from atelier.jobs.routing import SetupRecord
+from atelier.outbound import DeliveryFailed, delivery_policy, refuse_at_creation, send
 from atelier.request import parse_request
 
 if TYPE_CHECKING:
@@ -56,6 +63,13 @@ if TYPE_CHECKING:
 BUSY = "Already running a prediction"  # compat: cog's exact 409 detail
 ID_MISMATCH = "prediction ID must match the ID supplied in the URL"  # compat: cog's message
 UPLOAD_TIMEOUT = 30.0
+WEBHOOK_TIMEOUT = 10.0
+UPLOAD_FAILED = (
+    "the prediction succeeded but its outputs could not be uploaded to output_file_prefix; check that the "
+    "prefix accepts PUT requests from this server, or leave it out to get data: URIs"
+)  # the same words whatever went wrong: the reason is for the operator's log (no connection oracle)
+
+log = logging.getLogger(__name__)
 
 
 def wants_async(prefer: str | None) -> bool:
@@ -69,7 +83,9 @@ class CogDoor:
 
     def __init__(self, services: Services) -> None:
         self.services = services
-        self.webhooks = WebhookSender(self.render)
+        settings = services.settings
+        self.upload_policy = delivery_policy(settings, timeout=UPLOAD_TIMEOUT)
+        self.webhooks = WebhookSender(self.render, policy=delivery_policy(settings, timeout=WEBHOOK_TIMEOUT))
         services.runner.listeners.append(self.webhooks)
         self._admission = asyncio.Lock()
         self._document: dict[str, Any] | None = None
@@ -98,6 +114,9 @@ class CogDoor:
             raise InputError(FieldProblem("id", ID_MISMATCH, "value_error", body.id))
         id = prediction_id or body.id
         request = parse_request(body.input or {}, prefix="input.")
+        for field, url in (("webhook", body.webhook), ("output_file_prefix", body.output_file_prefix)):
+            if url is not None:
+                refuse_at_creation(url, field, self.upload_policy)
         existing = await self._existing(id, owner)
         if existing is not None:
             status = 202 if wants_async(prefer) or not existing.terminal else 200
@@ -122,7 +141,9 @@ class CogDoor:
         return 200, await self.response(final, upload_to=body.output_file_prefix)
 
     async def cancel(self, id: str, *, owner: str | None) -> PredictionResponse:
-        return await self.response(await self.services.runner.cancel(id, owner=owner))
+        runner = self.services.runner
+        prediction = await runner.find(id, owner=owner)
+        return await self.response(await runner.cancel(prediction.id, owner=owner))
 
     def slots_full(self) -> bool:
         runner = self.services.runner
@@ -136,9 +157,9 @@ class CogDoor:
         if id is None:
             return None
         try:
-            return await self.services.runner.get(id, owner=owner)
+            return await self.services.runner.find(id, owner=owner)
         except NotFound:
-            return None  # absent, or another caller's: then submit answers 409 "id is taken"
+            return None  # absent, or another caller's: alike (ids are per owner)
 
     # -- rendering -------------------------------------------------------------------------------------
 
@@ -147,7 +168,7 @@ class CogDoor:
         return PredictionResponse(
             input=prediction.input,
             output=await self._outputs(prediction, upload_to),
-            id=prediction.id,
+            id=prediction.client_id or prediction.id,
             version=prediction.version,
             created_at=prediction.created_at,
             started_at=prediction.started_at,
@@ -165,9 +186,9 @@ class CogDoor:
     async def _outputs(self, prediction: Prediction, upload_to: str | None) -> list[str] | None:
         if prediction.output is None or prediction.data_removed:
             return None
-        return await asyncio.to_thread(self._encode, prediction.output, upload_to)
+        return await asyncio.to_thread(self._encode, prediction.id, prediction.output, upload_to)
 
-    def _encode(self, file_ids: Sequence[str], upload_to: str | None) -> list[str]:
+    def _encode(self, id: str, file_ids: Sequence[str], upload_to: str | None) -> list[str]:
         files = self.services.files
         outputs = []
         for file_id in file_ids:
@@ -175,7 +196,7 @@ class CogDoor:
             if upload_to is None:
                 outputs.append(f"data:{record.content_type};base64,{base64.b64encode(data).decode()}")
             else:
-                outputs.append(upload(upload_to, record.name, data, record.content_type))
+                outputs.append(upload(upload_to, record.name, data, record.content_type, self.upload_policy, id=id))
         return outputs
 
     # -- health and schema -----------------------------------------------------------------------------
@@ -213,18 +234,19 @@ def setup_result(record: SetupRecord | None, *, ready: bool) -> SetupResult:
     return SetupResult(started_at=record.started_at, completed_at=record.completed_at, status="succeeded")
 
 
-def upload(prefix: str, name: str, data: bytes, content_type: str) -> str:
-    """cog's ``output_file_prefix``: PUT the file (multipart ``file``) to ``prefix + name``; that URL is the output."""
-    url = prefix + name
+def upload(prefix: str, name: str, data: bytes, content_type: str, policy: FetchPolicy, *, id: str) -> str:
+    """cog's ``output_file_prefix``: PUT the file (multipart ``file``) to ``prefix + name``; that URL is the output.
+
+    Any failure is ``UPLOAD_FAILED`` to the caller; why (a refused address, a refused connection, the
+    status answered) goes to the log with the prediction id, and never the URL (it may carry a signature).
+    """
     try:
-        response = httpx.put(url, files={"file": (name, data, content_type)}, timeout=UPLOAD_TIMEOUT)
-    except httpx.HTTPError as exc:  # the URL may carry a signature: say what failed, not where
-        reason = type(exc).__name__
+        status = send("PUT", prefix + name, policy, files={"file": (name, data, content_type)})
+    except DeliveryFailed as exc:
+        reason = str(exc)
     else:
-        if response.is_success:
-            return url
-        reason = f"HTTP {response.status_code}"
-    raise EngineError(
-        f"the prediction succeeded but uploading {name!r} to output_file_prefix failed ({reason}); check that the "
-        "prefix accepts PUT requests, or leave it out to get data: URIs"
-    )
+        if 200 <= status < 300:
+            return prefix + name
+        reason = f"the server answered HTTP {status}"
+    log.warning("prediction %s: uploading %r to output_file_prefix failed: %s", id, name, reason)
+    raise EngineError(UPLOAD_FAILED)

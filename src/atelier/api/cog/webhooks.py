@@ -8,6 +8,10 @@
   ``interval`` (0.5 s) of the last one sent is dropped, and is tried once with errors ignored;
   ``completed`` always goes out and is retried on connection errors, 429 and 5xx with exponential
   backoff. Redirects are not followed: a 3xx answer is final (logged).
+* **Where it may go** (``atelier.outbound``): through the SSRF guard input images are fetched through,
+  checked against the address actually connected to; loopback, private, link-local and metadata
+  addresses only when the operator trusts them (``ATELIER_WEBHOOK_ALLOW``). A refused address is a
+  failed attempt like a refused connection, logged for the operator.
 * **Order without blocking.** The runner's dispatcher awaits listeners one by one, so this listener only
   queues: one prediction's deliveries run one after another in a chain of tasks (``start`` never
   overtakes ``completed``), and a slow receiver delays nobody else.
@@ -23,23 +27,26 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-
-import httpx
 
 from atelier import __version__
 from atelier.api.cog.protocol import WEBHOOK_EVENTS
+from atelier.fetch import FetchPolicy
 from atelier.jobs.events import Event
 from atelier.jobs.records import PROCESSING, Prediction
+from atelier.outbound import DeliveryFailed, send
 
 log = logging.getLogger(__name__)
 
 Render = Callable[[Prediction], Awaitable[dict[str, Any]]]
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+THREADS = 4  # deliveries block in the guard, in threads of their own
 
 
 def cog_event(event: Event) -> str | None:
@@ -64,13 +71,15 @@ class WebhookSender:
         backoff: float = 0.5,
         interval: float = 0.5,
         timeout: float = 10.0,
+        policy: FetchPolicy | None = None,
     ) -> None:
         self.render = render
         self.attempts = attempts  # for ``completed``; other events are tried once
         self.backoff = backoff  # seconds before the 2nd attempt, doubling after each
         self.interval = interval
-        self.timeout = timeout
-        self._client: httpx.AsyncClient | None = None
+        # where deliveries may go (atelier.outbound.delivery_policy); the default trusts public addresses only
+        self.policy = policy or FetchPolicy(timeout=timeout, read_timeout=timeout, max_redirects=0)
+        self._executor: ThreadPoolExecutor | None = None
         self._chains: dict[str, asyncio.Task[None]] = {}
         self._last_sent: dict[str, float] = {}
 
@@ -106,9 +115,9 @@ class WebhookSender:
         await asyncio.gather(*late, return_exceptions=True)
         if late:
             log.warning("%d cog webhook delivery chain(s) given up at shutdown", len(late))
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)  # an attempt under way ends by its own deadline
+            self._executor = None
 
     # -- internals -------------------------------------------------------------------------------------
 
@@ -146,24 +155,18 @@ class WebhookSender:
         )
 
     async def _post(self, id: str, url: str, body: dict[str, Any]) -> str | None:
-        """None when the receiver answered for good; otherwise why another attempt is worth it."""
+        """None when the receiver answered for good; otherwise why another attempt is worth it (for the log)."""
+        headers = {"User-Agent": f"atelier/{__version__} (cog webhook)", "Content-Type": "application/json"}
+        content = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        call = functools.partial(send, "POST", url, self.policy, content=content, headers=headers)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(THREADS, thread_name_prefix="atelier-cog-webhooks")
         try:
-            response = await self._http().post(url, json=body)
-        except httpx.HTTPError as exc:
-            return f"{type(exc).__name__}: {exc}"
-        if response.status_code in RETRY_STATUSES:
-            return f"HTTP {response.status_code}"
-        if response.status_code >= 300:
-            log.warning(
-                "prediction %s: cog webhook answered HTTP %d (redirects are not followed)", id, response.status_code
-            )
+            status = await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        except DeliveryFailed as exc:
+            return str(exc)
+        if status in RETRY_STATUSES:
+            return f"HTTP {status}"
+        if status >= 300:
+            log.warning("prediction %s: cog webhook answered HTTP %d (redirects are not followed)", id, status)
         return None
-
-    def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = httpx.AsyncClient(
-                timeout=self.timeout,
-                follow_redirects=False,
-                headers={"User-Agent": f"atelier/{__version__} (cog webhook)"},
-            )
-        return self._client

@@ -172,4 +172,4 @@ async def download_file(
 
 @router.get("/webhooks/default/secret")
 async def get_webhook_secret(door: Door, owner: Owner) -> wire.WebhookSecret:
-    return door.secret()
+    return door.secret(owner)

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from atelier.api.replicate import protocol as wire
+from atelier.api.replicate import webhooks
 from atelier.api.replicate.files import FilesAPI
 from atelier.api.replicate.headers import parse_cancel_after, parse_prefer
 from atelier.api.replicate.models import HIDDEN, ModelIndex, ServedModel
@@ -37,7 +38,9 @@ from atelier.api.replicate.render import download_url, render, stream_token
 from atelier.api.replicate.stream import events
 from atelier.api.replicate.webhooks import WebhookSender
 from atelier.errors import FieldProblem, InputError, NotFound
+from atelier.fetch import FetchPolicy
 from atelier.jobs.records import Prediction, utc_now
+from atelier.outbound import delivery_policy, refuse_at_creation
 from atelier.request import ImageRequest, parse_request
 from atelier.services import Services
 from atelier.urls import http_url_problem
@@ -63,9 +66,13 @@ class ReplicateDoor:
         self.files = FilesAPI(services.files, services.settings.retention, page_size=PAGE_SIZE)
         settings = services.settings
         fallback = (settings.public_url or f"http://{settings.host}:{settings.port}").rstrip("/")
-        self.webhooks = WebhookSender(
-            services.store, services.files.webhook_secret, self._webhook_body, fallback_base=fallback
+        self.delivery_policy = delivery_policy(
+            settings, timeout=webhooks.TIMEOUT, connect_timeout=webhooks.CONNECT_TIMEOUT
         )
+        self.webhooks = WebhookSender(
+            services.store, services.files.webhook_secret, self._webhook_body, fallback_base=fallback,
+            policy=self.delivery_policy,
+        )  # fmt: skip
         self.page_size = PAGE_SIZE
 
     async def start(self) -> None:
@@ -92,7 +99,7 @@ class ReplicateDoor:
         lifetime = parse_cancel_after(cancel_after)
         model, version = self._target(body, address)
         request = parse_request(body.input, prefix="input.")
-        webhook, webhook_events = webhook_target(body)
+        webhook, webhook_events = webhook_target(body, self.delivery_policy)
         previews = self._previews(body, request, model)
         images = await asyncio.to_thread(self.services.load_inputs, request, owner)
         prediction = await self.services.runner.submit(
@@ -187,8 +194,9 @@ class ReplicateDoor:
         assert latest is not None
         return latest
 
-    def secret(self) -> wire.WebhookSecret:
-        return wire.WebhookSecret(key=self.services.files.webhook_secret())
+    def secret(self, owner: str | None) -> wire.WebhookSecret:
+        """The caller's own signing secret: it verifies the webhooks of their predictions, and nobody else's."""
+        return wire.WebhookSecret(key=self.services.files.webhook_secret(owner))
 
 
 # -- request bodies ------------------------------------------------------------------------------------
@@ -230,8 +238,9 @@ def _body_problem(model: type[BaseModel], err: Any) -> FieldProblem:
     return FieldProblem(name, message, kind)
 
 
-def webhook_target(body: wire.ModelPredictionRequest) -> tuple[str | None, list[str] | None]:
-    """Where webhooks go and which events (None: all); folds the legacy ``webhook_completed`` in."""
+def webhook_target(body: wire.ModelPredictionRequest, policy: FetchPolicy) -> tuple[str | None, list[str] | None]:
+    """Where webhooks go and which events (None: all); folds the legacy ``webhook_completed`` in. A URL
+    refused whatever DNS says (``127.1``, ``localhost``) is refused now; the rest is judged at delivery."""
     webhook, legacy, chosen = body.webhook, body.webhook_completed, body.webhook_events_filter
     if chosen is not None and webhook is None:
         raise InputError(FieldProblem("webhook_events_filter", "needs a 'webhook' URL to send to", "invalid"))
@@ -251,7 +260,9 @@ def webhook_target(body: wire.ModelPredictionRequest) -> tuple[str | None, list[
     url = webhook or legacy
     if url is None:
         return None, None
-    _check_url(url, "webhook" if webhook else "webhook_completed")
+    field = "webhook" if webhook else "webhook_completed"
+    _check_url(url, field)
+    refuse_at_creation(url, field, policy)
     if webhook is None:
         return url, ["completed"]
     if chosen is None:

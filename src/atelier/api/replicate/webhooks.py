@@ -25,11 +25,13 @@ Flow::
   receivers must be idempotent (``webhook-id`` stays the same across retries).
 * **Signature** (Standard Webhooks): ``webhook-id``, ``webhook-timestamp`` (Unix seconds, fresh per
   attempt) and ``webhook-signature: v1,<base64 HMAC-SHA256(key, "{id}.{timestamp}.{body}")>``, the key
-  being the base64-decoded part after ``whsec_`` of ``FileStore.webhook_secret()``
-  (``GET /v1/webhooks/default/secret``).
-
-Webhook URLs are the caller's choice and are not SSRF-filtered (they may well point at the caller's
-own network); only http(s) URLs are accepted at create time.
+  being the base64-decoded part after ``whsec_`` of the prediction's owner's secret,
+  ``FileStore.webhook_secret(owner)`` (what ``GET /v1/webhooks/default/secret`` gives that caller).
+* **Where it may go** (``atelier.outbound``): each POST goes through the SSRF guard input images are
+  fetched through, checked against the address actually connected to: loopback, private, link-local
+  and metadata addresses only when the operator trusts them (``ATELIER_WEBHOOK_ALLOW``). A refused
+  address is a failed attempt like a refused connection; the reason is logged and kept in the row for
+  the operator, and nothing of it reaches the caller.
 """
 
 from __future__ import annotations
@@ -45,18 +47,20 @@ import math
 import time
 import urllib.parse
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from typing import Any
-
-import httpx
 
 from atelier import __version__
 from atelier.api.replicate.protocol import WEBHOOK_EVENTS
+from atelier.fetch import FetchPolicy
 from atelier.ids import new_id
 from atelier.jobs.events import Event
 from atelier.jobs.records import STARTING, Delivery, Prediction, utc_now
 from atelier.jobs.store import Store
+from atelier.outbound import DeliveryFailed, send
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +69,14 @@ THROTTLE_SECONDS = 0.5
 POLL_SECONDS = 1.0
 CONCURRENCY = 8
 MAX_REMEMBERED = 10_000
-TIMEOUT = httpx.Timeout(10.0, connect=5.0)
+TIMEOUT, CONNECT_TIMEOUT = 10.0, 5.0  # seconds for one attempt in all, and to connect
 SOURCE = "replicate"
 THROTTLED = ("logs", "output")
 RECONCILE_WINDOW = timedelta(hours=1)  # how far back a start-up looks for lost completed messages
 
 Render = Callable[[Prediction, str], dict[str, Any]]
+Secret = Callable[[str | None], str]  # the owner's ``whsec_`` secret
+DEFAULT_POLICY = FetchPolicy(timeout=TIMEOUT, connect_timeout=CONNECT_TIMEOUT, read_timeout=TIMEOUT, max_redirects=0)
 
 
 def sign(secret: str, message_id: str, timestamp: str, body: str) -> str:
@@ -100,11 +106,11 @@ class WebhookSender:
     def __init__(
         self,
         store: Store,
-        secret: Callable[[], str],
+        secret: Secret,
         render: Render,
         *,
         fallback_base: str,
-        transport: httpx.AsyncBaseTransport | None = None,
+        policy: FetchPolicy = DEFAULT_POLICY,
     ) -> None:
         self.store = store
         self.secret = secret
@@ -114,10 +120,10 @@ class WebhookSender:
         self.throttle_seconds = THROTTLE_SECONDS
         self.poll_seconds = POLL_SECONDS
         self.base_urls: dict[str, str] = {}  # prediction id -> base URL of its create request
-        self._transport = transport
-        self._client: httpx.AsyncClient | None = None
+        self.policy = policy  # where deliveries may go (atelier.outbound.delivery_policy)
+        self._executor: ThreadPoolExecutor | None = None  # deliveries block in the guard: their own threads
         self._throttles: dict[str, _Throttle] = {}
-        self._sources: dict[str, bool] = {}  # prediction id -> sent by this door
+        self._sources: dict[str, tuple[bool, str | None]] = {}  # prediction id -> (sent by this door, owner)
         self._busy: set[str] = set()  # predictions with a delivery task running
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
@@ -127,10 +133,7 @@ class WebhookSender:
     # -- lifecycle -------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        headers = {"User-Agent": f"atelier/{__version__}", "Content-Type": "application/json"}
-        self._client = httpx.AsyncClient(
-            timeout=TIMEOUT, follow_redirects=False, headers=headers, transport=self._transport
-        )
+        self._executor = ThreadPoolExecutor(CONCURRENCY, thread_name_prefix="atelier-webhooks")
         self._loop_task = asyncio.create_task(self._run(), name="atelier-replicate-webhooks")
 
     async def flush(self, timeout: float) -> None:
@@ -146,8 +149,8 @@ class WebhookSender:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._client is not None:
-            await self._client.aclose()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)  # an attempt under way ends by its own deadline
 
     def remember(self, prediction_id: str, base: str) -> None:
         self.base_urls[prediction_id] = base
@@ -231,7 +234,7 @@ class WebhookSender:
             next_attempt_at=utc_now(),
         )
         self.store.enqueue_delivery(delivery)
-        self._sources[prediction.id] = True
+        self._sources[prediction.id] = (True, prediction.owner)
         self._wake.set()
 
     # -- delivery --------------------------------------------------------------------------------------
@@ -268,8 +271,17 @@ class WebhookSender:
             if len(self._sources) > MAX_REMEMBERED:
                 self._sources.clear()
             prediction = self.store.get_prediction(delivery.prediction_id)
-            self._sources[delivery.prediction_id] = prediction is not None and prediction.source == SOURCE
-        return self._sources[delivery.prediction_id]
+            ours = prediction is not None and prediction.source == SOURCE
+            self._sources[delivery.prediction_id] = (ours, prediction.owner if prediction is not None else None)
+        return self._sources[delivery.prediction_id][0]
+
+    def _owner(self, prediction_id: str) -> str | None:
+        """Whose secret signs this prediction's messages."""
+        known = self._sources.get(prediction_id)
+        if known is not None:
+            return known[1]
+        prediction = self.store.get_prediction(prediction_id)
+        return prediction.owner if prediction is not None else None
 
     def _dispatch(self, due: list[Delivery]) -> None:
         groups: dict[str, list[Delivery]] = {}
@@ -296,7 +308,7 @@ class WebhookSender:
         headers = {
             "webhook-id": delivery.id,
             "webhook-timestamp": timestamp,
-            "webhook-signature": sign(self.secret(), delivery.id, timestamp, body),
+            "webhook-signature": sign(self.secret(self._owner(delivery.prediction_id)), delivery.id, timestamp, body),
         }
         error = await self._post(delivery.url, body.encode(), headers)
         if error is None:
@@ -317,19 +329,22 @@ class WebhookSender:
         )  # fmt: skip
 
     async def _post(self, url: str, content: bytes, headers: dict[str, str]) -> str | None:
-        """None when the receiver took the message; otherwise what went wrong."""
-        assert self._client is not None, "the webhook sender was not started"
+        """None when the receiver took the message; otherwise what went wrong (for the operator only)."""
+        assert self._executor is not None, "the webhook sender was not started"
+        headers = {"User-Agent": f"atelier/{__version__}", "Content-Type": "application/json", **headers}
+        call = partial(send, "POST", url, self.policy, content=content, headers=headers)
         try:
-            response = await self._client.post(url, content=content, headers=headers)
-        except httpx.HTTPError as exc:
-            return f"{type(exc).__name__}: {exc}"
-        if response.is_success:
+            status = await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        except DeliveryFailed as exc:
+            return str(exc)
+        if 200 <= status < 300:
             return None
-        if response.is_redirect:
-            return f"the receiver answered {response.status_code}, a redirect; webhooks do not follow redirects"
-        return f"the receiver answered {response.status_code}"
+        if 300 <= status < 400:
+            return f"the receiver answered {status}, a redirect; webhooks do not follow redirects"
+        return f"the receiver answered {status}"
 
 
 def _host(url: str) -> str:
-    """The URL's host only: a webhook URL may carry a token in its path or query."""
-    return urllib.parse.urlsplit(url).netloc or "?"
+    """The URL's host and port only: a webhook URL may carry a token in its path, query or user info."""
+    netloc = urllib.parse.urlsplit(url).netloc
+    return netloc.rpartition("@")[2] or "?"
