@@ -13,10 +13,11 @@ from typing import Any
 import pytest
 
 from atelier.config import Settings
-from atelier.engines.base import CancelToken, Capabilities, Job, ProgressFn, Result
+from atelier.engines.base import CancelToken, Capabilities, Job, ProgressFn, Result, StoredImage
 from atelier.errors import EngineError, ModelUnavailable, NotFound, TooManyRequests, UnsupportedRequest
 from atelier.jobs.events import Event
 from atelier.jobs.files import FileStore
+from atelier.jobs.inputs import Staged
 from atelier.jobs.records import Prediction, utc_now
 from atelier.jobs.recovery import KEY_NOT_STORED, NOT_RECORDED, rerun_spec
 from atelier.jobs.routing import EngineRouter
@@ -303,8 +304,11 @@ async def test_restart_requeues_what_can_run_and_fails_the_rest(harness: Harness
     assert (await runner.get("no-spec")).error == NOT_RECORDED
 
 
-async def test_restart_loads_input_images_as_their_owner(harness: Harness) -> None:
-    """A re-queued edit reads the owner's own uploads: the loader is told whose prediction it is."""
+async def test_restart_stages_an_older_records_input_images_as_their_owner(harness: Harness) -> None:
+    """A re-queued edit recorded before inputs were kept as files reads the owner's own uploads again:
+    the stager is told whose prediction it is."""
+    import io
+
     from PIL import Image
 
     store = Store(harness.settings().database_path).open()
@@ -314,24 +318,27 @@ async def test_restart_loads_input_images_as_their_owner(harness: Harness) -> No
     crashed.owner = "owner-1"
     store.insert_prediction(crashed)
     store.close()
-    calls: list[tuple[int, str | None]] = []
-
-    def load_images(req: ImageRequest, owner: str | None) -> list[Image.Image]:
-        calls.append((len(req.input_images or []), owner))
-        return [Image.new("RGB", (32, 32))]
-
+    calls: list[tuple[int, str | None, str]] = []
     settings = harness.settings()
     store = Store(settings.database_path)
+    files = FileStore(settings.files_dir, store)
+
+    def stage_inputs(req: ImageRequest, owner: str | None, prediction_id: str) -> Staged:
+        calls.append((len(req.input_images or []), owner, prediction_id))
+        buffer = io.BytesIO()
+        Image.new("RGB", (32, 32)).save(buffer, "PNG")
+        record = files.put(buffer.getvalue(), name="a.png", content_type="image/png", kind="upload", owner=owner)
+        return Staged([StoredImage(record.id, 32, 32, "PNG")])
+
     engine = FakeEngine(capabilities=Capabilities(can_edit=True, max_input_images=4))
     router = EngineRouter({engine.model: engine}, engine.model)
-    runner = Runner(
-        store, FileStore(settings.files_dir, store), router, settings, load_images=load_images, stop_timeout=1.0
-    )
+    runner = Runner(store, files, router, settings, stage_inputs=stage_inputs, stop_timeout=1.0)
     harness.runners.append(runner)
     await runner.start()
     done = await runner.wait("owned-edit", timeout=2)
     assert done.status == "succeeded", done.error
-    assert calls == [(1, "owner-1")]
+    assert calls == [(1, "owner-1", "owned-edit")]
+    assert [image.size for image in engine.jobs[0].images] == [(32, 32)]  # decoded for the engine
 
 
 async def test_graceful_stop_leaves_queued_work_for_the_next_start(harness: Harness) -> None:
