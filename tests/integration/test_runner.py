@@ -341,6 +341,47 @@ async def test_restart_stages_an_older_records_input_images_as_their_owner(harne
     assert [image.size for image in engine.jobs[0].images] == [(32, 32)]  # decoded for the engine
 
 
+def _png(size: tuple[int, int], mode: str = "RGB") -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new(mode, size, (0, 0, 0, 0)[: len(mode)]).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+async def test_an_edit_with_a_mask_runs_again_after_a_restart_from_its_kept_files(harness: Harness) -> None:
+    """An uploaded image and a mask are kept as files, so the job survives a stop; the next start decodes
+    them for the engine, and the mask kept for the job alone is deleted once it ends (the upload stays)."""
+    engine = FakeEngine()
+    harness.block(engine)
+    first = await harness.runner(engine)
+    files = first.files
+    upload = files.put(_png((48, 32)), name="a.png", content_type="image/png", kind="upload", owner="o")
+    mask = files.put(_png((48, 32), "RGBA"), name="m.png", content_type="image/png", kind="input", owner="o",
+                     prediction_id="edit-with-mask")  # fmt: skip
+    edit = request(input_images=[f"http://127.0.0.1:1/v1/files/{upload.id}"], aspect_ratio="auto")
+    await first.submit(
+        edit, source="openai", owner="o", prediction_id="edit-with-mask",
+        stored_images=[StoredImage(upload.id, 48, 32, "PNG")], stored_mask=StoredImage(mask.id, 48, 32, "PNG"),
+    )  # fmt: skip
+    await started(engine)
+    assert engine.jobs[0].mask is not None and engine.jobs[0].images[0].size == (48, 32)
+    await first.stop(timeout=0.05)
+    stored = first.store.get_prediction("edit-with-mask")
+    assert stored is not None and stored.status == "processing", stored
+    again = FakeEngine()
+    second = await harness.runner(again)
+    done = await second.wait("edit-with-mask", timeout=2)
+    assert done.status == "succeeded", done.error
+    [job] = again.jobs
+    assert [image.size for image in job.images] == [(48, 32)] and job.mask is not None and job.mask.mode == "RGBA"
+    await second.dispatcher.flush(2)
+    assert [record.id for record in second.files.for_prediction("edit-with-mask") if record.kind == "input"] == []
+    assert second.files.get(upload.id).kind == "upload"
+
+
 async def test_graceful_stop_leaves_queued_work_for_the_next_start(harness: Harness) -> None:
     engine = FakeEngine()
     gate = harness.block(engine)
