@@ -150,8 +150,22 @@ async def test_a_full_queue_is_429_before_a_multipart_upload_is_read(full: Doors
     response = await full.client.post("/v1/images/edits", content=chunks(), headers=headers)
     assert response.status_code == 429, response.text
     assert int(response.headers["Retry-After"]) >= 1
-    assert response.json()["error"]["code"] == "rate_limit_exceeded" or response.json()["error"]["type"]
+    assert response.json()["error"]["type"] == "rate_limit_exceeded"  # OpenAI's shape, as the SDK reads it
     assert len(sent) <= 2 < len(body) // 65536  # at most the first chunk or two arrived, not the upload
+    assert files_of(full) == []
+
+
+async def test_the_openai_sdk_gets_a_rate_limit_error_before_its_upload_is_stored(
+    full: Doors, no_decoding: None
+) -> None:
+    import openai
+
+    client = openai.AsyncOpenAI(
+        api_key="unused", base_url=f"{str(full.client.base_url).rstrip('/')}/v1", max_retries=0, http_client=full.client
+    )
+    with pytest.raises(openai.RateLimitError) as info:
+        await client.images.edit(image=("a.png", png((256, 256)), "image/png"), prompt="make it blue")
+    assert int(info.value.response.headers["Retry-After"]) >= 1
     assert files_of(full) == []
 
 
@@ -251,12 +265,12 @@ def decoded_bytes() -> int:
 
 
 async def test_queued_edits_hold_files_not_pixels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Three edits of four 3000x3000 mostly-zero PNGs (a few kB each, 27 MB each decoded) wait in the
+    """Three edits of four 2000x2000 mostly-zero PNGs (a few kB each, 12 MB each decoded) wait in the
     queue, through the Replicate door, OpenAI JSON and OpenAI multipart: no pixel is decoded for them,
     and none is alive, until each starts; then each job gets its four images decoded."""
-    big = png((3000, 3000))
+    big = png((2000, 2000))
     assert len(big) < 64_000
-    async with serve(tmp_path, max_input_pixels=40_000_000) as doors:
+    async with serve(tmp_path) as doors:
         gate = doors.engine.block()
         runner = doors.app.state.services.runner
         try:
@@ -273,15 +287,15 @@ async def test_queued_edits_hold_files_not_pixels(tmp_path: Path, monkeypatch: p
                 entries = runner.queue.queued()
                 assert len(entries) == 3, [task.result().text for task in answers if task.done()]
             assert all(entry.job.images == () and entry.job.mask is None for entry in entries)
-            assert [image.size for entry in entries for image in entry.job.stored_images] == [(3000, 3000)] * 12
-            assert decoded_bytes() - before < 1_000_000  # not 324 MB
+            assert [image.size for entry in entries for image in entry.job.stored_images] == [(2000, 2000)] * 12
+            assert decoded_bytes() - before < 1_000_000  # not 144 MB
         finally:
             gate.set()
         responses = await asyncio.gather(*answers)
         assert [r.status_code for r in responses] == [200, 200], responses[0].text
         edits = doors.engine.jobs[1:]
         assert [len(job.images) for job in edits] == [4, 4, 4]  # decoded when each one started
-        assert all(image.size == (3000, 3000) for job in edits for image in job.images)
+        assert all(image.size == (2000, 2000) for job in edits for image in job.images)
         kept = {f.kind for f in files_of(doors)}
         assert "input" not in kept and "upload" in kept  # kept for each job alone, then deleted; uploads stay
 
