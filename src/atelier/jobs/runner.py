@@ -211,6 +211,8 @@ class Runner:
             stored_images=tuple(stored_images), stored_mask=stored_mask,
         )  # fmt: skip
         batch = await asyncio.to_thread(self._check_job, engine, job)
+        if len(job.stored_images) != len(request.input_images or ()):  # a caller's mistake, never a client's
+            raise ValueError("stored_images must hold the request's input_images (atelier.jobs.inputs.stage)")
         # No await from here on: the bound and limit checks, the insert and the enqueue are one step.
         self._check_accepting()
         if prediction_id is not None and (existing := self._existing(prediction_id, owner)):
