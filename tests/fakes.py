@@ -86,9 +86,9 @@ class FakeEngine:
             raise self.setup_error
 
     def check(self, job: Job) -> FakePlan:
-        self.capabilities.check(job, model=self.model, has_mask=job.mask is not None)
+        self.capabilities.check(job, model=self.model, has_mask=job.has_mask)
         request = job.request
-        first = job.images[0].size if job.images else None
+        first = job.input_sizes[0] if job.input_sizes else None
         (width, height), _ = requested_size(request.aspect_ratio, prompt=request.prompt, first_input=first)
         background = "transparent" if request.background == "transparent" else "opaque"
         return FakePlan(width // self.scale, height // self.scale, background)

@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     public_url: str | None = None  # how clients reach this server, for absolute URLs; None: from request
     max_concurrency: int = 1  # jobs running at once
     max_queue: int = 64  # jobs waiting; beyond this, 429 with Retry-After
+    # The most of max_queue one token may hold waiting (and one user_id of a token, of its token's share), so
+    # that another caller's first request finds room; 1 (or "off") lets one caller fill the whole queue.
+    queue_share: float = Field(default=0.75, gt=0, le=1)
     cost_per_second: float = 0.0  # USD per second of hardware time, for cost estimates
 
     # Limits and fairness (atelier.jobs.limits); all off when unset. A user is a user_id within one token.
@@ -78,6 +81,11 @@ class Settings(BaseSettings):
     rate_limit_per_user: str | None = None
     max_jobs_per_token: int | None = Field(default=None, ge=1)  # predictions queued or running at once
     max_jobs_per_user: int | None = Field(default=None, ge=1)
+
+    @field_validator("queue_share", mode="before")
+    @classmethod
+    def _share_off(cls, value: object) -> object:
+        return 1.0 if isinstance(value, str) and value.strip().lower() in ("off", "none") else value
 
     @field_validator("rate_limit_per_token", "rate_limit_per_user")
     @classmethod
@@ -118,6 +126,9 @@ class Settings(BaseSettings):
     # A request body over this is refused with 413 while it streams in. 128 MiB: a 100 MiB file upload, or
     # a 50 MiB image as a base64 data URI, fits.
     max_body_bytes: int = Field(default=128 * 1024 * 1024, ge=1024)
+    # Input images are checked from their headers at admission and decoded only when their job starts.
+    max_image_pixels: int = Field(default=40_000_000, ge=1)  # width x height of one input image
+    max_input_pixels: int = Field(default=100_000_000, ge=1)  # all of one request's input images together
 
     # Disk space in the data folder (atelier.jobs.disk): a reserve file given up when the disk fills, so the
     # work under way can still be recorded as failed; below min_free_bytes new work gets 507 Insufficient

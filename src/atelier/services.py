@@ -11,23 +11,24 @@ import importlib.util
 import logging
 import re
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from functools import partial
 
 from atelier.config import Settings
 from atelier.engines.base import Engine
 from atelier.errors import AtelierError, ModelUnavailable
+from atelier.fetch import MAX_BYTES
 from atelier.jobs.disk import DiskSpace
 from atelier.jobs.files import FileStore
+from atelier.jobs.inputs import Keeper, Staged, stage
+from atelier.jobs.limits import Caller
 from atelier.jobs.retention import Retention
 from atelier.jobs.routing import EngineRouter
 from atelier.jobs.runner import Runner
 from atelier.jobs.store import Store
 from atelier.request import ImageRequest
-
-if TYPE_CHECKING:
-    from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class Services:
         files = FileStore(settings.files_dir, store, secrets_dir=settings.data_dir, disk=disk)
         router = EngineRouter(engines, default or next(iter(engines)))
         services = cls(settings, store, files, router, runner=None)  # type: ignore[arg-type]
-        services.runner = Runner(store, files, router, settings, load_images=services.load_inputs)
+        services.runner = Runner(store, files, router, settings, stage_inputs=services.stage_inputs)
         if settings.retention is not None:
             services.retention = Retention(store, files, settings.retention)
         return services
@@ -132,20 +133,46 @@ class Services:
         self.store.close()
         self.started = False
 
-    # -- input images ----------------------------------------------------------------------------------
+    # -- admission and input images ---------------------------------------------------------------------
 
-    def load_inputs(self, request: ImageRequest, owner: str | None = None) -> list[Image.Image]:
-        """Fetch and check a request's input images (blocking: call it in a thread).
+    def admit(self, owner: str | None, user: str | None = None) -> None:
+        """``TooManyRequests`` (429 with Retry-After) now if the queue or the caller's limits would refuse a
+        prediction: every door calls it before it reads, fetches, decodes or stores an input image."""
+        self.runner.check_admission(Caller(owner, user))
 
-        URLs of this server's own files (the Files API, or outputs) are read from disk when the caller
-        may see them; anything else goes through the one URL fetcher (``fetch_input``).
-        """
-        from functools import partial
+    @asynccontextmanager
+    async def staged_inputs(
+        self, request: ImageRequest, *, owner: str | None, prediction_id: str
+    ) -> AsyncIterator[Staged]:
+        """Admission first, then ``request``'s input images as files (``stage_inputs``, in a thread); if the
+        ``with`` body raises (the runner refused the job), the files stored for it are deleted again."""
+        self.admit(owner, request.user_id)
+        staged = await asyncio.to_thread(self.stage_inputs, request, owner, prediction_id)
+        try:
+            yield staged
+        except BaseException:
+            await asyncio.to_thread(self.files.delete_many, staged.created)
+            raise
 
-        from atelier.imaging.inputs import load_references
+    def stage_inputs(self, request: ImageRequest, owner: str | None, prediction_id: str) -> Staged:
+        """Read each of ``input_images`` once, check it from its bytes without decoding, and keep it as a
+        file for the job (``atelier.jobs.inputs``); blocking: call it in a thread."""
+        keeper = Keeper(self.files, owner, prediction_id)
+        read = partial(self.read_input, owner=owner)
+        return stage(list(request.input_images or []), read=read, keeper=keeper, limits=self.runner.input_limits)
 
-        fetch = partial(self.fetch_input, owner=owner)
-        return load_references(list(request.input_images or []), allow_paths=False, fetch=fetch)
+    def read_input(
+        self, ref: str, field: str, *, owner: str | None, max_bytes: int = MAX_BYTES
+    ) -> tuple[bytes, str | None]:
+        """The bytes of one input image reference, and the id of this server's file holding them, if it is
+        one the caller may read (URLs of the Files API or of outputs, read from disk)."""
+        from atelier.imaging.inputs import read_reference
+
+        own = self.own_file(ref, owner) if ref[:8].lower().startswith(("http://", "https://")) else None
+        if own is not None:
+            return self.files.read(own), own
+        fetch = partial(self.fetch_input, owner=owner, max_bytes=max_bytes)
+        return read_reference(ref, field=field, allow_paths=False, fetch=fetch, max_bytes=max_bytes), None
 
     def fetch_input(self, url: str, owner: str | None, *, max_bytes: int | None = None) -> bytes:
         """The bytes at an input image URL: one of this server's files the caller may read, from disk;

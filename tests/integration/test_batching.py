@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from atelier.config import Settings
-from atelier.engines.base import BatchPlan, CancelToken, Job, PartialBatch, ProgressFn, Result, no_progress
+from atelier.engines.base import BatchPlan, CancelToken, Job, PartialBatch, ProgressFn, Result, StoredImage, no_progress
 from atelier.engines.diffusers import DiffusersEngine
 from atelier.errors import Canceled, ModerationBlocked
 from atelier.jobs.files import FileStore
@@ -178,13 +178,16 @@ async def test_incompatible_jobs_run_alone_and_a_callers_order_holds(engine, mak
     release = engine.hold()
     blocker = await runner.submit(request(), source="python", owner="x")
     await until(lambda: len(engine.pipe.calls) == 1)
-    reference = Image.new("RGB", (256, 256), (200, 30, 30))
+    buffer = io.BytesIO()
+    Image.new("RGB", (256, 256), (200, 30, 30)).save(buffer, "PNG")
+    kept = runner.files.put(buffer.getvalue(), name="a.png", content_type="image/png", kind="input")
+    reference = StoredImage(kept.id, 256, 256, "PNG")  # input images wait as files (jobs/inputs.py)
     edit = {"input_images": ["https://example.com/a.png"]}
     jobs = [  # each differs from the first in one way only ("high" renders the same size as "medium")
         (request("first", quality="medium"), {}, "a"),
         (request("more steps", quality="high"), {}, "a"),
         (request("wider", quality="medium", aspect_ratio="16:9"), {}, "a"),
-        (request("an edit", quality="medium", **edit), {"images": [reference]}, "a"),
+        (request("an edit", quality="medium", **edit), {"stored_images": [reference]}, "a"),
         (request("with previews", quality="medium"), {"previews": 1}, "a"),
         (request("same as first, another caller", quality="medium"), {}, "b"),
         (request("same as first, behind a's others", quality="medium"), {}, "a"),

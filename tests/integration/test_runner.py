@@ -13,10 +13,11 @@ from typing import Any
 import pytest
 
 from atelier.config import Settings
-from atelier.engines.base import CancelToken, Capabilities, Job, ProgressFn, Result
+from atelier.engines.base import CancelToken, Capabilities, Job, ProgressFn, Result, StoredImage
 from atelier.errors import EngineError, ModelUnavailable, NotFound, TooManyRequests, UnsupportedRequest
 from atelier.jobs.events import Event
 from atelier.jobs.files import FileStore
+from atelier.jobs.inputs import Staged
 from atelier.jobs.records import Prediction, utc_now
 from atelier.jobs.recovery import KEY_NOT_STORED, NOT_RECORDED, rerun_spec
 from atelier.jobs.routing import EngineRouter
@@ -333,8 +334,11 @@ async def test_restart_requeues_what_can_run_and_fails_the_rest(harness: Harness
     assert (await runner.get("no-spec")).error == NOT_RECORDED
 
 
-async def test_restart_loads_input_images_as_their_owner(harness: Harness) -> None:
-    """A re-queued edit reads the owner's own uploads: the loader is told whose prediction it is."""
+async def test_restart_stages_an_older_records_input_images_as_their_owner(harness: Harness) -> None:
+    """A re-queued edit recorded before inputs were kept as files reads the owner's own uploads again:
+    the stager is told whose prediction it is."""
+    import io
+
     from PIL import Image
 
     store = Store(harness.settings().database_path).open()
@@ -344,24 +348,68 @@ async def test_restart_loads_input_images_as_their_owner(harness: Harness) -> No
     crashed.owner = "owner-1"
     store.insert_prediction(crashed)
     store.close()
-    calls: list[tuple[int, str | None]] = []
-
-    def load_images(req: ImageRequest, owner: str | None) -> list[Image.Image]:
-        calls.append((len(req.input_images or []), owner))
-        return [Image.new("RGB", (32, 32))]
-
+    calls: list[tuple[int, str | None, str]] = []
     settings = harness.settings()
     store = Store(settings.database_path)
+    files = FileStore(settings.files_dir, store)
+
+    def stage_inputs(req: ImageRequest, owner: str | None, prediction_id: str) -> Staged:
+        calls.append((len(req.input_images or []), owner, prediction_id))
+        buffer = io.BytesIO()
+        Image.new("RGB", (32, 32)).save(buffer, "PNG")
+        record = files.put(buffer.getvalue(), name="a.png", content_type="image/png", kind="upload", owner=owner)
+        return Staged([StoredImage(record.id, 32, 32, "PNG")])
+
     engine = FakeEngine(capabilities=Capabilities(can_edit=True, max_input_images=4))
     router = EngineRouter({engine.model: engine}, engine.model)
-    runner = Runner(
-        store, FileStore(settings.files_dir, store), router, settings, load_images=load_images, stop_timeout=1.0
-    )
+    runner = Runner(store, files, router, settings, stage_inputs=stage_inputs, stop_timeout=1.0)
     harness.runners.append(runner)
     await runner.start()
     done = await runner.wait("owned-edit", timeout=2)
     assert done.status == "succeeded", done.error
-    assert calls == [(1, "owner-1")]
+    assert calls == [(1, "owner-1", "owned-edit")]
+    assert [image.size for image in engine.jobs[0].images] == [(32, 32)]  # decoded for the engine
+
+
+def _png(size: tuple[int, int], mode: str = "RGB") -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new(mode, size, (0, 0, 0, 0)[: len(mode)]).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+async def test_an_edit_with_a_mask_runs_again_after_a_restart_from_its_kept_files(harness: Harness) -> None:
+    """An uploaded image and a mask are kept as files, so the job survives a stop; the next start decodes
+    them for the engine, and the mask kept for the job alone is deleted once it ends (the upload stays)."""
+    engine = FakeEngine()
+    harness.block(engine)
+    first = await harness.runner(engine)
+    files = first.files
+    upload = files.put(_png((48, 32)), name="a.png", content_type="image/png", kind="upload", owner="o")
+    mask = files.put(_png((48, 32), "RGBA"), name="m.png", content_type="image/png", kind="input", owner="o",
+                     prediction_id="edit-with-mask")  # fmt: skip
+    edit = request(input_images=[f"http://127.0.0.1:1/v1/files/{upload.id}"], aspect_ratio="auto")
+    await first.submit(
+        edit, source="openai", owner="o", prediction_id="edit-with-mask",
+        stored_images=[StoredImage(upload.id, 48, 32, "PNG")], stored_mask=StoredImage(mask.id, 48, 32, "PNG"),
+    )  # fmt: skip
+    await started(engine)
+    assert engine.jobs[0].mask is not None and engine.jobs[0].images[0].size == (48, 32)
+    await first.stop(timeout=0.05)
+    stored = first.store.get_prediction("edit-with-mask")
+    assert stored is not None and stored.status == "processing", stored
+    again = FakeEngine()
+    second = await harness.runner(again)
+    done = await second.wait("edit-with-mask", timeout=2)
+    assert done.status == "succeeded", done.error
+    [job] = again.jobs
+    assert [image.size for image in job.images] == [(48, 32)] and job.mask is not None and job.mask.mode == "RGBA"
+    await second.dispatcher.flush(2)
+    assert [record.id for record in second.files.for_prediction("edit-with-mask") if record.kind == "input"] == []
+    assert second.files.get(upload.id).kind == "upload"
 
 
 async def test_graceful_stop_leaves_queued_work_for_the_next_start(harness: Harness) -> None:
@@ -419,12 +467,12 @@ async def test_wait_times_out_with_the_current_state(harness: Harness) -> None:
 
 async def test_prediction_ids_are_idempotent_per_owner(harness: Harness) -> None:
     runner = await harness.runner()
-    one = await runner.submit(request(), source="cog", prediction_id="cog-123")
-    two = await runner.submit(request(), source="cog", prediction_id="cog-123")
+    one = await runner.submit(request(), source="cog", client_id="cog-123")
+    two = await runner.submit(request(), source="cog", client_id="cog-123")
     assert one.id == two.id == "cog-123" and harness.rows() == 1
     # Ids are per owner: another owner's "cog-123" is its own prediction, stored under the server's id.
-    three = await runner.submit(request(), source="cog", prediction_id="cog-123", owner="other")
-    four = await runner.submit(request(), source="cog", prediction_id="cog-123", owner="other")
+    three = await runner.submit(request(), source="cog", client_id="cog-123", owner="other")
+    four = await runner.submit(request(), source="cog", client_id="cog-123", owner="other")
     assert three.id == four.id != "cog-123" and three.client_id == "cog-123" and harness.rows() == 2
     assert (await runner.find("cog-123", owner=None)).id == "cog-123"
     assert (await runner.find("cog-123", owner="other")).id == three.id

@@ -28,8 +28,28 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class StoredImage:
+    """An input image kept as one of the server's files until its job runs: which file, and what its
+    header says (read at admission, no pixel decoded)."""
+
+    file_id: str
+    width: int  # upright (after EXIF orientation), as the decoded image will be
+    height: int
+    format: str  # PNG | JPEG | WEBP
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.width, self.height
+
+
+@dataclass(frozen=True)
 class Job:
-    """Everything an engine needs for one request; input images are already fetched and checked."""
+    """Everything an engine needs for one request; input images are already fetched and checked.
+
+    A job waiting in the queue holds its input images as ``stored_images`` (files, no pixels); the
+    runner decodes them into ``images`` (and ``stored_mask`` into ``mask``) right before ``generate``
+    and drops them after. ``check`` may see either form: ``input_sizes`` and ``has_mask`` answer for both.
+    """
 
     id: str
     request: ImageRequest
@@ -37,13 +57,26 @@ class Job:
     images: tuple[Image.Image, ...] = ()
     mask: Image.Image | None = None
     previews: int = 0  # how many intermediate previews the caller wants (OpenAI partial_images, Replicate previews)
+    stored_images: tuple[StoredImage, ...] = ()
+    stored_mask: StoredImage | None = None
 
     @property
     def input_sizes(self) -> tuple[tuple[int, int], ...]:
-        """Each input image's width and height: all that admission needs to check them against a model's
-        ``input_limits`` (``Capabilities.fit_inputs``), so it is the one place to change should images
-        reach an engine before their pixels do."""
-        return tuple(image.size for image in self.images)
+        """(width, height) of each input image: the decoded ones, else their stored files'. All that
+        admission needs to check them against a model's ``input_limits`` (``Capabilities.fit_inputs``)."""
+        if self.images:
+            return tuple(image.size for image in self.images)
+        return tuple(stored.size for stored in self.stored_images)
+
+    @property
+    def mask_size(self) -> tuple[int, int] | None:
+        if self.mask is not None:
+            return self.mask.size
+        return self.stored_mask.size if self.stored_mask is not None else None
+
+    @property
+    def has_mask(self) -> bool:
+        return self.mask is not None or self.stored_mask is not None
 
 
 @dataclass(frozen=True)

@@ -135,7 +135,7 @@ class DiffusersEngine:
     def check(self, job: Job) -> RenderPlan:
         """Refuse what this model cannot do and plan the render; costs no model time."""
         request = job.request
-        fits = self.capabilities.check(job, model=self.model, has_mask=job.mask is not None)
+        fits = self.capabilities.check(job, model=self.model, has_mask=job.has_mask)
         self._policy.check_prompt(request.prompt, request.moderation)
         self._policy.check_images(job.images, request.moderation, field="input_images")
         variant = self.spec.variant_for(edit=request.is_edit) if len(self.variants) > 1 else self.variants[0]
@@ -256,7 +256,7 @@ class DiffusersEngine:
 
     def batch_plan(self, job: Job) -> BatchPlan | None:
         """Text-to-image jobs may share a call (see the module docstring); edits and previews run alone."""
-        if job.images or job.mask is not None or job.previews:
+        if job.input_sizes or job.has_mask or job.previews:
             return None
         plan = self.check(job)
         pixels = plan.size.render_width * plan.size.render_height
@@ -267,7 +267,7 @@ class DiffusersEngine:
     ) -> list[Result]:
         """Several jobs in one pipeline call; it stops only when every job is canceled (see ``BatchingEngine``)."""
         plans = [self.check(job) for job in jobs]
-        if len({batch_key(plan) for plan in plans}) > 1 or any(job.images or job.previews for job in jobs):
+        if len({batch_key(plan) for plan in plans}) > 1 or any(job.input_sizes or job.previews for job in jobs):
             raise ValueError("generate_many takes jobs that batch_plan gives one key; run the others alone")
         tokens = [cancel_for[job.id] for job in jobs]
 

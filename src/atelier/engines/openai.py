@@ -115,7 +115,7 @@ class OpenAIEngine:
 
     def check(self, job: Job) -> str:
         """Refuse what cannot be sent; returns the OpenAI ``size``."""
-        self.capabilities.check(job, model=self.model, has_mask=job.mask is not None)
+        self.capabilities.check(job, model=self.model, has_mask=job.has_mask)
         if job.request.api_key() is None and not self._api_key:
             raise UnsupportedRequest(
                 FieldProblem(
@@ -125,7 +125,7 @@ class OpenAIEngine:
                     "required",
                 )
             )
-        if job.images and job.request.moderation != "auto":
+        if job.input_sizes and job.request.moderation != "auto":
             raise UnsupportedRequest(
                 FieldProblem(
                     "moderation",
@@ -134,12 +134,13 @@ class OpenAIEngine:
                     "unsupported",
                 )
             )
-        if job.mask is not None and job.images and job.mask.size != job.images[0].size:
+        mask, sizes = job.mask_size, job.input_sizes
+        if mask is not None and sizes and mask != sizes[0]:
             raise InputError(
                 FieldProblem(
                     "mask",
-                    f"is {job.mask.size[0]}x{job.mask.size[1]} but the first image is "
-                    f"{job.images[0].size[0]}x{job.images[0].size[1]}; they must be the same size",
+                    f"is {mask[0]}x{mask[1]} but the first image is "
+                    f"{sizes[0][0]}x{sizes[0][1]}; they must be the same size",
                     "invalid",
                 )
             )

@@ -18,9 +18,10 @@ import base64
 import binascii
 import io
 import urllib.parse
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import IO
@@ -62,6 +63,13 @@ _OPENERS: dict[str, Callable[[IO[bytes]], ImageFile.ImageFile]] = {
 
 def load_image(data: bytes, *, field: str, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_BYTES) -> Image.Image:
     """Decode PNG/JPEG/WebP bytes into an upright RGB or RGBA image, refusing anything else or too big."""
+    image, fmt = _open(data, field, max_pixels, max_bytes)
+    with image:
+        return _decode(image, field, fmt)
+
+
+def _open(data: bytes, field: str, max_pixels: int, max_bytes: int) -> tuple[ImageFile.ImageFile, str]:
+    """The image with its header read and checked (bytes, format, pixels), and its format; no pixel decoded."""
     if not data:
         raise _problem(field, "is empty; expected a png, jpeg or webp image", "format", 0)
     if len(data) > max_bytes:
@@ -76,9 +84,97 @@ def load_image(data: bytes, *, field: str, max_pixels: int = MAX_PIXELS, max_byt
         raise _problem(field, f"is too large to decode safely ({exc})", "too_large") from None
     except Exception as exc:  # untrusted bytes can make a header parser raise almost anything
         raise _problem(field, f"is a {fmt} image that cannot be read ({exc}); it may be corrupt", "corrupt") from None
-    with image:
+    try:
         _check_pixels(image.size, field, max_pixels)
-        return _decode(image, field, fmt)
+    except InputError:
+        image.close()
+        raise
+    return image, fmt
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What an input image's bytes say without a pixel decoded: format, upright size, whether it has alpha."""
+
+    format: str  # PNG | JPEG | WEBP
+    width: int  # after its EXIF orientation, as ``load_image`` will deliver it
+    height: int
+    alpha: bool
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def inspect_image(data: bytes, *, field: str, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_BYTES) -> ImageInfo:
+    """Every check ``load_image`` makes, without keeping decoded pixels: what a server does with an input
+    image at admission, so that a queued job holds bytes, never pixels.
+
+    Besides the header (format, bytes, pixels), the data must be whole: a PNG's chunks are walked to
+    ``IEND`` with their checksums, a JPEG is decoded at 1/8 scale (1/64 of the memory), a WebP's RIFF
+    chunks must add up. A broken image is refused here, not when its job starts.
+    """
+    image, fmt = _open(data, field, max_pixels, max_bytes)
+    with image:
+        width, height = image.size
+        if _orientation(image) in (5, 6, 7, 8):  # transposed or rotated by 90°: exif_transpose swaps the sides
+            width, height = height, width
+        info = ImageInfo(fmt, width, height, image.has_transparency_data)
+        problem = _damage(image, data, fmt)
+    if problem:
+        raise _problem(field, f"is a {fmt} image that is truncated or corrupt ({problem})", "corrupt")
+    return info
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        # The base class's method: PngImageFile's own decodes the pixels to look for a late eXIf chunk.
+        return int(Image.Image.getexif(image).get(0x0112, 1))
+    except Exception:  # a malformed EXIF block: load_image's exif_transpose ignores it the same way
+        return 1
+
+
+def _damage(image: ImageFile.ImageFile, data: bytes, fmt: str) -> str | None:
+    """Why the image data is not whole, or None; decodes no full-size pixels."""
+    if fmt == "PNG":
+        return _png_damage(memoryview(data))
+    if fmt == "WEBP":
+        return _riff_damage(data)
+    try:  # JPEG: the decoder reads every byte; at 1/8 scale it keeps 1/64 of the pixels
+        image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
+        image.load()
+    except Exception as exc:
+        return str(exc)
+    return None
+
+
+def _png_damage(data: memoryview) -> str | None:
+    position = 8
+    while position + 12 <= len(data):
+        length = int.from_bytes(data[position : position + 4], "big")
+        end = position + 12 + length
+        if end > len(data):
+            break
+        kind = bytes(data[position + 4 : position + 8])
+        if zlib.crc32(data[position + 4 : end - 4]) != int.from_bytes(data[end - 4 : end], "big"):
+            return f"the {kind.decode('latin-1')!r} chunk fails its checksum"
+        if kind == b"IEND":
+            return None
+        position = end
+    return "it ends before its IEND chunk"
+
+
+def _riff_damage(data: bytes) -> str | None:
+    declared = int.from_bytes(data[4:8], "little") + 8
+    if declared > len(data):
+        return f"it declares {declared} bytes but has {len(data)}"
+    position = 12
+    while position + 8 <= declared:
+        size = int.from_bytes(data[position + 4 : position + 8], "little")
+        position += 8 + size + (size & 1)  # chunks are padded to an even length
+    if position not in (declared, declared + 1):  # some writers leave out the last chunk's pad byte
+        return "its chunks do not add up"
+    return None
 
 
 def _check_format(data: bytes, field: str) -> str:

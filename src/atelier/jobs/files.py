@@ -197,6 +197,12 @@ class FileStore:
         self.delete_many(outputs)
         return len(outputs)
 
+    def discard_inputs(self, prediction_id: str) -> int:
+        """Delete the input images kept for a prediction (kind ``input``) once it has ended; returns how many."""
+        inputs = [record.id for record in self.for_prediction(prediction_id) if record.kind == "input"]
+        self.delete_many(inputs)
+        return len(inputs)
+
     def remove_strays(self) -> int:
         """Delete files on disk that no row knows; returns how many.
 

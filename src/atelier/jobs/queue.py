@@ -168,6 +168,17 @@ class FairOrder:
                     return id
         return None
 
+    def waiting(self, caller: Caller) -> tuple[int, int]:
+        """How many jobs ``caller``'s token, and the token's user (0 without one), have queued in turn."""
+        users = self._lanes.get(caller.owner, {})
+        mine = len(users.get(caller.user, ())) if caller.user is not None else 0
+        return sum(len(ids) for ids in users.values()), mine
+
+    @property
+    def callers(self) -> int:
+        """Tokens with jobs queued in turn."""
+        return len(self._lanes)
+
     def _oldest_of(self, owner: str | None) -> int:
         return min(self._arrival[ids[0]] for ids in self._lanes[owner].values())
 
@@ -189,8 +200,9 @@ class FairOrder:
 
 
 class JobQueue:
-    def __init__(self, max_queue: int, concurrency: int, *, max_batch_jobs: int = 1) -> None:
+    def __init__(self, max_queue: int, concurrency: int, *, max_batch_jobs: int = 1, share: float = 1.0) -> None:
         self.max_queue = max_queue
+        self.share = share  # of max_queue, the most one token may hold waiting (see ``check_capacity``)
         self.concurrency = max(1, concurrency)
         self.max_batch_jobs = max(1, max_batch_jobs)
         self.entries: dict[str, Entry] = {}  # every live job: queued, running, interrupted
@@ -219,14 +231,43 @@ class JobQueue:
         """Seconds one prediction takes, on average."""
         return self._predict_seconds or DEFAULT_PREDICT_SECONDS
 
-    def check_capacity(self) -> None:
-        """``TooManyRequests`` with an estimate of when a slot frees up, when ``max_queue`` jobs wait."""
+    def check_capacity(self, caller: Caller | None = None) -> None:
+        """``TooManyRequests`` with an estimate of when a slot frees up, when ``max_queue`` jobs wait, or
+        when ``caller`` holds its share of the queue.
+
+        **Fair share.** A token may hold at most ``ceil(share x max_queue)`` jobs waiting, and a user_id
+        of a token ``ceil(share x`` that ``)``: the rest of the queue stays open to other callers, so a
+        newcomer's first request is admitted while another caller has dozens waiting. Without tokens
+        (owner None) every caller is the same token, so only users are held to a share. ``share`` 1 is off.
+        """
         waiting = len(self._order)
-        if waiting < self.max_queue:
-            return
-        retry_after = max(1, math.ceil(self.estimate() * (waiting + 1) / self.concurrency))
-        raise TooManyRequests(
-            f"the queue is full ({waiting} predictions waiting); retry in about {retry_after} s",
+        if waiting >= self.max_queue:
+            retry_after = max(1, math.ceil(self.estimate() * (waiting + 1) / self.concurrency))
+            raise TooManyRequests(
+                f"the queue is full ({waiting} predictions waiting); retry in about {retry_after} s",
+                retry_after=retry_after,
+            )
+        if caller is not None and self.share < 1:
+            self._check_share(caller)
+
+    def _check_share(self, caller: Caller) -> None:
+        token_cap = self._share_of(self.max_queue) if caller.owner is not None else self.max_queue
+        token_waiting, user_waiting = self._order.waiting(caller)
+        if token_waiting >= token_cap:
+            raise self._over_share("this API token", token_waiting, token_cap)
+        user_cap = self._share_of(token_cap)
+        if caller.user is not None and user_waiting >= user_cap:
+            raise self._over_share(f"user_id {caller.user[:64]!r}", user_waiting, user_cap)
+
+    def _share_of(self, places: int) -> int:
+        return max(1, math.ceil(places * self.share))
+
+    def _over_share(self, who: str, waiting: int, cap: int) -> TooManyRequests:
+        # Callers take turns: one of its jobs starts about every (callers waiting) predictions.
+        retry_after = max(1, math.ceil(self.estimate() * max(1, self._order.callers) / self.concurrency))
+        return TooManyRequests(
+            f"{who} has {waiting} predictions waiting, its share of the queue ({cap} of {self.max_queue} places); "
+            f"the rest is kept for other callers; retry in about {retry_after} s, when one of them has started",
             retry_after=retry_after,
         )
 

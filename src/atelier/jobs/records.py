@@ -30,7 +30,7 @@ STATUSES = (STARTING, PROCESSING, SUCCEEDED, FAILED, CANCELED)
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELED})
 
 SOURCES = ("replicate", "cog", "openai", "python")
-FILE_KINDS = ("upload", "output")
+FILE_KINDS = ("upload", "output", "input")  # input: an input image kept while its job waits (jobs/inputs.py)
 
 # Keys whose values are secrets wherever they appear in a JSON document headed for the store.
 SECRET_KEYS = frozenset({"openai_api_key", "api_key", "authorization"})

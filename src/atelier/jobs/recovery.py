@@ -3,14 +3,15 @@
 ``new_prediction`` builds the record of an accepted job; ``rebuild`` turns it back into a job.
 
 ``request_json`` (``Prediction.request``) holds the request's public input, the seed, the model as
-the caller named it, the number of previews, and flags for what is deliberately *not* stored: the
-caller's ``openai_api_key`` (it lives only in memory, for the one job), a mask, and input images
-that came as uploaded bytes rather than as references in ``input_images``. A prediction with any of
-those cannot be re-run faithfully, so after a restart it fails with a reason that says to resubmit;
-nothing is run with a piece silently missing.
+the caller named it, the number of previews, the files its input images and mask are kept in
+(``inputs``, ``mask``: ``atelier.jobs.inputs``; uploads and masks included), and a flag for what is
+deliberately *not* stored: the caller's ``openai_api_key`` (it lives only in memory, for the one job).
+A prediction with a key cannot be re-run faithfully, so after a restart it fails with a reason that
+says to resubmit; nothing is run with a piece silently missing.
 
-Input images given as references (URLs, data URIs, this server's file URLs) are loaded again through
-the runner's ``load_images`` hook, the same loader the door used; without a hook such jobs fail too.
+Records written before inputs were kept as files have no ``inputs``: their references in
+``input_images`` are staged again through the runner's ``stage_inputs`` hook (without one, or with a
+mask or uploads, which were not kept then, they fail with the reason).
 """
 
 from __future__ import annotations
@@ -20,17 +21,16 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from atelier.engines.base import Engine, Job
+from atelier.engines.base import Engine, Job, StoredImage
 from atelier.ids import new_seed
 from atelier.jobs.records import Prediction
 from atelier.request import ImageRequest, parse_request
 
 if TYPE_CHECKING:
-    from PIL import Image
-
+    from atelier.jobs.inputs import Staged
     from atelier.jobs.routing import EngineRouter
 
-ImageLoader = Callable[[ImageRequest, "str | None"], Sequence["Image.Image"]]  # (request, owner)
+InputStager = Callable[[ImageRequest, "str | None", str], "Staged"]  # (request, owner, prediction id)
 
 SPEC_VERSION = 1
 KEY_NOT_STORED = "the request's openai_api_key is not stored; resubmit"
@@ -41,10 +41,18 @@ NOT_RECORDED = "the request was not recorded in a form that can be run again; re
 
 
 def rerun_spec(
-    request: ImageRequest, *, model: str | None, seed: int, previews: int, has_mask: bool, image_count: int
+    request: ImageRequest,
+    *,
+    model: str | None,
+    seed: int,
+    previews: int,
+    has_mask: bool,
+    image_count: int,
+    stored_images: Sequence[StoredImage] | None = None,
+    stored_mask: StoredImage | None = None,
 ) -> dict[str, Any]:
     """The ``request_json`` of a new prediction. Never contains the api key (only whether there was one)."""
-    return {
+    spec = {
         "version": SPEC_VERSION,
         "input": request.public_input(),
         "model": model,
@@ -54,6 +62,18 @@ def rerun_spec(
         "has_mask": has_mask,
         "image_count": image_count,
     }
+    if stored_images is not None:
+        spec["inputs"] = [_stored_json(image) for image in stored_images]
+        spec["mask"] = _stored_json(stored_mask) if stored_mask is not None else None
+    return spec
+
+
+def _stored_json(image: StoredImage) -> dict[str, Any]:
+    return {"file": image.file_id, "width": image.width, "height": image.height, "format": image.format}
+
+
+def _stored(data: Any) -> StoredImage:
+    return StoredImage(str(data["file"]), int(data["width"]), int(data["height"]), str(data["format"]))
 
 
 def new_prediction(
@@ -76,8 +96,10 @@ def new_prediction(
         model=model,
         seed=job.seed,
         previews=job.previews,
-        has_mask=job.mask is not None,
-        image_count=len(job.images),
+        has_mask=job.has_mask,
+        image_count=len(job.stored_images),
+        stored_images=job.stored_images,
+        stored_mask=job.stored_mask,
     )
     return Prediction(
         id=job.id,
@@ -104,6 +126,8 @@ def why_not_rerunnable(prediction: Prediction, *, can_load_images: bool) -> str 
         return NOT_RECORDED
     if spec.get("has_key"):
         return KEY_NOT_STORED
+    if "inputs" in spec:  # its input images and mask are kept as files
+        return None
     if spec.get("has_mask"):
         return MASK_NOT_STORED
     references = len(spec["input"].get("input_images") or [])
@@ -123,18 +147,23 @@ def previews_from_spec(prediction: Prediction) -> int:
     return int((prediction.request or {}).get("previews", 0))
 
 
-async def rebuild(prediction: Prediction, router: EngineRouter, load_images: ImageLoader | None) -> tuple[Job, Engine]:
+async def rebuild(prediction: Prediction, router: EngineRouter, stage_inputs: InputStager | None) -> tuple[Job, Engine]:
     """The job and engine to run a re-runnable prediction again; raises the typed error if it cannot.
 
     The request is validated and checked by the engine again, as at submission: a model that is no
     longer served, or a contract that changed, fails the prediction with that error.
     """
+    spec = prediction.request or {}
     request = request_from_spec(prediction)
     _, engine = router.route(request, prediction.model)
-    images: Sequence[Image.Image] = ()
-    if request.input_images and load_images is not None:
-        images = await asyncio.to_thread(load_images, request, prediction.owner)  # the owner's own uploads
+    images = tuple(_stored(data) for data in spec.get("inputs") or ())
+    mask = _stored(spec["mask"]) if spec.get("mask") else None
+    if "inputs" not in spec and request.input_images and stage_inputs is not None:  # an older record
+        staged = await asyncio.to_thread(stage_inputs, request, prediction.owner, prediction.id)  # the owner's files
+        images = tuple(staged.images)
     seed = prediction.seed if prediction.seed is not None else new_seed()
-    job = Job(prediction.id, request, seed, tuple(images), None, previews_from_spec(prediction))
+    job = Job(
+        prediction.id, request, seed, previews=previews_from_spec(prediction), stored_images=images, stored_mask=mask
+    )
     await asyncio.to_thread(engine.check, job)
     return job, engine

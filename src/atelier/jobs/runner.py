@@ -4,10 +4,14 @@ Design:
 
 * **Accept or refuse at once.** ``submit`` routes the request and calls the engine's ``check``
   (capabilities, moderation, size planning) before anything is stored: a bad request costs no model
-  time and leaves no trace. Then, with no ``await`` in between, it checks the queue bound
-  (``TooManyRequests`` with ``retry_after``), inserts the prediction and queues it: whatever was
-  accepted is in the database, and nothing refused is.
+  time and leaves no trace. Then, with no ``await`` in between, it checks the queue bound and the
+  caller's share of it (``TooManyRequests`` with ``retry_after``), inserts the prediction and queues it:
+  whatever was accepted is in the database, and nothing refused is.
   The caller's limits (``atelier.jobs.limits``) are checked with the bound, and once before the engine.
+  A door calls ``check_admission`` itself before it reads, fetches or stores any input image.
+* **No pixels in the queue.** A job's input images wait as files (``stored_images``, ``stored_mask``:
+  ``atelier.jobs.inputs``); a worker decodes them right before the engine call and drops them after.
+  The files kept for a job alone (kind ``input``) are deleted when it ends.
 * **Workers.** ``settings.max_concurrency`` workers pull from one queue, in fair order across callers
   (``atelier.jobs.queue``); each sets the engine up once (in a thread), marks the task ``processing``,
   runs ``engine.generate`` in one of the runner's own threads (one per worker, so engine calls never
@@ -58,21 +62,21 @@ from atelier.errors import AtelierError, Canceled, Conflict, EngineError, ModelU
 from atelier.ids import new_id, new_seed
 from atelier.jobs import recovery
 from atelier.jobs.dispatch import Dispatcher, Listener
-from atelier.jobs.events import Subscription, finished_subscription
+from atelier.jobs.events import Event, Subscription, finished_subscription
 from atelier.jobs.files import FileStore
+from atelier.jobs.inputs import InputLimits, decode
 from atelier.jobs.limits import Caller, Limits
 from atelier.jobs.queue import Entry, JobQueue
 from atelier.jobs.records import SOURCES, Prediction, utc_now
-from atelier.jobs.recovery import ImageLoader
+from atelier.jobs.recovery import InputStager
 from atelier.jobs.routing import EngineRouter
 from atelier.jobs.store import Store
 from atelier.jobs.task import USER_CANCEL, Task
 from atelier.request import ImageRequest
 
 if TYPE_CHECKING:
-    from PIL import Image
-
     from atelier.config import Settings
+    from atelier.engines.base import StoredImage
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +95,7 @@ class Runner:
         engines: EngineRouter,
         settings: Settings,
         *,
-        load_images: ImageLoader | None = None,
+        stage_inputs: InputStager | None = None,
         stop_timeout: float = 30.0,
     ) -> None:
         self.store = store
@@ -103,9 +107,13 @@ class Runner:
         self.dispatcher = Dispatcher()
         self.listeners: list[Listener] = self.dispatcher.listeners  # append async fn(prediction, event)
         batch_jobs = settings.max_batch_jobs if settings.batching else 1
-        self.queue = JobQueue(settings.max_queue, settings.max_concurrency, max_batch_jobs=batch_jobs)
+        self.queue = JobQueue(
+            settings.max_queue, settings.max_concurrency, max_batch_jobs=batch_jobs, share=settings.queue_share
+        )
         self.limits = Limits.from_settings(settings)
-        self._load_images = load_images
+        self.input_limits = InputLimits.from_settings(settings)
+        self._stage_inputs = stage_inputs  # for jobs recorded before inputs were stored (recovery.py)
+        self.listeners.append(self._release_inputs)
         self._failures: dict[str, AtelierError] = {}  # recent failures by id, for doors waiting in-process
         self._workers: list[asyncio.Task[None]] = []
         self._threads: ThreadPoolExecutor | None = None  # engine calls: one thread per worker
@@ -176,44 +184,46 @@ class Runner:
         source: str,
         owner: str | None = None,
         seed: int | None = None,
-        images: tuple[Image.Image, ...] | Sequence[Image.Image] = (),
-        mask: Image.Image | None = None,
+        stored_images: Sequence[StoredImage] = (),
+        stored_mask: StoredImage | None = None,
         previews: int = 0,
         webhook: str | None = None,
         webhook_events_filter: list[str] | None = None,
         deadline: datetime | None = None,
         prediction_id: str | None = None,
+        client_id: str | None = None,
         version: str | None = None,
     ) -> Prediction:
         """Validate, then queue; returns the new prediction (status ``starting``).
 
-        Raises the engine's typed error for a request it cannot honour, ``TooManyRequests`` when the
-        queue is full or the caller is over a limit, ``ModelUnavailable`` while not running. A
-        ``prediction_id`` the same owner used before returns that prediction (Cog's idempotent ``PUT``);
-        ids are per owner, so another owner's use of it is none of this caller's business (``stored_id``).
+        Input images come as files (``atelier.jobs.inputs.stage``), never decoded. Raises the engine's typed
+        error for a request it cannot honour, ``TooManyRequests`` when the queue is full or the caller is over
+        a limit, ``ModelUnavailable`` while not running. ``prediction_id`` is the id to store it under (a door
+        that kept input files for it chose it); ``client_id`` is an id the caller chose (Cog's idempotent
+        ``PUT``): one the same owner used before returns that prediction; ids are per owner, so another
+        owner's use of it is none of this caller's business (``stored_id``).
         """
         if source not in SOURCES:
             raise ValueError(f"source {source!r} is not one of {', '.join(SOURCES)}")
         if deadline is not None and deadline.tzinfo is None:
             raise ValueError("deadline must be timezone-aware")
         self._check_accepting()
-        if prediction_id is not None and (existing := self._existing(prediction_id, owner)):
+        if client_id is not None and (existing := self._existing(client_id, owner)):
             return existing
         caller = Caller(owner, request.user_id)
         self.check_admission(caller)
         key, engine = self.engines.route(request, model)
+        seed = new_seed() if seed is None else seed
         job = Job(
-            stored_id(prediction_id, owner),
-            request,
-            new_seed() if seed is None else seed,
-            tuple(images),
-            mask,
-            previews,
-        )
+            prediction_id or stored_id(client_id, owner), request, seed, previews=previews,
+            stored_images=tuple(stored_images), stored_mask=stored_mask,
+        )  # fmt: skip
         batch = await asyncio.to_thread(self._check_job, engine, job)
+        if len(job.stored_images) != len(request.input_images or ()):  # a caller's mistake, never a client's
+            raise ValueError("stored_images must hold the request's input_images (atelier.jobs.inputs.stage)")
         # No await from here on: the bound and limit checks, the insert and the enqueue are one step.
         self._check_accepting()
-        if prediction_id is not None and (existing := self._existing(prediction_id, owner)):
+        if client_id is not None and (existing := self._existing(client_id, owner)):
             return existing
         self.check_admission(caller)
         self.limits.spend(caller)
@@ -221,7 +231,7 @@ class Runner:
             job, key=key, engine=engine, model=model, source=source, owner=owner, version=version,
             webhook=webhook, webhook_events_filter=webhook_events_filter, deadline=deadline,
         )  # fmt: skip
-        prediction.client_id = prediction_id or job.id
+        prediction.client_id = client_id or job.id
         self.store.insert_prediction(prediction)
         entry = Entry(self._new_task(prediction), job, engine, CancelToken(), batch=batch)
         self._enqueue(entry)
@@ -230,12 +240,14 @@ class Runner:
         return prediction.snapshot()
 
     def check_admission(self, caller: Caller) -> None:
-        """``TooManyRequests`` when the queue is full or ``caller`` is over a limit, ``InsufficientStorage``
-        when the disk is; spends nothing.
+        """``TooManyRequests`` when the queue is full, ``caller`` holds its share of it or is over a limit,
+        ``InsufficientStorage`` when the disk is full; spends nothing (and ``ModelUnavailable`` while not
+        accepting).
 
-        ``submit`` calls it; a door may call it first, before fetching a request's input images.
+        ``submit`` calls it; every door calls it first, before reading, fetching or storing input images.
         """
-        self.queue.check_capacity()
+        self._check_accepting()
+        self.queue.check_capacity(caller)
         self.limits.check(caller, self.queue.live(caller), finish_estimate=self.queue.estimate())
         self.files.check_space()  # InsufficientStorage (507) while the data folder's disk is full
 
@@ -338,20 +350,37 @@ class Runner:
         """Each job's result or the exception it ended with, by id: one engine call, in a thread."""
         try:
             running = await self._begin(batch)
-            if not running:
-                return {}, {}
+            jobs, failed = await self._decode(running)  # pixels from here until the call returns, never queued
+            if not jobs:
+                return {}, failed
             began = time.monotonic()
-            jobs, engine = [e.job for e in running], running[0].engine
+            engine = running[0].engine
             progress_for, cancel_for = {e.id: e.progress_callback() for e in running}, {e.id: e.token for e in running}
             try:
                 call = partial(generate_together, engine, jobs, progress_for=progress_for, cancel_for=cancel_for)
                 results = await asyncio.get_running_loop().run_in_executor(self._threads, call)
             except PartialBatch as some:
-                return some.results, some.errors
-            self.queue.observe((time.monotonic() - began) / len(running))
-            return {job.id: result for job, result in zip(jobs, results, strict=True)}, {}
+                return some.results, {**some.errors, **failed}
+            self.queue.observe((time.monotonic() - began) / len(jobs))
+            return {job.id: result for job, result in zip(jobs, results, strict=True)}, failed
         except Exception as exc:
             return {}, {entry.id: exc for entry in batch}
+
+    async def _decode(self, running: builtins.list[Entry]) -> tuple[builtins.list[Job], dict[str, Exception]]:
+        """The jobs with their input images decoded (in a thread), and the errors of those that could not be."""
+        jobs: builtins.list[Job] = []
+        failed: dict[str, Exception] = {}
+        for entry in running:
+            try:
+                jobs.append(await asyncio.to_thread(decode, entry.job, self.files, self.input_limits))
+            except Exception as exc:  # a file deleted meanwhile, bytes that do not decode after all
+                failed[entry.id] = exc
+        return jobs, failed
+
+    async def _release_inputs(self, prediction: Prediction, event: Event) -> None:
+        """A listener: once a prediction has ended, delete the input images kept for it alone."""
+        if event.kind == "done" and ((prediction.request or {}).get("inputs") or prediction.input.get("input_images")):
+            await asyncio.to_thread(self.files.discard_inputs, prediction.id)
 
     async def _begin(self, batch: builtins.list[Entry]) -> builtins.list[Entry]:
         """The batch's jobs not canceled meanwhile, marked ``processing`` once their engine is ready."""
@@ -418,7 +447,7 @@ class Runner:
         entry.interrupted = True
         if task.terminal:
             return
-        reason = recovery.why_not_rerunnable(task.prediction, can_load_images=self._load_images is not None)
+        reason = recovery.why_not_rerunnable(task.prediction, can_load_images=self._stage_inputs is not None)
         if reason:
             task.fail(f"the server shut down before this job finished, and {reason}", "interrupted")
         else:
@@ -440,13 +469,13 @@ class Runner:
             if self.files.discard_outputs(prediction.id):  # a crash between writing outputs and succeeding
                 log.warning("prediction %s: discarded the outputs of its interrupted run", prediction.id)
             task = self._new_task(prediction)
-            reason = recovery.why_not_rerunnable(prediction, can_load_images=self._load_images is not None)
+            reason = recovery.why_not_rerunnable(prediction, can_load_images=self._stage_inputs is not None)
             if reason:
                 log.warning("prediction %s was interrupted and cannot run again: %s", prediction.id, reason)
                 task.fail(reason, "interrupted")
                 continue
             try:
-                job, engine = await recovery.rebuild(prediction, self.engines, self._load_images)
+                job, engine = await recovery.rebuild(prediction, self.engines, self._stage_inputs)
                 batch = await asyncio.to_thread(self._check_job, engine, job)
             except AtelierError as exc:
                 task.fail(exc)

@@ -5,8 +5,9 @@
 * **Slots.** Cog runs one prediction at a time and answers 409 ``Already running a prediction`` to the
   next. Here a slot is a runner worker: when running plus queued jobs (from any door) fill
   ``max_concurrency``, a new prediction gets ``Conflict``. The check and the submit happen under one
-  lock, so two requests racing for the last slot cannot both get it. Input images are loaded before
-  (in a thread): a bad image is a 4xx that costs no model time and holds no slot.
+  lock, so two requests racing for the last slot cannot both get it. Before that, admission (the queue
+  bound and the caller's limits: 429) and then the input images, fetched and kept as files in a thread
+  (``Services.staged_inputs``): a bad image is a 4xx that costs no model time and holds no slot.
 * **Sync and async.** ``POST /predictions`` waits for the end and returns the finished prediction
   (HTTP 200 even when it failed: the status says so, as in cog); a client that hangs up before then
   cancels it (``atelier.api.hangup``), so the slot is free for the next. ``Prefer: respond-async`` answers 202
@@ -52,6 +53,7 @@ from atelier.errors import Conflict, EngineError, FieldProblem, InputError, NotF
 from atelier.fetch import FetchPolicy
 from atelier.jobs.records import Prediction
 from atelier.jobs.routing import SetupRecord
+from atelier.jobs.runner import stored_id
 from atelier.outbound import DeliveryFailed, delivery_policy, refuse_at_creation, send
 from atelier.request import parse_request
 
@@ -122,16 +124,17 @@ class CogDoor:
             status = 202 if wants_async(prefer) or not existing.terminal else 200
             return status, await self.response(existing)
         self._refuse_if_busy()
-        images = await asyncio.to_thread(self.services.load_inputs, request, owner) if request.is_edit else []
         events: list[str] | None = list(body.webhook_events_filter or WEBHOOK_EVENTS) if body.webhook else None
-        async with self._admission:
+        client_id, id = id, stored_id(id, owner)  # ids are per owner: with tokens, stored under the server's
+        async with self.services.staged_inputs(request, owner=owner, prediction_id=id) as inputs, self._admission:
             self._refuse_if_busy()
             prediction = await self.services.runner.submit(
                 request,
                 source="cog",
                 owner=owner,
-                images=images,
+                stored_images=inputs.images,
                 prediction_id=id,
+                client_id=client_id,
                 webhook=body.webhook,
                 webhook_events_filter=events,
             )

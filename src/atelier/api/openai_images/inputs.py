@@ -6,19 +6,20 @@
 * Multipart edits take images as ``image`` and ``image[]`` (both, in order), up to 16, png/webp/jpeg
   under 50 MiB each, and an optional ``mask``; an upload over its limit is refused, and never more than
   the limit is read into memory. The bytes decide the format, never the file name or the content type.
-* Uploaded images are kept as this server's files (kind ``upload``, the caller's own), so a prediction
-  refers to them by URL like to any other input image; ``file_id`` references resolve to the caller's own
-  files only.
+* Uploaded images are checked from their bytes without decoding (``inspect_image``) and kept as this
+  server's files (kind ``upload``, the caller's own), so a prediction refers to them by URL like to any
+  other input image, and its job holds the files, not pixels (``atelier.jobs.inputs``); ``file_id``
+  references resolve to the caller's own files only.
 * A mask is what OpenAI documents: a PNG under 4 MiB with an alpha channel, the size of the first image;
-  fully transparent pixels mark the area to edit.
+  fully transparent pixels mark the area to edit. It is checked from its header and kept as the job's
+  input file, so an edit with a mask can run again after a restart.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
@@ -26,15 +27,14 @@ from starlette.datastructures import UploadFile
 
 from atelier.api import forms, json_body
 from atelier.api.openai_images.protocol import ImageEditForm, ImageEditJSON, ImageRef
+from atelier.engines.base import StoredImage
 from atelier.errors import FieldProblem, InputError, NotFound
-from atelier.imaging.inputs import MAX_BYTES, load_image, read_reference, sniff
+from atelier.imaging.inputs import MAX_BYTES, ImageInfo, inspect_image, sniff
 from atelier.jobs.files import clean_name
+from atelier.jobs.inputs import Keeper, Staged, check_total
 from atelier.jobs.records import SECRET_KEYS, FileRecord
 from atelier.request import MAX_INPUT_IMAGES, REDACTED
 from atelier.services import Services
-
-if TYPE_CHECKING:
-    from PIL import Image
 
 P = TypeVar("P", bound=BaseModel)
 
@@ -241,20 +241,37 @@ def reference_problems(params: ImageEditJSON) -> list[FieldProblem]:
     return problems
 
 
-def decode_uploads(edit: EditUpload) -> tuple[list[Image.Image], Image.Image | None]:
-    """Decode the uploaded images (every bad one reported at once) and check the mask against the first."""
+def stage_uploads(services: Services, edit: EditUpload, keeper: Keeper) -> Staged:
+    """Check the uploaded images (every bad one reported at once) and the mask from their bytes, without
+    decoding, then keep them: the images as the caller's uploads, the mask as the job's input (blocking)."""
+    limits = services.runner.input_limits
     one = len(edit.images) == 1
-    images: list[Image.Image] = []
+    infos: list[ImageInfo] = []
     problems: list[FieldProblem] = []
     for i, upload in enumerate(edit.images):
         try:
-            images.append(load_image(upload.data, field="image" if one else f"image[{i}]"))
+            infos.append(
+                inspect_image(upload.data, field="image" if one else f"image[{i}]", max_pixels=limits.image_pixels)
+            )
         except InputError as exc:
             problems += exc.problems
     if problems:
         raise InputError(problems, field=problems[0].field)
-    mask = load_mask(edit.mask.data, images[0]) if edit.mask is not None else None
-    return images, mask
+    check_total([(info.width, info.height) for info in infos], limits, "image")
+    mask = inspect_mask(edit.mask.data, (infos[0].width, infos[0].height), limits.image_pixels) if edit.mask else None
+    records = store_uploads(services, edit.images, keeper.owner)
+    staged = Staged(
+        [StoredImage(r.id, info.width, info.height, info.format) for r, info in zip(records, infos, strict=True)],
+        created=[record.id for record in records],
+    )
+    if edit.mask is not None and mask is not None:
+        try:
+            staged.mask = keeper.keep(edit.mask.data, mask, name="mask")[0]
+        except BaseException:
+            services.files.delete_many(staged.created)
+            raise
+        staged.created.append(staged.mask.file_id)
+    return staged
 
 
 def store_uploads(services: Services, uploads: Sequence[Upload], owner: str | None) -> list[FileRecord]:
@@ -279,15 +296,18 @@ def _upload_name(filename: str | None, fallback: str) -> str:
         return fallback
 
 
-def load_mask_reference(services: Services, url: str, owner: str | None, first: Image.Image) -> Image.Image:
-    """A mask by URL: the caller's own file, or fetched like every input image (``Services.fetch_input``)."""
-    fetch = partial(services.fetch_input, owner=owner, max_bytes=MAX_MASK_BYTES)
-    data = read_reference(url, field="mask", allow_paths=False, fetch=fetch, max_bytes=MAX_MASK_BYTES)
-    return load_mask(data, first)
+def stage_mask(services: Services, url: str, keeper: Keeper, staged: Staged) -> None:
+    """A mask by URL (the caller's own file, or fetched like every input image), checked against the first
+    staged image and kept with them (blocking)."""
+    data, existing = services.read_input(url, "mask", owner=keeper.owner, max_bytes=MAX_MASK_BYTES)
+    info = inspect_mask(data, staged.images[0].size, services.runner.input_limits.image_pixels)
+    staged.mask, created = keeper.keep(data, info, name="mask", existing=existing)
+    if created:
+        staged.created.append(staged.mask.file_id)
 
 
-def load_mask(data: bytes, first: Image.Image) -> Image.Image:
-    """A mask as OpenAI defines it: a PNG under 4 MiB with alpha, the size of the first image."""
+def inspect_mask(data: bytes, first: tuple[int, int], max_pixels: int) -> ImageInfo:
+    """A mask as OpenAI defines it, from its bytes: a PNG under 4 MiB with alpha, the size of the first image."""
     fmt = sniff(data)
     if fmt != "PNG":
         what = f"a {fmt} image" if fmt else "not an image"
@@ -296,15 +316,15 @@ def load_mask(data: bytes, first: Image.Image) -> Image.Image:
                 "mask", f"is {what}; a mask must be a PNG whose transparent pixels mark where to edit", "format"
             )
         )
-    mask = load_image(data, field="mask", max_bytes=MAX_MASK_BYTES)
-    if mask.mode != "RGBA":
+    mask = inspect_image(data, field="mask", max_pixels=max_pixels, max_bytes=MAX_MASK_BYTES)
+    if not mask.alpha:
         raise InputError(
             FieldProblem(
                 "mask", "has no alpha channel; fully transparent pixels (alpha 0) mark where to edit", "format"
             )
         )
-    if mask.size != first.size:
-        (w, h), (fw, fh) = mask.size, first.size
+    if (mask.width, mask.height) != first:
+        (w, h), (fw, fh) = (mask.width, mask.height), first
         raise InputError(
             FieldProblem("mask", f"is {w}x{h} but the first image is {fw}x{fh}; they must be the same size", "size")
         )

@@ -27,13 +27,18 @@ OpenAI                                Atelier
 ``images[]`` (JSON)                   ``input_images``: ``image_url`` as given; ``file_id`` → this server's
                                       file URL (the caller's own files only)
 ``mask``                              the runner's ``mask``: a PNG with an alpha channel, the first
-                                      image's size; a model that cannot inpaint refuses it (400, ``mask``)
+                                      image's size; a model that cannot inpaint refuses it (400, ``mask``).
+                                      Kept as the job's input file, like every input image
 ``stream`` + ``partial_images``       SSE (``streaming.py``); ``partial_images`` → the job's previews.
                                       ``partial_images`` > 0 without ``stream`` → 400
 ``response_format``                   ``b64_json`` only (GPT image models never return URLs) → else 400
 ``style``                             400: dall-e-3 only
 ``input_fidelity``                    400: must be omitted (no model here has that control)
 ====================================  =====================================================================
+
+Admission comes first: a full queue, or a caller over a limit or its share of the queue, is a 429 with
+``Retry-After`` before any upload is read (multipart) or any image fetched. Input images and the mask
+are checked from their bytes and kept as files; the job decodes them only when it runs.
 
 The answer waits for the prediction (``runner.wait``) and carries its images as base64 read from the
 output files (``outputs.py``). Errors are typed (``atelier.errors``) and rendered by ``atelier.api.errors``.
@@ -57,13 +62,14 @@ from atelier.api.openai_images import inputs, streaming
 from atelier.api.openai_images.outputs import Reply, images_response, outputs_of, read_base64
 from atelier.api.openai_images.protocol import ImageEditJSON, ImageGenerateRequest, ImageParams, Model, ModelList
 from atelier.errors import FieldProblem, InputError
+from atelier.ids import new_id
+from atelier.jobs.inputs import Keeper, Staged
 from atelier.jobs.records import Prediction
 from atelier.jobs.routing import DEFAULT_ALIASES, OPENAI
 from atelier.request import ASPECT_RATIOS, ImageRequest, parse_request
 from atelier.services import Services
 
 if TYPE_CHECKING:
-    from PIL import Image
     from starlette.types import Receive
 
 SIZES: tuple[str, ...] = tuple(ratio for ratio in ASPECT_RATIOS if "x" in ratio)
@@ -244,18 +250,20 @@ async def _edit_uploads(
 ) -> Response:
     params = edit.params
     _check(params, services)
-    images, mask = await asyncio.to_thread(inputs.decode_uploads, edit)
-    records = await asyncio.to_thread(inputs.store_uploads, services, edit.images, owner)
+    services.admit(owner, user_id(params))  # again, now that the user is known: before anything is stored
+    keeper = Keeper(services.files, owner, new_id())
+    staged = await asyncio.to_thread(inputs.stage_uploads, services, edit, keeper)
     try:
-        refs = [inputs.file_url(base_url, record.id) for record in records]
+        refs = [inputs.file_url(base_url, image.file_id) for image in staged.images]
         request = to_request(params, refs, images="image")
         reply = reply_for("image_edit", params, request)
         names = param_names(params, "image")
         prediction = await submit(
-            services, request, reply, model=params.model, owner=owner, images=images, mask=mask, names=names
-        )
+            services, request, reply, model=params.model, owner=owner, staged=staged, id=keeper.prediction_id,
+            names=names,
+        )  # fmt: skip
     except BaseException:  # refused: the uploads belong to no prediction
-        await asyncio.to_thread(services.files.delete_many, [record.id for record in records])
+        await asyncio.to_thread(services.files.delete_many, staged.created)
         raise
     return await answer(services, prediction, reply, receive)
 
@@ -268,20 +276,21 @@ async def _edit_references(
         inputs.reference(services, ref, f"images[{i}]", owner=owner, base_url=base_url)
         for i, ref in enumerate(params.images)
     ]
+    mask = inputs.reference(services, params.mask, "mask", owner=owner, base_url=base_url) if params.mask else None
     request = to_request(params, refs, images="images")
-    try:
-        images = await asyncio.to_thread(services.load_inputs, request, owner)
-    except InputError as exc:
-        raise renamed(exc, param_names(params, "images")) from None
-    mask = None
-    if params.mask is not None:
-        url = inputs.reference(services, params.mask, "mask", owner=owner, base_url=base_url)
-        mask = await asyncio.to_thread(inputs.load_mask_reference, services, url, owner, images[0])
     reply = reply_for("image_edit", params, request)
     names = param_names(params, "images")
-    prediction = await submit(
-        services, request, reply, model=params.model, owner=owner, images=images, mask=mask, names=names
-    )
+    keeper = Keeper(services.files, owner, new_id())
+    try:
+        async with services.staged_inputs(request, owner=owner, prediction_id=keeper.prediction_id) as staged:
+            if mask is not None:
+                await asyncio.to_thread(inputs.stage_mask, services, mask, keeper, staged)
+            prediction = await submit(
+                services, request, reply, model=params.model, owner=owner, staged=staged, id=keeper.prediction_id,
+                names=names,
+            )  # fmt: skip
+    except InputError as exc:
+        raise renamed(exc, names) from None
     return await answer(services, prediction, reply, receive)
 
 
@@ -292,15 +301,17 @@ async def submit(
     *,
     model: str | None,
     owner: str | None,
-    images: Sequence[Image.Image] = (),
-    mask: Image.Image | None = None,
+    staged: Staged | None = None,
+    id: str | None = None,
     names: Mapping[str, str],
 ) -> Prediction:
     """Queue the job (the engine's checks refuse what it cannot do; a full queue is a 429)."""
+    staged = staged or Staged()
     try:
         return await services.runner.submit(
-            request, model=model, source="openai", owner=owner, images=images, mask=mask, previews=reply.partial_images
-        )
+            request, model=model, source="openai", owner=owner, stored_images=staged.images, stored_mask=staged.mask,
+            previews=reply.partial_images, prediction_id=id,
+        )  # fmt: skip
     except InputError as exc:
         raise renamed(exc, names) from None
 

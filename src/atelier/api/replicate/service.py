@@ -8,7 +8,9 @@ in the grace period become deliveries and get their first attempt before the sto
 A create is checked completely before any model time is spent, in this order: the body (unknown
 fields are a 422), the ``Prefer`` and ``Cancel-After`` headers, the model or version, the input
 (``parse_request``, 422 ``invalid_fields``), the webhook, ``previews`` against the engine that would
-run it, then the input images (fetched in a thread); only then is the job submitted. ``Prefer: wait``
+run it, then admission (a full queue, or a caller over a limit or its share of the queue, is a 429
+before any input image is fetched), then the input images (fetched and kept as files, in a thread:
+``Services.staged_inputs``); only then is the job submitted. ``Prefer: wait``
 holds the answer until the prediction is over or the time is up, counted from the start of the request.
 
 ``previews`` (an Atelier extension, docs/api.md) is recorded with the job (``jobs/recovery.py``), so a
@@ -17,7 +19,6 @@ prediction run again after a restart makes them too; ``stream.py`` sends them, t
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -39,6 +40,7 @@ from atelier.api.replicate.stream import events
 from atelier.api.replicate.webhooks import WebhookSender
 from atelier.errors import FieldProblem, InputError, NotFound
 from atelier.fetch import FetchPolicy
+from atelier.ids import new_id
 from atelier.jobs.records import Prediction, utc_now
 from atelier.outbound import delivery_policy, refuse_at_creation
 from atelier.request import ImageRequest, parse_request
@@ -101,12 +103,14 @@ class ReplicateDoor:
         request = parse_request(body.input, prefix="input.")
         webhook, webhook_events = webhook_target(body, self.delivery_policy)
         previews = self._previews(body, request, model)
-        images = await asyncio.to_thread(self.services.load_inputs, request, owner)
-        prediction = await self.services.runner.submit(
-            request, model=model.address, source=SOURCE, owner=owner, images=images, previews=previews,
-            webhook=webhook, webhook_events_filter=webhook_events, version=None if version == HIDDEN else version,
-            deadline=utc_now() + timedelta(seconds=lifetime) if lifetime is not None else None,
-        )  # fmt: skip
+        prediction_id = new_id()
+        async with self.services.staged_inputs(request, owner=owner, prediction_id=prediction_id) as inputs:
+            prediction = await self.services.runner.submit(
+                request, model=model.address, source=SOURCE, owner=owner, stored_images=inputs.images,
+                previews=previews, webhook=webhook, webhook_events_filter=webhook_events, prediction_id=prediction_id,
+                version=None if version == HIDDEN else version,
+                deadline=utc_now() + timedelta(seconds=lifetime) if lifetime is not None else None,
+            )  # fmt: skip
         if webhook is not None:
             self.webhooks.remember(prediction.id, base)
         if wait is None:
