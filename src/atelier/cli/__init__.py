@@ -12,6 +12,7 @@ import sys
 import click
 
 from atelier import __version__
+from atelier.cli.backup import backup
 from atelier.cli.generate import edit, generate
 from atelier.cli.models import models
 from atelier.cli.problems import Problems, line, problem_lines
@@ -34,6 +35,7 @@ cli.add_command(generate)
 cli.add_command(edit)
 cli.add_command(models)
 cli.add_command(serve)
+cli.add_command(backup)
 
 
 def main(argv: list[str] | None = None) -> None:
