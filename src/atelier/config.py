@@ -209,6 +209,8 @@ class Settings(BaseSettings):
         if value is not None and not value.is_file():
             what = "is a folder, not a file" if value.exists() else "does not exist"
             raise ValueError(f"{str(value)[:200]} {what}; give a file holding the OpenAI API key")
+        if value is not None and not os.access(value, os.R_OK):
+            raise ValueError(f"{str(value)[:200]} is not readable by this user; check its owner and mode")
         return value
 
     @field_validator("openai_base_url", "public_url")

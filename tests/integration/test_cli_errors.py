@@ -25,6 +25,12 @@ def one_line(run: subprocess.CompletedProcess, status: int = 2) -> str:
     return lines[0]
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.fixture
 def busy_port() -> Iterator[int]:
     with socket.socket() as sock:
@@ -110,11 +116,16 @@ def test_an_address_that_cannot_work_is_one_line(args, expected, tmp_path):
 def test_a_data_folder_that_cannot_be_made_is_one_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    run = atelier("serve", "--data-dir", str(blocker / "data"), env={"ATELIER_PORT": str(port)})
+    run = atelier("serve", "--data-dir", str(blocker / "data"), env={"ATELIER_PORT": str(free_port())})
     assert one_line(run).startswith(f"error: --data-dir: cannot create {blocker / 'data'}: Not a directory")
+
+
+def test_a_damaged_database_is_one_line_before_the_server_starts(tmp_path):
+    (tmp_path / "atelier.db").write_text("not a database")
+    run = atelier("serve", "--data-dir", str(tmp_path), "--port", str(free_port()))
+    line = one_line(run)
+    assert line.startswith(f"error: --data-dir: {tmp_path / 'atelier.db'} cannot be read as a database (file is not")
+    assert "restore it from a backup (docs/backups.md)" in line
 
 
 # -- 4. the model folder ---------------------------------------------------------------------------------
@@ -168,6 +179,9 @@ def test_a_model_path_flag_beats_the_model_variable(tiny_flux2, tmp_path):
          "ATELIER_MODEL_PATH names would not be served; unset ATELIER_MODEL_PATH or ATELIER_ENGINE"),
         (["--model", "z-image-turbo", "--openai-api-key", "sk-caller"], {},
          "error: --openai-api-key sends the request to OpenAI, but --model names a local model; drop one"),
+        ([], {"ATELIER_ENGINE": "openai"},
+         "error: ATELIER_ENGINE=openai sends the request to OpenAI, and no key is set: pass --openai-api-key, "
+         "or set OPENAI_API_KEY (or ATELIER_OPENAI_API_KEY_FILE)"),
     ],
 )  # fmt: skip
 def test_two_choices_of_model_are_an_error_saying_which_to_drop(args, env, expected, tmp_path):

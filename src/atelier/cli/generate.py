@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -13,6 +13,9 @@ from atelier.cli.settings import choose_model, settings_for
 from atelier.engines.base import ProgressEvent
 from atelier.errors import InputError
 from atelier.request import parse_request
+
+if TYPE_CHECKING:
+    from atelier.config import Settings
 
 MAX_SEED = 2**32 - 1
 
@@ -89,6 +92,11 @@ def run(
             [f"--openai-api-key sends the request to OpenAI, but {choice.chosen_by} names a local model; drop one"]
         )
     settings = settings_for(ctx, choice)
+    if needs_a_key(settings, choice.chosen_by, options.get("openai_api_key")):
+        raise Problems([
+            "ATELIER_ENGINE=openai sends the request to OpenAI, and no key is set: pass --openai-api-key, "
+            "or set OPENAI_API_KEY (or ATELIER_OPENAI_API_KEY_FILE)"
+        ])  # fmt: skip
     fields = {name: options[name] for name in FIELD_OPTIONS if options.get(name) is not None}
     seed = None if options["seed"] in (None, -1) else options["seed"]
     try:
@@ -107,6 +115,11 @@ def run(
     if result.upscaled:
         note += f", rendered at {result.rendered_size} and upscaled"
     click.echo(note, err=True)
+
+
+def needs_a_key(settings: Settings, chosen_by: str | None, key: str | None) -> bool:
+    """The request would go to OpenAI (no local model named) with no key at all."""
+    return settings.default_engine == "openai" and chosen_by is None and not key and not settings.operator_openai_key()
 
 
 def make_folder(folder: Path) -> None:

@@ -127,6 +127,27 @@ def check_data_dir(folder: Path, name: str) -> None:
         ) from None
     if not os.access(folder, os.W_OK | os.X_OK):
         raise SettingsError(FieldProblem(name, f"{folder} is not writable by this user; choose a folder you can write"))
+    check_database(folder / "atelier.db", name)
+
+
+def check_database(path: Path, name: str) -> None:
+    """An existing database opens (a damaged or foreign file would fail inside uvicorn's start-up instead)."""
+    import sqlite3
+    from contextlib import closing
+
+    if not path.exists():
+        return
+    try:
+        with closing(sqlite3.connect(path, timeout=10)) as db:
+            db.execute("PRAGMA schema_version").fetchone()
+    except sqlite3.Error as exc:
+        raise SettingsError(
+            FieldProblem(
+                name,
+                f"{path} cannot be read as a database ({exc}); restore it from a backup (docs/backups.md), "
+                "or move it aside to start with an empty one",
+            )
+        ) from None
 
 
 def url_host(host: str) -> str:
