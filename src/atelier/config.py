@@ -2,18 +2,27 @@
 
 There is no module-level instance: the CLI entry point and ``create_app`` build one, tests build
 their own. Flags override the environment; the environment overrides these defaults.
+
+A value that cannot work is refused here, when the settings are read, not when it is first used:
+``load_settings`` turns pydantic's errors into one ``SettingsError`` with a problem per setting, named
+as the operator wrote it (``ATELIER_MAX_CONCURRENCY``, or the flag), with what was given and what is
+allowed. Only checks that need no heavy import live here (the device's presence needs torch: see
+``atelier.engines.devices``).
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from atelier.errors import FieldProblem, SettingsError
 
 
 def default_data_dir() -> Path:
@@ -22,6 +31,7 @@ def default_data_dir() -> Path:
     return Path(base) / "atelier"
 
 
+_DEVICE = re.compile(r"^(?:cpu|mps|(?:cuda|xpu)(?::\d+)?)$")
 _DURATION = re.compile(r"^(?:(?P<d>\d+)d)?(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m)?(?:(?P<s>\d+)s)?$")
 _OFF = ("", "0", "off", "none", "never")
 
@@ -58,23 +68,23 @@ class Settings(BaseSettings):
     model: str = "flux2-klein-4b"  # catalog name of the local model
     model_path: Path | None = None  # a local folder saved by diffusers, instead of a catalog download
     device: str | None = None  # "cuda", "cuda:1", "mps", "cpu"; None picks the best available
-    dtype: str | None = None  # "bfloat16", "float16", "float32"; None: bf16 on CUDA, fp32 on CPU
-    max_batch_pixels: int | None = None  # images × pixels per pipeline call; None: per device default
+    dtype: Literal["bfloat16", "float16", "float32"] | None = None  # None: bf16 on CUDA, fp32 on CPU
+    max_batch_pixels: int | None = Field(default=None, ge=1)  # images × pixels per call; None: per device
     matting: str = "chroma"
     image_classifier: str | None = None  # "package.module:attr" — an image moderation classifier
 
     # Service
     host: str = "127.0.0.1"
-    port: int = 5000
+    port: int = Field(default=5000, ge=1, le=65535)
     data_dir: Path = Field(default_factory=default_data_dir)
     api_tokens: Annotated[list[str], NoDecode] = Field(default_factory=list)
     public_url: str | None = None  # how clients reach this server, for absolute URLs; None: from request
-    max_concurrency: int = 1  # jobs running at once
-    max_queue: int = 64  # jobs waiting; beyond this, 429 with Retry-After
+    max_concurrency: int = Field(default=1, ge=1)  # jobs running at once
+    max_queue: int = Field(default=64, ge=0)  # jobs waiting; beyond this, 429 with Retry-After
     # The most of max_queue one token may hold waiting (and one user_id of a token, of its token's share), so
     # that another caller's first request finds room; 1 (or "off") lets one caller fill the whole queue.
     queue_share: float = Field(default=0.75, gt=0, le=1)
-    cost_per_second: float = 0.0  # USD per second of hardware time, for cost estimates
+    cost_per_second: float = Field(default=0.0, ge=0)  # USD per second of hardware time, for cost estimates
 
     # Limits and fairness (atelier.jobs.limits); all off when unset. A user is a user_id within one token.
     rate_limit_per_token: str | None = None  # "60/min", "1000/day", "10/30s": predictions created per period
@@ -162,12 +172,12 @@ class Settings(BaseSettings):
     )
     openai_api_key_file: Path | None = None  # a file holding the operator's key (e.g. a mounted secret)
     openai_model: str = "gpt-image-2"
-    openai_timeout: float = 600.0  # seconds for one HTTP attempt; high-quality renders take minutes
-    openai_max_retries: int = 4  # for 429 and 5xx, with backoff honouring Retry-After
-    openai_deadline: float = 900.0  # seconds for the whole call, retries included
-    openai_price_text_input: float = 5.0  # USD per 1M tokens
-    openai_price_image_input: float = 8.0
-    openai_price_image_output: float = 30.0
+    openai_timeout: float = Field(default=600.0, gt=0)  # seconds for one HTTP attempt; renders take minutes
+    openai_max_retries: int = Field(default=4, ge=0)  # for 429 and 5xx, with backoff honouring Retry-After
+    openai_deadline: float = Field(default=900.0, gt=0)  # seconds for the whole call, retries included
+    openai_price_text_input: float = Field(default=5.0, ge=0)  # USD per 1M tokens
+    openai_price_image_input: float = Field(default=8.0, ge=0)
+    openai_price_image_output: float = Field(default=30.0, ge=0)
 
     @field_validator("api_tokens", mode="before")
     @classmethod
@@ -175,6 +185,72 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [t.strip() for t in value.split(",") if t.strip()]
         return value
+
+    # -- checks that need no heavy import (see the module docstring) ------------------------------------
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if not _DEVICE.match(value.strip()):
+            raise ValueError(
+                f"got {value[:40]!r}; use cuda, cuda:N (the Nth GPU), mps (Apple silicon), xpu or cpu, "
+                "or leave it unset to pick the best available"
+            )
+        return value.strip()
+
+    @field_validator("matting")
+    @classmethod
+    def _check_matting(cls, value: str) -> str:
+        from atelier.imaging.matting import available_mattings
+
+        if value not in available_mattings():
+            raise ValueError(f"got {value[:40]!r}; available: {', '.join(available_mattings())}")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, value: str) -> str:
+        from atelier.engines.catalog import CATALOG
+
+        if value not in CATALOG:
+            raise ValueError(f"got {value[:60]!r}; the catalog has: {', '.join(CATALOG)} (see `atelier models`)")
+        return value
+
+    @field_validator("model_path")
+    @classmethod
+    def _check_model_path(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_dir():
+            what = "is a file, not a folder" if value.exists() else "does not exist"
+            raise ValueError(f"{str(value)[:200]} {what}; give a folder saved with pipeline.save_pretrained()")
+        return value
+
+    @field_validator("openai_api_key_file")
+    @classmethod
+    def _check_key_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            what = "is a folder, not a file" if value.exists() else "does not exist"
+            raise ValueError(f"{str(value)[:200]} {what}; give a file holding the OpenAI API key")
+        if value is not None and not os.access(value, os.R_OK):
+            raise ValueError(f"{str(value)[:200]} is not readable by this user; check its owner and mode")
+        return value
+
+    @field_validator("openai_base_url", "public_url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]", value):
+            raise ValueError(f"got {value[:60]!r}; give an http:// or https:// URL")
+        return value
+
+    @classmethod
+    def variable(cls, field: str) -> str:
+        """The environment variable of ``field``: ``ATELIER_<FIELD>``, or OpenAI's own name."""
+        info = cls.model_fields.get(field)
+        if info is not None and isinstance(info.validation_alias, AliasChoices):
+            first = info.validation_alias.choices[0]
+            return first if isinstance(first, str) else field
+        return f"ATELIER_{field.upper()}" if field in cls.model_fields else field
 
     def operator_openai_key(self) -> str | None:
         """The operator's OpenAI key: ``OPENAI_API_KEY``, else the file ``ATELIER_OPENAI_API_KEY_FILE``."""
@@ -188,7 +264,9 @@ class Settings(BaseSettings):
     def default_engine(self) -> str:
         if self.engine:
             return self.engine
-        return "openai" if self.openai_api_key or self.openai_api_key_file else "local"
+        # An operator key makes OpenAI the default only when no local model is named: naming one is a wish.
+        named = self.model_path is not None or "model" in self.model_fields_set
+        return "openai" if (self.openai_api_key or self.openai_api_key_file) and not named else "local"
 
     @property
     def database_path(self) -> Path:
@@ -197,3 +275,64 @@ class Settings(BaseSettings):
     @property
     def files_dir(self) -> Path:
         return self.data_dir / "files"
+
+
+# -- reading settings with errors an operator can act on -----------------------------------------------
+
+SECRET_FIELDS = frozenset({"openai_api_key", "api_tokens"})  # their values are never repeated back
+_ALLOWED = {  # what pydantic's error types mean, said the way an operator sets a variable
+    "int_parsing": "expected a whole number",
+    "int_type": "expected a whole number",
+    "int_from_float": "expected a whole number",
+    "float_parsing": "expected a number",
+    "float_type": "expected a number",
+    "bool_parsing": "expected true or false (also 1/0, yes/no, on/off)",
+    "bool_type": "expected true or false (also 1/0, yes/no, on/off)",
+    "time_delta_parsing": "use a duration such as '1h', '30m', '7d' or '1h30m', seconds, or 'off'",
+}
+
+
+def load_settings(overrides: Mapping[str, Any] | None = None, *, names: Mapping[str, str] | None = None) -> Settings:
+    """``Settings`` from the environment and ``overrides``; ``SettingsError`` with one problem per bad
+    setting otherwise. ``names`` says how a field was given when not by its variable (``{"port": "--port"}``)."""
+    try:
+        return Settings(**(overrides or {}))
+    except ValidationError as exc:
+        raise SettingsError(settings_problems(exc, names or {})) from None
+
+
+def settings_problems(exc: ValidationError, names: Mapping[str, str]) -> list[FieldProblem]:
+    problems: dict[str, FieldProblem] = {}
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else "settings"
+        name = names.get(field) or Settings.variable(field)
+        if name not in problems:  # one line per setting: a union's alternatives each report the same value
+            message = describe(error, secret=field in SECRET_FIELDS).removeprefix(f"{name} ")  # said once
+            problems[name] = FieldProblem(name, message, error["type"])
+    return list(problems.values())
+
+
+def describe(error: Mapping[str, Any], *, secret: bool) -> str:
+    """ "got 'two'; expected a whole number": what was given, what is allowed."""
+    kind, context = error["type"], error.get("ctx") or {}
+    if kind == "value_error":  # our own validators already say both
+        return str(context.get("error", error["msg"]))
+    given = "the value given" if secret else f"got {shown(error.get('input'))}"
+    if kind == "literal_error":
+        allowed = f"allowed: {context.get('expected', '')}".replace("'", "").replace(" or ", ", ")
+    elif kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+        bounds = {"greater_than_equal": "at least", "greater_than": "more than"}
+        bounds |= {"less_than_equal": "at most", "less_than": "less than"}
+        limit = next(iter(context.values()), "")
+        allowed = (
+            f"it must be {bounds[kind]} {limit:g}" if isinstance(limit, float) else f"it must be {bounds[kind]} {limit}"
+        )
+    else:
+        allowed = _ALLOWED.get(kind, error["msg"][:1].lower() + error["msg"][1:])
+    return f"{given}; {allowed}"
+
+
+def shown(value: object) -> str:
+    if not isinstance(value, str):
+        return str(value)
+    return repr(value[:40] + ("…" if len(value) > 40 else ""))

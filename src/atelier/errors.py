@@ -15,6 +15,7 @@ them in their own shapes in exactly one place each; nothing else turns errors in
     ├── PayloadTooLarge               413 payload_too_large the request body is over ATELIER_MAX_BODY_BYTES
     ├── TooManyRequests               429 rate_limited      carries retry_after seconds
     ├── ModelUnavailable              503 model_unavailable weights missing, offline, wrong folder
+    │   └── SettingsError             503 model_unavailable a setting (ATELIER_*, a flag) cannot work as given
     ├── InsufficientStorage           507 insufficient_storage  the server's disk is full; carries retry_after
     ├── Canceled                      499 canceled          a job stopped on request
     └── EngineError                   502 engine_error      the model or upstream failed
@@ -135,6 +136,15 @@ class InsufficientStorage(AtelierError):
     def __init__(self, message: str, *, retry_after: float = 60.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class SettingsError(ModelUnavailable):
+    """One or more settings cannot work as given; one ``FieldProblem`` per setting, its ``field`` the name
+    the operator used (``ATELIER_DEVICE``, or the flag ``--port``). The CLI prints one line each, exit 2."""
+
+    def __init__(self, problems: list[FieldProblem] | FieldProblem) -> None:
+        self.problems = [problems] if isinstance(problems, FieldProblem) else list(problems)
+        super().__init__("; ".join(str(p) for p in self.problems), field=self.problems[0].field)
 
 
 class Canceled(AtelierError):

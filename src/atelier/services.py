@@ -109,6 +109,8 @@ class Services:
         if self.retention is not None:  # sweeps once now, then every retention_interval seconds
             self.sweeper = asyncio.create_task(self.retention.run(self.settings.retention_interval))
         self.started = True
+        for note in self.router.notes():
+            log.warning("%s", note)
         if warm_up:  # load the default model now, not on the first request
             self.warmup = asyncio.create_task(self._warm_up())
 

@@ -6,17 +6,25 @@
 
 ``Atelier`` validates the request exactly as every HTTP door does, loads input images (file paths are
 allowed here, unlike over HTTP), checks the engine can honour the request, then runs it.
+
+A library should not draw on its caller's terminal: the loading bars of diffusers, transformers and
+huggingface_hub are off while Atelier loads and runs a model, unless ``Atelier(progress_bars=True)``
+(the CLI turns them on; ``-q`` turns them off). ``Result.save`` names files as the CLI does, after the
+prompt: ``a-lighthouse-at-dusk-7.png``.
 """
 
 from __future__ import annotations
 
+import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from atelier.config import Settings
+from atelier.config import Settings, load_settings
 from atelier.engines.base import CancelToken, Engine, Job, ProgressFn, Result, no_progress
 from atelier.ids import new_id, new_seed
 from atelier.request import ImageRequest, parse_request
@@ -32,8 +40,10 @@ class Atelier:
         model_path: str | Path | None = None,
         settings: Settings | None = None,
         engine: Engine | None = None,
+        progress_bars: bool = False,
     ) -> None:
-        self.settings = settings or Settings()
+        self.settings = settings or load_settings()  # a bad ATELIER_* value: SettingsError naming it
+        self.progress_bars = progress_bars
         self._engine = engine
         self._model = model
         self._model_path = Path(model_path) if model_path is not None else None
@@ -117,7 +127,7 @@ class Atelier:
         job = Job(
             id=new_id(),
             request=request,
-            seed=new_seed() if seed is None else seed,
+            seed=new_seed() if seed is None or seed == -1 else seed,  # -1: random, as in other tools
             images=tuple(images),
             previews=previews,
         )
@@ -134,5 +144,31 @@ class Atelier:
         allow_paths: bool = False,
     ) -> Result:
         job = self.prepare(request, seed=seed, allow_paths=allow_paths)
-        engine = self.setup(self.engine_for(request))
-        return engine.generate(job, progress=progress, cancel=cancel or CancelToken())
+        with loading_bars(self.progress_bars):
+            engine = self.setup(self.engine_for(request))
+            result = engine.generate(job, progress=progress, cancel=cancel or CancelToken())
+        return replace(result, stem=slug(request.prompt))
+
+
+def slug(prompt: str, limit: int = 40) -> str:
+    """A file name stem from a prompt: "A lighthouse at dusk!" is ``a-lighthouse-at-dusk``."""
+    words = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
+    return words[:limit].rstrip("-") or "image"
+
+
+@contextmanager
+def loading_bars(show: bool) -> Iterator[None]:
+    """huggingface_hub's progress bars (which diffusers' and transformers' loading bars follow) off unless
+    ``show``; restored after, so a caller's own settings stand."""
+    if show:
+        yield
+        return
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            enable_progress_bars()

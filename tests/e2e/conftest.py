@@ -45,9 +45,11 @@ class Server:
 
 
 def start_server(
-    data_dir: Path, model_path: Path, *, env: dict[str, str] | None = None, timeout: float = 180
+    data_dir: Path, model_path: Path | None, *, env: dict[str, str] | None = None, timeout: float = 180
 ) -> Server:
-    """Start ``atelier serve`` and wait until its model is loaded (``/health-check`` says READY)."""
+    """Start ``atelier serve`` and wait until its model is loaded (``/health-check`` says READY).
+
+    ``model_path`` None: no local model named (an OpenAI proxy; naming one with ATELIER_ENGINE=openai is refused)."""
     port = free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir.parent / f"server-{port}.log"
@@ -55,7 +57,7 @@ def start_server(
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "ATELIER_DATA_DIR": str(data_dir),
-        "ATELIER_MODEL_PATH": str(model_path),
+        **({"ATELIER_MODEL_PATH": str(model_path)} if model_path is not None else {}),
         "ATELIER_PORT": str(port),
         "ATELIER_WEBHOOK_ALLOW": "127.0.0.1",  # the tests' webhook receivers listen on loopback
         **(env or {}),

@@ -132,7 +132,7 @@ def server_a(standin_server: StandIn, tmp_path_factory: pytest.TempPathFactory) 
         "OPENAI_BASE_URL": standin_server.url,
         "ATELIER_OPENAI_MAX_RETRIES": "1",
     }
-    running = start_server(folder / "data", folder / "no-local-model", env=env)
+    running = start_server(folder / "data", None, env=env)
     yield running
     running.stop()
 

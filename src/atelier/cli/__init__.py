@@ -13,18 +13,12 @@ import click
 
 from atelier import __version__
 from atelier.api.request_id import install_log_records
+from atelier.cli.backup import backup
 from atelier.cli.generate import edit, generate
 from atelier.cli.models import models
+from atelier.cli.problems import Problems, line, problem_lines
 from atelier.cli.serve import serve
-from atelier.errors import AtelierError, InputError
-
-# CLI options are named after the request's fields: --aspect-ratio is aspect_ratio.
-OPTION_NAMES = {"input_images": "--image", "number_of_images": "--number-of-images"}
-
-
-def option_name(field: str) -> str:
-    root, _, rest = field.partition("[")
-    return OPTION_NAMES.get(root, "--" + root.replace("_", "-")) + (f"[{rest}" if rest else "")
+from atelier.errors import AtelierError, InputError, SettingsError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -45,23 +39,36 @@ cli.add_command(generate)
 cli.add_command(edit)
 cli.add_command(models)
 cli.add_command(serve)
+cli.add_command(backup)
 
 
 def main(argv: list[str] | None = None) -> None:
+    debug = "--debug" in (argv if argv is not None else sys.argv)
     try:
         cli.main(args=argv, prog_name="atelier", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.UsageError as exc:  # click's own: one line, with where to look, not the usage block
+        command = exc.ctx.command_path if exc.ctx is not None else "atelier"
+        click.echo(f"error: {exc.format_message()} (see '{command} --help')", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except InputError as exc:
-        for problem in exc.problems:
-            click.echo(f"error: {option_name(problem.field)}: {problem.message}", err=True)
+    except SettingsError as exc:  # named as the user set them: ATELIER_PORT, --port
+        Problems([line(p.field, p.message) for p in exc.problems]).show()
+        sys.exit(2)
+    except InputError as exc:  # a request's fields: named by their options
+        Problems(problem_lines(exc.problems)).show()
         sys.exit(2)
     except AtelierError as exc:
-        if "--debug" in (argv or sys.argv):
+        if debug:
             raise
         click.echo(f"error: {exc.message}", err=True)
+        sys.exit(1)
+    except Exception as exc:  # a bug, here or in a library: still one line, and how to see more
+        if debug:
+            raise
+        click.echo(f"error: {type(exc).__name__}: {exc} (a bug: rerun with --debug for the traceback)", err=True)
         sys.exit(1)

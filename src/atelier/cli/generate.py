@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import os
-import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
+from atelier.cli.problems import Problems, image_namer, problem_lines
+from atelier.cli.settings import choose_model, settings_for
 from atelier.engines.base import ProgressEvent
 from atelier.errors import FieldProblem, InputError
 from atelier.request import parse_request
+
+if TYPE_CHECKING:
+    from atelier.config import Settings
+
+MAX_SEED = 2**32 - 1
 
 FIELD_OPTIONS = (
     "aspect_ratio", "background", "moderation", "number_of_images", "output_compression",
@@ -47,7 +53,10 @@ def request_options(func: Any) -> Any:
             "--model-path", envvar="ATELIER_MODEL_PATH", type=click.Path(path_type=Path),
             help="A pipeline folder saved by diffusers, instead of a catalog model.",
         ),
-        click.option("--seed", type=int, help="Seed of the first image (image i uses seed+i); random if unset."),
+        click.option(
+            "--seed", type=click.IntRange(-1, MAX_SEED),
+            help="Seed of the first image (image i uses seed+i); random if unset or -1.",
+        ),
         click.option(
             "-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("."), show_default=True,
             help="Folder to write images into.",
@@ -63,34 +72,59 @@ def request_options(func: Any) -> Any:
 @click.argument("prompt")
 @click.option("--image", "images", multiple=True, help="An input image (path, URL or data: URI); makes it an edit.")
 @request_options
-def generate(prompt: str, images: tuple[str, ...], **options: Any) -> None:
+@click.pass_context
+def generate(ctx: click.Context, prompt: str, images: tuple[str, ...], **options: Any) -> None:
     """Create images from PROMPT (or edit --image inputs) and print the paths written."""
-    run(prompt, list(images), options)
+    run(ctx, prompt, list(images), options, image_option="--image")
 
 
 @click.command()
 @click.argument("prompt")
 @click.argument("images", nargs=-1, required=True)
 @request_options
-def edit(prompt: str, images: tuple[str, ...], **options: Any) -> None:
+@click.pass_context
+def edit(ctx: click.Context, prompt: str, images: tuple[str, ...], **options: Any) -> None:
     """Edit or combine IMAGES (paths, URLs or data: URIs) as PROMPT says."""
-    run(prompt, list(images), options)
+    run(ctx, prompt, list(images), options, image_option=None)
 
 
-def run(prompt: str, images: list[str], options: dict[str, Any]) -> None:
+def run(
+    ctx: click.Context, prompt: str, images: list[str], options: dict[str, Any], *, image_option: str | None
+) -> None:
+    """Everything that can be refused is refused before the model loads: settings, the request, the folder."""
     from atelier.studio import Atelier
 
     if options["quiet"]:  # read by huggingface_hub, diffusers and transformers when they are imported
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
+    choice = choose_model(ctx, options["model"], options["model_path"])
+    if options.get("openai_api_key") and choice.chosen_by is not None:
+        raise Problems(
+            [f"--openai-api-key sends the request to OpenAI, but {choice.chosen_by} names a local model; drop one"]
+        )
+    settings = settings_for(ctx, choice)
+    if needs_a_key(settings, choice.chosen_by, options.get("openai_api_key")):
+        raise Problems([
+            "ATELIER_ENGINE=openai sends the request to OpenAI, and no key is set: pass --openai-api-key, "
+            "or set OPENAI_API_KEY (or ATELIER_OPENAI_API_KEY_FILE)"
+        ])  # fmt: skip
     fields = {name: options[name] for name in FIELD_OPTIONS if options.get(name) is not None}
-    if options.get("openai_api_key_file") is not None:
-        fields["openai_api_key"] = key_from_file(options["openai_api_key_file"], also_given=options["openai_api_key"])
-    request = parse_request({"prompt": prompt, **fields, **({"input_images": images} if images else {})})
-    studio = Atelier(options["model"], model_path=options["model_path"])
-    with Progress(enabled=not options["quiet"]) as progress:
-        result = studio.run(request, seed=options["seed"], progress=progress, allow_paths=True)
-    for path in result.save(options["out"], stem=slug(prompt)):
+    seed = None if options["seed"] in (None, -1) else options["seed"]
+    try:
+        if options.get("openai_api_key_file") is not None:
+            fields["openai_api_key"] = key_from_file(
+                options["openai_api_key_file"], also_given=options["openai_api_key"]
+            )
+        request = parse_request({"prompt": prompt, **fields, **({"input_images": images} if images else {})})
+        make_folder(options["out"])
+        studio = Atelier(
+            choice.model, model_path=choice.model_path, settings=settings, progress_bars=not options["quiet"]
+        )
+        with Progress(enabled=not options["quiet"]) as progress:
+            result = studio.run(request, seed=seed, progress=progress, allow_paths=True)
+    except InputError as exc:
+        raise Problems(problem_lines(exc.problems, image_namer(images, image_option))) from None
+    for path in result.save(options["out"]):
         click.echo(str(path))
     note = f"{result.model}: {len(result.images)}x {result.size} {request.output_format}, seed {result.seed}"
     if result.upscaled:
@@ -122,9 +156,21 @@ def key_from_file(path: str, *, also_given: str | None) -> str:
     return key
 
 
-def slug(prompt: str, limit: int = 40) -> str:
-    words = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
-    return words[:limit].rstrip("-") or "image"
+def needs_a_key(settings: Settings, chosen_by: str | None, key: str | None) -> bool:
+    """The request would go to OpenAI (no local model named) with no key at all."""
+    return settings.default_engine == "openai" and chosen_by is None and not key and not settings.operator_openai_key()
+
+
+def make_folder(folder: Path) -> None:
+    """The output folder, made now: a folder that cannot be written is found before any model time."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise Problems(
+            [f"--out: cannot create {folder}: {exc.strerror or exc}; choose a folder you can write"]
+        ) from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise Problems([f"--out: {folder} is not writable by this user; choose a folder you can write"])
 
 
 class Progress:

@@ -1,13 +1,27 @@
-"""``atelier serve``: the API server, job runner and storage in one process."""
+"""``atelier serve``: the API server, job runner and storage in one process.
+
+Everything that can be checked before the model loads is checked first, in the order a newcomer
+would fix it: the settings, the address (bound now and handed to uvicorn, so nobody can take it in
+between), the data folder. Only then is the app built and the model's loading started.
+"""
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
+import os
+import socket
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
+
+from atelier.cli.settings import choose_model, given_as, settings_for
+from atelier.errors import FieldProblem, SettingsError
+
+if TYPE_CHECKING:
+    from atelier.config import Settings
 
 log = logging.getLogger("atelier.serve")
 
@@ -24,30 +38,120 @@ log = logging.getLogger("atelier.serve")
     "--data-dir", envvar="ATELIER_DATA_DIR", type=click.Path(file_okay=False, path_type=Path),
     help="Where the database and files live (default: a per-user folder).",
 )  # fmt: skip
-def serve(host: str, port: int, model: str | None, model_path: Path | None, data_dir: Path | None) -> None:
+@click.pass_context
+def serve(
+    ctx: click.Context, host: str, port: int, model: str | None, model_path: Path | None, data_dir: Path | None
+) -> None:
     """Serve the Replicate, Cog and OpenAI Images APIs over one job system."""
+    choice = choose_model(ctx, model, model_path)
+    extra = {"host": host, "port": port, **({"data_dir": data_dir} if data_dir is not None else {})}
+    settings = settings_for(ctx, choice, extra, fields=("host", "port", "data_dir"))
+    asked = settings.host
+    if not settings.api_tokens and not is_loopback(settings.host):
+        settings.host = "127.0.0.1"
+    listener = listen(settings.host, settings.port, host_name=given_as(ctx, "host"), port_name=given_as(ctx, "port"))
+    try:
+        check_data_dir(settings.data_dir, given_as(ctx, "data_dir") or "ATELIER_DATA_DIR")
+        if settings.host != asked:
+            click.echo(
+                f"No API tokens configured (ATELIER_API_TOKENS): listening on 127.0.0.1 only, not {asked}.", err=True
+            )
+        elif not settings.api_tokens:
+            click.echo("No API tokens configured (ATELIER_API_TOKENS): open to local callers only.", err=True)
+        run(settings, listener)
+    finally:
+        listener.close()
+
+
+def run(settings: Settings, listener: socket.socket) -> None:
     import uvicorn
 
     from atelier.app import create_app
-    from atelier.config import Settings
 
-    overrides: dict[str, Any] = {"host": host, "port": port}
-    for name, value in (("model", model), ("model_path", model_path), ("data_dir", data_dir)):
-        if value is not None:
-            overrides[name] = value
-    settings = Settings(**overrides)
-    if not settings.api_tokens and not is_loopback(settings.host):
-        click.echo(
-            f"No API tokens configured (ATELIER_API_TOKENS): listening on 127.0.0.1 only, not {settings.host}.",
-            err=True,
-        )
-        settings.host = "127.0.0.1"
-    elif not settings.api_tokens:
-        click.echo("No API tokens configured (ATELIER_API_TOKENS): open to local callers only.", err=True)
     logging.getLogger("atelier").setLevel(logging.INFO)
     app = create_app(settings)
-    click.echo(f"Atelier on http://{settings.host}:{settings.port} (data in {settings.data_dir})", err=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    click.echo(f"Atelier on http://{url_host(settings.host)}:{settings.port} (data in {settings.data_dir})", err=True)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listener])
+
+
+def listen(host: str, port: int, *, host_name: str | None, port_name: str | None) -> socket.socket:
+    """A socket bound to ``host:port``, or a ``SettingsError`` that says why not and what to do."""
+    port_name, host_name = port_name or "--port", host_name or "--host"
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        # IPv4 first when a name has both (localhost): what uvicorn would bind, and what browsers try
+        family, kind, proto, _, address = min(found, key=lambda info: info[0] != socket.AF_INET)
+    except (socket.gaierror, UnicodeError):
+        raise SettingsError(
+            FieldProblem(host_name, f"got {host!r}, which does not resolve; use 127.0.0.1, 0.0.0.0 or ::")
+        ) from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart over TIME_WAIT
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise SettingsError(bind_problem(exc, host, port, host_name, port_name)) from None
+    return sock
+
+
+def bind_problem(exc: OSError, host: str, port: int, host_name: str, port_name: str) -> FieldProblem:
+    if exc.errno == errno.EADDRINUSE:
+        other = port + 1 if port < 65535 else 5000
+        return FieldProblem(
+            port_name,
+            f"port {port} on {host} is taken (another atelier serve, or another server); "
+            f"choose a free one with --port, e.g. --port {other}",
+        )
+    if exc.errno == errno.EACCES:
+        return FieldProblem(
+            port_name,
+            f"port {port} needs privileges this user lacks (ports below 1024 usually do); use a port above 1023, "
+            "e.g. --port 5000, and put a reverse proxy in front (docs/reverse-proxy.md)",
+        )
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return FieldProblem(
+            host_name,
+            f"{host} is not an address of this machine; use 127.0.0.1, 0.0.0.0 (every interface) or one of its own",
+        )
+    return FieldProblem(port_name, f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+
+
+def check_data_dir(folder: Path, name: str) -> None:
+    """The data folder exists (created if need be) and is writable, before anything is loaded."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SettingsError(
+            FieldProblem(name, f"cannot create {folder}: {exc.strerror or exc}; choose a folder you can write")
+        ) from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise SettingsError(FieldProblem(name, f"{folder} is not writable by this user; choose a folder you can write"))
+    check_database(folder / "atelier.db", name)
+
+
+def check_database(path: Path, name: str) -> None:
+    """An existing database opens (a damaged or foreign file would fail inside uvicorn's start-up instead)."""
+    import sqlite3
+    from contextlib import closing
+
+    if not path.exists():
+        return
+    try:
+        with closing(sqlite3.connect(path, timeout=10)) as db:
+            db.execute("PRAGMA schema_version").fetchone()
+    except sqlite3.Error as exc:
+        raise SettingsError(
+            FieldProblem(
+                name,
+                f"{path} cannot be read as a database ({exc}); restore it from a backup (docs/backups.md), "
+                "or move it aside to start with an empty one",
+            )
+        ) from None
+
+
+def url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def is_loopback(host: str) -> bool:

@@ -111,9 +111,11 @@ class Result:
     usage: dict[str, Any] = field(default_factory=dict)  # upstream token usage, when there is one
     cost: float | None = None  # USD, when the engine knows it (upstream usage x prices)
     timings: dict[str, float] = field(default_factory=dict)
+    stem: str = "image"  # the file names' start; the Python API and the CLI set it from the prompt
 
-    def save(self, folder: str | Path, stem: str = "image") -> list[Path]:
+    def save(self, folder: str | Path, stem: str | None = None) -> list[Path]:
         """Write the images as ``{stem}-{seed}.{format}`` (or ``{stem}-{i}``), never overwriting a file."""
+        stem = stem or self.stem
         target = Path(folder)
         target.mkdir(parents=True, exist_ok=True)
         paths = []

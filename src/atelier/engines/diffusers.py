@@ -445,6 +445,9 @@ def pick_dtype(device: str, name: str | None) -> Any:
 
 def spec_for_local_folder(folder: Path) -> tuple[ModelSpec, Variant]:
     index = Path(folder) / "model_index.json"
+    if not Path(folder).is_dir():
+        what = "is a file, not a folder" if Path(folder).exists() else "does not exist"
+        raise ModelUnavailable(f"{folder} {what}; point --model-path at a folder saved with pipeline.save_pretrained()")
     if not index.is_file():
         raise ModelUnavailable(
             f"{folder} is not a diffusers pipeline folder (no model_index.json); "
@@ -497,6 +500,9 @@ def load_pipeline(folder: Path, variant: Variant, *, device: str, dtype: str | N
             f"{variant.pipeline} is not in diffusers {diffusers.__version__}; upgrade with "
             "`pip install -U diffusers` (Atelier is tested with the version in constraints.txt)"
         )
+    from atelier.engines.devices import check_device
+
+    check_device(device)  # before gigabytes of weights are read for a device that is not there
     started = time.perf_counter()
     try:
         pipe = cls.from_pretrained(folder, dtype=pick_dtype(device, dtype))

@@ -105,6 +105,11 @@ class OpenAIEngine:
         self._loop = BackgroundLoop(f"atelier-{self.name}")  # the calls, the connection pool (see aio.py)
         self._http: Any = None  # one httpx.AsyncClient on that loop, shared by every key's calls
 
+    @property
+    def needs_caller_key(self) -> bool:
+        """No operator key: only requests carrying their own ``openai_api_key`` can be served."""
+        return not self._api_key
+
     def setup(self) -> None:
         try:
             import openai  # noqa: F401

@@ -12,7 +12,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from atelier.errors import ModelUnavailable
+from atelier.errors import FieldProblem, ModelUnavailable, SettingsError
 
 if TYPE_CHECKING:
     from atelier.config import Settings
@@ -33,7 +33,7 @@ def _diffusers(settings: Settings, *, model: str | None = None, model_path: Path
     try:
         classifier = load_classifier(settings.image_classifier)
     except ValueError as exc:
-        raise ModelUnavailable(f"ATELIER_IMAGE_CLASSIFIER: {exc}") from None
+        raise SettingsError(FieldProblem("ATELIER_IMAGE_CLASSIFIER", str(exc))) from None
     return DiffusersEngine(
         model or settings.model,
         model_path=model_path if model_path is not None else (None if model else settings.model_path),

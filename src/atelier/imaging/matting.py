@@ -64,6 +64,10 @@ def register_matting(name: str, factory: Callable[[], Matting]) -> None:
     _REGISTRY[name] = factory
 
 
+def available_mattings() -> list[str]:
+    return sorted(_REGISTRY)
+
+
 def get_matting(name: str = "chroma") -> Matting:
     if name not in _REGISTRY:
         raise ValueError(f"no matting named {name!r}; available: {', '.join(sorted(_REGISTRY))}")

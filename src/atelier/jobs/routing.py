@@ -8,6 +8,9 @@
   ``owner/name``), or an alias; ``openai/gpt-image-2`` and ``gpt-image-2`` name the default unless an
   engine is registered under that exact key. Anything else is ``ModelNotFound`` (a ``NotFound``) naming
   the served models.
+* An upstream engine with no operator key (``needs_caller_key``) can serve only callers who bring a key:
+  it is not listed among the served models (``listed``) unless it is the default, and then ``notes``
+  says so, for the start-up log and Cog's ``/health-check``.
 * ``ready(engine)`` runs ``engine.setup()`` once, in a thread, the first time a job needs it; concurrent
   first jobs wait for the same setup. A failed setup is not remembered: the next job tries again (the
   weights may have been downloaded meanwhile); ``setup_errors`` keeps the last message for health checks,
@@ -31,6 +34,16 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ALIASES = ("openai/gpt-image-2", "gpt-image-2")
 OPENAI = "openai"
+CALLER_KEY_NOTE = (
+    "the default model {model!r} runs on OpenAI and this server has no OpenAI key of its own (OPENAI_API_KEY "
+    "or ATELIER_OPENAI_API_KEY_FILE): only requests carrying their own openai_api_key are served; set a key "
+    "to serve the others"
+)
+
+
+def needs_caller_key(engine: Engine) -> bool:
+    """An upstream engine without the operator's key (an optional engine attribute; False if absent)."""
+    return bool(getattr(engine, "needs_caller_key", False))
 
 
 @dataclass
@@ -71,6 +84,16 @@ class EngineRouter:
     def models(self) -> list[str]:
         return list(self.engines)
 
+    @property
+    def listed(self) -> list[str]:
+        """The models shown to callers: those that can serve a request as it comes, and the default."""
+        return [key for key, engine in self.engines.items() if key == self.default or not needs_caller_key(engine)]
+
+    def notes(self) -> list[str]:
+        """What an operator must know about how requests will be served (logged at start, in health checks)."""
+        engine = self.engines[self.default]
+        return [CALLER_KEY_NOTE.format(model=engine.model)] if needs_caller_key(engine) else []
+
     def resolve(self, model: str | None) -> str:
         """The key of the engine ``model`` names; ``ModelNotFound`` listing the served models otherwise."""
         if model is None:
@@ -81,7 +104,7 @@ class EngineRouter:
         if model in self.aliases:
             return self.aliases[model]
         raise ModelNotFound(
-            f"model {model!r} is not served here; served models: {', '.join(self.engines)} (default: {self.default})",
+            f"model {model!r} is not served here; served models: {', '.join(self.listed)} (default: {self.default})",
             field="model",
         )
 

@@ -217,7 +217,10 @@ class CogDoor:
             status = "SETUP_FAILED"
         else:
             status = "STARTING"
-        return HealthCheck(status=status, setup=setup_result(record, ready=router.is_ready(engine)))
+        setup = setup_result(record, ready=router.is_ready(engine))
+        if router.notes():  # compat: Cog's setup logs are free text; a caveat of a working setup goes there
+            setup.logs = "".join(f"{note}\n" for note in router.notes()) + (setup.logs or "")
+        return HealthCheck(status=status, setup=setup)
 
     def openapi(self) -> dict[str, Any]:
         if self._document is None:

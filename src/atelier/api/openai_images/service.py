@@ -334,7 +334,7 @@ async def answer(services: Services, prediction: Prediction, reply: Reply, recei
 
 
 def list_models(services: Services) -> ModelList:
-    names = services.router.models
+    names = services.router.listed
     if DEFAULT_MODEL_NAME not in names:
         names = [*names, DEFAULT_MODEL_NAME]
     return ModelList(data=[_model(services, name) for name in names])
