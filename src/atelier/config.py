@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     dtype: str | None = None  # "bfloat16", "float16", "float32"; None: bf16 on CUDA, fp32 on CPU
     max_batch_pixels: int | None = None  # images × pixels per pipeline call; None: per device default
     matting: str = "chroma"
+    # Generation parameters (prompt, model, seed, steps, size, version) inside each output file: png text
+    # chunks, EXIF in jpeg and webp (atelier.imaging.metadata). Never the key or the user_id.
+    metadata: bool = True
     image_classifier: str | None = None  # "package.module:attr" — an image moderation classifier
 
     # Service

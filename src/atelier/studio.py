@@ -112,12 +112,14 @@ class Atelier:
         from atelier.fetch import FetchPolicy
         from atelier.imaging.inputs import fetch_url, load_references
 
+        if seed is not None:  # in the request, so an engine that cannot honour a seed refuses it
+            request = request.model_copy(update={"seed": seed})
         fetch = partial(fetch_url, policy=FetchPolicy.from_settings(self.settings))
         images = load_references(request.input_images or [], allow_paths=allow_paths, fetch=fetch)
         job = Job(
             id=new_id(),
             request=request,
-            seed=new_seed() if seed is None else seed,
+            seed=new_seed() if request.seed is None else request.seed,
             images=tuple(images),
             previews=previews,
         )
@@ -135,4 +137,9 @@ class Atelier:
     ) -> Result:
         job = self.prepare(request, seed=seed, allow_paths=allow_paths)
         engine = self.setup(self.engine_for(request))
-        return engine.generate(job, progress=progress, cancel=cancel or CancelToken())
+        result = engine.generate(job, progress=progress, cancel=cancel or CancelToken())
+        if self.settings.metadata:  # the parameters in the files, as the server writes them
+            from atelier.imaging.metadata import annotate
+
+            result = annotate(result, job)
+        return result

@@ -93,6 +93,7 @@ class Capabilities:
     max_input_images: int = 0
     can_inpaint: bool = False  # honours a mask
     can_preview: bool = False  # can emit intermediate previews while denoising
+    can_seed: bool = False  # honours a caller's seed (same seed, same images); else a seed is refused
 
     def check(self, job_or_request: Job | ImageRequest, *, model: str, has_mask: bool = False) -> None:
         """Raise ``UnsupportedRequest`` for anything this engine cannot honour."""
@@ -120,6 +121,15 @@ class Capabilities:
                 FieldProblem(
                     "input_images",
                     f"model '{model}' only edits images; give at least one input image",
+                    "unsupported",
+                )
+            )
+        if request.seed is not None and not self.can_seed:
+            raise UnsupportedRequest(
+                FieldProblem(
+                    "seed",
+                    f"got {request.seed}; model '{model}' cannot reproduce images from a seed, so it would be "
+                    "ignored; leave 'seed' out or choose a local model",
                     "unsupported",
                 )
             )

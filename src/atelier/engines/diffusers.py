@@ -93,6 +93,7 @@ class DiffusersEngine:
             can_edit=any(v.edits for v in self.variants),
             max_input_images=max((v.max_input_images for v in self.variants if v.edits), default=0),
             can_preview=True,
+            can_seed=True,
         )
         self._device_name = device
         self._dtype_name = dtype

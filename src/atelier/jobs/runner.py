@@ -11,8 +11,9 @@ Design:
 * **Workers.** ``settings.max_concurrency`` workers pull from one queue, in fair order across callers
   (``atelier.jobs.queue``); each sets the engine up once (in a thread), marks the task ``processing``,
   runs ``engine.generate`` in one of the runner's own threads (one per worker, so engine calls never
-  wait for threads that file I/O holds, nor it for them; the loop never blocks on a model), writes the outputs durably
-  through the ``FileStore``, and only then marks the task ``succeeded``. Progress callbacks from the
+  wait for threads that file I/O holds, nor it for them; the loop never blocks on a model), writes the generation
+  parameters into the images (``imaging.metadata``) and the outputs durably through the ``FileStore``, and only
+  then marks the task ``succeeded``. Progress callbacks from the
   engine's thread are handed to the loop (``call_soon_threadsafe``), where the ``Task`` lives.
 * **Cancel and deadlines.** Each job has a ``CancelToken``. A queued job is canceled at once; a
   running one gets its token set and the engine raises ``Canceled`` between steps; a token set while
@@ -52,13 +53,14 @@ from typing import TYPE_CHECKING
 from atelier.engines.base import BatchPlan, CancelToken, Engine, Job, PartialBatch, Result, batching, generate_together
 from atelier.errors import AtelierError, Canceled, Conflict, EngineError, ModelUnavailable, NotFound
 from atelier.ids import new_id, new_seed
+from atelier.imaging import metadata
 from atelier.jobs import recovery
 from atelier.jobs.dispatch import Dispatcher, Listener
 from atelier.jobs.events import Subscription, finished_subscription
 from atelier.jobs.files import FileStore
 from atelier.jobs.limits import Caller, Limits
 from atelier.jobs.queue import Entry, JobQueue
-from atelier.jobs.records import PROCESSING, SOURCES, Prediction, utc_now
+from atelier.jobs.records import PROCESSING, SOURCES, FileRecord, Prediction, utc_now
 from atelier.jobs.recovery import ImageLoader
 from atelier.jobs.routing import EngineRouter
 from atelier.jobs.store import Store
@@ -197,9 +199,8 @@ class Runner:
         caller = Caller(owner, request.user_id)
         self.check_admission(caller)
         key, engine = self.engines.route(request, model)
-        job = Job(
-            prediction_id or new_id(), request, new_seed() if seed is None else seed, tuple(images), mask, previews
-        )
+        seed = seed if seed is not None else request.seed if request.seed is not None else new_seed()
+        job = Job(prediction_id or new_id(), request, seed, tuple(images), mask, previews)
         batch = await asyncio.to_thread(self._check_job, engine, job)
         # No await from here on: the bound and limit checks, the insert and the enqueue are one step.
         self._check_accepting()
@@ -351,14 +352,21 @@ class Runner:
             if task.terminal:  # canceled while its batch ran: its images are discarded
                 return
             token.raise_if_cancelled()  # canceled while the engine finished: honour it
-            owner, id = task.prediction.owner, task.id
-            records = await asyncio.to_thread(self.files.put_outputs, result.images, owner=owner, prediction_id=id)
+            records = await asyncio.to_thread(self._keep, entry, result)
             if token.cancelled:
                 await asyncio.to_thread(self.files.delete_many, [r.id for r in records])
                 token.raise_if_cancelled()
             task.succeed(result, records)
         except Exception as exc:
             self._settle(entry, exc)
+
+    def _keep(self, entry: Entry, result: Result) -> builtins.list[FileRecord]:
+        """Blocking: the parameters written into the images (unless ``settings.metadata`` is off), then the
+        files written durably."""
+        if self.settings.metadata:
+            result = metadata.annotate(result, entry.job)
+        prediction = entry.task.prediction
+        return self.files.put_outputs(result.images, owner=prediction.owner, prediction_id=prediction.id)
 
     async def _ready(self, engine: Engine) -> None:
         try:

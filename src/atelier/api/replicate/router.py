@@ -153,7 +153,8 @@ async def delete_file(file_id: str, door: Door, owner: Owner) -> Response:
     return Response(status_code=204)
 
 
-@router.get("/files/{file_id}/download")
+# HEAD too: browsers, download managers and link checkers ask for the size and type before fetching.
+@router.api_route("/files/{file_id}/download", methods=["GET", "HEAD"])
 async def download_file(
     file_id: str, door: Door, services: ServicesDep, request: Request, sig: str | None = None
 ) -> FileResponse:
