@@ -91,3 +91,25 @@ async def test_downloads_are_named_by_prediction_and_index(tmp_path: Path) -> No
             f'inline; filename="{first["id"]}-1.jpeg"',
             f'inline; filename="{second["id"]}-0.webp"',
         ]
+
+
+async def test_a_finished_prediction_can_be_deleted_with_its_outputs(tmp_path: Path) -> None:
+    async with serve(tmp_path) as doors:
+        prediction, _ = await outputs(doors)
+        url = prediction["output"][0].removeprefix(BASE)
+        assert (await doors.client.delete(f"/v1/predictions/{prediction['id']}")).status_code == 204
+        assert (await doors.client.get(f"/v1/predictions/{prediction['id']}")).status_code == 404
+        assert (await doors.client.get(url)).status_code == 404  # the image is gone from disk too
+        listed = (await doors.client.get("/v1/predictions")).json()["results"]
+        assert prediction["id"] not in [p["id"] for p in listed]
+        again = await doors.client.delete(f"/v1/predictions/{prediction['id']}")
+        assert again.status_code == 404
+
+
+async def test_a_running_prediction_is_not_deleted(tmp_path: Path) -> None:
+    async with serve(tmp_path) as doors:
+        gate = doors.engine.block()
+        running = (await doors.client.post(REPLICATE_CREATE, json={"input": {"prompt": "slow"}})).json()
+        refused = await doors.client.delete(f"/v1/predictions/{running['id']}")
+        assert refused.status_code == 409 and "cancel it first" in refused.json()["detail"]
+        gate.set()

@@ -224,7 +224,10 @@ class DiffusersEngine:
         kwargs.update(prompt=plan.prompt, num_images_per_prompt=count)
         if job.images:
             kwargs["image"] = [image.convert("RGB") for image in job.images]
-        progress(ProgressEvent(done_before, steps_total, message=f"rendering {count} at {plan.size.rendered}"))
+        calls = len(plan.batches)  # said in the log, so a reader can tell "step 8 of 8" from the steps per image
+        where = f"call {batch_index + 1} of {calls}, " if calls > 1 else ""
+        message = f"rendering {count} at {plan.size.rendered} ({where}{steps} steps)"
+        progress(ProgressEvent(done_before, steps_total, message=message))
         return run_pipeline(pipe, plan, kwargs, cancel.raise_if_cancelled)
 
     def _call_kwargs(self, plan: RenderPlan, seeds: list[int], on_step_end: Callable[..., Any]) -> dict[str, Any]:

@@ -243,6 +243,17 @@ class Runner:
         self._cancel_entry(entry, USER_CANCEL)
         return entry.task.prediction.snapshot()
 
+    async def delete(self, id: str, *, owner: str | None = None) -> None:
+        """Forget a finished prediction of ``owner`` and delete its output files (its input files are the
+        caller's own uploads, deleted through the Files API). ``Conflict`` while it is queued or running."""
+        prediction = await self.get(id, owner=owner)
+        if not prediction.terminal:
+            raise Conflict(f"prediction {id[:64]!r} is {prediction.status}; cancel it first, then delete it")
+        outputs = [record.id for record in self.files.for_prediction(id) if record.kind == "output"]
+        await asyncio.to_thread(self.files.delete_many, outputs)  # files first: never a row pointing at nothing
+        self.store.delete_prediction(id)
+        log.info("prediction %s deleted by its owner", id)
+
     async def wait(self, id: str, timeout: float | None) -> Prediction:
         """The prediction once it is terminal, or as it is when ``timeout`` seconds have passed."""
         entry = self.queue.get(id)

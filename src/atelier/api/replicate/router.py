@@ -102,6 +102,13 @@ async def cancel_prediction(prediction_id: str, door: Door, owner: Owner, base: 
     return await door.cancel(prediction_id, owner, base)
 
 
+# atelier: delete a finished prediction and its output files (the playground's history uses it)
+@router.delete("/predictions/{prediction_id}", status_code=204)
+async def delete_prediction(prediction_id: str, door: Door, owner: Owner) -> Response:
+    await door.delete(prediction_id, owner)
+    return Response(status_code=204)
+
+
 @router.get("/predictions/{prediction_id}/stream")
 async def stream_prediction(
     prediction_id: str, door: Door, services: ServicesDep, request: Request, base: BaseURL, sig: str | None = None,
