@@ -113,3 +113,19 @@ async def test_a_running_prediction_is_not_deleted(tmp_path: Path) -> None:
         refused = await doors.client.delete(f"/v1/predictions/{running['id']}")
         assert refused.status_code == 409 and "cancel it first" in refused.json()["detail"]
         gate.set()
+
+
+async def test_only_the_owner_can_delete_a_prediction(tmp_path: Path) -> None:
+    a, b = "token-a-0123456789", "token-b-0123456789"
+    async with serve(tmp_path, api_tokens=[a, b]) as doors:
+        mine = (
+            await doors.client.post(
+                REPLICATE_CREATE, json={"input": {"prompt": "mine"}},
+                headers={"Prefer": "wait", "Authorization": f"Bearer {a}"},
+            )
+        ).json()  # fmt: skip
+        path = f"/v1/predictions/{mine['id']}"
+        theirs = await doors.client.delete(path, headers={"Authorization": f"Bearer {b}"})
+        assert theirs.status_code == 404  # as if it did not exist
+        assert (await doors.client.get(path, headers={"Authorization": f"Bearer {a}"})).status_code == 200
+        assert (await doors.client.delete(path)).status_code == 401
