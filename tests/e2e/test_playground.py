@@ -602,7 +602,7 @@ def test_progress_counts_steps_per_call_when_images_run_as_separate_calls(
     browser: Browser, page: Page, server: Server
 ) -> None:
     visit(page, server)
-    fill_form(page, "two small boats", quality="low")
+    fill_form(page, "two small boats", quality="medium")  # "low" draws at half the pixels: two would share a call
     page.fill("#f-number_of_images", "2")  # 1024x1024 each: one image per call on a CPU, so two calls
     created = submit(page)
     wait_done(page)
