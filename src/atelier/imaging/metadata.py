@@ -97,7 +97,7 @@ def annotate(result: Result, job: Job) -> Result:
 def _with(image: OutputImage, params: Parameters) -> OutputImage:
     try:
         return replace(image, data=embed(image.data, image.format, params))
-    except (ValueError, struct.error) as exc:  # bytes we cannot parse (an upstream's surprise): keep them as they are
+    except (ValueError, IndexError, struct.error) as exc:  # bytes we cannot parse (an upstream's surprise)
         log.warning("output image (%s) left without parameters: %s", image.format, exc)
         return image
 
