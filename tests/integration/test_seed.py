@@ -119,3 +119,13 @@ def _png() -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), (0, 0, 255)).save(buffer, "PNG")
     return buffer.getvalue()
+
+
+def test_the_python_api_refuses_a_seed_an_engine_cannot_honour() -> None:
+    from atelier import Atelier
+    from atelier.errors import UnsupportedRequest
+
+    upstream = OpenAIEngine(api_key="sk-test-never-used", base_url="http://127.0.0.1:9/v1")
+    with pytest.raises(UnsupportedRequest) as refused_here:
+        Atelier(engine=upstream).generate("a fox", seed=1)  # refused before any HTTP
+    assert refused_here.value.field == "seed"
