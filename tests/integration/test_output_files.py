@@ -91,6 +91,9 @@ async def test_downloads_are_named_by_prediction_and_index(tmp_path: Path) -> No
             f'inline; filename="{first["id"]}-1.jpeg"',
             f'inline; filename="{second["id"]}-0.webp"',
         ]
+        head = await doors.client.head(first["output"][1].removeprefix(BASE))
+        assert (head.status_code, head.content, head.headers["content-disposition"]) == (200, b"", names[1])
+        assert head.headers["content-length"] == str(len(files[1].content))
 
 
 async def test_a_finished_prediction_can_be_deleted_with_its_outputs(tmp_path: Path) -> None:

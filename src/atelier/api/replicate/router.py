@@ -161,7 +161,8 @@ async def delete_file(file_id: str, door: Door, owner: Owner) -> Response:
 
 
 # HEAD too: browsers, download managers and link checkers ask for the size and type before fetching.
-@router.api_route("/files/{file_id}/download", methods=["GET", "HEAD"])
+@router.head("/files/{file_id}/download", include_in_schema=False)  # documented with GET (docs/api.md)
+@router.get("/files/{file_id}/download")
 async def download_file(
     file_id: str, door: Door, services: ServicesDep, request: Request, sig: str | None = None
 ) -> FileResponse:
