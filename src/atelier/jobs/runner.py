@@ -347,7 +347,8 @@ class Runner:
         running = self._uncanceled(waiting)
         for entry in running:
             entry.task.start()
-            entry.task.log(f"Using seed: {entry.job.seed}")
+            if entry.engine.capabilities.can_seed:  # an upstream has no seed to report: no line that claims one
+                entry.task.log(f"Using seed: {entry.job.seed}")
         return running
 
     def _uncanceled(self, batch: builtins.list[Entry]) -> builtins.list[Entry]:
