@@ -27,7 +27,9 @@ from atelier.engines.base import CancelToken, Capabilities, Job, OutputImage, Pr
 from atelier.imaging.encode import encode_many
 from atelier.sizes import requested_size
 
-EDITING = Capabilities(can_generate=True, can_edit=True, max_input_images=16, can_inpaint=True, can_preview=True)
+EDITING = Capabilities(
+    can_generate=True, can_edit=True, max_input_images=16, can_inpaint=True, can_preview=True, can_seed=True
+)
 
 
 @dataclass

@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     dtype: Literal["bfloat16", "float16", "float32"] | None = None  # None: bf16 on CUDA, fp32 on CPU
     max_batch_pixels: int | None = Field(default=None, ge=1)  # images × pixels per call; None: per device
     matting: str = "chroma"
+    # Generation parameters (prompt, model, seed, steps, size, version) inside each output file: png text
+    # chunks, EXIF in jpeg and webp (atelier.imaging.metadata). Never the key or the user_id.
+    metadata: bool = True
     image_classifier: str | None = None  # "package.module:attr" — an image moderation classifier
 
     # Service

@@ -16,6 +16,7 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    StrictInt,
     ValidationError,
     field_validator,
     model_validator,
@@ -42,6 +43,9 @@ QUALITIES: tuple[str, ...] = get_args(Quality)
 MAX_PROMPT_CHARS = 32_000
 MAX_INPUT_IMAGES = 16
 MAX_IMAGES = 10
+MAX_SEED = 2**32 - 1  # the range A1111, InvokeAI and Replicate's seeded models use
+# Atelier's extensions to the seed's input: accepted by every door, never in the published schema.
+EXTENSION_FIELDS = frozenset({"seed"})
 REDACTED = "[REDACTED]"
 ALPHA_FORMATS = ("png", "webp")
 
@@ -76,6 +80,14 @@ class ImageRequest(BaseModel):
         default=None,
         description="An optional unique identifier representing your end-user. This helps OpenAI monitor and "
         "detect abuse.",
+    )
+    # atelier: the seed of the first image (image i uses seed + i); random when absent. An engine that
+    # cannot honour it (OpenAI's) refuses it rather than ignoring it. Not part of the published schema.
+    seed: StrictInt | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_SEED,
+        description=f"Seed of the first image (image i uses seed + i), 0 to {MAX_SEED}; random if not given",
     )
 
     @field_validator("prompt", "user_id", "input_images", "openai_api_key")
@@ -145,8 +157,10 @@ class ImageRequest(BaseModel):
         return bool(self.input_images)
 
     def public_input(self) -> dict[str, Any]:
-        """The input as it may be stored and shown: defaults filled in, the key shown as "[REDACTED]"."""
-        data = self.model_dump(mode="json", exclude={"openai_api_key"})
+        """The input as it may be stored and shown: defaults filled in, the key shown as "[REDACTED]"; an
+        extension the caller did not use (``seed``) is left out, so the echo stays the seed's shape."""
+        unused = {name for name in EXTENSION_FIELDS if getattr(self, name) is None}
+        data = self.model_dump(mode="json", exclude={"openai_api_key", *unused})
         if self.openai_api_key is not None:
             data["openai_api_key"] = REDACTED
         return data

@@ -122,12 +122,14 @@ class Atelier:
         from atelier.fetch import FetchPolicy
         from atelier.imaging.inputs import fetch_url, load_references
 
+        if seed is not None:  # in the request, so an engine that cannot honour a seed refuses it
+            request = request.model_copy(update={"seed": seed})
         fetch = partial(fetch_url, policy=FetchPolicy.from_settings(self.settings))
         images = load_references(request.input_images or [], allow_paths=allow_paths, fetch=fetch)
         job = Job(
             id=new_id(),
             request=request,
-            seed=new_seed() if seed is None or seed == -1 else seed,  # -1: random, as in other tools
+            seed=chosen_seed(seed, request.seed),
             images=tuple(images),
             previews=previews,
         )
@@ -147,7 +149,17 @@ class Atelier:
         with loading_bars(self.progress_bars):
             engine = self.setup(self.engine_for(request))
             result = engine.generate(job, progress=progress, cancel=cancel or CancelToken())
+        if self.settings.metadata:  # the parameters in the files, as the server writes them
+            from atelier.imaging.metadata import annotate
+
+            result = annotate(result, job)
         return replace(result, stem=slug(request.prompt))
+
+
+def chosen_seed(given: int | None, requested: int | None) -> int:
+    """The argument's seed, else the request's, else a random one (-1 means random, as in other tools)."""
+    seed = given if given is not None and given != -1 else requested
+    return new_seed() if seed is None or seed == -1 else seed
 
 
 def slug(prompt: str, limit: int = 40) -> str:

@@ -45,9 +45,15 @@ class Server:
 
 
 def start_server(
-    data_dir: Path, model_path: Path | None, *, env: dict[str, str] | None = None, timeout: float = 180
+    data_dir: Path,
+    model_path: Path | None,
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = 180,
+    until: str = "READY",
 ) -> Server:
-    """Start ``atelier serve`` and wait until its model is loaded (``/health-check`` says READY).
+    """Start ``atelier serve`` and wait until its model is loaded (``/health-check`` says ``until``:
+    READY, or SETUP_FAILED for a server whose model cannot load).
 
     ``model_path`` None: no local model named (an OpenAI proxy; naming one with ATELIER_ENGINE=openai is refused)."""
     port = free_port()
@@ -72,13 +78,13 @@ def start_server(
         if process.poll() is not None:
             raise RuntimeError(f"atelier serve exited with {process.returncode}:\n{server.log}")
         try:
-            if httpx.get(f"{server.url}/health-check", timeout=2).json().get("status") == "READY":
+            if httpx.get(f"{server.url}/health-check", timeout=2).json().get("status") == until:
                 return server
         except (httpx.HTTPError, ValueError):
             pass
         time.sleep(0.2)
     server.stop()
-    raise RuntimeError(f"atelier serve was not READY after {timeout}s:\n{server.log}")
+    raise RuntimeError(f"atelier serve was not {until} after {timeout}s:\n{server.log}")
 
 
 @pytest.fixture(scope="module")

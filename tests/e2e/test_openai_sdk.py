@@ -46,6 +46,14 @@ def test_generate_returns_the_images_asked_for(client: openai.OpenAI) -> None:
     assert result.usage is None  # a local model counts no tokens
 
 
+def test_a_seed_in_the_body_reproduces_the_image(client: openai.OpenAI) -> None:
+    runs = [client.images.generate(prompt="a paper crane", quality="low", extra_body={"seed": 7}) for _ in range(2)]
+    assert [(r.model_extra or {}).get("seed") for r in runs] == [7, 7]  # echoed: the seed that was used
+    first, second = (base64.b64decode((r.data or [])[0].b64_json or "") for r in runs)
+    assert first == second, "the same seed must give the same file, byte for byte"
+    assert "Seed: 7," in decoded((runs[0].data or [])[0].b64_json).info["parameters"]
+
+
 def test_generate_honours_format_and_size(client: openai.OpenAI) -> None:
     result = client.images.generate(
         prompt="a red barn", size="1536x1024", quality="low", output_format="jpeg", output_compression=60

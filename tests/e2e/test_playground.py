@@ -96,9 +96,9 @@ def visit(page: Page, server: Server) -> None:
     expect(page.locator("#f-prompt")).to_be_visible()
 
 
-def shot(page: Page, name: str) -> None:
+def shot(page: Page, name: str, *, full_page: bool = True) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=full_page)
 
 
 def fill_form(page: Page, prompt: str, *, aspect: str | None = None, **radios: str) -> None:
@@ -288,6 +288,8 @@ def test_a_result_can_be_used_as_the_input_of_an_edit(browser: Browser, page: Pa
     assert Image.open(io.BytesIO(httpx.get(output, timeout=30).content)).mode == "RGBA"
     page.click("#gallery button:has-text('Use as input')")
     expect(page.locator(f".thumbs li[data-url='{output}'] img")).to_be_visible()
+    reused = "Result 1 of “a red apple on a table”"  # where it came from, not a file id
+    expect(page.locator(f".thumbs li[data-url='{output}'] .thumb-name")).to_have_text(reused)
     expect(page.locator("#f-prompt")).to_be_focused()  # ready to describe the edit
     fill_form(page, "the same apple, but green", background="opaque", output_format="webp")
     created = submit(page)
@@ -303,6 +305,8 @@ def test_a_result_can_be_used_as_the_input_of_an_edit(browser: Browser, page: Pa
     page.locator(f"#history-list li[data-id='{created}']").get_by_role("button", name="Load inputs").click()
     expect(page.locator(f".thumbs li[data-url='{output}'] img")).to_be_visible()
     assert page.input_value("#f-prompt") == "the same apple, but green"
+    # Loaded back from the history, it is still named by where it came from (asked of the Files API).
+    expect(page.locator(f".thumbs li[data-url='{output}'] .thumb-name")).to_have_text(reused)
 
 
 def test_input_images_by_upload_drop_and_url(browser: Browser, page: Page, server: Server, tmp_path: Path) -> None:
@@ -346,6 +350,9 @@ def test_input_images_by_upload_drop_and_url(browser: Browser, page: Page, serve
         "() => [...document.querySelectorAll('.thumbs img')].every(i => i.complete && i.naturalWidth)"
     )
     assert thumbs.first.get_attribute("src").startswith("blob:")
+    names = page.locator(".thumbs li .thumb-name")
+    expect(names.first).to_have_text("picked.png (uploaded)")
+    expect(names.nth(1)).to_have_text("dropped.png (uploaded)")
 
 
 def test_the_apis_validation_messages_are_shown_next_to_their_fields(
@@ -371,7 +378,12 @@ def test_the_apis_validation_messages_are_shown_next_to_their_fields(
     fill_form(page, "a glass of water", background="transparent", output_format="jpeg")
     page.click("#submit")
     expected = api_problems(server, {"prompt": "x", "background": "transparent", "output_format": "jpeg"})
-    expect(page.locator("[data-field=background] .field-error")).to_have_text(expected["input.background"])
+    # The API's words, with its field names as the labels on screen ("output_format" is "Output format").
+    said = expected["input.background"]
+    assert "output_format" in said
+    expect(page.locator("[data-field=background] .field-error")).to_have_text(
+        said.replace("output_format", "Output format")
+    )
     expect(page.locator("[data-field=number_of_images] .field-error")).to_be_empty()
     expect(page.locator("#status")).to_contain_text("The API refused the input")
     shot(page, "validation")
@@ -497,3 +509,173 @@ def test_the_page_can_be_used_with_the_keyboard_alone(browser: Browser, page: Pa
     wait_done(page)
     sent = fetch(server, created)["input"]
     assert (sent["prompt"], sent["quality"]) == ("a small blue boat", "low")
+
+
+# -- issue 14: a playground that explains itself --------------------------------------------------------
+
+
+def served_models(server: Server) -> list[dict[str, Any]]:
+    with api(server) as client:
+        names = [m["id"] for m in client.get("/v1/models").json()["data"]]
+        default = client.get(f"/v1/models/{SEED}").json()
+        others = [client.get(f"/v1/models/atelier/{n}") for n in names if n not in (default["serves"], "gpt-image-2")]
+    return [default, *(r.json() for r in others if r.status_code == 200)]
+
+
+def test_the_page_describes_the_model_this_server_serves(browser: Browser, page: Page, server: Server) -> None:
+    visit(page, server)
+    models = served_models(server)
+    default = models[0]
+    assert default["engine"] == "diffusers"
+    header = page.locator("#model-description")
+    expect(header).to_have_text(default["description"])
+    assert "OpenAI" not in (header.text_content() or "") and default["serves"] in (header.text_content() or "")
+    hints = page.text_content("#fields") or ""
+    for claim in ("uses proxy", "helps OpenAI monitor", "experimental"):  # the seed's words, untrue here
+        assert claim not in hints, claim
+    assert "(experimental)" not in " ".join(page.locator("#f-aspect_ratio option").all_text_contents())
+    # The picker lists exactly what the server serves, the default first.
+    options = page.locator("#f-model option")
+    assert options.evaluate_all("all => all.map(o => o.value)") == [SEED] + [
+        f"atelier/{m['serves']}" for m in models[1:]
+    ]
+    expect(options.first).to_contain_text(default["serves"])
+    shot(page, "models")
+    upstream = next((m for m in models[1:] if m["engine"] == "openai"), None)
+    if upstream is not None:  # picking OpenAI changes what the page says and takes
+        page.select_option("#f-model", f"atelier/{upstream['serves']}")
+        expect(header).to_have_text(upstream["description"])
+        expect(page.locator("#f-seed")).to_be_disabled()
+        assert "(experimental)" in " ".join(page.locator("#f-aspect_ratio option").all_text_contents())
+
+
+def test_generate_brings_the_result_and_its_progress_into_view(browser: Browser, server: Server) -> None:
+    page, errors = open_page(browser, {"width": 1280, "height": 1000})
+    visit(page, server)
+    fill_form(page, "a tall lighthouse", quality="low")
+    page.evaluate("window.scrollTo(0, document.body.scrollHeight)")  # down at the Generate button
+    assert page.locator("#run").evaluate("n => n.getBoundingClientRect().top") < 0  # the panel is above
+    submit(page)
+    expect(page.locator("#progress-row")).to_be_in_viewport()
+    expect(page.locator("#status")).to_be_in_viewport()
+    wait_done(page)
+    shot(page, "scrolled")
+    page.context.close()
+    assert not errors, f"JavaScript errors in the page: {errors}"
+
+
+@pytest.fixture(scope="module")
+def broken_server(tiny_flux2: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server whose model cannot load: its transformer's weights are cut short."""
+    folder = tmp_path_factory.mktemp("broken") / "model"
+    shutil.copytree(tiny_flux2, folder)
+    for weights in (folder / "transformer").glob("*.safetensors"):
+        weights.write_bytes(weights.read_bytes()[:64])
+    running = start_server(tmp_path_factory.mktemp("broken-data") / "data", folder, until="SETUP_FAILED")
+    yield running
+    running.stop()
+
+
+def test_a_model_that_failed_to_load_is_said_before_generate_and_its_failure_once(
+    browser: Browser, page: Page, broken_server: Server
+) -> None:
+    visit(page, broken_server)
+    banner = page.locator("#setup-banner")
+    expect(banner).to_be_visible()  # before anyone presses Generate
+    expect(banner).to_contain_text("could not be loaded")
+    with api(broken_server) as client:
+        reason = client.get("/health-check").json()["setup"]["logs"].strip()
+    expect(banner).to_contain_text(reason[:60])
+    shot(page, "setup-failed")
+    fill_form(page, "anything at all", quality="low")
+    created = submit(page)
+    wait_done(page, "failed")
+    error = fetch(broken_server, created)["error"]
+    assert error
+    expect(page.locator("#run-error")).to_have_text(error)
+    assert page.inner_text("#run").count(error) == 1  # said once on screen, not in the status line too
+    expect(page.locator("#summary")).to_be_hidden()  # no seed, time or steps of images never made
+    shot(page, "failed")
+
+
+def test_progress_counts_steps_per_call_when_images_run_as_separate_calls(
+    browser: Browser, page: Page, server: Server
+) -> None:
+    visit(page, server)
+    fill_form(page, "two small boats", quality="medium")  # "low" draws at half the pixels: two would share a call
+    page.fill("#f-number_of_images", "2")  # 1024x1024 each: one image per call on a CPU, so two calls
+    created = submit(page)
+    wait_done(page)
+    logs = fetch(server, created)["logs"]
+    assert "(call 2 of 2, " in logs
+    steps = fetch(server, created)["metrics"]["steps"]
+    expect(page.locator("[data-metric=steps] dd")).to_have_text(str(steps))
+    expect(page.locator("#progress-text")).to_contain_text(f"Step {steps} of {steps} · call 2 of 2")
+    progress = page.locator("#progress")
+    assert progress.get_attribute("value") == progress.get_attribute("max") == str(2 * steps)  # the bar: all calls
+
+
+def test_a_seed_field_reproduces_an_image_and_load_inputs_brings_the_seed_back(
+    browser: Browser, page: Page, server: Server
+) -> None:
+    visit(page, server)
+    made = []
+    for _ in range(2):
+        fill_form(page, "a seeded pear", quality="low", output_format="png")
+        page.fill("#f-seed", "4321")
+        created = submit(page)
+        wait_done(page)
+        prediction = fetch(server, created)
+        assert prediction["input"]["seed"] == 4321
+        expect(page.locator("[data-metric=seed] dd")).to_have_text("4321")
+        made.append(httpx.get(prediction["output"][0], timeout=30).content)
+    assert made[0] == made[1]  # same seed, same settings: the same file
+    page.fill("#f-seed", "-1")
+    page.click("#submit")
+    expect(page.locator("[data-field=seed] .field-error")).to_contain_text("-1")  # the API's refusal, at the field
+    # A prediction made without a seed still loads the one it ran with.
+    with api(server) as client:
+        unseeded = client.post(
+            f"/v1/models/{SEED}/predictions", json={"input": {"prompt": "no seed given", "quality": "low"}},
+            headers={"Prefer": "wait"},
+        ).json()  # fmt: skip
+    page.click("#history-refresh")
+    page.locator(f"#history-list li[data-id='{unseeded['id']}']").get_by_role("button", name="Load inputs").click()
+    assert page.input_value("#f-seed") == str(unseeded["metrics"]["seed"])
+    assert page.input_value("#f-prompt") == "no seed given"
+
+
+def test_history_items_can_be_deleted(browser: Browser, page: Page, server: Server) -> None:
+    with api(server) as client:
+        doomed = client.post(
+            f"/v1/models/{SEED}/predictions", json={"input": {"prompt": "delete me", "quality": "low"}},
+            headers={"Prefer": "wait"},
+        ).json()  # fmt: skip
+    visit(page, server)
+    item = page.locator(f"#history-list li[data-id='{doomed['id']}']")
+    delete = item.get_by_role("button", name="Delete")
+    delete.click()
+    expect(delete).to_have_text("Delete for good")  # asked twice: one slip deletes nothing
+    delete.click()
+    expect(item).to_have_count(0)
+    with api(server) as client:
+        assert client.get(f"/v1/predictions/{doomed['id']}").status_code == 404
+    assert httpx.get(doomed["output"][0], timeout=30).status_code == 404
+
+
+def test_the_readme_screenshot(browser: Browser, server: Server) -> None:
+    """The run shown in the README (docs/playground.png is copied from test-artifacts/playground/readme.png)."""
+    page, errors = open_page(browser, {"width": 1280, "height": 820})
+    visit(page, server)
+    prompt = "A paper lantern shaped like a fox, soft studio light, isolated product shot"
+    fill_form(page, prompt, aspect="3:2", output_format="png", background="transparent")
+    page.fill("#f-number_of_images", "2")
+    page.fill("#f-seed", "1007213947")
+    submit(page)
+    wait_done(page)
+    assert natural_sizes(page) == [(1536, 1024), (1536, 1024)]
+    expect(page.locator("[data-metric=seed] dd")).to_have_text("1007213947")
+    page.evaluate("window.scrollTo(0, 0)")
+    shot(page, "readme", full_page=False)
+    page.context.close()
+    assert not errors, f"JavaScript errors in the page: {errors}"

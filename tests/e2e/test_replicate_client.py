@@ -113,6 +113,37 @@ def test_stream_sends_replicates_events(client: replicate.Client) -> None:
     assert len(outputs) == 1 and decode(outputs[0])[0].size == (1024, 1024)
 
 
+def test_a_seed_reproduces_the_same_bytes_with_its_parameters_inside(client: replicate.Client) -> None:
+    made = []
+    for seed in (31337, 31337, 31338):
+        prediction = client.predictions.create(
+            model=SEED, input={"prompt": "a quiet harbour", "seed": seed, "quality": "low", "output_format": "png"}
+        )
+        prediction.wait()
+        assert prediction.status == "succeeded", prediction.error
+        assert prediction.input["seed"] == seed and prediction.metrics["seed"] == seed  # echoed, and used
+        made.append(decode(prediction.output[0]))
+    (first, same, other) = made
+    assert first[1] == same[1], "the same seed must give the same file, byte for byte"
+    assert first[0].tobytes() != other[0].tobytes()
+    assert first[0].info["parameters"].endswith(", Version: Atelier 0.1.0")
+    assert "Seed: 31337, Size: 1024x1024" in first[0].info["parameters"]
+
+
+def test_output_downloads_are_named_and_answer_head(client: replicate.Client) -> None:
+    prediction = client.predictions.create(model=SEED, input={"prompt": "two boats", "number_of_images": 2})
+    prediction.wait()
+    for index, url in enumerate(prediction.output):
+        got = httpx.get(url, timeout=30)
+        head = httpx.head(url, timeout=30)  # no Authorization: the signature is the capability
+        assert (head.status_code, head.content) == (200, b"")
+        assert head.headers["content-length"] == str(len(got.content))
+        assert head.headers["content-type"] == got.headers["content-type"] == "image/webp"
+        disposition = f'filename="{prediction.id}-{index}.webp"'
+        assert disposition in head.headers["content-disposition"] and disposition in got.headers["content-disposition"]
+    assert httpx.head(prediction.output[0].split("?")[0], timeout=30).status_code == 401  # no signature, no token
+
+
 class Receiver:
     def __init__(self) -> None:
         self.requests: list[tuple[dict[str, str], str]] = []

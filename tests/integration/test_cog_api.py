@@ -286,8 +286,8 @@ async def test_a_bad_input_image_is_a_422_before_any_model_time(cog: Cog) -> Non
         ({}, ["body", "input", "prompt"], "required", "required"),  # compat: no input means {}
         ({"input": {"prompt": "x", "number_of_images": 11}}, ["body", "input", "number_of_images"], "number_lte", "10"),
         (
-            {"input": {"prompt": "x", "seed": 1}},
-            ["body", "input", "seed"],
+            {"input": {"prompt": "x", "steps": 1}},
+            ["body", "input", "steps"],
             "additional_property_not_allowed",
             "inputs are",
         ),
@@ -396,9 +396,10 @@ async def test_webhook_updates_are_throttled_and_kept_in_order(
 async def test_output_file_prefix_uploads_the_outputs(cog: Cog, receiver: Receiver) -> None:
     body = {"input": {"prompt": "x"}, "output_file_prefix": f"{receiver.url}/outputs/"}
     reply = (await cog.client.post("/predictions", json=body)).json()
-    assert reply["output"] == [f"{receiver.url}/outputs/output_0.webp"]
+    # named <prediction>-<index>: two predictions with one prefix never overwrite each other's files
+    assert reply["output"] == [f"{receiver.url}/outputs/{reply['id']}-0.webp"]
     [upload] = receiver.requests
-    assert (upload.method, upload.path) == ("PUT", "/outputs/output_0.webp")
+    assert (upload.method, upload.path) == ("PUT", f"/outputs/{reply['id']}-0.webp")
     assert upload.headers["Content-Type"].startswith("multipart/form-data")
     assert b'name="file"' in upload.body and b"WEBP" in upload.body
 

@@ -76,7 +76,7 @@ def test_input_images_and_mask_make_an_edits_call(openai_standin):
     request = parse_request(
         {"prompt": "add a hat", "input_images": [png(), png(color=(0, 0, 200))], "openai_api_key": KEY}
     )
-    job = engine.prepare(request, seed=1)
+    job = engine.prepare(request)
     mask = Image.new("RGBA", (64, 48), (0, 0, 0, 0))
     from dataclasses import replace
 
@@ -113,7 +113,7 @@ def test_a_mask_must_match_the_first_image(openai_standin):
     from atelier.errors import InputError
 
     engine = OpenAIEngine(api_key="sk-op", base_url=openai_standin.url)
-    job = Atelier(engine=engine).prepare(parse_request({"prompt": "x", "input_images": [png()]}), seed=1)
+    job = Atelier(engine=engine).prepare(parse_request({"prompt": "x", "input_images": [png()]}))
     with pytest.raises(InputError, match="mask: is 10x10 but the first image is 64x48"):
         engine.check(replace(job, mask=Image.new("L", (10, 10))))
 
@@ -228,7 +228,7 @@ def test_cancel_aborts_the_upstream_call(openai_standin):
 def test_streaming_forwards_partial_images(openai_standin):
     engine = studio(openai_standin)
     request = parse_request({"prompt": "x", "openai_api_key": KEY, "output_format": "png"})
-    job = engine.prepare(request, seed=1, previews=2)
+    job = engine.prepare(request, previews=2)
     events = []
     result = engine.setup(engine.engine_for(request)).generate(job, progress=events.append, cancel=CancelToken())
     previews = [e.preview for e in events if e.preview is not None]

@@ -214,7 +214,7 @@ async def test_input_problems_are_422_with_replicates_invalid_fields(door: Door)
     response = await door.client().post(
         "/v1/models/openai/gpt-image-2/predictions",
         json={
-            "input": {"aspect_ratio": "7:3", "number_of_images": 11, "output_compression": -1, "seed": 3},
+            "input": {"aspect_ratio": "7:3", "number_of_images": 11, "output_compression": -1, "steps": 3},
         },
     )
     assert response.status_code == 422
@@ -226,7 +226,7 @@ async def test_input_problems_are_422_with_replicates_invalid_fields(door: Door)
         "input.aspect_ratio": "enum",
         "input.number_of_images": "number_lte",
         "input.output_compression": "number_gte",
-        "input.seed": "additional_property_not_allowed",
+        "input.steps": "additional_property_not_allowed",
     }
     assert body["detail"].startswith("- input.")
     assert body["detail"].endswith("\n") and body["detail"].count("\n") == 5

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from atelier.errors import InputError
-from atelier.request import ASPECT_RATIOS, REDACTED, ImageRequest, parse_request
+from atelier.request import ASPECT_RATIOS, EXTENSION_FIELDS, REDACTED, ImageRequest, parse_request
 
 SCHEMA = Path(__file__).parents[3] / "shared" / "reference" / "gpt-image-2.schema.json"
 
@@ -38,10 +38,9 @@ def test_defaults_are_the_seeds():
 def test_fields_defaults_and_enums_match_the_published_schema():
     schema = json.loads(SCHEMA.read_text())
     properties = schema["Input"]["properties"]
-    assert set(properties) == set(ImageRequest.model_fields)
-    assert [name for name, _ in sorted(properties.items(), key=lambda kv: kv[1]["x-order"])] == list(
-        ImageRequest.model_fields
-    )
+    published = [name for name in ImageRequest.model_fields if name not in EXTENSION_FIELDS]  # seed: ours only
+    assert {"seed"} == EXTENSION_FIELDS and set(properties) == set(published)
+    assert [name for name, _ in sorted(properties.items(), key=lambda kv: kv[1]["x-order"])] == published
     for name, prop in properties.items():
         field = ImageRequest.model_fields[name]
         if "default" in prop:

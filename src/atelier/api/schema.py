@@ -8,16 +8,20 @@ from __future__ import annotations
 
 from typing import Any, get_args
 
-from atelier.request import ImageRequest
+from atelier.request import EXTENSION_FIELDS, ImageRequest
 
 SECRET_FIELDS = {"openai_api_key"}
 
 
 def components() -> dict[str, Any]:
-    """``components.schemas``: ``Input``, one string-enum schema per enum field, and ``Output``."""
+    """``components.schemas``: ``Input``, one string-enum schema per enum field, and ``Output``.
+
+    Atelier's extensions (``EXTENSION_FIELDS``: ``seed``) are accepted but not published: the schema stays
+    exactly the seed model's, so clients generated from it see the model they expect (docs/api.md)."""
     schemas: dict[str, Any] = {}
     properties: dict[str, Any] = {}
-    for order, (name, field) in enumerate(ImageRequest.model_fields.items()):
+    published = [(name, field) for name, field in ImageRequest.model_fields.items() if name not in EXTENSION_FIELDS]
+    for order, (name, field) in enumerate(published):
         prop: dict[str, Any]
         enum = _enum(field.annotation)
         if enum is not None:

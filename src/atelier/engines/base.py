@@ -138,6 +138,7 @@ class Capabilities:
     can_preview: bool = False  # can emit intermediate previews while denoising
     # What the model takes as a reference image; the engine brings others into it (imaging/fit.py).
     input_limits: InputLimits = field(default_factory=InputLimits)
+    can_seed: bool = False  # honours a caller's seed (same seed, same images); else a seed is refused
 
     def check(self, job_or_request: Job | ImageRequest, *, model: str, has_mask: bool = False) -> tuple[Fit, ...]:
         """Raise ``UnsupportedRequest`` for anything this engine cannot honour and, for a ``Job``, an
@@ -191,6 +192,15 @@ class Capabilities:
                 FieldProblem(
                     "input_images",
                     f"model '{model}' only edits images; give at least one input image",
+                    "unsupported",
+                )
+            )
+        if request.seed is not None and not self.can_seed:
+            raise UnsupportedRequest(
+                FieldProblem(
+                    "seed",
+                    f"got {request.seed}; model '{model}' cannot reproduce images from a seed, so it would be "
+                    "ignored; leave 'seed' out or choose a local model",
                     "unsupported",
                 )
             )

@@ -98,6 +98,7 @@ class DiffusersEngine:
             max_input_images=max((v.max_input_images for v in self.variants if v.edits), default=0),
             can_preview=True,
             input_limits=next((v.input_limits for v in self.variants if v.edits), InputLimits()),
+            can_seed=True,
         )
         self._device_name = device
         self._dtype_name = dtype
@@ -230,7 +231,10 @@ class DiffusersEngine:
             kwargs["image"] = [
                 fit_image(image, fit).convert("RGB") for image, fit in zip(job.images, plan.fits, strict=True)
             ]
-        progress(ProgressEvent(done_before, steps_total, message=f"rendering {count} at {plan.size.rendered}"))
+        calls = len(plan.batches)  # said in the log, so a reader can tell "step 8 of 8" from the steps per image
+        where = f"call {batch_index + 1} of {calls}, " if calls > 1 else ""
+        message = f"rendering {count} at {plan.size.rendered} ({where}{steps} steps)"
+        progress(ProgressEvent(done_before, steps_total, message=message))
         return run_pipeline(pipe, plan, kwargs, cancel.raise_if_cancelled)
 
     def _call_kwargs(self, plan: RenderPlan, seeds: list[int], on_step_end: Callable[..., Any]) -> dict[str, Any]:

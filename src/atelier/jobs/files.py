@@ -128,7 +128,10 @@ class FileStore:
         return self.disk.ran_out(what) if self.disk is not None else disk_space.error(what)
 
     def put_outputs(self, images: Sequence[OutputImage], *, owner: str | None, prediction_id: str) -> list[FileRecord]:
-        """Write a prediction's output images (``output_{i}.{format}``); on any failure none is kept."""
+        """Write a prediction's output images; on any failure none is kept.
+
+        Each is named ``<prediction id>-<index>.<format>`` (its ``Content-Disposition`` name): files saved
+        from two predictions never collide, and a saved file still says where it came from."""
         records: list[FileRecord] = []
         try:
             for i, image in enumerate(images):
@@ -136,7 +139,7 @@ class FileStore:
                 records.append(
                     self.put(
                         image.data,
-                        name=f"output_{i}.{image.format}",
+                        name=output_name(prediction_id, i, image.format),
                         content_type=image.content_type,
                         kind="output",
                         owner=owner,
@@ -251,6 +254,11 @@ class FileStore:
             text = read_or_create_secret(self.secrets_dir / "file-signing.key", lambda: _b64(32))
             self._signing_key = base64.b64decode(text.strip())
         return self._signing_key
+
+
+def output_name(prediction_id: str, index: int, fmt: str) -> str:
+    """The download name of a prediction's output ``index``: ``<prediction id>-<index>.<format>``."""
+    return f"{prediction_id}-{index}.{fmt}"
 
 
 def clean_name(name: str) -> str:

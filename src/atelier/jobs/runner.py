@@ -15,8 +15,9 @@ Design:
 * **Workers.** ``settings.max_concurrency`` workers pull from one queue, in fair order across callers
   (``atelier.jobs.queue``); each sets the engine up once (in a thread), marks the task ``processing``,
   runs ``engine.generate`` in one of the runner's own threads (one per worker, so engine calls never
-  wait for threads that file I/O holds, nor it for them; the loop never blocks on a model), writes the outputs durably
-  through the ``FileStore``, and only then marks the task ``succeeded``. Progress callbacks from the
+  wait for threads that file I/O holds, nor it for them; the loop never blocks on a model), writes the generation
+  parameters into the images (``imaging.metadata``) and the outputs durably through the ``FileStore``, and only
+  then marks the task ``succeeded``. Progress callbacks from the
   engine's thread are handed to the loop (``call_soon_threadsafe``), where the ``Task`` lives.
 * **Cancel and deadlines.** Each job has a ``CancelToken``. Every cancel is at once: the task is
   ``canceled`` (``completed_at`` stamped, ``completed`` sent once) before ``cancel`` returns, so the
@@ -60,6 +61,7 @@ from typing import TYPE_CHECKING
 from atelier.engines.base import BatchPlan, CancelToken, Engine, Job, PartialBatch, Result, batching, generate_together
 from atelier.errors import AtelierError, Canceled, Conflict, EngineError, ModelUnavailable, NotFound
 from atelier.ids import new_id, new_seed
+from atelier.imaging import metadata
 from atelier.jobs import recovery
 from atelier.jobs.dispatch import Dispatcher, Listener
 from atelier.jobs.events import Event, Subscription, finished_subscription
@@ -67,7 +69,7 @@ from atelier.jobs.files import FileStore
 from atelier.jobs.inputs import InputLimits, decode
 from atelier.jobs.limits import Caller, Limits
 from atelier.jobs.queue import Entry, JobQueue
-from atelier.jobs.records import SOURCES, Prediction, utc_now
+from atelier.jobs.records import SOURCES, FileRecord, Prediction, utc_now
 from atelier.jobs.recovery import InputStager
 from atelier.jobs.routing import EngineRouter
 from atelier.jobs.store import Store
@@ -213,7 +215,7 @@ class Runner:
         caller = Caller(owner, request.user_id)
         self.check_admission(caller)
         key, engine = self.engines.route(request, model)
-        seed = new_seed() if seed is None else seed
+        seed = seed if seed is not None else request.seed if request.seed is not None else new_seed()
         job = Job(
             prediction_id or stored_id(client_id, owner), request, seed, previews=previews,
             stored_images=tuple(stored_images), stored_mask=stored_mask,
@@ -273,6 +275,17 @@ class Runner:
             return prediction
         self._cancel_entry(entry, USER_CANCEL)
         return entry.task.prediction.snapshot()
+
+    async def delete(self, id: str, *, owner: str | None = None) -> None:
+        """Forget a finished prediction of ``owner`` and delete its output files (its input files are the
+        caller's own uploads, deleted through the Files API). ``Conflict`` while it is queued or running."""
+        prediction = await self.get(id, owner=owner)
+        if not prediction.terminal:
+            raise Conflict(f"prediction {id[:64]!r} is {prediction.status}; cancel it first, then delete it")
+        outputs = [record.id for record in self.files.for_prediction(id) if record.kind == "output"]
+        await asyncio.to_thread(self.files.delete_many, outputs)  # files first: never a row pointing at nothing
+        self.store.delete_prediction(id)
+        log.info("prediction %s deleted by its owner", id)
 
     async def wait(self, id: str, timeout: float | None) -> Prediction:
         """The prediction once it is terminal, or as it is when ``timeout`` seconds have passed."""
@@ -390,7 +403,8 @@ class Runner:
         running = self._uncanceled(waiting)
         for entry in running:
             entry.task.start()
-            entry.task.log(f"Using seed: {entry.job.seed}")
+            if entry.engine.capabilities.can_seed:  # an upstream has no seed to report: no line that claims one
+                entry.task.log(f"Using seed: {entry.job.seed}")
         return running
 
     def _uncanceled(self, batch: builtins.list[Entry]) -> builtins.list[Entry]:
@@ -406,14 +420,21 @@ class Runner:
             if task.terminal:  # canceled while its batch ran: its images are discarded
                 return
             token.raise_if_cancelled()  # canceled while the engine finished: honour it
-            owner, id = task.prediction.owner, task.id
-            records = await asyncio.to_thread(self.files.put_outputs, result.images, owner=owner, prediction_id=id)
+            records = await asyncio.to_thread(self._keep, entry, result)
             if token.cancelled:
                 await asyncio.to_thread(self.files.delete_many, [r.id for r in records])
                 token.raise_if_cancelled()
             task.succeed(result, records)
         except Exception as exc:
             self._settle(entry, exc)
+
+    def _keep(self, entry: Entry, result: Result) -> builtins.list[FileRecord]:
+        """Blocking: the parameters written into the images (unless ``settings.metadata`` is off), then the
+        files written durably."""
+        if self.settings.metadata:
+            result = metadata.annotate(result, entry.job)
+        prediction = entry.task.prediction
+        return self.files.put_outputs(result.images, owner=prediction.owner, prediction_id=prediction.id)
 
     async def _ready(self, engine: Engine) -> None:
         try:

@@ -210,6 +210,11 @@ class Store:
             row = conn.execute(query.where(c.client_id == client_id)).mappings().first()
         return _prediction(row) if row else None
 
+    def delete_prediction(self, id: str) -> None:
+        """Forget a prediction (its files are the caller's to delete first: ``FileStore.delete_many``)."""
+        with self._write() as conn:
+            conn.execute(delete(PREDICTIONS).where(PREDICTIONS.c.id == id))
+
     def list_predictions(
         self, owner: str | None, before_cursor: str | None = None, limit: int = 100
     ) -> tuple[list[Prediction], str | None]:

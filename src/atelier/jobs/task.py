@@ -135,7 +135,7 @@ class Task:
         self._check(SUCCEEDED)
         self.flush_logs()
         completed = self._clock()
-        metrics = {**self._timing(completed), **_result_metrics(result, self.prediction.seed)}
+        metrics = {**self._timing(completed), **_result_metrics(result)}
         output = [record.id for record in outputs]
         self._set(
             status=SUCCEEDED,
@@ -270,13 +270,14 @@ class Task:
         self._flush_timer = loop.call_later(delay, self.flush_logs)
 
 
-def _result_metrics(result: Result, seed: int | None) -> dict[str, Any]:
+def _result_metrics(result: Result) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         "image_count": len(result.images),
         "rendered_size": result.rendered_size,
         "size": result.size,
         "upscaled": result.upscaled,
-        "seed": result.seed if result.seed is not None else seed,
+        # Only an engine that seeds reports one: an upstream's images cannot be reproduced from a number.
+        "seed": result.seed,
         "steps": result.steps,
         "engine": result.engine,
         "model": result.model,

@@ -139,6 +139,7 @@ def images_response(prediction: Prediction, reply: Reply, images: Sequence[bytes
         output_format=reply.output_format,
         usage=upstream_usage(prediction),
         safety_identifier=reply.safety_identifier,
+        seed=prediction.metrics.get("seed"),
         **resolved(prediction),
     )
     parts = [b'{"created":%d,"data":[' % meta.created]

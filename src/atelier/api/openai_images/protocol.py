@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, StrictInt
 
 Quality = Literal["low", "medium", "high", "auto"]
 Background = Literal["transparent", "opaque", "auto"]
@@ -52,6 +52,9 @@ class ImageGenerateRequest(_Params):
     # Atelier extension: the caller's own OpenAI key for this request (SDK: extra_body={"openai_api_key": ...});
     # the request then goes to OpenAI with it, as the seed's openai_api_key does. Never stored or echoed.
     openai_api_key: SecretStr | None = None
+    # Atelier extension: the first image's seed (SDK: extra_body={"seed": 42}); a local model reproduces its
+    # images from it, an upstream that cannot is a 400. The answer's ``seed`` echoes the one used.
+    seed: StrictInt | None = None
 
 
 class ImageEditForm(_Params):
@@ -77,6 +80,9 @@ class ImageEditForm(_Params):
     # Atelier extension: the caller's own OpenAI key for this request (SDK: extra_body={"openai_api_key": ...});
     # the request then goes to OpenAI with it, as the seed's openai_api_key does. Never stored or echoed.
     openai_api_key: SecretStr | None = None
+    # Atelier extension: the first image's seed (SDK: extra_body={"seed": 42}); a local model reproduces its
+    # images from it, an upstream that cannot is a 400. The answer's ``seed`` echoes the one used.
+    seed: int | None = None  # a form field is text: "42" is read as 42
 
 
 class ImageRef(_Params):
@@ -110,6 +116,9 @@ class ImageEditJSON(_Params):
     # Atelier extension: the caller's own OpenAI key for this request (SDK: extra_body={"openai_api_key": ...});
     # the request then goes to OpenAI with it, as the seed's openai_api_key does. Never stored or echoed.
     openai_api_key: SecretStr | None = None
+    # Atelier extension: the first image's seed (SDK: extra_body={"seed": 42}); a local model reproduces its
+    # images from it, an upstream that cannot is a 400. The answer's ``seed`` echoes the one used.
+    seed: StrictInt | None = None
 
 
 ImageParams = ImageGenerateRequest | ImageEditForm | ImageEditJSON
@@ -156,6 +165,8 @@ class ImagesResponse(BaseModel):
     usage: ImagesUsage | None = None
     # openai 3.x SDK (after the spec snapshot)
     safety_identifier: str | None = None
+    # Atelier extension: the seed of the first image (image i used seed + i), from an engine that seeds
+    seed: int | None = None
 
 
 class PartialImageEvent(BaseModel):

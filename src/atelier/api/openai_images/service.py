@@ -159,6 +159,7 @@ def to_request(params: ImageParams, input_images: list[str] | None = None, *, im
         "user_id": user_id(params),
         "input_images": input_images,
         "openai_api_key": params.openai_api_key.get_secret_value() if params.openai_api_key else None,
+        "seed": params.seed,
     }
     data.update({key: value for key, value in optional.items() if value is not None})
     try:

@@ -131,13 +131,20 @@ class ModelIndex:
                 openapi_schema=openapi_schema(),
             ),
             engine=engine.name,
+            serves=model.key,
             previews=wire.MAX_PREVIEWS if engine.capabilities.can_preview else 0,
         )
 
     def _description(self, model: ServedModel) -> str:
         from atelier.engines.catalog import CATALOG
 
-        if model.address == SEED:
-            return f"{SEED_DESCRIPTION} Served by Atelier with {model.key}."
         spec = CATALOG.get(model.key)
-        return spec.description or spec.title if spec is not None else f"{model.key}, served by Atelier."
+        own = f"{model.key}, served by Atelier."
+        if spec is not None:
+            own = f"{spec.title}: {spec.description}" if spec.description else spec.title
+        if model.address != SEED:
+            return own
+        if self.router.engines[model.key].name == "openai":
+            return f"{SEED_DESCRIPTION} Served by Atelier with {model.key}."
+        # The seed's description would claim OpenAI's model; say what actually answers at this address.
+        return f"{own} Served by Atelier under {SEED}'s interface (model {model.key})."

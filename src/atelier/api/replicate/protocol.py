@@ -135,6 +135,7 @@ class Model(BaseModel):
     default_example: dict[str, Any] | None = None
     latest_version: ModelVersion | None
     engine: str | None = None  # atelier: the engine family that serves it without an openai_api_key
+    serves: str | None = None  # atelier: the served model's own name (its address is atelier/<serves>)
     previews: int = 0  # atelier: the most ``previews`` a create may ask for; 0: its engine makes none
 
 

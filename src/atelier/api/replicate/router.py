@@ -99,6 +99,13 @@ async def cancel_prediction(prediction_id: str, door: Door, owner: Owner, base: 
     return await door.cancel(prediction_id, owner, base)
 
 
+# atelier: delete a finished prediction and its output files (the playground's history uses it)
+@router.delete("/predictions/{prediction_id}", status_code=204)
+async def delete_prediction(prediction_id: str, door: Door, owner: Owner) -> Response:
+    await door.delete(prediction_id, owner)
+    return Response(status_code=204)
+
+
 @router.get("/predictions/{prediction_id}/stream")
 async def stream_prediction(
     prediction_id: str, door: Door, services: ServicesDep, request: Request, base: BaseURL, sig: str | None = None,
@@ -160,6 +167,8 @@ async def delete_file(file_id: str, door: Door, owner: Owner) -> Response:
     return Response(status_code=204)
 
 
+# HEAD too: browsers, download managers and link checkers ask for the size and type before fetching.
+@router.head("/files/{file_id}/download", include_in_schema=False)  # documented with GET (docs/api.md)
 @router.get("/files/{file_id}/download")
 async def download_file(
     file_id: str, door: Door, services: ServicesDep, request: Request, sig: str | None = None

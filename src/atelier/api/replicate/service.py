@@ -125,6 +125,10 @@ class ReplicateDoor:
     async def cancel(self, prediction_id: str, owner: str | None, base: str) -> wire.Prediction:
         return self.render(await self.services.runner.cancel(prediction_id, owner=owner), base)
 
+    async def delete(self, prediction_id: str, owner: str | None) -> None:
+        """Atelier's extension (Replicate has no such call): forget a finished prediction and its outputs."""
+        await self.services.runner.delete(prediction_id, owner=owner)
+
     async def page(self, owner: str | None, cursor: str | None, base: str) -> wire.PredictionPage:
         page, next_cursor = await self.services.runner.list(owner=owner, cursor=cursor, limit=self.page_size)
         newer = partial(self.services.store.newer_predictions, owner)

@@ -73,12 +73,20 @@ async function readJSON(response) {
 }
 
 export const api = {
-  model: () => request(`v1/models/${MODEL}`),
+  model: (address = MODEL) => request(`v1/models/${address}`),
+  // The served models' names: the OpenAI door's model list (each is also `atelier/<name>` here).
+  models: () => request("v1/models"),
+  // Cog's health check (no token needed): READY, STARTING, or SETUP_FAILED with the reason in setup.logs.
+  health: () => request("health-check"),
   // `previews`: step previews to ask for (Atelier's extension of the create body; 0 leaves it out).
-  create: (input, { previews = 0 } = {}) =>
-    request(`v1/models/${MODEL}/predictions`, { method: "POST", json: previews ? { input, previews } : { input } }),
+  create: (input, { previews = 0, model = MODEL } = {}) =>
+    request(`v1/models/${model}/predictions`, { method: "POST", json: previews ? { input, previews } : { input } }),
   get: (prediction) => request(prediction.urls.get),
   cancel: (prediction) => request(prediction.urls.cancel, { method: "POST" }),
+  // Atelier's extension: forget a finished prediction and delete its images.
+  remove: (prediction) => request(prediction.urls.get, { method: "DELETE" }),
+  // An uploaded or output file's description (its name says where it came from).
+  fileInfo: (id) => request(`v1/files/${id}`),
   list: (pageURL) => request(pageURL || "v1/predictions"),
   upload(file) {
     const form = new FormData();

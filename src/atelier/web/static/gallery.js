@@ -49,7 +49,7 @@ function figure({ url, alt, format, transparent, onUseAsInput, index }) {
   // Names say which image: "Download" alone is ambiguous when there are several.
   const use = el("button", { type: "button", class: "quiet", "aria-label": `Use as input: result ${index + 1}` },
     "Use as input");
-  use.addEventListener("click", () => onUseAsInput(url));
+  use.addEventListener("click", () => onUseAsInput(url, index));
   return el("figure", { class: "result" },
     el("a", { href: url, target: "_blank", rel: "noopener", class: `frame${transparent ? " checker" : ""}`,
       title: "Open full size" }, image),

@@ -1,11 +1,13 @@
 // Past predictions from GET /v1/predictions (newest first), page by page through the `next` cursor
-// URL, each with "Show" (its result, or its live progress if it is still running) and "Load inputs".
+// URL, each with "Show" (its result, or its live progress if it is still running), "Load inputs" and, once
+// it is finished, "Delete" (asked twice: it removes the prediction and its images for good).
 
 import { api } from "./api.js";
 import { el, formatTime } from "./dom.js";
 import { shorten } from "./gallery.js";
+import { TERMINAL } from "./run.js";
 
-export function historyView({ list, more, empty }, { onShow, onLoad, onError }) {
+export function historyView({ list, more, empty }, { onShow, onLoad, onDelete, onError }) {
   let next = null;
   let loading = false;
 
@@ -16,7 +18,7 @@ export function historyView({ list, more, empty }, { onShow, onLoad, onError }) 
     try {
       const page = await api.list(pageURL);
       if (!pageURL) list.replaceChildren();
-      list.append(...page.results.map((prediction) => item(prediction, { onShow, onLoad })));
+      list.append(...page.results.map((prediction) => item(prediction, { onShow, onLoad, onDelete: remove })));
       next = page.next;
       more.hidden = !next;
       empty.hidden = list.children.length > 0;
@@ -28,11 +30,23 @@ export function historyView({ list, more, empty }, { onShow, onLoad, onError }) 
     }
   }
 
+  async function remove(prediction, node) {
+    try {
+      await api.remove(prediction);
+    } catch (error) {
+      onError(error);
+      return;
+    }
+    node.remove();
+    empty.hidden = list.children.length > 0;
+    onDelete(prediction);
+  }
+
   more.addEventListener("click", () => next && load(next));
   return { reload: () => load(null) };
 }
 
-function item(prediction, { onShow, onLoad }) {
+function item(prediction, { onShow, onLoad, onDelete }) {
   const input = prediction.input || {};
   const promptId = `history-${prediction.id}`;
   const first = (prediction.output || [])[0];
@@ -43,8 +57,28 @@ function item(prediction, { onShow, onLoad }) {
   const load = el("button", { type: "button", class: "quiet", "aria-describedby": promptId }, "Load inputs");
   show.addEventListener("click", () => onShow(prediction));
   load.addEventListener("click", () => onLoad(prediction));
+  const buttons = [show, load];
+  if (TERMINAL.has(prediction.status)) {
+    const remove = el("button", { type: "button", class: "quiet", "aria-describedby": promptId }, "Delete");
+    remove.addEventListener("click", () => {
+      if (remove.dataset.confirm) {
+        remove.disabled = true;
+        onDelete(prediction, node);
+        return;
+      }
+      remove.dataset.confirm = "1"; // a second press deletes: nothing is removed by one slip of the finger
+      remove.textContent = "Delete for good";
+      remove.classList.add("confirm");
+    });
+    remove.addEventListener("blur", () => {
+      delete remove.dataset.confirm;
+      remove.textContent = "Delete";
+      remove.classList.remove("confirm");
+    });
+    buttons.push(remove);
+  }
   const images = input.input_images?.length ? `edit of ${input.input_images.length} · ` : "";
-  return el("li", { class: "history-item", "data-id": prediction.id, "data-status": prediction.status },
+  const node = el("li", { class: "history-item", "data-id": prediction.id, "data-status": prediction.status },
     el("div", { class: "thumb-frame" }, thumb),
     el("div", { class: "history-text" },
       el("p", { id: promptId, class: "history-prompt" }, shorten(input.prompt || "(no prompt)", 160)),
@@ -53,6 +87,7 @@ function item(prediction, { onShow, onLoad }) {
         `${images}${input.number_of_images ?? 1} × ${input.aspect_ratio ?? ""} · ${input.output_format ?? ""} · `,
         el("time", { datetime: prediction.created_at }, formatTime(prediction.created_at))),
     ),
-    el("div", { class: "buttons" }, show, load),
+    el("div", { class: "buttons" }, ...buttons),
   );
+  return node;
 }

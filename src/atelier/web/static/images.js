@@ -8,6 +8,8 @@ import { api } from "./api.js";
 import { el } from "./dom.js";
 
 const OWN_FILE = /\/v1\/files\/[a-z0-9]+$/; // an uploaded file's urls.get (metadata, not bytes)
+const FILE_ID = /\/v1\/files\/([a-z2-7]{26})(?:\/download)?(?:\?|$)/; // an upload or an output of this server
+const OUTPUT_NAME = /^([a-z2-7]{26})-(\d+)\.\w+$/; // an output's file name: <prediction id>-<index>.<format>
 
 export function imagesControl(id, describedBy) {
   const items = []; // { url, preview, name, pending: Promise|null, error: string|null, node }
@@ -63,7 +65,29 @@ export function imagesControl(id, describedBy) {
     items.push(item);
     render(item);
     if (!preview && url) loadPreview(item);
+    if (!name && url) nameFrom(item);
     return item;
+  }
+
+  // A file of this server is named by where it came from: "Result 2 of “a red apple…”", "photo.png
+  // (uploaded)"; its id means nothing to a person. Asked of the API, which knows each file's name.
+  async function nameFrom(item) {
+    const id = FILE_ID.exec(item.url)?.[1];
+    if (!id) return;
+    try {
+      const file = await api.fileInfo(id);
+      const output = OUTPUT_NAME.exec(file.name);
+      if (!output) {
+        item.name = `${file.name} (uploaded)`;
+      } else {
+        const prediction = await api.get({ urls: { get: `v1/predictions/${output[1]}` } }).catch(() => null);
+        const prompt = prediction?.input?.prompt;
+        item.name = resultName(Number(output[2]), prompt, output[1]);
+      }
+    } catch {
+      return; // not ours to describe (another caller's, or deleted): the short URL stays
+    }
+    if (items.includes(item)) render(item);
   }
 
   // Our own uploads need the token to show; everything else is shown straight from its URL.
@@ -107,7 +131,7 @@ export function imagesControl(id, describedBy) {
     node,
     focus: () => picker.focus(),
     addFiles,
-    add: (url) => add({ url }),
+    add: (url, name = null) => add({ url, name }),
     // The URLs to send, once every upload is done; a failed upload stops the submit (no silent drop).
     async value() {
       await Promise.all(items.map((item) => item.pending).filter(Boolean));
@@ -122,7 +146,13 @@ export function imagesControl(id, describedBy) {
   };
 }
 
-// What to call an image in labels: its file name, or a short form of its URL (data: URIs are long).
+// "Result 1 of “a red apple on a table”": an output reused as an input.
+export function resultName(index, prompt, predictionId = "") {
+  const what = prompt ? `“${prompt.length > 40 ? `${prompt.slice(0, 39)}…` : prompt}”` : `prediction ${predictionId.slice(0, 8)}`;
+  return `Result ${index + 1} of ${what}`;
+}
+
+// What to call an image in labels until its name is known: a short form of its URL (data: URIs are long).
 function shortName(url) {
   if (!url) return "image";
   if (url.startsWith("data:")) return `${url.slice(5, url.indexOf(";") > 0 ? url.indexOf(";") : 20)} data URI`;

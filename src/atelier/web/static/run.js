@@ -14,6 +14,15 @@ const PROGRESS_LINE = /(\d+)\/(\d+)\s*\[/;
 const POLL_MS = 1000;
 export const TERMINAL = new Set(["succeeded", "failed", "canceled"]);
 
+// "rendering 1 at 1024x1024 (call 2 of 3, 4 steps)": which model call of how many, and its steps.
+const CALL_LINE = /^rendering .*\((?:call (\d+) of (\d+), )?(\d+) steps\)/;
+
+export function parseCall(line) {
+  const match = CALL_LINE.exec(line);
+  if (!match) return null;
+  return { index: Number(match[1] || 1), calls: Number(match[2] || 1), steps: Number(match[3]) };
+}
+
 export function parseProgress(line) {
   const match = PROGRESS_LINE.exec(line);
   if (!match) return null;
