@@ -46,7 +46,7 @@ def server(standin_server: StandIn, tmp_path_factory: pytest.TempPathFactory) ->
         "OPENAI_BASE_URL": standin_server.url,
         "ATELIER_API_TOKENS": TOKEN,
     }
-    running = start_server(folder / "data", folder / "no-local-model", env=env)
+    running = start_server(folder / "data", None, env=env)
     yield running
     running.stop()
 
