@@ -140,7 +140,7 @@ async def test_legacy_webhook_completed_is_checked_too(tmp_path: Path, receiver:
 async def test_an_octal_dotted_quad_is_refused_as_no_url_at_all(tmp_path: Path, receiver: Receiver) -> None:
     async with serve(tmp_path) as doors:
         fields, message = refused("cog", await create(doors, "cog", webhook=receiver.url("0177.0.0.1")))
-        assert fields == ["body.webhook"] and "not a valid URL" in message
+        assert fields == ["body.webhook"] and "Invalid IPv4 address: '0177.0.0.1'" in message
         assert receiver.requests == [] and doors.jobs == 0
 
 
@@ -266,9 +266,10 @@ async def test_trusted_receivers_get_webhooks_and_uploads(
         body = {"input": {"prompt": "x"}, "output_file_prefix": receiver.url(host, "/out/")}
         upload = await doors.client.post("/predictions", json=body)
         await settled(doors)
-    assert upload.status_code == 200 and upload.json()["output"] == [receiver.url(host, "/out/output_0.webp")]
+    name = f"/out/{upload.json()['id']}-0.webp"  # downloads and uploads are named <prediction>-<index>
+    assert upload.status_code == 200 and upload.json()["output"] == [receiver.url(host, name)]
     seen = sorted((r.method, r.path) for r in receiver.requests)
-    assert seen == [("POST", "/cog"), ("POST", "/replicate"), ("PUT", "/out/output_0.webp")]
+    assert seen == [("POST", "/cog"), ("POST", "/replicate"), ("PUT", name)]
     assert {r.headers["Host"] for r in receiver.requests} == {receiver.url(host, "").removeprefix("http://")}
 
 
