@@ -114,6 +114,19 @@ class RateLimiter:
         if len(self._buckets) > PRUNE_AT:
             self._buckets = {k: b for k, b in self._buckets.items() if self._level(k) < self.rate.count}
 
+    def load(self, key: Hashable, level: float, stamp: float) -> None:
+        """Set ``key``'s bucket as kept elsewhere (a row shared by many processes: ``atelier.jobs.claims``)."""
+        self._buckets[key] = _Bucket(level, stamp)
+
+    def forget(self, key: Hashable) -> None:
+        """Drop ``key``'s bucket (full: none is kept for it elsewhere)."""
+        self._buckets.pop(key, None)
+
+    def saved(self, key: Hashable) -> tuple[float, float] | None:
+        """``key``'s bucket as (level, stamp), to keep elsewhere; None when it has none (full)."""
+        bucket = self._buckets.get(key)
+        return (bucket.level, bucket.stamp) if bucket is not None else None
+
     def _level(self, key: Hashable) -> float:
         bucket = self._buckets.get(key)
         if bucket is None:

@@ -23,8 +23,10 @@ from sqlalchemy import (
     Boolean,
     Column,
     Connection,
+    Float,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -196,3 +198,66 @@ def m006_prediction_client_ids(conn: Connection) -> None:
     metadata = MetaData()
     table = Table("predictions", metadata, Column("owner", String(128)), Column("client_id", String(256)))
     Index("predictions_owner_client_id", table.c.owner, table.c.client_id, unique=True).create(conn)
+
+
+@migration
+def m009_claims_and_leases(conn: Connection) -> None:
+    """Claims, leases and fair turns for a queue shared by many processes (``atelier.jobs.claims``).
+
+    On ``predictions``: ``attempt`` (each claim adds one; outcome writes are fenced on it),
+    ``lease_owner`` and ``lease_expires_at`` (who runs it, until when unless renewed),
+    ``cancel_requested_at``, ``turn`` (the job's start tag among its token's users), ``requeued``
+    (taken back from a lost worker or a stopped process: runs first), and how it may share a model call
+    (``batch_key``, ``batch_images``, ``batch_budget``). Plus ``queue_turns`` (fair-turn state),
+    ``rate_buckets`` (per-caller rates shared by all processes) and ``previews`` (step previews of jobs
+    running in another process, referenced from notifications). The single-process setup leaves them
+    unused; they are created everywhere so one schema serves both.
+    """
+    for column in (
+        "attempt INTEGER NOT NULL DEFAULT 0",
+        "lease_owner VARCHAR(128)",
+        "lease_expires_at VARCHAR(32)",
+        "cancel_requested_at VARCHAR(32)",
+        "turn BIGINT NOT NULL DEFAULT 0",
+        "requeued BOOLEAN NOT NULL DEFAULT FALSE",
+        "batch_key TEXT",
+        "batch_images INTEGER NOT NULL DEFAULT 1",
+        "batch_budget INTEGER NOT NULL DEFAULT 1",
+    ):
+        conn.exec_driver_sql(f"ALTER TABLE predictions ADD COLUMN {column}")
+    metadata = MetaData()
+    predictions = Table(
+        "predictions",
+        metadata,
+        Column("status", String(16)),
+        Column("lease_owner", String(128)),
+        Column("lease_expires_at", String(32)),
+        Column("owner", String(128)),
+        Column("user_id", String(256)),
+    )
+    Index("predictions_claimable", predictions.c.status, predictions.c.lease_owner).create(conn)
+    Index("predictions_leases", predictions.c.lease_expires_at).create(conn)
+    Index("predictions_live_by_caller", predictions.c.owner, predictions.c.user_id, predictions.c.status).create(conn)
+    Table(
+        "queue_turns",
+        metadata,
+        Column("key", String(400), primary_key=True),
+        Column("value", BigInteger, nullable=False),
+    )
+    Table(
+        "rate_buckets",
+        metadata,
+        Column("key", String(400), primary_key=True),
+        Column("level", Float, nullable=False),
+        Column("stamp", Float, nullable=False),
+    )
+    previews = Table(
+        "previews",
+        metadata,
+        Column("id", String(64), primary_key=True),
+        Column("prediction_id", String(128), nullable=False),
+        Column("data", LargeBinary, nullable=False),
+        Column("created_at", String(32), nullable=False),
+    )
+    Index("previews_prediction", previews.c.prediction_id)
+    metadata.create_all(conn, tables=[metadata.tables[n] for n in ("queue_turns", "rate_buckets", "previews")])

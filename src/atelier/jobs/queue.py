@@ -199,6 +199,48 @@ class FairOrder:
             self._user_turns = {owner: t for owner, t in self._user_turns.items() if owner in self._lanes}
 
 
+@dataclass(frozen=True)
+class Capacity:
+    """The queue bound and the callers' shares of it, checked against counts (this process's own queue, or
+    the counts of a queue shared by many processes: ``atelier.jobs.claims``)."""
+
+    max_queue: int
+    share: float
+    concurrency: int
+    estimate: float  # seconds one prediction takes, for retry_after
+
+    def check(
+        self, waiting: int, caller: Caller | None, token_waiting: int, user_waiting: int, callers: int
+    ) -> None:
+        """See ``JobQueue.check_capacity``; ``callers`` is how many tokens have jobs waiting."""
+        if waiting >= self.max_queue:
+            retry_after = max(1, math.ceil(self.estimate * (waiting + 1) / self.concurrency))
+            raise TooManyRequests(
+                f"the queue is full ({waiting} predictions waiting); retry in about {retry_after} s",
+                retry_after=retry_after,
+            )
+        if caller is None or self.share >= 1:
+            return
+        token_cap = self._share_of(self.max_queue) if caller.owner is not None else self.max_queue
+        if token_waiting >= token_cap:
+            raise self._over_share("this API token", token_waiting, token_cap, callers)
+        user_cap = self._share_of(token_cap)
+        if caller.user is not None and user_waiting >= user_cap:
+            raise self._over_share(f"user_id {caller.user[:64]!r}", user_waiting, user_cap, callers)
+
+    def _share_of(self, places: int) -> int:
+        return max(1, math.ceil(places * self.share))
+
+    def _over_share(self, who: str, waiting: int, cap: int, callers: int) -> TooManyRequests:
+        # Callers take turns: one of its jobs starts about every (callers waiting) predictions.
+        retry_after = max(1, math.ceil(self.estimate * max(1, callers) / self.concurrency))
+        return TooManyRequests(
+            f"{who} has {waiting} predictions waiting, its share of the queue ({cap} of {self.max_queue} places); "
+            f"the rest is kept for other callers; retry in about {retry_after} s, when one of them has started",
+            retry_after=retry_after,
+        )
+
+
 class JobQueue:
     def __init__(self, max_queue: int, concurrency: int, *, max_batch_jobs: int = 1, share: float = 1.0) -> None:
         self.max_queue = max_queue
@@ -240,36 +282,9 @@ class JobQueue:
         newcomer's first request is admitted while another caller has dozens waiting. Without tokens
         (owner None) every caller is the same token, so only users are held to a share. ``share`` 1 is off.
         """
-        waiting = len(self._order)
-        if waiting >= self.max_queue:
-            retry_after = max(1, math.ceil(self.estimate() * (waiting + 1) / self.concurrency))
-            raise TooManyRequests(
-                f"the queue is full ({waiting} predictions waiting); retry in about {retry_after} s",
-                retry_after=retry_after,
-            )
-        if caller is not None and self.share < 1:
-            self._check_share(caller)
-
-    def _check_share(self, caller: Caller) -> None:
-        token_cap = self._share_of(self.max_queue) if caller.owner is not None else self.max_queue
-        token_waiting, user_waiting = self._order.waiting(caller)
-        if token_waiting >= token_cap:
-            raise self._over_share("this API token", token_waiting, token_cap)
-        user_cap = self._share_of(token_cap)
-        if caller.user is not None and user_waiting >= user_cap:
-            raise self._over_share(f"user_id {caller.user[:64]!r}", user_waiting, user_cap)
-
-    def _share_of(self, places: int) -> int:
-        return max(1, math.ceil(places * self.share))
-
-    def _over_share(self, who: str, waiting: int, cap: int) -> TooManyRequests:
-        # Callers take turns: one of its jobs starts about every (callers waiting) predictions.
-        retry_after = max(1, math.ceil(self.estimate() * max(1, self._order.callers) / self.concurrency))
-        return TooManyRequests(
-            f"{who} has {waiting} predictions waiting, its share of the queue ({cap} of {self.max_queue} places); "
-            f"the rest is kept for other callers; retry in about {retry_after} s, when one of them has started",
-            retry_after=retry_after,
-        )
+        token_waiting, user_waiting = self._order.waiting(caller) if caller is not None else (0, 0)
+        capacity = Capacity(self.max_queue, self.share, self.concurrency, self.estimate())
+        capacity.check(len(self._order), caller, token_waiting, user_waiting, self._order.callers)
 
     def push(self, entry: Entry, *, first: bool = False) -> None:
         """Queue a job: in its caller's turn, or ``first`` (re-queued after a restart)."""

@@ -1,0 +1,476 @@
+"""The queue shared by many processes: predictions rows in PostgreSQL, claimed with ``SKIP LOCKED``.
+
+The same semantics as the in-memory queue (``atelier.jobs.queue``; read its docstring), kept in rows:
+
+* **Admission** (``admit``) is one transaction under ``pg_advisory_xact_lock``: the queue bound, the
+  caller's share of it, its live jobs and its rates are counted over every process's jobs
+  (``Capacity``, ``Limits`` with buckets kept in ``rate_buckets``), then the row is inserted. The lock
+  is one for all owners, because the queue bound is a count over everyone's jobs; an admission is a
+  few indexed counts and an insert (about a millisecond), so it is not where a cluster waits.
+* **Fair order.** Each job gets a start tag among its token's users when it is admitted (``turn``:
+  start-time fair queueing, unit cost: ``max(now of its token, finish of its user)``); at claim time a
+  token's queued jobs, in ``turn`` order, take the token's next turns (``max(now, finish of the token)``
+  + k) and the claim takes the lowest turns across tokens. ``queue_turns`` holds ``now`` and each
+  key's ``finish``; both only grow, and are updated in the claiming transaction. Re-queued jobs (a lost
+  worker's, a stopped process's) come first, oldest first. FIFO within a (token, user).
+* **Claims** (``claim``) are serialised by a transaction-level advisory lock (so the turns stay
+  consistent, as on the event loop of one process), take the head job and, when it has a batch key,
+  the compatible jobs after it in fair order (equal key, images within the budget, at most
+  ``max_jobs``, each at the head of its caller's FIFO), lock them ``FOR UPDATE SKIP LOCKED`` and mark
+  them leased: ``lease_owner``, ``lease_expires_at``, ``attempt + 1``.
+* **Leases.** The worker renews its leases (``renew``); ``sweep`` (one process at a time, under
+  ``pg_try_advisory_xact_lock``) re-queues jobs whose lease expired, with the same seed, up to
+  ``max_attempts`` claims, then fails them with a reason; a job whose request cannot be run again (it
+  carried the caller's ``openai_api_key``) fails with that reason instead. It also cancels queued jobs
+  past their deadline.
+* **Fencing.** Every outcome write of a claimed job goes through ``FencedWriter``:
+  ``UPDATE ... WHERE id = :id AND attempt = :attempt AND status not terminal``; no row means the job was
+  taken back (or canceled from another process) and the write is refused with ``LeaseLost``.
+
+Everything here is blocking: callers run it in a thread. PostgreSQL only (the SQL is PostgreSQL's).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, Engine, text
+
+from atelier.engines.base import BatchPlan
+from atelier.errors import Conflict
+from atelier.jobs import recovery
+from atelier.jobs.limits import Caller, Limits
+from atelier.jobs.queue import Capacity
+from atelier.jobs.records import CANCELED, FAILED, PROCESSING, STARTING, Prediction, format_time, utc_now
+from atelier.jobs.store import _prediction, _prediction_row
+
+ADMIT_LOCK = 0x61746C01  # pg_advisory_xact_lock keys: admissions, claims, the sweeper
+CLAIM_LOCK = 0x61746C02
+SWEEP_LOCK = 0x61746C03
+CANDIDATES = 64  # queued jobs looked at per claim (the head and its possible batch companions)
+EVENTS = "atelier_events"  # NOTIFY channels
+CANCELS = "atelier_cancel"
+QUEUE = "atelier_queue"
+LIVE = (STARTING, PROCESSING)
+WORKER_LOST = "the worker running it was lost"
+
+_CANDIDATES = text(
+    """
+    WITH q AS (
+        SELECT id, owner, user_id, created_at, turn, requeued, batch_key, batch_images, batch_budget,
+               row_number() OVER (PARTITION BY owner ORDER BY turn, created_at, id) - 1 AS k
+        FROM predictions WHERE status = 'starting' AND lease_owner IS NULL
+    )
+    SELECT q.*, GREATEST(:now, COALESCE(t.value, 0)) + q.k AS otag
+    FROM q LEFT JOIN queue_turns t ON t.key = 'o:' || COALESCE(q.owner, '')
+    ORDER BY q.requeued DESC, CASE WHEN q.requeued THEN q.created_at END, otag, q.created_at, q.id
+    LIMIT :limit
+    """
+)
+_TURN_UP = text(
+    "INSERT INTO queue_turns (key, value) VALUES (:key, :value) "
+    "ON CONFLICT (key) DO UPDATE SET value = GREATEST(queue_turns.value, excluded.value)"
+)
+
+
+class LeaseLost(Conflict):
+    """An outcome write for a job this process no longer holds (taken back, or finished elsewhere)."""
+
+    code = "lease_lost"
+
+
+@dataclass(frozen=True)
+class Claim:
+    prediction: Prediction
+    attempt: int
+
+
+@dataclass(frozen=True)
+class Swept:
+    requeued: list[str]
+    failed: list[str]
+    canceled: list[str]
+
+
+def batch_key(route: str, plan: BatchPlan | None) -> str | None:
+    """How a plan's key is stored: with the engine's route, so only jobs of one engine share a call."""
+    return None if plan is None else f"{route}\x1f{plan.key!r}"
+
+
+def _owner_key(owner: str | None) -> str:
+    return owner or ""
+
+
+def _user_key(caller: Caller) -> str:
+    return f"{_owner_key(caller.owner)}\x1f{caller.user or ''}"
+
+
+class SharedQueue:
+    """The predictions table as a queue for many processes; ``owner`` names this process's leases."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        owner: str,
+        capacity: Callable[[], Capacity],
+        limits: Limits,
+        lease_seconds: float = 30.0,
+        max_attempts: int = 3,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self.engine = engine
+        self.owner = owner
+        self.capacity = capacity  # the bound and shares, with the current estimate
+        self.limits = limits  # its rate limiters must run on wall time: buckets are shared across machines
+        self.lease = timedelta(seconds=lease_seconds)
+        self.max_attempts = max_attempts
+        self.clock = clock
+
+    # -- admission --------------------------------------------------------------------------------------
+
+    def check(self, caller: Caller) -> None:
+        """``TooManyRequests`` now if ``caller`` would be refused; spends nothing (no lock: an early check)."""
+        with self.engine.connect() as conn:
+            self._check(conn, caller)
+
+    def admit(
+        self, prediction: Prediction, *, route: str, batch: BatchPlan | None, pinned: bool = False, notify: bool = True
+    ) -> None:
+        """Check the bound and limits over all processes, spend, and insert ``prediction`` queued, at once.
+
+        ``pinned``: the job is run by this process alone (its request holds a secret that is not stored):
+        it is inserted leased to this process, so no other claims it.
+        """
+        caller = Caller(prediction.owner, prediction.user_id)
+        with self.engine.begin() as conn:
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": ADMIT_LOCK})
+            self._check(conn, caller)
+            self._spend(conn, caller)
+            row = _prediction_row(prediction.__dict__, prediction.id)
+            row |= {"turn": self._turn(conn, caller), "batch_key": batch_key(route, batch)}
+            row |= {"batch_images": batch.images, "batch_budget": batch.budget} if batch else {}
+            if pinned:
+                row |= {"lease_owner": self.owner, "lease_expires_at": self._expiry(), "attempt": 1}
+            columns = ", ".join(row)
+            conn.execute(text(f"INSERT INTO predictions ({columns}) VALUES ({', '.join(':' + c for c in row)})"), row)
+            if notify and not pinned:
+                conn.execute(text("SELECT pg_notify(:c, '')"), {"c": QUEUE})
+
+    def _check(self, conn: Connection, caller: Caller) -> None:
+        counts = _counts(conn, caller)
+        capacity = self.capacity()
+        capacity.check(counts["waiting"], caller, counts["token_waiting"], counts["user_waiting"], counts["callers"])
+        self._load_buckets(conn, caller)
+        self.limits.check(caller, (counts["token_live"], counts["user_live"]), finish_estimate=capacity.estimate)
+
+    def _load_buckets(self, conn: Connection, caller: Caller) -> None:
+        for limiter, key, row_key in self._buckets(caller):
+            found = conn.execute(text("SELECT level, stamp FROM rate_buckets WHERE key = :k"), {"k": row_key}).first()
+            if found is not None:
+                limiter.load(key, found[0], found[1])
+            else:
+                limiter.forget(key)
+
+    def _spend(self, conn: Connection, caller: Caller) -> None:
+        self.limits.spend(caller)
+        for limiter, key, row_key in self._buckets(caller):
+            saved = limiter.saved(key)
+            if saved is None:
+                continue
+            conn.execute(
+                text(
+                    "INSERT INTO rate_buckets (key, level, stamp) VALUES (:k, :l, :s) "
+                    "ON CONFLICT (key) DO UPDATE SET level = excluded.level, stamp = excluded.stamp"
+                ),
+                {"k": row_key, "l": saved[0], "s": saved[1]},
+            )
+
+    def _buckets(self, caller: Caller) -> Iterable[tuple[Any, Hashable, str]]:
+        if self.limits.per_token is not None:
+            yield self.limits.per_token, caller.owner, "t:" + _owner_key(caller.owner)
+        if caller.user is not None and self.limits.per_user is not None:
+            yield self.limits.per_user, caller, "u:" + _user_key(caller)
+
+    def _turn(self, conn: Connection, caller: Caller) -> int:
+        """The new job's start tag among its token's users; its user's finish moves one past it."""
+        now = _value(conn, "n:" + _owner_key(caller.owner))
+        turn = max(now, _value(conn, "f:" + _user_key(caller)))
+        conn.execute(_TURN_UP, {"key": "f:" + _user_key(caller), "value": turn + 1})
+        return turn
+
+    # -- claims -----------------------------------------------------------------------------------------
+
+    def claim(self, max_jobs: int = 1) -> list[Claim]:
+        """The next job in fair order and the compatible jobs it takes along, leased to this process."""
+        with self.engine.begin() as conn:
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": CLAIM_LOCK})
+            now = _value(conn, "now")
+            rows = conn.execute(_CANDIDATES, {"now": now, "limit": CANDIDATES}).mappings().all()
+            picked = pick(rows, max_jobs)
+            if not picked:
+                return []
+            ids = [row["id"] for row in picked]
+            locked = {
+                r[0]
+                for r in conn.execute(
+                    text(
+                        "SELECT id FROM predictions WHERE id = ANY(:ids) AND status = 'starting' "
+                        "AND lease_owner IS NULL FOR UPDATE SKIP LOCKED"
+                    ),
+                    {"ids": ids},
+                )
+            }
+            picked = [row for row in picked if row["id"] in locked]  # one being canceled right now stays out
+            if not picked:
+                return []
+            claimed = conn.execute(
+                text(
+                    "UPDATE predictions SET lease_owner = :me, lease_expires_at = :exp, attempt = attempt + 1, "
+                    "requeued = FALSE WHERE id = ANY(:ids) RETURNING *"
+                ),
+                {"me": self.owner, "exp": self._expiry(), "ids": [row["id"] for row in picked]},
+            ).mappings()
+            by_id = {row["id"]: Claim(_prediction(row), row["attempt"]) for row in claimed}
+            self._take_turns(conn, picked)
+        return [by_id[row["id"]] for row in picked]
+
+    def _take_turns(self, conn: Connection, picked: Sequence[Any]) -> None:
+        turns: dict[str, int] = {}
+        for row in picked:
+            if row["requeued"]:
+                continue
+            owner = _owner_key(row["owner"])
+            turns["now"] = max(turns.get("now", 0), row["otag"])
+            turns["o:" + owner] = max(turns.get("o:" + owner, 0), row["otag"] + 1)
+            turns["n:" + owner] = max(turns.get("n:" + owner, 0), row["turn"])
+        for key, value in turns.items():
+            conn.execute(_TURN_UP, {"key": key, "value": value})
+
+    # -- leases -----------------------------------------------------------------------------------------
+
+    def renew(self, ids: Sequence[str]) -> set[str]:
+        """Extend this process's leases on ``ids``; returns those it no longer holds."""
+        if not ids:
+            return set()
+        with self.engine.begin() as conn:
+            held = conn.execute(
+                text(
+                    "UPDATE predictions SET lease_expires_at = :exp WHERE id = ANY(:ids) AND lease_owner = :me "
+                    "AND status IN ('starting', 'processing') RETURNING id"
+                ),
+                {"exp": self._expiry(), "ids": list(ids), "me": self.owner},
+            )
+            return set(ids) - {r[0] for r in held}
+
+    def release(self, ids: Sequence[str], line: str) -> None:
+        """Give jobs back to the queue (a stopping process): re-queued first, for any process to claim."""
+        if not ids:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(
+                text(
+                    "UPDATE predictions SET status = 'starting', started_at = NULL, lease_owner = NULL, "
+                    "lease_expires_at = NULL, requeued = TRUE, logs = logs || :line "
+                    "WHERE id = ANY(:ids) AND lease_owner = :me AND status IN ('starting', 'processing')"
+                ),
+                {"ids": list(ids), "me": self.owner, "line": line + "\n"},
+            )
+
+    def sweep(self) -> Swept | None:
+        """Take back expired leases and cancel queued jobs past their deadline; None when another process
+        is sweeping. Jobs re-queued keep their seed; those out of attempts (or not re-runnable) fail."""
+        now = format_time(self.clock())
+        requeued, failed, canceled = [], [], []
+        with self.engine.begin() as conn:
+            if not conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": SWEEP_LOCK}).scalar():
+                return None
+            expired = conn.execute(
+                text(
+                    "SELECT * FROM predictions WHERE lease_owner IS NOT NULL AND lease_expires_at < :now "
+                    "AND status IN ('starting', 'processing') FOR UPDATE SKIP LOCKED"
+                ),
+                {"now": now},
+            ).mappings()
+            for row in list(expired):
+                prediction = _prediction(row)
+                reason = recovery.why_not_rerunnable(prediction, can_load_images=False)
+                if reason is None and row["attempt"] >= self.max_attempts:
+                    reason = (
+                        f"{WORKER_LOST} on each of its {row['attempt']} attempts (ATELIER_MAX_ATTEMPTS); "
+                        "resubmit, and see the workers' logs"
+                    )
+                if reason is not None:
+                    _finish(conn, row["id"], FAILED, f"{WORKER_LOST}, and {reason}", "interrupted", now)
+                    failed.append(row["id"])
+                    continue
+                line = f"The worker running it was lost; re-queued (attempt {row['attempt']} of {self.max_attempts})"
+                conn.execute(
+                    text(
+                        "UPDATE predictions SET status = 'starting', started_at = NULL, lease_owner = NULL, "
+                        "lease_expires_at = NULL, requeued = TRUE, logs = logs || :line WHERE id = :id"
+                    ),
+                    {"id": row["id"], "line": line + "\n"},
+                )
+                requeued.append(row["id"])
+            late = conn.execute(
+                text(
+                    "SELECT id FROM predictions WHERE status = 'starting' AND lease_owner IS NULL "
+                    "AND deadline IS NOT NULL AND deadline < :now FOR UPDATE SKIP LOCKED"
+                ),
+                {"now": now},
+            )
+            for (id,) in list(late):
+                _finish(conn, id, CANCELED, "deadline exceeded", "canceled", now)
+                canceled.append(id)
+            for id in [*requeued, *failed, *canceled]:
+                notify(conn, EVENTS, {"id": id, "k": "status"})
+            if requeued:
+                conn.execute(text("SELECT pg_notify(:c, '')"), {"c": QUEUE})
+        return Swept(requeued, failed, canceled)
+
+    # -- cancel -----------------------------------------------------------------------------------------
+
+    def cancel(self, id: str, reason: str | None, line: str) -> bool:
+        """Cancel a live job wherever it is: the row ends ``canceled`` now and the process running it is
+        told (``CANCELS``); False when it had already ended."""
+        now = format_time(self.clock())
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                text(
+                    "UPDATE predictions SET status = 'canceled', completed_at = :now, cancel_requested_at = :now, "
+                    "error = :error, error_code = 'canceled', logs = logs || :line "
+                    "WHERE id = :id AND status IN ('starting', 'processing') RETURNING lease_owner"
+                ),
+                {"id": id, "now": now, "error": reason, "line": line + "\n"},
+            ).first()
+            if done is None:
+                return False
+            notify(conn, EVENTS, {"id": id, "k": "status"})
+            if done[0] is not None:
+                notify(conn, CANCELS, {"id": id, "r": reason or "canceled", "w": done[0]})
+        return True
+
+    def _expiry(self) -> str:
+        return format_time(self.clock() + self.lease)
+
+
+def pick(rows: Sequence[Any], max_jobs: int) -> list[Any]:
+    """The head of ``rows`` (in fair order) and the compatible rows after it: equal batch key, images
+    within the head's budget, each the oldest of its caller's rows not taken (FIFO within a caller)."""
+    if not rows:
+        return []
+    head = rows[0]
+    taken = [head]
+    if head["batch_key"] is None or max_jobs <= 1:
+        return taken
+    images = head["batch_images"]
+    passed: set[tuple[Any, ...]] = set()
+    for row in rows[1:]:
+        if len(taken) >= max_jobs:
+            break
+        lane = ("requeued",) if row["requeued"] else (row["owner"], row["user_id"])
+        if lane in passed:
+            continue
+        if row["batch_key"] == head["batch_key"] and images + row["batch_images"] <= head["batch_budget"]:
+            taken.append(row)
+            images += row["batch_images"]
+        else:
+            passed.add(lane)
+    return taken
+
+
+def notify(conn: Connection, channel: str, payload: dict[str, Any]) -> None:
+    conn.execute(text("SELECT pg_notify(:c, :p)"), {"c": channel, "p": json.dumps(payload, separators=(",", ":"))})
+
+
+def _value(conn: Connection, key: str) -> int:
+    found = conn.execute(text("SELECT value FROM queue_turns WHERE key = :k"), {"k": key}).scalar()
+    return int(found or 0)
+
+
+def _counts(conn: Connection, caller: Caller) -> dict[str, int]:
+    row = conn.execute(
+        text(
+            """
+            SELECT
+              count(*) FILTER (WHERE status = 'starting' AND lease_owner IS NULL) AS waiting,
+              count(DISTINCT owner) FILTER (WHERE status = 'starting' AND lease_owner IS NULL) AS callers,
+              count(*) FILTER (WHERE o AND status = 'starting' AND lease_owner IS NULL) AS token_waiting,
+              count(*) FILTER (WHERE o AND u AND status = 'starting' AND lease_owner IS NULL) AS user_waiting,
+              count(*) FILTER (WHERE o) AS token_live,
+              count(*) FILTER (WHERE o AND u) AS user_live
+            FROM (
+              SELECT status, lease_owner, owner, owner IS NOT DISTINCT FROM :owner AS o,
+                     user_id IS NOT DISTINCT FROM :user AS u
+              FROM predictions WHERE status IN ('starting', 'processing')
+            ) live
+            """
+        ),
+        {"owner": caller.owner, "user": caller.user},
+    ).mappings().one()
+    counts = {name: int(value) for name, value in row.items()}
+    if caller.owner is None and counts["callers"] == 0:
+        counts["callers"] = 0
+    return counts
+
+
+def _finish(conn: Connection, id: str, status: str, error: str, code: str, now: str) -> None:
+    conn.execute(
+        text(
+            "UPDATE predictions SET status = :status, completed_at = :now, error = :error, error_code = :code, "
+            "lease_owner = NULL, lease_expires_at = NULL, logs = logs || :line WHERE id = :id"
+        ),
+        {"id": id, "status": status, "now": now, "error": error, "code": code, "line": f"Error: {error}\n"},
+    )
+
+
+class FencedWriter:
+    """The store, for one claimed job: each write is fenced on its attempt (see the module docstring).
+
+    A refused write raises ``LeaseLost``; a refused log-only write is dropped and calls ``on_lost``
+    (progress lines arrive from the engine's thread until it notices its cancel token).
+    """
+
+    def __init__(self, engine: Engine, id: str, attempt: int, on_lost: Callable[[], None]) -> None:
+        self.engine = engine
+        self.id = id
+        self.attempt = attempt
+        self.on_lost = on_lost
+        self.lost = False
+
+    def update_prediction(self, id: str, **fields: Any) -> None:
+        if id != self.id:
+            raise ValueError(f"this writer is for prediction {self.id}, not {id}")
+        if self.lost:
+            if set(fields) == {"logs"}:
+                return
+            raise LeaseLost(f"prediction {id} is no longer held by this worker (attempt {self.attempt})")
+        row = _prediction_row(fields, id)
+        if fields.get("status") in (FAILED, CANCELED) or "output" in fields:
+            row |= {"lease_owner": None, "lease_expires_at": None}
+        names = ", ".join(f"{name} = :{name}" for name in row)
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                text(
+                    f"UPDATE predictions SET {names} WHERE id = :id_ AND attempt = :attempt_ "
+                    "AND status IN ('starting', 'processing')"
+                ),
+                {**row, "id_": id, "attempt_": self.attempt},
+            ).rowcount
+        if done:
+            return
+        self.lost = True
+        self.on_lost()
+        if set(fields) != {"logs"}:
+            raise LeaseLost(f"prediction {id} is no longer held by this worker (attempt {self.attempt})")
+
+
+def wall_clock() -> float:
+    """Rate buckets shared by processes on several machines are stamped with wall time."""
+    return time.time()
