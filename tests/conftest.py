@@ -74,3 +74,33 @@ def openai_standin(standin_server):
     standin_server.reset()
     yield standin_server
     assert not standin_server.errors, standin_server.errors
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """A throwaway PostgreSQL cluster for the whole session (tests/pg.py); skips without the binaries."""
+    from pg import PgCluster, find_bindir, why_unavailable
+
+    reason = why_unavailable()
+    if reason:
+        pytest.skip(reason)
+    bindir = find_bindir()
+    assert bindir is not None
+    cluster = PgCluster(bindir)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_cluster) -> str:
+    """The SQLAlchemy URL of the session cluster's ``postgres`` database (make your own databases in it)."""
+    return pg_cluster.url()
+
+
+@pytest.fixture
+def pg_database(pg_cluster) -> str:
+    """The SQLAlchemy URL of a fresh, empty database of its own for this test."""
+    return pg_cluster.create_database()
