@@ -1,0 +1,196 @@
+"""The queue shared by processes (``atelier.jobs.claims``) on a real PostgreSQL: fair order, batches,
+bounds and limits counted over everyone, leases, the sweeper and fenced outcome writes."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+
+from atelier.engines.base import BatchPlan
+from atelier.errors import TooManyRequests
+from atelier.jobs.claims import Claim, FencedWriter, LeaseLost, SharedQueue, wall_clock
+from atelier.jobs.limits import Caller, Limits, parse_rate
+from atelier.jobs.queue import Capacity
+from atelier.jobs.records import Prediction, utc_now
+from atelier.jobs.store import Store
+
+pytest.importorskip("psycopg")
+
+
+@pytest.fixture
+def store(pg_database: str) -> Iterator[Store]:
+    opened = Store(pg_database).open()
+    yield opened
+    opened.close()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = utc_now()
+
+    def __call__(self):  # type: ignore[no-untyped-def]
+        return self.now
+
+
+def shared(store: Store, name: str = "w1", *, max_queue: int = 100, share: float = 1.0, limits: Limits | None = None,
+           clock: Clock | None = None, max_attempts: int = 3) -> SharedQueue:  # fmt: skip
+    return SharedQueue(
+        store.engine, owner=name, capacity=lambda: Capacity(max_queue, share, 1, 1.0), limits=limits or Limits(),
+        lease_seconds=30, max_attempts=max_attempts, clock=clock or utc_now,
+    )  # fmt: skip
+
+
+_counter = iter(range(10**9))
+
+
+def admit(queue: SharedQueue, owner: str | None, user: str | None = None, *, batch: BatchPlan | None = None) -> str:
+    n = next(_counter)
+    id = f"p{n:06d}-{owner}-{user}"
+    spec = {"version": 1, "input": {"prompt": "x"}, "model": None, "seed": n, "previews": 0, "has_key": False,
+            "has_mask": False, "image_count": 0, "inputs": [], "mask": None}  # fmt: skip
+    prediction = Prediction(id=id, model="fake", source="replicate", owner=owner, user_id=user, seed=n, request=spec)
+    queue.admit(prediction, route="fake", batch=batch)
+    return id
+
+
+def ids(claims: list[Claim]) -> list[str]:
+    return [c.prediction.id for c in claims]
+
+
+def drain(queue: SharedQueue) -> list[str]:
+    order = []
+    while claims := queue.claim():
+        order += ids(claims)
+    return order
+
+
+def test_a_burst_interleaves_with_a_newcomer_and_users_share_their_tokens_turn(store: Store) -> None:
+    queue = shared(store)
+    a = [admit(queue, "A") for _ in range(4)]
+    b = admit(queue, "B")
+    assert drain(queue) == [a[0], b, a[1], a[2], a[3]]
+    # users of one token take turns within it; FIFO within a user
+    x = [admit(queue, "C", "x") for _ in range(3)]
+    y = [admit(queue, "C", "y") for _ in range(2)]
+    d = admit(queue, "D")
+    assert drain(queue) == [x[0], d, y[0], x[1], y[1], x[2]]
+
+
+def test_a_token_served_this_round_waits_for_the_next(store: Store) -> None:
+    queue = shared(store)
+    first = admit(queue, "A")
+    assert ids(queue.claim()) == [first]
+    a2, b1 = admit(queue, "A"), admit(queue, "B")
+    assert drain(queue) == [b1, a2]
+
+
+def test_compatible_jobs_are_claimed_together_within_the_budget_and_fifo(store: Store) -> None:
+    queue = shared(store)
+    plan = BatchPlan("512x512", 1, 3)
+    a1 = admit(queue, "A", batch=plan)
+    a2 = admit(queue, "A", batch=BatchPlan("1024x1024", 1, 3))  # blocks A's lane
+    a3 = admit(queue, "A", batch=plan)
+    b1 = admit(queue, "B", batch=plan)
+    c1 = admit(queue, "C", batch=BatchPlan("512x512", 2, 3))  # would overflow the budget
+    d1 = admit(queue, "D", batch=plan)
+    assert ids(queue.claim(max_jobs=4)) == [a1, b1, d1]
+    assert ids(queue.claim(max_jobs=4)) == [c1]
+    assert ids(queue.claim(max_jobs=4)) == [a2]
+    assert ids(queue.claim(max_jobs=1)) == [a3]
+
+
+def test_concurrent_claimers_never_take_a_job_twice(store: Store) -> None:
+    queue = shared(store, max_queue=200)
+    admitted = {admit(queue, f"T{i % 5}") for i in range(120)}
+    taken: list[str] = []
+    lock = threading.Lock()
+
+    def work(name: str) -> None:
+        mine = shared(store, name)
+        while claims := mine.claim():
+            with lock:
+                taken.extend(ids(claims))
+
+    threads = [threading.Thread(target=work, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(taken) == sorted(admitted)
+
+
+def test_the_bound_and_shares_count_every_process(store: Store) -> None:
+    one, two = shared(store, "a", max_queue=4, share=0.5), shared(store, "b", max_queue=4, share=0.5)
+    admit(one, "A")
+    admit(two, "A")
+    with pytest.raises(TooManyRequests, match="its share of the queue"):
+        admit(one, "A")
+    admit(one, "B")
+    admit(two, "C")
+    with pytest.raises(TooManyRequests, match="queue is full"):
+        admit(two, "D")
+    one.claim()  # a claimed job no longer waits
+    admit(two, "D")
+
+
+def test_live_jobs_and_rates_are_counted_over_every_process(store: Store) -> None:
+    limits = lambda: Limits(max_jobs_per_token=3, rate_per_user=parse_rate("2/hour"), clock=wall_clock)  # noqa: E731
+    one, two = shared(store, "a", limits=limits()), shared(store, "b", limits=limits())
+    admit(one, "A")
+    admit(two, "A")
+    one.claim()  # running jobs are live too
+    admit(one, "A")
+    with pytest.raises(TooManyRequests, match="this API token has 3 predictions queued or running"):
+        admit(two, "A")
+    admit(one, "B", "u")
+    admit(two, "B", "u")
+    with pytest.raises(TooManyRequests, match="user_id 'u' may create 2 per hour"):
+        admit(one, "B", "u")
+    admit(one, "C", "u")  # the same user_id of another token is another user
+
+
+def test_an_expired_lease_is_requeued_first_with_its_seed_then_fails_after_max_attempts(store: Store) -> None:
+    clock = Clock()
+    lost = shared(store, "lost", clock=clock, max_attempts=2)
+    other = shared(store, "other", clock=clock, max_attempts=2)
+    job = admit(lost, "A")
+    newer = admit(lost, "B")
+    (claim,) = lost.claim()
+    assert claim.attempt == 1 and claim.prediction.id == job
+    assert other.sweep().requeued == []  # type: ignore[union-attr]
+    clock.now += timedelta(seconds=31)
+    assert other.sweep().requeued == [job]  # type: ignore[union-attr]
+    (again,) = other.claim()  # re-queued work first
+    assert again.prediction.id == job and again.attempt == 2 and again.prediction.seed == claim.prediction.seed
+    # the lost worker's late outcome is refused
+    late = FencedWriter(store.engine, job, claim.attempt, on_lost=lambda: None)
+    with pytest.raises(LeaseLost):
+        late.update_prediction(job, status="processing", started_at=utc_now())
+    assert other.renew([job]) == set() and lost.renew([job]) == {job}
+    clock.now += timedelta(seconds=31)
+    swept = other.sweep()
+    assert swept is not None and swept.failed == [job]
+    row = store.get_prediction(job)
+    assert row is not None and row.status == "failed" and "ATELIER_MAX_ATTEMPTS" in (row.error or "")
+    assert ids(other.claim()) == [newer]
+
+
+def test_a_fenced_writer_writes_while_it_holds_the_job_and_a_cancel_elsewhere_fences_it(store: Store) -> None:
+    queue = shared(store)
+    job = admit(queue, "A")
+    (claim,) = queue.claim()
+    lost = []
+    writer = FencedWriter(store.engine, job, claim.attempt, on_lost=lambda: lost.append(True))
+    writer.update_prediction(job, status="processing", started_at=utc_now())
+    writer.update_prediction(job, logs="step 1\n")
+    assert queue.cancel(job, None, "Prediction canceled")
+    writer.update_prediction(job, logs="step 2\n")  # dropped, not raised: the engine's thread is still going
+    assert lost == [True]
+    with pytest.raises(LeaseLost):
+        writer.update_prediction(job, status="succeeded", output=["f"])
+    row = store.get_prediction(job)
+    assert row is not None and row.status == "canceled" and row.logs == "step 1\nPrediction canceled\n"
+    assert not queue.cancel(job, None, "again")
