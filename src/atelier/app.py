@@ -30,15 +30,17 @@ def create_app(
     engines: Mapping[str, Engine] | None = None,
     default: str | None = None,
     warm_up: bool = True,
+    work: bool = True,
 ) -> FastAPI:
     """The HTTP service: Replicate, Cog and OpenAI doors over one job system.
 
-    ``engines`` replaces the engines built from settings (tests pass a fake one).
+    ``engines`` replaces the engines built from settings (tests pass a fake one). ``work`` False: an API
+    process of a cluster, which leaves the shared queue's jobs to workers (``atelier serve --no-worker``).
     """
     from atelier.api import cog, docs, errors, openai_images, openapi, replicate
     from atelier.api.body_limit import BodyLimit
 
-    services = Services.build(settings, engines=engines, default=default)
+    services = Services.build(settings, engines=engines, default=default, work=work)
     cog_door = cog.CogDoor(services)  # registers the Cog webhook sender with the runner
 
     @asynccontextmanager

@@ -18,7 +18,7 @@ from functools import partial
 
 from atelier.config import Settings
 from atelier.engines.base import Engine
-from atelier.errors import AtelierError, ModelUnavailable
+from atelier.errors import AtelierError, FieldProblem, ModelUnavailable, SettingsError
 from atelier.fetch import MAX_BYTES
 from atelier.jobs.disk import DiskSpace
 from atelier.jobs.files import FileStore
@@ -67,6 +67,30 @@ def build_engines(settings: Settings) -> tuple[dict[str, Engine], str]:
     return {**local, **engines}, settings.model
 
 
+def is_cluster(settings: Settings) -> bool:
+    """The store is PostgreSQL: the queue, leases and events are shared by every process on it."""
+    url = settings.database_url.get_secret_value() if settings.database_url is not None else ""
+    return url.startswith("postgresql")
+
+
+def build_runner(services: Services, *, work: bool) -> Runner:
+    """Today's single-process runner, or a process of a cluster (``atelier.jobs.cluster``)."""
+    args = (services.store, services.files, services.router, services.settings)
+    if not is_cluster(services.settings):
+        if not work:
+            raise SettingsError(
+                FieldProblem(
+                    "ATELIER_DATABASE_URL",
+                    "a process without a worker needs a database shared with workers: set ATELIER_DATABASE_URL "
+                    "to a PostgreSQL database (docs/scaling.md)",
+                )
+            )
+        return Runner(*args, stage_inputs=services.stage_inputs)
+    from atelier.jobs.cluster import ClusterRunner
+
+    return ClusterRunner(*args, stage_inputs=services.stage_inputs, work=work)
+
+
 @dataclass
 class Services:
     settings: Settings
@@ -81,19 +105,26 @@ class Services:
 
     @classmethod
     def build(
-        cls, settings: Settings, *, engines: Mapping[str, Engine] | None = None, default: str | None = None
+        cls,
+        settings: Settings,
+        *,
+        engines: Mapping[str, Engine] | None = None,
+        default: str | None = None,
+        work: bool = True,
     ) -> Services:
+        """``work`` False: an API process of a cluster (``atelier serve --no-worker``), which runs no jobs
+        from the shared queue (only those pinned to it: see ``atelier.jobs.cluster``)."""
         if engines is None:
             engines, default = build_engines(settings)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         disk = DiskSpace(
             settings.data_dir, reserve_bytes=settings.disk_reserve_bytes, min_free_bytes=settings.min_free_bytes
         )
-        store = Store(settings.database_path, disk=disk)
+        store = Store(settings.database, disk=disk)
         files = FileStore(settings.files_dir, store, secrets_dir=settings.data_dir, disk=disk)
         router = EngineRouter(engines, default or next(iter(engines)))
         services = cls(settings, store, files, router, runner=None)  # type: ignore[arg-type]
-        services.runner = Runner(store, files, router, settings, stage_inputs=services.stage_inputs)
+        services.runner = build_runner(services, work=work)
         if settings.retention is not None:
             services.retention = Retention(store, files, settings.retention)
         return services
@@ -102,9 +133,10 @@ class Services:
         if self.files.disk is not None:  # the reserve first: it is what a full disk leaves to record failures
             await asyncio.to_thread(self.files.disk.start)
         self.store.open()
-        strays = await asyncio.to_thread(self.files.remove_strays)  # before anything writes a file
-        if strays:
-            log.warning("removed %d file(s) left behind by an interrupted write", strays)
+        if not is_cluster(self.settings):  # in a cluster another process's write in progress looks the same
+            strays = await asyncio.to_thread(self.files.remove_strays)  # before anything writes a file
+            if strays:
+                log.warning("removed %d file(s) left behind by an interrupted write", strays)
         await self.runner.start()
         if self.retention is not None:  # sweeps once now, then every retention_interval seconds
             self.sweeper = asyncio.create_task(self.retention.run(self.settings.retention_interval))

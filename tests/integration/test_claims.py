@@ -12,7 +12,7 @@ import pytest
 from atelier.engines.base import BatchPlan
 from atelier.errors import TooManyRequests
 from atelier.jobs.claims import Claim, FencedWriter, LeaseLost, SharedQueue, wall_clock
-from atelier.jobs.limits import Caller, Limits, parse_rate
+from atelier.jobs.limits import Limits, parse_rate
 from atelier.jobs.queue import Capacity
 from atelier.jobs.records import Prediction, utc_now
 from atelier.jobs.store import Store

@@ -18,6 +18,7 @@ from atelier.cli.generate import edit, generate
 from atelier.cli.models import models
 from atelier.cli.problems import Problems, line, problem_lines
 from atelier.cli.serve import serve
+from atelier.cli.worker import worker
 from atelier.errors import AtelierError, InputError, SettingsError
 
 
@@ -40,6 +41,7 @@ cli.add_command(edit)
 cli.add_command(models)
 cli.add_command(serve)
 cli.add_command(backup)
+cli.add_command(worker)
 
 
 def main(argv: list[str] | None = None) -> None:

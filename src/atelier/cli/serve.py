@@ -38,9 +38,19 @@ log = logging.getLogger("atelier.serve")
     "--data-dir", envvar="ATELIER_DATA_DIR", type=click.Path(file_okay=False, path_type=Path),
     help="Where the database and files live (default: a per-user folder).",
 )  # fmt: skip
+@click.option(
+    "--no-worker", "no_worker", is_flag=True,
+    help="API only: run no jobs here, leave them to `atelier worker` processes (needs ATELIER_DATABASE_URL).",
+)  # fmt: skip
 @click.pass_context
 def serve(
-    ctx: click.Context, host: str, port: int, model: str | None, model_path: Path | None, data_dir: Path | None
+    ctx: click.Context,
+    host: str,
+    port: int,
+    model: str | None,
+    model_path: Path | None,
+    data_dir: Path | None,
+    no_worker: bool,
 ) -> None:
     """Serve the Replicate, Cog and OpenAI Images APIs over one job system."""
     choice = choose_model(ctx, model, model_path)
@@ -58,18 +68,34 @@ def serve(
             )
         elif not settings.api_tokens:
             click.echo("No API tokens configured (ATELIER_API_TOKENS): open to local callers only.", err=True)
-        run(settings, listener)
+        if no_worker:
+            require_cluster(settings, "atelier serve --no-worker")
+        run(settings, listener, work=not no_worker)
     finally:
         listener.close()
 
 
-def run(settings: Settings, listener: socket.socket) -> None:
+def require_cluster(settings: Settings, command: str) -> None:
+    """A process that leaves jobs to others, or runs others' jobs, needs the shared PostgreSQL database."""
+    from atelier.services import is_cluster
+
+    if not is_cluster(settings):
+        raise SettingsError(
+            FieldProblem(
+                "ATELIER_DATABASE_URL",
+                f"{command} shares its jobs with other processes through PostgreSQL; set ATELIER_DATABASE_URL "
+                "(e.g. postgresql+psycopg://atelier@db:5432/atelier; docs/scaling.md)",
+            )
+        )
+
+
+def run(settings: Settings, listener: socket.socket, *, work: bool = True) -> None:
     import uvicorn
 
     from atelier.app import create_app
 
     logging.getLogger("atelier").setLevel(logging.INFO)
-    app = create_app(settings)
+    app = create_app(settings, work=work)
     click.echo(f"Atelier on http://{url_host(settings.host)}:{settings.port} (data in {settings.data_dir})", err=True)
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listener])
 

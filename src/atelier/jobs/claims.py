@@ -395,9 +395,10 @@ def _value(conn: Connection, key: str) -> int:
 
 
 def _counts(conn: Connection, caller: Caller) -> dict[str, int]:
-    row = conn.execute(
-        text(
-            """
+    row = (
+        conn.execute(
+            text(
+                """
             SELECT
               count(*) FILTER (WHERE status = 'starting' AND lease_owner IS NULL) AS waiting,
               count(DISTINCT owner) FILTER (WHERE status = 'starting' AND lease_owner IS NULL) AS callers,
@@ -411,9 +412,12 @@ def _counts(conn: Connection, caller: Caller) -> dict[str, int]:
               FROM predictions WHERE status IN ('starting', 'processing')
             ) live
             """
-        ),
-        {"owner": caller.owner, "user": caller.user},
-    ).mappings().one()
+            ),
+            {"owner": caller.owner, "user": caller.user},
+        )
+        .mappings()
+        .one()
+    )
     counts = {name: int(value) for name, value in row.items()}
     if caller.owner is None and counts["callers"] == 0:
         counts["callers"] = 0

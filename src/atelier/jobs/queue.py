@@ -209,9 +209,7 @@ class Capacity:
     concurrency: int
     estimate: float  # seconds one prediction takes, for retry_after
 
-    def check(
-        self, waiting: int, caller: Caller | None, token_waiting: int, user_waiting: int, callers: int
-    ) -> None:
+    def check(self, waiting: int, caller: Caller | None, token_waiting: int, user_waiting: int, callers: int) -> None:
         """See ``JobQueue.check_capacity``; ``callers`` is how many tokens have jobs waiting."""
         if waiting >= self.max_queue:
             retry_after = max(1, math.ceil(self.estimate * (waiting + 1) / self.concurrency))

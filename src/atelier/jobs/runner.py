@@ -227,19 +227,24 @@ class Runner:
         self._check_accepting()
         if client_id is not None and (existing := self._existing(client_id, owner)):
             return existing
-        self.check_admission(caller)
-        self.limits.spend(caller)
         prediction = recovery.new_prediction(
             job, key=key, engine=engine, model=model, source=source, owner=owner, version=version,
             webhook=webhook, webhook_events_filter=webhook_events_filter, deadline=deadline,
         )  # fmt: skip
         prediction.client_id = client_id or job.id
+        self._admit(prediction, job, engine, batch, route=key)
+        log.info("prediction %s accepted from %s for model %s (queue %d)", job.id, source, key, self.queue_depth)
+        return prediction.snapshot()
+
+    def _admit(self, prediction: Prediction, job: Job, engine: Engine, batch: BatchPlan | None, *, route: str) -> None:
+        """Check the bound and limits, spend, store and queue, at once (no ``await``; ``TooManyRequests``)."""
+        caller = Caller(prediction.owner, job.request.user_id)
+        self.check_admission(caller)
+        self.limits.spend(caller)
         self.store.insert_prediction(prediction)
         entry = Entry(self._new_task(prediction), job, engine, CancelToken(), batch=batch)
         self._enqueue(entry)
         entry.task.announce()
-        log.info("prediction %s accepted from %s for model %s (queue %d)", job.id, source, key, self.queue_depth)
-        return prediction.snapshot()
 
     def check_admission(self, caller: Caller) -> None:
         """``TooManyRequests`` when the queue is full, ``caller`` holds its share of it or is over a limit,

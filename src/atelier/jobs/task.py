@@ -182,6 +182,20 @@ class Task:
         self._set(status=STARTING, started_at=None)
         self._emit(Event("status", {"status": STARTING}))
 
+    def ended_elsewhere(self, prediction: Prediction) -> None:
+        """Another process finished the stored prediction (a cancel there, or it took the job back): take
+        its record, end this task's subscribers, write nothing and tell no listener (that process did)."""
+        self.prediction = prediction.snapshot()
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        self._unsaved = ""
+        event = Event("done", {"status": prediction.status}, self.prediction.snapshot())
+        for sub in list(self._subscribers):
+            sub.put(Event("status", {"status": prediction.status}, event.prediction))
+            sub.put(event)
+        self.done.set()
+
     # -- logs and progress ---------------------------------------------------------------------------
 
     def log(self, line: str) -> None:

@@ -1,0 +1,279 @@
+"""Events and cancels between processes on one PostgreSQL database: ``LISTEN``/``NOTIFY``.
+
+A process running a job publishes each of its events (``publish``: status, logs, progress, output,
+done) on ``atelier_events``; a preview image is stored in ``previews`` and referenced, so a payload
+stays far below PostgreSQL's 8 kB limit (long log text is left out: the reader takes it from the row).
+Every process keeps one listening connection (``Relay``) and feeds the events of the jobs it has
+subscribers for into the same ``Subscription`` objects the doors read for local jobs, so any API
+process serves the SSE stream, ``Prefer: wait`` and the OpenAI stream of a job running anywhere.
+
+The row stays the truth: a notification only wakes the reader, which re-reads the row for every status
+change (and polls the rows it follows every ``poll_interval`` seconds, and after a reconnect), so a lost
+notification delays an event, never loses one. Log text is relayed by its offset in the logs, so text
+seen both in a notification and in the row is delivered once.
+
+``atelier_cancel`` carries cancels to the process holding the job's lease (``on_cancel``);
+``atelier_queue`` wakes idle workers when a job is queued (``on_queue``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from sqlalchemy import Engine, select, text
+
+from atelier.ids import new_id
+from atelier.jobs.claims import CANCELS, EVENTS, QUEUE, notify
+from atelier.jobs.events import Event, Subscription
+from atelier.jobs.records import SUCCEEDED, Prediction, format_time, utc_now
+from atelier.jobs.store import PREDICTIONS, Store, _prediction
+
+log = logging.getLogger(__name__)
+
+MAX_LOG_TEXT = 4000  # characters of log text carried in a notification; more is read from the row
+RECONNECT_SECONDS = 1.0
+
+
+def listen_dsn(url: str) -> str:
+    """A libpq connection string from the store's SQLAlchemy URL (``postgresql+psycopg://...``)."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+class Publisher:
+    """Sends one process's events in order, from one thread (never on the event loop)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="atelier-notify")
+
+    async def publish(self, event: Event) -> None:
+        prediction = event.prediction
+        if prediction is None:
+            return
+        with contextlib.suppress(Exception):  # a lost notification only delays a reader (it polls)
+            await asyncio.get_running_loop().run_in_executor(self._thread, self._send, prediction, event)
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
+
+    def _send(self, prediction: Prediction, event: Event) -> None:
+        payload: dict[str, Any] = {"id": prediction.id, "k": event.kind}
+        with self.engine.begin() as conn:
+            if event.kind == "logs":
+                text_ = event.data.get("text", "")
+                if len(text_) <= MAX_LOG_TEXT:
+                    payload |= {"t": text_, "at": len(prediction.logs) - len(text_)}
+            elif event.kind == "progress":
+                payload |= {k: event.data.get(k) for k in ("step", "total", "message")}
+                preview = event.data.get("preview")
+                if preview is not None:
+                    payload["p"] = _store_preview(conn, prediction.id, preview)
+            elif event.kind == "done":
+                conn.execute(text("DELETE FROM previews WHERE prediction_id = :id"), {"id": prediction.id})
+            notify(conn, EVENTS, payload)
+
+
+def _store_preview(conn: Any, prediction_id: str, image: Any) -> str:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=80)
+    id = new_id()
+    conn.execute(
+        text("INSERT INTO previews (id, prediction_id, data, created_at) VALUES (:id, :p, :d, :t)"),
+        {"id": id, "p": prediction_id, "d": buffer.getvalue(), "t": format_time(utc_now())},
+    )
+    return id
+
+
+class _Follower:
+    """One subscription to a job running elsewhere, and how far it has got."""
+
+    def __init__(self, subscription: Subscription, prediction: Prediction) -> None:
+        self.subscription = subscription
+        self.prediction = prediction
+        self.logs = len(prediction.logs)  # characters of the logs delivered
+        self.status = prediction.status
+        self.ended = False
+
+    def sync(self, row: Prediction) -> None:
+        """Deliver what the row says that this subscriber has not seen: a new status, then new log text;
+        the end after the last log text."""
+        self.prediction = row
+        if self.ended:
+            return
+        changed, self.status = row.status != self.status, row.status
+        if changed and not row.terminal:
+            self.put(Event("status", {"status": row.status}, row))
+        if len(row.logs) > self.logs:
+            self.put(Event("logs", {"text": row.logs[self.logs :]}, row))
+            self.logs = len(row.logs)
+        if changed and row.terminal:
+            self.end(row)
+
+    def end(self, row: Prediction) -> None:
+        if row.status == SUCCEEDED:
+            self.put(Event("output", {"output": list(row.output or [])}, row))
+        self.put(Event("status", {"status": row.status}, row))
+        self.put(Event("done", {"status": row.status}, row))
+        self.ended = True
+
+    def logs_text(self, at: int, text_: str) -> None:
+        if at > self.logs:  # text before it has not arrived: the row has it
+            return
+        new = text_[self.logs - at :]
+        if new:
+            self.put(Event("logs", {"text": new}, self.prediction))
+            self.logs += len(new)
+
+    def put(self, event: Event) -> None:
+        self.subscription.put(event)
+
+
+class Relay:
+    """This process's listening connection and the subscriptions it feeds (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        on_cancel: Callable[[str, str, str], None],
+        on_queue: Callable[[], None],
+        poll_interval: float = 1.0,
+    ) -> None:
+        self.store = store
+        self.on_cancel = on_cancel  # (id, reason, lease owner)
+        self.on_queue = on_queue
+        self.poll_interval = poll_interval
+        self._followers: dict[str, list[_Follower]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._inbox: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        self.connected = asyncio.Event()
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._listen(), name="atelier-relay-listen"),
+            asyncio.create_task(self._handle(), name="atelier-relay-handle"),
+            asyncio.create_task(self._poll(), name="atelier-relay-poll"),
+        ]
+        await self.connected.wait()
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for followers in list(self._followers.values()):
+            for follower in followers:
+                follower.subscription.close()
+
+    def subscribe(self, prediction: Prediction) -> Subscription:
+        """Events of ``prediction`` (running elsewhere) from now on; ends after ``done``."""
+        follower: _Follower
+
+        def forget(_: Subscription) -> None:
+            followers = self._followers.get(prediction.id, [])
+            if follower in followers:
+                followers.remove(follower)
+            if not followers:
+                self._followers.pop(prediction.id, None)
+
+        subscription = Subscription(on_close=forget)
+        follower = _Follower(subscription, prediction)
+        self._followers.setdefault(prediction.id, []).append(follower)
+        return subscription
+
+    # -- internals ---------------------------------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        import psycopg
+
+        dsn = listen_dsn(self.store.url)
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+                    for channel in (EVENTS, CANCELS, QUEUE):
+                        await conn.execute(f"LISTEN {channel}")
+                    self.connected.set()
+                    await self._inbox.put(("", ""))  # after a (re)connect: re-read every row followed
+                    async for note in conn.notifies():
+                        await self._inbox.put((note.channel, note.payload))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("event relay: the listening connection failed (%s); reconnecting", exc)
+                await asyncio.sleep(RECONNECT_SECONDS)
+
+    async def _handle(self) -> None:
+        while True:
+            channel, payload = await self._inbox.get()
+            try:
+                await self._one(channel, payload)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("event relay: a notification could not be handled (%s)", channel)
+
+    async def _one(self, channel: str, payload: str) -> None:
+        if channel == QUEUE:
+            self.on_queue()
+            return
+        if channel == "":
+            await self._sync(list(self._followers))
+            return
+        data = json.loads(payload)
+        if channel == CANCELS:
+            self.on_cancel(data["id"], data.get("r") or "canceled", data.get("w") or "")
+            return
+        followers = self._followers.get(data["id"])
+        if not followers:
+            return
+        kind = data.get("k")
+        if kind == "logs" and "t" in data:
+            for follower in followers:
+                follower.logs_text(int(data.get("at", 0)), data["t"])
+        elif kind == "progress":
+            preview = await asyncio.to_thread(self._preview, data["p"]) if data.get("p") else None
+            event_data = {"step": data.get("step"), "total": data.get("total"), "message": data.get("message")}
+            for follower in followers:
+                follower.put(Event("progress", {**event_data, "preview": preview}, follower.prediction))
+        else:
+            await self._sync([data["id"]])
+
+    async def _sync(self, ids: list[str]) -> None:
+        if not ids:
+            return
+        rows = await asyncio.to_thread(self._rows, ids)
+        for id in ids:
+            row = rows.get(id)
+            for follower in list(self._followers.get(id, [])):
+                if row is not None:
+                    follower.sync(row)
+
+    def _rows(self, ids: list[str]) -> dict[str, Prediction]:
+        with self.store.engine.connect() as conn:
+            found = conn.execute(select(PREDICTIONS).where(PREDICTIONS.c.id.in_(ids))).mappings()
+            return {row["id"]: _prediction(row) for row in found}
+
+    def _preview(self, id: str) -> Any:
+        from PIL import Image
+
+        with self.store.engine.connect() as conn:
+            data = conn.execute(text("SELECT data FROM previews WHERE id = :id"), {"id": id}).scalar()
+        if data is None:
+            return None
+        image = Image.open(io.BytesIO(bytes(data)))
+        image.load()
+        return image
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            if self._followers:
+                await self._inbox.put(("", ""))

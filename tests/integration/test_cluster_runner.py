@@ -1,0 +1,143 @@
+"""Runners of one cluster in one test process, on a real PostgreSQL database: an API-only runner and
+workers, as ``atelier serve --no-worker`` and ``atelier worker`` are (tests/e2e/test_cluster.py runs them
+as real processes). Events, ``wait`` and cancel cross runners through LISTEN/NOTIFY."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+
+from atelier.config import Settings
+from atelier.jobs.cluster import ClusterRunner
+from atelier.jobs.files import FileStore
+from atelier.jobs.routing import EngineRouter
+from atelier.jobs.store import Store
+from atelier.request import parse_request
+from fakes import FakeEngine
+
+pytest.importorskip("psycopg")
+
+KEY = "sk-test-never-stored-0123456789"
+
+
+class Cluster:
+    def __init__(self, tmp_path: Path, url: str) -> None:
+        self.tmp_path = tmp_path
+        self.url = url
+        self.runners: list[ClusterRunner] = []
+        self.gates: list[Any] = []
+
+    async def runner(self, *engines: FakeEngine, work: bool = True, **overrides: Any) -> ClusterRunner:
+        settings = Settings(
+            data_dir=self.tmp_path, database_url=SecretStr(self.url),
+            **{"max_concurrency": 1, "max_queue": 50, "lease_seconds": 3, **overrides},
+        )  # fmt: skip
+        store = Store(self.url)
+        engines = engines or (FakeEngine(),)
+        router = EngineRouter({e.model: e for e in engines}, engines[0].model)
+        runner = ClusterRunner(
+            store, FileStore(settings.files_dir, store), router, settings, stop_timeout=1.0, work=work,
+            poll_interval=0.2,
+        )  # fmt: skip
+        self.runners.append(runner)
+        await runner.start()
+        return runner
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path, pg_database: str) -> AsyncIterator[Cluster]:
+    c = Cluster(tmp_path, pg_database)
+    yield c
+    for gate in c.gates:
+        gate.set()
+    for runner in c.runners:
+        await runner.stop(timeout=1.0)
+        runner.store.close()
+
+
+def request(**fields: Any):  # type: ignore[no-untyped-def]
+    return parse_request({"prompt": "a red square", **fields})
+
+
+async def test_a_job_accepted_by_an_api_process_runs_on_a_worker_and_its_events_reach_the_api(
+    cluster: Cluster,
+) -> None:
+    api = await cluster.runner(work=False)
+    engine = FakeEngine(steps=3)
+    await cluster.runner(engine)
+    prediction = await api.submit(request(), source="replicate", previews=1)
+    subscription = api.subscribe(prediction.id)
+    events = [event async for event in subscription]
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "status" and kinds[-3:] == ["output", "status", "done"]
+    assert [e.data["step"] for e in events if e.kind == "progress"] == [1, 2, 3]
+    assert all(e.data["preview"] is not None for e in events if e.kind == "progress")
+    logs = "".join(e.data["text"] for e in events if e.kind == "logs")
+    done = await api.get(prediction.id)
+    assert done.status == "succeeded" and len(done.output or []) == 1
+    assert logs == done.logs and f"Using seed: {prediction.seed}" in logs
+    assert [job.id for job in engine.jobs] == [prediction.id]
+
+
+async def test_wait_and_cancel_from_the_api_reach_the_job_on_the_worker(cluster: Cluster) -> None:
+    api = await cluster.runner(work=False)
+    engine = FakeEngine(steps=3)
+    gate = engine.block()
+    cluster.gates.append(gate)
+    worker = await cluster.runner(engine)
+    prediction = await api.submit(request(), source="replicate")
+    waited = await api.wait(prediction.id, 0.3)
+    assert waited.status in ("starting", "processing")
+    await asyncio.to_thread(engine.started.wait, 10)
+    canceled = await api.cancel(prediction.id)
+    assert canceled.status == "canceled"
+    entry = worker.queue.get(prediction.id)
+    while entry is not None and not entry.token.cancelled:  # the notification reaches the worker
+        await asyncio.sleep(0.01)
+    assert (await api.wait(prediction.id, 5)).status == "canceled"
+    gate.set()
+    while worker.queue.get(prediction.id) is not None:
+        await asyncio.sleep(0.01)
+    final = await api.get(prediction.id)
+    assert final.status == "canceled" and final.output is None
+    assert worker.files.for_prediction(prediction.id) == []
+
+
+async def test_a_job_carrying_the_callers_key_runs_in_the_accepting_process_and_never_stores_the_key(
+    cluster: Cluster,
+) -> None:
+    api_engine = FakeEngine(model="gpt-image-2", name="openai")
+    api = await cluster.runner(FakeEngine(), api_engine, work=False)
+    worker_engine = FakeEngine(model="gpt-image-2", name="openai")
+    await cluster.runner(FakeEngine(), worker_engine)
+    prediction = await api.submit(request(openai_api_key=KEY), model="openai/gpt-image-2", source="openai")
+    done = await api.wait(prediction.id, 10)
+    assert done.status == "succeeded"
+    assert [j.id for j in api_engine.jobs] == [prediction.id] and worker_engine.jobs == []
+    with api.store.engine.connect() as conn:
+        dump = " ".join(str(v) for row in conn.exec_driver_sql("SELECT * FROM predictions") for v in row)
+    assert KEY not in dump
+
+
+async def test_a_worker_that_stops_gives_its_job_back_and_another_finishes_it_with_the_same_seed(
+    cluster: Cluster,
+) -> None:
+    api = await cluster.runner(work=False)
+    first = FakeEngine(ignore_cancel=False)
+    gate = first.block()
+    cluster.gates.append(gate)
+    worker = await cluster.runner(first)
+    prediction = await api.submit(request(), source="replicate")
+    await asyncio.to_thread(first.started.wait, 10)
+    await worker.stop(timeout=0.1)
+    second = FakeEngine()
+    await cluster.runner(second)
+    done = await api.wait(prediction.id, 20)
+    assert done.status == "succeeded"
+    assert [j.seed for j in second.jobs] == [prediction.seed]
+    assert "re-queued" in done.logs
