@@ -51,11 +51,13 @@ def start_server(
     env: dict[str, str] | None = None,
     timeout: float = 180,
     until: str = "READY",
+    command: list[str] | None = None,
 ) -> Server:
     """Start ``atelier serve`` and wait until its model is loaded (``/health-check`` says ``until``:
     READY, or SETUP_FAILED for a server whose model cannot load).
 
-    ``model_path`` None: no local model named (an OpenAI proxy; naming one with ATELIER_ENGINE=openai is refused)."""
+    ``model_path`` None: no local model named (an OpenAI proxy; naming one with ATELIER_ENGINE=openai is refused).
+    ``command``: what to run instead of ``python -m atelier.cli serve`` (e.g. tests/e2e/fake_atelier.py)."""
     port = free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir.parent / f"server-{port}.log"
@@ -70,7 +72,10 @@ def start_server(
     }
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "atelier.cli", "serve"], env=environment, stdout=log, stderr=subprocess.STDOUT
+            command or [sys.executable, "-m", "atelier.cli", "serve"],
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     server = Server(f"http://127.0.0.1:{port}", data_dir, process, log_path, environment)
     deadline = time.monotonic() + timeout
