@@ -196,3 +196,11 @@ def m006_prediction_client_ids(conn: Connection) -> None:
     metadata = MetaData()
     table = Table("predictions", metadata, Column("owner", String(128)), Column("client_id", String(256)))
     Index("predictions_owner_client_id", table.c.owner, table.c.client_id, unique=True).create(conn)
+
+
+@migration
+def m007_prediction_failures(conn: Connection) -> None:
+    """How a failed prediction failed, as a typed record (code, HTTP status, field, retry_after, message) in
+    JSON text, so any process answers the same typed error after a restart (``records.Failure``). Rows
+    failed before it have none; the doors fall back to their ``error_code``."""
+    conn.exec_driver_sql("ALTER TABLE predictions ADD COLUMN failure_json TEXT")
