@@ -18,7 +18,8 @@ them in their own shapes in exactly one place each; nothing else turns errors in
     │   └── SettingsError             503 model_unavailable a setting (ATELIER_*, a flag) cannot work as given
     ├── InsufficientStorage           507 insufficient_storage  the server's disk is full; carries retry_after
     ├── Canceled                      499 canceled          a job stopped on request
-    └── EngineError                   502 engine_error      the model or upstream failed
+    ├── EngineError                   502 engine_error      the model or upstream failed
+    └── FailedPrediction              (as recorded)         a stored failure, rebuilt (jobs/records.py Failure)
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class FieldProblem:
 class AtelierError(Exception):
     status = 500
     code = "internal_error"
+    retry_after: float | None = None  # seconds a caller should wait before retrying (429, 507)
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)
@@ -158,3 +160,16 @@ class Canceled(AtelierError):
 class EngineError(AtelierError):
     status = 502
     code = "engine_error"
+
+
+class FailedPrediction(AtelierError):
+    """The error a failed prediction ended with, rebuilt from its stored record: the status, code, field and
+    ``retry_after`` it was raised with, whatever its class was (``atelier.jobs.records.Failure``)."""
+
+    def __init__(
+        self, message: str, *, status: int, code: str, field: str | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, field=field)
+        self.status = status
+        self.code = code
+        self.retry_after = retry_after

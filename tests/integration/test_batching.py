@@ -31,6 +31,7 @@ from atelier.jobs.records import Prediction
 from atelier.jobs.routing import EngineRouter
 from atelier.jobs.runner import Runner
 from atelier.jobs.store import Store
+from atelier.jobs.submission import Submission
 from atelier.request import ImageRequest, parse_request
 from fakes import FakeEngine
 
@@ -145,11 +146,13 @@ def pixels(data: bytes) -> np.ndarray:
 async def test_compatible_queued_jobs_share_one_call_and_each_gets_its_own_images(engine, make_runner) -> None:
     runner = await make_runner(engine)
     release = engine.hold()
-    blocker = await runner.submit(request(), source="python", owner="x")
+    blocker = await runner.submit(Submission(request(), source="python", owner="x"))
     await until(lambda: len(engine.pipe.calls) == 1)  # the worker is busy: what follows waits in the queue
     asked = [("a red boat", 1, "a"), ("a green tree", 2, "b"), ("a blue cat", 1, "c"), ("a red boat", 1, "d")]
     queued = [
-        await runner.submit(request(prompt, number_of_images=n), source="python", owner=owner, seed=100 + 10 * i)
+        await runner.submit(
+            Submission(request(prompt, number_of_images=n), source="python", owner=owner, seed=100 + 10 * i)
+        )
         for i, (prompt, n, owner) in enumerate(asked)
     ]
     release.set()
@@ -176,7 +179,7 @@ async def test_compatible_queued_jobs_share_one_call_and_each_gets_its_own_image
 async def test_incompatible_jobs_run_alone_and_a_callers_order_holds(engine, make_runner) -> None:
     runner = await make_runner(engine)
     release = engine.hold()
-    blocker = await runner.submit(request(), source="python", owner="x")
+    blocker = await runner.submit(Submission(request(), source="python", owner="x"))
     await until(lambda: len(engine.pipe.calls) == 1)
     buffer = io.BytesIO()
     Image.new("RGB", (256, 256), (200, 30, 30)).save(buffer, "PNG")
@@ -192,7 +195,7 @@ async def test_incompatible_jobs_run_alone_and_a_callers_order_holds(engine, mak
         (request("same as first, another caller", quality="medium"), {}, "b"),
         (request("same as first, behind a's others", quality="medium"), {}, "a"),
     ]
-    queued = [await runner.submit(r, source="python", owner=o, **extra) for r, extra, o in jobs]
+    queued = [await runner.submit(Submission(r, source="python", owner=o, **extra)) for r, extra, o in jobs]
     release.set()
     assert {p.status for p in await finished(runner, blocker, *queued)} == {"succeeded"}
     sizes = {(c["width"], c["height"], c["num_inference_steps"]) for c in engine.pipe.calls[2:4]}
@@ -211,9 +214,9 @@ async def test_incompatible_jobs_run_alone_and_a_callers_order_holds(engine, mak
 async def test_a_lone_job_starts_at_once_and_runs_alone(engine, make_runner) -> None:
     runner = await make_runner(engine)
     release = engine.hold()
-    lone = await runner.submit(request("alone"), source="python")
+    lone = await runner.submit(Submission(request("alone"), source="python"))
     await until(lambda: len(engine.pipe.calls) == 1)  # it started with nothing else queued
-    later = await runner.submit(request("later"), source="python")
+    later = await runner.submit(Submission(request("later"), source="python"))
     release.set()
     assert {p.status for p in await finished(runner, lone, later)} == {"succeeded"}
     assert engine.prompts() == ["alone", "later"]  # a running call takes no one in
@@ -224,10 +227,10 @@ async def test_a_batch_holds_no_more_images_than_the_engine_takes_per_call(engin
     monkeypatch.setattr(engine, "_max_batch_pixels", 3 * render.render_width * render.render_height)  # 3 images
     runner = await make_runner(engine)
     release = engine.hold()
-    blocker = await runner.submit(request("a"), source="python")
+    blocker = await runner.submit(Submission(request("a"), source="python"))
     await until(lambda: len(engine.pipe.calls) == 1)
     queued = [
-        await runner.submit(request(p, number_of_images=n), source="python", owner=p)
+        await runner.submit(Submission(request(p, number_of_images=n), source="python", owner=p))
         for p, n in (("b", 2), ("c", 2), ("d", 1))
     ]
     release.set()
@@ -238,9 +241,9 @@ async def test_a_batch_holds_no_more_images_than_the_engine_takes_per_call(engin
 async def test_canceling_one_batched_job_cancels_it_at_once_and_discards_its_images(engine, make_runner) -> None:
     runner = await make_runner(engine)
     first, second = engine.hold(), engine.hold()
-    blocker = await runner.submit(request(), source="python")
+    blocker = await runner.submit(Submission(request(), source="python"))
     await until(lambda: len(engine.pipe.calls) == 1)
-    x, y, z = [await runner.submit(request(p), source="python", owner="t") for p in ("x", "y", "z")]
+    x, y, z = [await runner.submit(Submission(request(p), source="python", owner="t")) for p in ("x", "y", "z")]
     first.set()
     await until(lambda: len(engine.pipe.calls) == 2)  # the batch's call has begun (and waits)
     assert (await runner.get(y.id, owner="t")).status == "processing"
@@ -257,9 +260,9 @@ async def test_canceling_one_batched_job_cancels_it_at_once_and_discards_its_ima
 async def test_canceling_every_batched_job_stops_the_call(engine, make_runner) -> None:
     runner = await make_runner(engine)
     first, second = engine.hold(), engine.hold()
-    blocker = await runner.submit(request(), source="python")
+    blocker = await runner.submit(Submission(request(), source="python"))
     await until(lambda: len(engine.pipe.calls) == 1)
-    p, q = [await runner.submit(request(s), source="python", owner="t") for s in ("p", "q")]
+    p, q = [await runner.submit(Submission(request(s), source="python", owner="t")) for s in ("p", "q")]
     first.set()
     await until(lambda: len(engine.pipe.calls) == 2)
     for prediction in (p, q):
@@ -301,9 +304,9 @@ async def test_one_jobs_failure_in_a_batch_is_its_own(make_runner) -> None:
     engine = BatchingFake()
     gate = engine.block()
     runner = await make_runner(engine)
-    blocker = await runner.submit(request("blocker"), source="python")
+    blocker = await runner.submit(Submission(request("blocker"), source="python"))
     assert await asyncio.to_thread(engine.started.wait, 5)
-    queued = [await runner.submit(request(p), source="python") for p in ("ok", "forbidden", "also ok")]
+    queued = [await runner.submit(Submission(request(p), source="python")) for p in ("ok", "forbidden", "also ok")]
     gate.set()
     done = await finished(runner, blocker, *queued)
     assert engine.calls == [["ok", "forbidden", "also ok"]]
@@ -319,9 +322,9 @@ async def test_max_batch_jobs_and_the_batching_switch(make_runner, settings, bat
     engine = BatchingFake()
     gate = engine.block()
     runner = await make_runner(engine, **settings)
-    blocker = await runner.submit(request("a"), source="python")
+    blocker = await runner.submit(Submission(request("a"), source="python"))
     assert await asyncio.to_thread(engine.started.wait, 5)
-    queued = [await runner.submit(request(p), source="python", owner=p) for p in "bcd"]
+    queued = [await runner.submit(Submission(request(p), source="python", owner=p)) for p in "bcd"]
     gate.set()
     assert {p.status for p in await finished(runner, blocker, *queued)} == {"succeeded"}
     assert engine.calls == batched

@@ -14,9 +14,11 @@ from pydantic import SecretStr
 
 from atelier.config import Settings
 from atelier.jobs.cluster import ClusterRunner
+from atelier.jobs.events import LogsEvent, ProgressReport
 from atelier.jobs.files import FileStore
 from atelier.jobs.routing import EngineRouter
 from atelier.jobs.store import Store
+from atelier.jobs.submission import Submission
 from atelier.request import parse_request
 from fakes import FakeEngine
 
@@ -70,14 +72,14 @@ async def test_a_job_accepted_by_an_api_process_runs_on_a_worker_and_its_events_
     api = await cluster.runner(work=False)
     engine = FakeEngine(steps=3)
     await cluster.runner(engine)
-    prediction = await api.submit(request(), source="replicate", previews=1)
+    prediction = await api.submit(Submission(request(), "replicate", previews=1))
     subscription = api.subscribe(prediction.id)
     events = [event async for event in subscription]
     kinds = [e.kind for e in events]
     assert kinds[0] == "status" and kinds[-3:] == ["output", "status", "done"]
-    assert [e.data["step"] for e in events if e.kind == "progress"] == [1, 2, 3]
-    assert all(e.data["preview"] is not None for e in events if e.kind == "progress")
-    logs = "".join(e.data["text"] for e in events if e.kind == "logs")
+    progress = [e for e in events if isinstance(e, ProgressReport)]
+    assert [e.step for e in progress] == [1, 2, 3] and all(e.preview is not None for e in progress)
+    logs = "".join(e.text for e in events if isinstance(e, LogsEvent))
     done = await api.get(prediction.id)
     assert done.status == "succeeded" and len(done.output or []) == 1
     assert logs == done.logs and f"Using seed: {prediction.seed}" in logs
@@ -90,7 +92,7 @@ async def test_wait_and_cancel_from_the_api_reach_the_job_on_the_worker(cluster:
     gate = engine.block()
     cluster.gates.append(gate)
     worker = await cluster.runner(engine)
-    prediction = await api.submit(request(), source="replicate")
+    prediction = await api.submit(Submission(request(), "replicate"))
     waited = await api.wait(prediction.id, 0.3)
     assert waited.status in ("starting", "processing")
     await asyncio.to_thread(engine.started.wait, 10)
@@ -115,7 +117,7 @@ async def test_a_job_carrying_the_callers_key_runs_in_the_accepting_process_and_
     api = await cluster.runner(FakeEngine(), api_engine, work=False)
     worker_engine = FakeEngine(model="gpt-image-2", name="openai")
     await cluster.runner(FakeEngine(), worker_engine)
-    prediction = await api.submit(request(openai_api_key=KEY), model="openai/gpt-image-2", source="openai")
+    prediction = await api.submit(Submission(request(openai_api_key=KEY), "openai", model="openai/gpt-image-2"))
     done = await api.wait(prediction.id, 10)
     assert done.status == "succeeded"
     assert [j.id for j in api_engine.jobs] == [prediction.id] and worker_engine.jobs == []
@@ -132,7 +134,7 @@ async def test_a_worker_that_stops_gives_its_job_back_and_another_finishes_it_wi
     gate = first.block()
     cluster.gates.append(gate)
     worker = await cluster.runner(first)
-    prediction = await api.submit(request(), source="replicate")
+    prediction = await api.submit(Submission(request(), "replicate"))
     await asyncio.to_thread(first.started.wait, 10)
     await worker.stop(timeout=0.1)
     second = FakeEngine()

@@ -34,9 +34,9 @@ from atelier.app import create_app
 from atelier.config import Settings
 from atelier.errors import EngineError
 from atelier.fetch import FetchPolicy
-from atelier.jobs import migrations
-from atelier.jobs.events import Event
-from atelier.jobs.records import STATUSES, Prediction, format_time, utc_now
+from atelier.jobs import migrations, records
+from atelier.jobs.events import DoneEvent, LogsEvent, OutputEvent, StatusEvent
+from atelier.jobs.records import Prediction, format_time, utc_now
 from atelier.jobs.store import Store
 from fakes import FakeEngine
 
@@ -384,10 +384,15 @@ async def test_webhook_updates_are_throttled_and_kept_in_order(
 
     sender = WebhookSender(render, interval=interval, policy=FetchPolicy.from_allow(["127.0.0.1"]))
     prediction = Prediction("p1", "fake", "cog", webhook=receiver.url, webhook_events_filter=None)
-    events = [Event("status", {"status": "processing"}), Event("logs"), Event("output"), Event("logs"), Event("done")]
+    events = [
+        StatusEvent(records.Status.PROCESSING), LogsEvent(""), OutputEvent([]), LogsEvent(""),
+        DoneEvent(records.Status.SUCCEEDED),
+    ]  # fmt: skip
     for i, event in enumerate(events):  # back to back, as a fast job emits them
         await sender(dataclasses.replace(prediction, logs=event.kind + str(i)), event)
-    await sender(dataclasses.replace(prediction, source="replicate"), Event("done"))  # another door's
+    await sender(
+        dataclasses.replace(prediction, source="replicate"), DoneEvent(records.Status.SUCCEEDED)
+    )  # another door's
     await sender.aclose()
     kinds = [b["logs"].rstrip("0123456789") for b in receiver.bodies()]
     assert [{"status": "start", "done": "completed"}.get(k, k) for k in kinds] == sent
@@ -643,7 +648,9 @@ async def test_openapi_document_is_cogs_with_the_seeds_schema(cog: Cog) -> None:
     cog_own = {"PredictionRequest", "PredictionResponse", "Status", "WebhookEvent", "HTTPValidationError"}
     assert set(schemas) == set(components()) | cog_own | {"ValidationError"}
     assert {name: schemas[name] for name in components()} == components()
-    assert schemas["Status"]["enum"] == list(get_args(Status)) and set(STATUSES) == set(get_args(Status))
+    assert schemas["Status"]["enum"] == list(get_args(Status)) and {str(s) for s in records.Status} == set(
+        get_args(Status)
+    )
     assert schemas["PredictionRequest"]["properties"]["input"] == {"$ref": "#/components/schemas/Input"}
     for ref in _refs(document):
         assert ref.removeprefix("#/components/schemas/") in schemas, ref

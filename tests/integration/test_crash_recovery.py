@@ -12,7 +12,8 @@ from pathlib import Path
 from atelier.app import create_app
 from atelier.config import Settings
 from atelier.ids import new_id
-from atelier.jobs.records import PROCESSING
+from atelier.jobs.records import Status
+from atelier.jobs.submission import Submission
 from atelier.request import parse_request
 from fakes import FakeEngine
 
@@ -23,12 +24,14 @@ async def test_outputs_of_a_run_cut_short_are_discarded_before_it_runs_again(tmp
     async with first.router.lifespan_context(first):
         runner = first.state.services.runner
         prediction = await runner.submit(
-            parse_request({"prompt": "a red square", "number_of_images": 2}), source="python"
+            Submission(parse_request({"prompt": "a red square", "number_of_images": 2}), source="python")
         )
         done = await runner.wait(prediction.id, 10)
         old = [first.state.services.files.path(file_id) for file_id in done.output]
         # The crash: outputs written and recorded, the status change to succeeded never committed.
-        first.state.services.store.update_prediction(prediction.id, status=PROCESSING, output=None, completed_at=None)
+        first.state.services.store.update_prediction(
+            prediction.id, status=Status.PROCESSING, output=None, completed_at=None
+        )
 
     second = create_app(settings, engines={"fake": FakeEngine()}, default="fake", warm_up=False)
     async with second.router.lifespan_context(second):

@@ -21,6 +21,7 @@ from atelier.jobs.limits import Limits
 from atelier.jobs.routing import EngineRouter
 from atelier.jobs.runner import Runner
 from atelier.jobs.store import Store
+from atelier.jobs.submission import Submission
 from atelier.request import ImageRequest, parse_request
 from fakes import FakeEngine
 
@@ -84,9 +85,9 @@ async def test_one_tokens_burst_does_not_starve_another(harness: Harness) -> Non
     engine = FakeEngine()
     gate = harness.block(engine)
     runner = await harness.runner(engine)
-    burst = [await runner.submit(request(), source="replicate", owner="a") for _ in range(10)]
+    burst = [await runner.submit(Submission(request(), source="replicate", owner="a")) for _ in range(10)]
     await started(engine)  # the burst's first job is running; nine wait
-    other = await runner.submit(request(), source="replicate", owner="b")
+    other = await runner.submit(Submission(request(), source="replicate", owner="b"))
     gate.set()
     for p in [*burst, other]:
         assert (await runner.wait(p.id, timeout=3)).status == "succeeded"
@@ -99,10 +100,10 @@ async def test_users_of_one_token_take_turns(harness: Harness) -> None:
     engine = FakeEngine()
     gate = harness.block(engine)
     runner = await harness.runner(engine)
-    first = await runner.submit(request(user_id="alice"), source="openai", owner="app")
+    first = await runner.submit(Submission(request(user_id="alice"), source="openai", owner="app"))
     await started(engine)
-    alice = [await runner.submit(request(user_id="alice"), source="openai", owner="app") for _ in range(4)]
-    bob = await runner.submit(request(user_id="bob"), source="openai", owner="app")
+    alice = [await runner.submit(Submission(request(user_id="alice"), source="openai", owner="app")) for _ in range(4)]
+    bob = await runner.submit(Submission(request(user_id="bob"), source="openai", owner="app"))
     gate.set()
     for p in [first, *alice, bob]:
         assert (await runner.wait(p.id, timeout=3)).status == "succeeded"
@@ -117,7 +118,7 @@ async def test_limits_are_off_by_default(harness: Harness) -> None:
     harness.block(engine)
     runner = await harness.runner(engine)
     # 18: the user's default share (ATELIER_QUEUE_SHARE) of its token's share (24) of a 32-place queue
-    accepted = [await runner.submit(request(user_id="u"), source="replicate", owner="a") for _ in range(18)]
+    accepted = [await runner.submit(Submission(request(user_id="u"), source="replicate", owner="a")) for _ in range(18)]
     assert len(accepted) == 18 and harness.rows() == 18
 
 
@@ -126,35 +127,37 @@ async def test_rate_limit_per_token_is_a_429_that_stores_nothing(harness: Harnes
         FakeEngine(model="text-only", capabilities=Capabilities()), rate_limit_per_token="2/min"
     )
     clock = Clock()
-    runner.limits = Limits.from_settings(runner.settings, clock=clock)
+    runner.intake.limits = Limits.from_settings(runner.settings, clock=clock)
     with pytest.raises(UnsupportedRequest):  # refused for another reason: spends nothing
-        await runner.submit(request(input_images=["https://example.com/a.png"]), source="replicate", owner="a")
+        await runner.submit(
+            Submission(request(input_images=["https://example.com/a.png"]), source="replicate", owner="a")
+        )
     for _ in range(2):
-        await runner.submit(request(), source="replicate", owner="a")
+        await runner.submit(Submission(request(), source="replicate", owner="a"))
     with pytest.raises(TooManyRequests, match="2 per minute") as info:
-        await runner.submit(request(), source="replicate", owner="a")
+        await runner.submit(Submission(request(), source="replicate", owner="a"))
     assert info.value.retry_after == 30  # one prediction refills every 60/2 s
     assert harness.rows() == 2
-    await runner.submit(request(), source="replicate", owner="b")  # another token has its own allowance
+    await runner.submit(Submission(request(), source="replicate", owner="b"))  # another token has its own allowance
     clock.now += 29
     with pytest.raises(TooManyRequests) as info:
-        await runner.submit(request(), source="replicate", owner="a")
+        await runner.submit(Submission(request(), source="replicate", owner="a"))
     assert info.value.retry_after == 1
     clock.now += 1
-    await runner.submit(request(), source="replicate", owner="a")
+    await runner.submit(Submission(request(), source="replicate", owner="a"))
     assert harness.rows() == 4
 
 
 async def test_rate_limit_per_user_counts_users_within_their_token(harness: Harness) -> None:
     runner = await harness.runner(FakeEngine(), rate_limit_per_user="1/hour")
-    runner.limits = Limits.from_settings(runner.settings, clock=Clock())
-    await runner.submit(request(user_id="alice"), source="openai", owner="a")
+    runner.intake.limits = Limits.from_settings(runner.settings, clock=Clock())
+    await runner.submit(Submission(request(user_id="alice"), source="openai", owner="a"))
     with pytest.raises(TooManyRequests, match="user_id 'alice' may create 1 per hour") as info:
-        await runner.submit(request(user_id="alice"), source="openai", owner="a")
+        await runner.submit(Submission(request(user_id="alice"), source="openai", owner="a"))
     assert info.value.retry_after == 3600
-    await runner.submit(request(user_id="alice"), source="openai", owner="b")  # token b's alice
-    await runner.submit(request(user_id="bob"), source="openai", owner="a")
-    await runner.submit(request(), source="openai", owner="a")  # no user_id: token limits only
+    await runner.submit(Submission(request(user_id="alice"), source="openai", owner="b"))  # token b's alice
+    await runner.submit(Submission(request(user_id="bob"), source="openai", owner="a"))
+    await runner.submit(Submission(request(), source="openai", owner="a"))  # no user_id: token limits only
     assert harness.rows() == 4
 
 
@@ -162,17 +165,17 @@ async def test_concurrent_cap_per_user_frees_up_when_a_job_finishes(harness: Har
     engine = FakeEngine()
     gate = harness.block(engine)
     runner = await harness.runner(engine, max_jobs_per_user=2)
-    running = await runner.submit(request(user_id="alice"), source="openai", owner="a")
+    running = await runner.submit(Submission(request(user_id="alice"), source="openai", owner="a"))
     await started(engine)
-    queued = await runner.submit(request(user_id="alice"), source="openai", owner="a")
+    queued = await runner.submit(Submission(request(user_id="alice"), source="openai", owner="a"))
     with pytest.raises(TooManyRequests, match="queued or running") as info:
-        await runner.submit(request(user_id="alice"), source="openai", owner="a")
+        await runner.submit(Submission(request(user_id="alice"), source="openai", owner="a"))
     assert info.value.retry_after >= 1
     assert harness.rows() == 2
-    await runner.submit(request(user_id="bob"), source="openai", owner="a")
-    await runner.submit(request(user_id="alice"), source="openai", owner="b")
+    await runner.submit(Submission(request(user_id="bob"), source="openai", owner="a"))
+    await runner.submit(Submission(request(user_id="alice"), source="openai", owner="b"))
     await runner.cancel(queued.id, owner="a")  # a canceled job no longer counts
-    await runner.submit(request(user_id="alice"), source="openai", owner="a")
+    await runner.submit(Submission(request(user_id="alice"), source="openai", owner="a"))
     gate.set()
     assert (await runner.wait(running.id, timeout=2)).status == "succeeded"
 
@@ -181,12 +184,12 @@ async def test_concurrent_cap_per_token(harness: Harness) -> None:
     engine = FakeEngine()
     gate = harness.block(engine)
     runner = await harness.runner(engine, max_jobs_per_token=1)
-    first = await runner.submit(request(), source="cog", owner="a")
+    first = await runner.submit(Submission(request(), source="cog", owner="a"))
     with pytest.raises(TooManyRequests, match="this API token has 1 predictions"):
-        await runner.submit(request(user_id="someone-else"), source="cog", owner="a")
+        await runner.submit(Submission(request(user_id="someone-else"), source="cog", owner="a"))
     gate.set()
     assert (await runner.wait(first.id, timeout=2)).status == "succeeded"
-    await runner.submit(request(), source="cog", owner="a")
+    await runner.submit(Submission(request(), source="cog", owner="a"))
 
 
 def test_a_bad_rate_setting_says_how_to_write_one(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from atelier.api.openai_images import inputs, service
 from atelier.app import create_app
 from atelier.config import Settings
 from atelier.engines.base import Capabilities, Job
-from atelier.errors import EngineError, ModerationBlocked, TooManyRequests
+from atelier.errors import AtelierError, EngineError, ModerationBlocked, TooManyRequests
 from fakes import FakeEngine, FakePlan
 
 SPEC_PATH = Path(__file__).parents[3] / "shared" / "reference" / "openai-images-openapi.yaml"
@@ -721,3 +721,50 @@ async def test_a_callers_own_openai_key_routes_the_request_upstream(tmp_path: Pa
             assert plain.status_code == 200 and len(local.jobs) == 1
     finally:
         await app.state.services.stop()
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "param", "retry_after"),
+    [
+        ("upstream", 400, "prompt", None),
+        ("rate", 429, None, "12"),
+        ("blocked", 400, "output", None),
+    ],
+)
+async def test_a_failed_predictions_typed_error_survives_a_restart(
+    tmp_path: Path, spec: Any, error: str, status: int, param: str | None, retry_after: str | None
+) -> None:
+    """The failure is stored with the prediction (code, status, field, retry_after): a restarted server (or
+    another process) answers the same error the door answered when the job failed."""
+    from atelier.api.errors import render
+    from atelier.api.openai_images.outputs import outputs_of
+    from atelier.engines.openai import UpstreamError
+
+    failures = {
+        "upstream": UpstreamError("OpenAI rejected the request: bad", status=400, code="invalid_value", field="prompt"),
+        "rate": TooManyRequests("OpenAI is rate limiting: try again in 12s", retry_after=12),
+        "blocked": ModerationBlocked("an output image was blocked", category="test", field="output"),
+    }
+    app, engine, _ = make_app(tmp_path)
+    await app.state.services.start(warm_up=False)
+    try:
+        engine.fail_next(failures[error])
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            first = await client.post("/v1/images/generations", json={"prompt": "a red square"})
+        (prediction,), _ = app.state.services.store.list_predictions(None, None, 10)
+    finally:
+        await app.state.services.stop()
+
+    again, _, _ = make_app(tmp_path)  # a new process on the same data folder
+    await again.state.services.start(warm_up=False)
+    try:
+        stored = await again.state.services.runner.get(prediction.id)
+        with pytest.raises(AtelierError) as info:
+            outputs_of(stored)
+        second = render("/v1/images/generations", info.value)
+    finally:
+        await again.state.services.stop()
+    assert first.status_code == second.status_code == status
+    assert json.loads(second.body) == first.json()
+    assert first.json()["error"]["param"] == param
+    assert first.headers.get("retry-after") == second.headers.get("retry-after") == retry_after

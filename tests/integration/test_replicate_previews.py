@@ -28,7 +28,7 @@ from replicate.stream import EventSource, ServerSentEvent
 from atelier.app import create_app
 from atelier.config import Settings
 from atelier.engines.base import Capabilities
-from atelier.jobs.records import PROCESSING
+from atelier.jobs.records import Status
 from fakes import FakeEngine
 
 BASE = "http://atelier.test"
@@ -136,7 +136,7 @@ async def test_previews_reach_the_engine_and_survive_a_restart(tmp_path: Path) -
         await services.runner.wait(body["id"], 10)
         assert first_engines["fake"].jobs[0].previews == 2
         # A crash mid-run: the next start runs the prediction again, with the previews it asked for.
-        services.store.update_prediction(body["id"], status=PROCESSING, output=None, completed_at=None)
+        services.store.update_prediction(body["id"], status=Status.PROCESSING, output=None, completed_at=None)
 
     second_engines = engines()
     second = create_app(settings, engines=second_engines, default="fake", warm_up=False)

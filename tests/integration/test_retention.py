@@ -22,6 +22,7 @@ from atelier.app import create_app
 from atelier.config import Settings
 from atelier.jobs.records import Delivery, parse_time, utc_now
 from atelier.jobs.retention import Retention
+from atelier.jobs.submission import Submission
 from atelier.services import Services
 from fakes import FakeEngine
 
@@ -220,7 +221,7 @@ async def test_the_sweep_runs_at_start_up_and_in_the_background(tmp_path: Path) 
     settings = Settings(data_dir=tmp_path, retention="1h", retention_interval=0.05)
     first = create_app(settings, engines={"fake": engine}, default="fake", warm_up=False)
     async with first.router.lifespan_context(first):
-        prediction = await first.state.services.runner.submit(_request(), source="python")
+        prediction = await first.state.services.runner.submit(Submission(_request(), source="python"))
         await first.state.services.runner.wait(prediction.id, 10)
     store_path = settings.database_path
     assert store_path.is_file()
@@ -235,7 +236,7 @@ async def test_the_sweep_runs_at_start_up_and_in_the_background(tmp_path: Path) 
                 break
             await asyncio.sleep(0.01)
         assert second.state.services.store.get_prediction(prediction.id).data_removed
-        later = await second.state.services.runner.submit(_request(), source="python")
+        later = await second.state.services.runner.submit(Submission(_request(), source="python"))
         done = await second.state.services.runner.wait(later.id, 10)
         assert done.output and not done.data_removed
         clock.offset = 3 * HOUR  # the background loop picks it up on its next round

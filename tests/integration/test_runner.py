@@ -15,7 +15,7 @@ import pytest
 from atelier.config import Settings
 from atelier.engines.base import CancelToken, Capabilities, Job, ProgressFn, Result, StoredImage
 from atelier.errors import EngineError, ModelUnavailable, NotFound, TooManyRequests, UnsupportedRequest
-from atelier.jobs.events import Event
+from atelier.jobs.events import Event, ProgressReport, StatusEvent
 from atelier.jobs.files import FileStore
 from atelier.jobs.inputs import Staged
 from atelier.jobs.records import Prediction, utc_now
@@ -23,6 +23,7 @@ from atelier.jobs.recovery import KEY_NOT_STORED, NOT_RECORDED, rerun_spec
 from atelier.jobs.routing import EngineRouter
 from atelier.jobs.runner import Runner
 from atelier.jobs.store import Store
+from atelier.jobs.submission import Submission
 from atelier.request import ImageRequest, parse_request
 from fakes import FakeEngine
 
@@ -94,7 +95,7 @@ async def test_submit_runs_to_success_with_files_written_first(harness: Harness)
 
     runner = await harness.runner(store_class=CheckingStore, cost_per_second=0.5)
     files = runner.files
-    created = await runner.submit(request(number_of_images=2, output_format="png"), source="python", seed=5)
+    created = await runner.submit(Submission(request(number_of_images=2, output_format="png"), source="python", seed=5))
     assert created.status == "starting"
     done = await runner.wait(created.id, timeout=2)
     assert done.status == "succeeded"
@@ -112,12 +113,12 @@ async def test_refused_requests_cost_nothing_and_leave_no_trace(harness: Harness
     text_only = FakeEngine(model="text-only", capabilities=Capabilities())  # cannot edit
     runner = await harness.runner(text_only)
     with pytest.raises(UnsupportedRequest) as info:
-        await runner.submit(request(input_images=["https://example.com/a.png"]), source="replicate")
+        await runner.submit(Submission(request(input_images=["https://example.com/a.png"]), source="replicate"))
     assert info.value.field == "input_images"
     with pytest.raises(NotFound, match="served models: text-only"):
-        await runner.submit(request(), model="atelier/nope", source="replicate")
+        await runner.submit(Submission(request(), model="atelier/nope", source="replicate"))
     with pytest.raises(ModelUnavailable, match="no OpenAI engine"):
-        await runner.submit(request(openai_api_key=KEY), source="replicate")
+        await runner.submit(Submission(request(openai_api_key=KEY), source="replicate"))
     assert harness.rows() == 0 and text_only.jobs == []
 
 
@@ -125,12 +126,12 @@ async def test_full_queue_is_refused_before_anything_is_stored(harness: Harness)
     engine = FakeEngine()
     gate = harness.block(engine)
     runner = await harness.runner(engine, max_queue=2)
-    first = await runner.submit(request(), source="replicate")
+    first = await runner.submit(Submission(request(), source="replicate"))
     await started(engine)
-    queued = [await runner.submit(request(), source="replicate") for _ in range(2)]
+    queued = [await runner.submit(Submission(request(), source="replicate")) for _ in range(2)]
     assert (runner.running, runner.queue_depth, runner.busy) == (1, 2, True)
     with pytest.raises(TooManyRequests) as info:
-        await runner.submit(request(), source="replicate")
+        await runner.submit(Submission(request(), source="replicate"))
     assert info.value.retry_after >= 1
     assert harness.rows() == 3  # the refused one left no row
     gate.set()
@@ -142,9 +143,9 @@ async def test_cancel_queued_and_running(harness: Harness) -> None:
     engine = FakeEngine()
     harness.block(engine)
     runner = await harness.runner(engine)
-    running = await runner.submit(request(), source="replicate", owner="t")
+    running = await runner.submit(Submission(request(), source="replicate", owner="t"))
     await started(engine)
-    queued = await runner.submit(request(), source="replicate", owner="t")
+    queued = await runner.submit(Submission(request(), source="replicate", owner="t"))
     canceled = await runner.cancel(queued.id, owner="t")
     assert canceled.status == "canceled" and canceled.error is None
     with pytest.raises(NotFound):
@@ -174,14 +175,14 @@ async def test_cancel_while_the_model_loads_answers_canceled_and_the_job_never_r
     engine = LoadingEngine()
     harness.gates.append(engine.loaded)
     runner = await harness.runner(engine)
-    first = await runner.submit(request(), source="replicate", owner="t")
+    first = await runner.submit(Submission(request(), source="replicate", owner="t"))
     assert await asyncio.to_thread(engine.loading.wait, 2)
     answer = await runner.cancel(first.id, owner="t")
     assert (answer.status, answer.started_at) == ("canceled", None) and answer.completed_at is not None
     assert (await runner.get(first.id, owner="t")).status == "canceled"
     assert (runner.running, runner.busy) == (1, True), "the worker holds its slot while the model loads"
     engine.loaded.set()
-    second = await runner.submit(request(), source="replicate", owner="t")
+    second = await runner.submit(Submission(request(), source="replicate", owner="t"))
     assert (await runner.wait(second.id, timeout=2)).status == "succeeded"
     assert [job.id for job in engine.jobs] == [second.id]
     assert runner.store.get_prediction(first.id) == answer
@@ -192,8 +193,8 @@ async def test_deadline_cancels_running_and_queued_jobs(harness: Harness) -> Non
     harness.block(engine)
     runner = await harness.runner(engine)
     soon = utc_now() + timedelta(milliseconds=150)
-    running = await runner.submit(request(), source="replicate", deadline=soon)
-    queued = await runner.submit(request(), source="replicate", deadline=soon)
+    running = await runner.submit(Submission(request(), source="replicate", deadline=soon))
+    queued = await runner.submit(Submission(request(), source="replicate", deadline=soon))
     for p in (running, queued):
         done = await runner.wait(p.id, timeout=2)
         assert (done.status, done.error) == ("canceled", "deadline exceeded")
@@ -203,7 +204,7 @@ async def test_deadline_cancels_running_and_queued_jobs(harness: Harness) -> Non
 async def test_concurrency_bound_is_respected(harness: Harness) -> None:
     engine = FakeEngine(steps=3, step_delay=0.02)
     runner = await harness.runner(engine, max_concurrency=2)
-    submitted = [await runner.submit(request(), source="python") for _ in range(6)]
+    submitted = [await runner.submit(Submission(request(), source="python")) for _ in range(6)]
     results = await asyncio.gather(*(runner.wait(p.id, timeout=3) for p in submitted))
     assert [r.status for r in results] == ["succeeded"] * 6
     assert engine.max_active == 2
@@ -229,7 +230,7 @@ async def test_every_worker_gets_its_own_engine_thread(harness: Harness) -> None
     count = 40
     engine = MeetingEngine(count)
     runner = await harness.runner(engine, max_concurrency=count, max_queue=count)
-    submitted = [await runner.submit(request(), source="python") for _ in range(count)]
+    submitted = [await runner.submit(Submission(request(), source="python")) for _ in range(count)]
     results = await asyncio.gather(*(runner.wait(p.id, timeout=15) for p in submitted))
     assert [r.status for r in results] == ["succeeded"] * count
     assert len(engine.threads) == count and all(t.startswith("atelier-engine") for t in engine.threads)
@@ -237,12 +238,12 @@ async def test_every_worker_gets_its_own_engine_thread(harness: Harness) -> None
 
 async def test_subscribe_sees_status_progress_output_done_in_order(harness: Harness) -> None:
     runner = await harness.runner(FakeEngine(steps=3))
-    p = await runner.submit(request(), source="openai", previews=2)
+    p = await runner.submit(Submission(request(), source="openai", previews=2))
     events = [e async for e in runner.subscribe(p.id)]
     kinds = [e.kind for e in events if e.kind != "logs"]
     assert kinds == ["status", "progress", "progress", "progress", "output", "status", "done"]
-    assert [e.data["status"] for e in events if e.kind == "status"] == ["processing", "succeeded"]
-    assert all(e.data["preview"].size == (64, 64) for e in events if e.kind == "progress")
+    assert [e.status for e in events if isinstance(e, StatusEvent)] == ["processing", "succeeded"]
+    assert all(e.preview is not None and e.preview.size == (64, 64) for e in events if isinstance(e, ProgressReport))
     assert events[-1].prediction is not None and events[-1].prediction.output
     late = [e.kind async for e in runner.subscribe(p.id)]  # after the end: just "done"
     assert late == ["done"]
@@ -259,7 +260,7 @@ async def test_listeners_hear_everything_in_order_and_a_failing_one_harms_nothin
         heard.append((event.kind, prediction.status))
 
     runner.listeners += [broken, record]
-    p = await runner.submit(request(), source="replicate")
+    p = await runner.submit(Submission(request(), source="replicate"))
     assert (await runner.wait(p.id, timeout=2)).status == "succeeded"
     assert await runner.dispatcher.flush(1.0)
     statuses = [h for h in heard if h[0] != "logs"]
@@ -276,15 +277,15 @@ async def test_listeners_hear_everything_in_order_and_a_failing_one_harms_nothin
 async def test_engine_and_setup_failures_fail_the_prediction(harness: Harness) -> None:
     engine = FakeEngine(setup_error=OSError("weights not found in /models"))
     runner = await harness.runner(engine)
-    first = await runner.wait((await runner.submit(request(), source="cog")).id, timeout=2)
+    first = await runner.wait((await runner.submit(Submission(request(), source="cog"))).id, timeout=2)
     assert (first.status, first.error_code) == ("failed", "model_unavailable")
     assert "weights not found" in (first.error or "")
     engine.setup_error = None  # a later job tries the setup again
     engine.fail_next(EngineError("the upstream refused"))
-    second = await runner.wait((await runner.submit(request(), source="cog")).id, timeout=2)
+    second = await runner.wait((await runner.submit(Submission(request(), source="cog"))).id, timeout=2)
     assert (second.status, second.error, second.error_code) == ("failed", "the upstream refused", "engine_error")
     engine.fail_next(ZeroDivisionError("bug"))
-    third = await runner.wait((await runner.submit(request(), source="cog")).id, timeout=2)
+    third = await runner.wait((await runner.submit(Submission(request(), source="cog"))).id, timeout=2)
     assert third.status == "failed" and "ZeroDivisionError" in (third.error or "")
     assert engine.setup_calls == 2
 
@@ -292,13 +293,15 @@ async def test_engine_and_setup_failures_fail_the_prediction(harness: Harness) -
 async def test_key_requests_go_to_openai_and_owners_see_only_their_own(harness: Harness) -> None:
     local, upstream = FakeEngine(model="flux"), FakeEngine(model="gpt-image-2", name="openai")
     runner = await harness.runner(local, upstream)
-    keyed = await runner.submit(request(openai_api_key=KEY), model="openai/gpt-image-2", source="replicate", owner="a")
-    plain = await runner.submit(request(), source="replicate", owner="b")
+    keyed = await runner.submit(
+        Submission(request(openai_api_key=KEY), model="openai/gpt-image-2", source="replicate", owner="a")
+    )
+    plain = await runner.submit(Submission(request(), source="replicate", owner="b"))
     assert (await runner.wait(keyed.id, timeout=2)).served_model == "gpt-image-2"
     assert upstream.jobs[0].request.api_key() == KEY  # the engine got the key, in memory
     assert (await runner.wait(plain.id, timeout=2)).engine == "fake"
     with pytest.raises(UnsupportedRequest):
-        await runner.submit(request(openai_api_key=KEY), model="flux", source="replicate")
+        await runner.submit(Submission(request(openai_api_key=KEY), model="flux", source="replicate"))
     with pytest.raises(NotFound):
         await runner.get(keyed.id, owner="b")
     page, cursor = await runner.list(owner="a", cursor=None, limit=10)
@@ -393,8 +396,8 @@ async def test_an_edit_with_a_mask_runs_again_after_a_restart_from_its_kept_file
                      prediction_id="edit-with-mask")  # fmt: skip
     edit = request(input_images=[f"http://127.0.0.1:1/v1/files/{upload.id}"], aspect_ratio="auto")
     await first.submit(
-        edit, source="openai", owner="o", prediction_id="edit-with-mask",
-        stored_images=[StoredImage(upload.id, 48, 32, "PNG")], stored_mask=StoredImage(mask.id, 48, 32, "PNG"),
+        Submission(edit, source="openai", owner="o", prediction_id="edit-with-mask",
+        stored_images=[StoredImage(upload.id, 48, 32, "PNG")], stored_mask=StoredImage(mask.id, 48, 32, "PNG"))
     )  # fmt: skip
     await started(engine)
     assert engine.jobs[0].mask is not None and engine.jobs[0].images[0].size == (48, 32)
@@ -416,14 +419,14 @@ async def test_graceful_stop_leaves_queued_work_for_the_next_start(harness: Harn
     engine = FakeEngine()
     gate = harness.block(engine)
     first = await harness.runner(engine, FakeEngine(model="gpt-image-2", name="openai"))
-    running = await first.submit(request(), source="replicate")
+    running = await first.submit(Submission(request(), source="replicate"))
     await started(engine)
-    queued = await first.submit(request(), source="replicate")
-    keyed = await first.submit(request(openai_api_key=KEY), source="replicate")
+    queued = await first.submit(Submission(request(), source="replicate"))
+    keyed = await first.submit(Submission(request(openai_api_key=KEY), source="replicate"))
     stopping = asyncio.create_task(first.stop(timeout=0.1))
     await asyncio.sleep(0.05)
     with pytest.raises(ModelUnavailable):
-        await first.submit(request(), source="replicate")
+        await first.submit(Submission(request(), source="replicate"))
     await stopping
     gate.set()
     stored = {p.id: first.store.get_prediction(p.id) for p in (running, queued, keyed)}
@@ -443,7 +446,7 @@ async def test_stop_gives_up_on_an_engine_that_ignores_cancel(harness: Harness) 
     gate = harness.block(engine)
     runner = await harness.runner(engine)
     runner.cancel_grace = 0.05
-    p = await runner.submit(request(), source="replicate")
+    p = await runner.submit(Submission(request(), source="replicate"))
     await started(engine)
     await asyncio.wait_for(runner.stop(timeout=0.05), 1.0)
     gate.set()  # the abandoned engine thread now finishes; nothing more is recorded for it
@@ -457,7 +460,7 @@ async def test_wait_times_out_with_the_current_state(harness: Harness) -> None:
     engine = FakeEngine()
     harness.block(engine)
     runner = await harness.runner(engine)
-    p = await runner.submit(request(), source="replicate")
+    p = await runner.submit(Submission(request(), source="replicate"))
     await started(engine)
     now = await runner.wait(p.id, timeout=0.05)
     assert now.status == "processing"
@@ -467,12 +470,12 @@ async def test_wait_times_out_with_the_current_state(harness: Harness) -> None:
 
 async def test_prediction_ids_are_idempotent_per_owner(harness: Harness) -> None:
     runner = await harness.runner()
-    one = await runner.submit(request(), source="cog", client_id="cog-123")
-    two = await runner.submit(request(), source="cog", client_id="cog-123")
+    one = await runner.submit(Submission(request(), source="cog", client_id="cog-123"))
+    two = await runner.submit(Submission(request(), source="cog", client_id="cog-123"))
     assert one.id == two.id == "cog-123" and harness.rows() == 1
     # Ids are per owner: another owner's "cog-123" is its own prediction, stored under the server's id.
-    three = await runner.submit(request(), source="cog", client_id="cog-123", owner="other")
-    four = await runner.submit(request(), source="cog", client_id="cog-123", owner="other")
+    three = await runner.submit(Submission(request(), source="cog", client_id="cog-123", owner="other"))
+    four = await runner.submit(Submission(request(), source="cog", client_id="cog-123", owner="other"))
     assert three.id == four.id != "cog-123" and three.client_id == "cog-123" and harness.rows() == 2
     assert (await runner.find("cog-123", owner=None)).id == "cog-123"
     assert (await runner.find("cog-123", owner="other")).id == three.id

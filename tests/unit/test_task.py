@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
 from atelier.engines.base import OutputImage, ProgressEvent, Result
-from atelier.errors import EngineError
-from atelier.jobs.events import Event, Subscription
-from atelier.jobs.records import FileRecord, Prediction
+from atelier.errors import EngineError, ModerationBlocked, TooManyRequests
+from atelier.jobs.events import DoneEvent, Event, LogsEvent, OutputEvent, ProgressReport, StatusEvent, Subscription
+from atelier.jobs.records import Failure, FileRecord, Prediction, Status
 from atelier.jobs.task import InvalidTransition, Task, progress_line
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
@@ -216,7 +217,7 @@ def test_log_writes_are_throttled_and_flushed_at_the_end(clock: Clock) -> None:
     assert store.row["logs"] == task.prediction.logs  # the tail was flushed with the finish
     assert task.prediction.logs.count("/50 [") == 50
     assert task.prediction.logs.splitlines()[-1].startswith("100%|██████████| 50/50")
-    listener_logs = "".join(e.data["text"] for _, e in heard if e.kind == "logs")
+    listener_logs = "".join(e.text for _, e in heard if isinstance(e, LogsEvent))
     assert listener_logs == task.prediction.logs  # listeners heard every line, in persisted chunks
 
 
@@ -228,7 +229,8 @@ def test_subscribers_get_status_progress_output_done_in_order(clock: Clock) -> N
     task.succeed(result(), records())
     kinds = [e.kind for e in sub._items]
     assert kinds == ["status", "progress", "logs", "output", "status", "done"]
-    assert sub._items[1].data["preview"] == "img"
+    progress = sub._items[1]
+    assert isinstance(progress, ProgressReport) and progress.preview == "img"
     assert sub._items[-1].prediction is not None and sub._items[-1].prediction.status == "succeeded"
     assert task.done.is_set()
 
@@ -260,14 +262,43 @@ async def test_a_quiet_tail_of_logs_is_persisted_by_a_timer() -> None:
 
 async def test_a_slow_subscriber_loses_progress_never_done() -> None:
     sub = Subscription(maxsize=3)
-    sub.put(Event("status", {"status": "processing"}))
+    sub.put(StatusEvent(Status.PROCESSING))
     for step in range(10):
-        sub.put(Event("progress", {"step": step}))
-        sub.put(Event("logs", {"text": f"line {step}\n"}))
-    sub.put(Event("output", {"output": ["f"]}))
-    sub.put(Event("done", {"status": "succeeded"}))
+        sub.put(ProgressReport(step, 10))
+        sub.put(LogsEvent(f"line {step}\n"))
+    sub.put(OutputEvent(["f"]))
+    sub.put(DoneEvent(Status.SUCCEEDED))
     got = [event async for event in sub]
     kinds = [e.kind for e in got]
     assert kinds[0] == "status" and kinds[-2:] == ["output", "done"]
-    assert "".join(e.data["text"] for e in got if e.kind == "logs") == "".join(f"line {i}\n" for i in range(10))
+    assert "".join(e.text for e in got if isinstance(e, LogsEvent)) == "".join(f"line {i}\n" for i in range(10))
     assert sub.dropped >= 8 and len(got) <= 6
+
+
+def test_statuses_are_an_enum_with_the_wire_values() -> None:
+    assert [str(s) for s in Status] == ["starting", "processing", "succeeded", "failed", "canceled"]
+    assert {s for s in Status if s.terminal} == {Status.SUCCEEDED, Status.FAILED, Status.CANCELED}
+
+
+def test_a_typed_failure_is_stored_as_a_record_the_door_can_rebuild(clock: Clock) -> None:
+    task, store, _ = make_task(clock)
+    task.start()
+    task.fail(TooManyRequests("upstream is rate limiting", retry_after=12))
+    failure = store.row["failure"]
+    assert failure == Failure("rate_limited", 429, "upstream is rate limiting", None, 12.0)
+    assert Failure.from_json(json.loads(json.dumps(failure.to_json()))) == failure  # as the store keeps it
+    error = failure.error()
+    assert (error.status, error.code, error.retry_after, error.message) == (429, "rate_limited", 12.0, failure.message)
+    assert (store.row["error"], store.row["error_code"]) == ("upstream is rate limiting", "rate_limited")
+
+
+def test_an_input_problem_fails_as_a_400_naming_its_field(clock: Clock) -> None:
+    task, store, _ = make_task(clock)
+    task.fail(ModerationBlocked("an output image was blocked", category="x", field="output"))
+    assert store.row["failure"] == Failure("moderation_blocked", 400, "an output image was blocked", "output")
+
+
+def test_a_reason_alone_fails_as_a_500_with_its_code(clock: Clock) -> None:
+    task, store, _ = make_task(clock)
+    task.fail("the server shut down", "interrupted")
+    assert store.row["failure"] == Failure("interrupted", 500, "the server shut down")

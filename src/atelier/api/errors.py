@@ -26,7 +26,6 @@ from atelier.errors import (
     AtelierError,
     FieldProblem,
     InputError,
-    InsufficientStorage,
     ModerationBlocked,
     TooManyRequests,
     UnsupportedRequest,
@@ -69,8 +68,8 @@ def render(path: str, error: AtelierError) -> JSONResponse:
         response = cog_error(error)
     else:
         response = replicate_error(error)
-    if response.status_code in (429, 507):  # also one rebuilt from a failed prediction's code (no retry_after)
-        retry_after = error.retry_after if isinstance(error, TooManyRequests | InsufficientStorage) else 1.0
+    if response.status_code in (429, 507):  # also a failed prediction's, rebuilt from its stored record
+        retry_after = error.retry_after or 1.0
         response.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
     return response
 

@@ -1,11 +1,14 @@
 """The one job system every door (Replicate, Cog, OpenAI, Python) shares.
 
-    records.py    Prediction, FileRecord, Delivery; statuses; UTC time text; redact_secrets
+    records.py    Prediction, FileRecord, Delivery, Failure; the Status enum; UTC time text; redact_secrets
     task.py       Task: the prediction state machine, the only code that changes a status
-    events.py     Event and the bounded per-subscriber Subscription
+    events.py     the event classes (StatusEvent, LogsEvent, ...) and the bounded per-subscriber Subscription
     dispatch.py   Dispatcher: ordered delivery of events to async listeners (webhooks)
-    queue.py      JobQueue: live jobs, the FIFO, the bound, the batching seam (next_batch)
-    runner.py     Runner: submit / get / cancel / wait / subscribe / list; workers; restart; stop
+    submission.py Submission: one request for a prediction, as a door hands it over
+    queue.py      Queue (the contract) and JobQueue: live jobs, fair order, the bound, batching (next_batch)
+    intake.py     Intake: submit / get / find / cancel / delete / wait / subscribe / list; admission
+    worker.py     Workers: take a batch, run it (the one engine call), deliver outputs, settle
+    runner.py     Runner: intake + queue + workers of one process; restart recovery; stop
     routing.py    EngineRouter: which engine serves a request; one-time engine setup
     recovery.py   what a prediction records to run again after a restart, and whether it can
     store.py      Store: SQLite (WAL) or Postgres through SQLAlchemy Core
@@ -18,6 +21,6 @@ Wiring (done by ``create_app`` or a script; nothing here runs at import)::
     files = FileStore(settings.files_dir, store)
     runner = Runner(store, files, EngineRouter({"flux2-klein-4b": engine}, "flux2-klein-4b"), settings)
     await runner.start()
-    prediction = await runner.submit(request, source="python")
+    prediction = await runner.submit(Submission(request, source="python"))
     prediction = await runner.wait(prediction.id, timeout=60)
 """

@@ -46,7 +46,7 @@ from atelier.errors import Conflict
 from atelier.jobs import recovery
 from atelier.jobs.limits import Caller, Limits
 from atelier.jobs.queue import Capacity
-from atelier.jobs.records import CANCELED, FAILED, PROCESSING, STARTING, Prediction, format_time, utc_now
+from atelier.jobs.records import Failure, Prediction, Status, format_time, utc_now
 from atelier.jobs.store import _prediction, _prediction_row
 
 ADMIT_LOCK = 0x61746C01  # pg_advisory_xact_lock keys: admissions, claims, the sweeper
@@ -56,7 +56,6 @@ CANDIDATES = 64  # queued jobs looked at per claim (the head and its possible ba
 EVENTS = "atelier_events"  # NOTIFY channels
 CANCELS = "atelier_cancel"
 QUEUE = "atelier_queue"
-LIVE = (STARTING, PROCESSING)
 WORKER_LOST = "the worker running it was lost"
 
 _CANDIDATES = text(
@@ -306,7 +305,7 @@ class SharedQueue:
                         "resubmit, and see the workers' logs"
                     )
                 if reason is not None:
-                    _finish(conn, row["id"], FAILED, f"{WORKER_LOST}, and {reason}", "interrupted", now)
+                    _finish(conn, row["id"], Status.FAILED, f"{WORKER_LOST}, and {reason}", "interrupted", now)
                     failed.append(row["id"])
                     continue
                 line = f"The worker running it was lost; re-queued (attempt {row['attempt']} of {self.max_attempts})"
@@ -326,7 +325,7 @@ class SharedQueue:
                 {"now": now},
             )
             for (id,) in list(late):
-                _finish(conn, id, CANCELED, "deadline exceeded", "canceled", now)
+                _finish(conn, id, Status.CANCELED, "deadline exceeded", "canceled", now)
                 canceled.append(id)
             for id in [*requeued, *failed, *canceled]:
                 notify(conn, EVENTS, {"id": id, "k": "status"})
@@ -425,13 +424,16 @@ def _counts(conn: Connection, caller: Caller) -> dict[str, int]:
 
 
 def _finish(conn: Connection, id: str, status: str, error: str, code: str, now: str) -> None:
+    failure = json.dumps(Failure(code, 500, error).to_json()) if status == Status.FAILED else None
     conn.execute(
         text(
             "UPDATE predictions SET status = :status, completed_at = :now, error = :error, error_code = :code, "
-            "lease_owner = NULL, lease_expires_at = NULL, logs = logs || :line WHERE id = :id"
+            "failure_json = :failure, lease_owner = NULL, lease_expires_at = NULL, logs = logs || :line "
+            "WHERE id = :id"
         ),
-        {"id": id, "status": status, "now": now, "error": error, "code": code, "line": f"Error: {error}\n"},
-    )
+        {"id": id, "status": status, "now": now, "error": error, "code": code, "failure": failure,
+         "line": f"Error: {error}\n" if status == Status.FAILED else f"Prediction canceled: {error}\n"},
+    )  # fmt: skip
 
 
 class FencedWriter:
@@ -456,7 +458,7 @@ class FencedWriter:
                 return
             raise LeaseLost(f"prediction {id} is no longer held by this worker (attempt {self.attempt})")
         row = _prediction_row(fields, id)
-        if fields.get("status") in (FAILED, CANCELED) or "output" in fields:
+        if fields.get("status") in (Status.FAILED, Status.CANCELED) or "output" in fields:
             row |= {"lease_owner": None, "lease_expires_at": None}
         names = ", ".join(f"{name} = :{name}" for name in row)
         with self.engine.begin() as conn:

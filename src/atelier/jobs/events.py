@@ -1,14 +1,15 @@
 """What a live prediction tells its subscribers (SSE streams, ``Prefer: wait``, OpenAI partial images).
 
-Kinds, in the order a successful run emits them::
+Events are small frozen classes, one per kind (``kind`` names it, for logs and for the doors' wire names),
+in the order a successful run emits them::
 
-    status (processing) -> logs / progress ... -> output -> status (succeeded) -> done
+    StatusEvent (processing) -> LogsEvent / ProgressReport ... -> OutputEvent -> StatusEvent (succeeded) -> DoneEvent
 
-A failed or canceled run ends ``status -> done``. ``logs`` carries the new text (one or more lines,
-each ending in a newline); ``progress`` carries ``step``, ``total`` and, when the job asked for
-previews, an in-memory ``preview`` PIL image that is never persisted; ``output`` the file ids;
-``done`` the terminal status. Every event carries a snapshot of the prediction taken after the change
-was persisted.
+A failed or canceled run ends ``StatusEvent -> DoneEvent``. ``LogsEvent.text`` is the new text (one or
+more lines, each ending in a newline); ``ProgressReport`` carries ``step``, ``total``, a ``message`` and,
+when the job asked for previews, an in-memory ``preview`` PIL image that is never persisted;
+``OutputEvent.output`` the file ids; ``DoneEvent.status`` the terminal status. Every event carries a
+snapshot of the prediction taken after the change was persisted.
 
 A ``Subscription`` is a bounded per-subscriber queue. A slow reader never slows the job and never
 grows memory without bound: when the queue is full the oldest ``progress`` event (the one carrying a
@@ -21,22 +22,75 @@ middle is the point.) Everything here runs on the event loop's thread.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
-from atelier.jobs.records import Prediction
+from atelier.jobs.records import Prediction, Status
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 EVENT_KINDS = ("status", "logs", "progress", "output", "done")
 DEFAULT_MAXSIZE = 64
 
 
 @dataclass(frozen=True)
-class Event:
-    kind: str  # status | logs | progress | output | done
-    data: dict[str, Any] = field(default_factory=dict)
+class StatusEvent:
+    """The prediction's status changed (persisted first)."""
+
+    kind: ClassVar[str] = "status"
+    status: Status
     prediction: Prediction | None = None
+
+
+@dataclass(frozen=True)
+class LogsEvent:
+    """New log text: one or more lines, each ending in a newline."""
+
+    kind: ClassVar[str] = "logs"
+    text: str
+    prediction: Prediction | None = None
+
+
+@dataclass(frozen=True)
+class ProgressReport:
+    """A step finished (``total`` > 0), or a message while running (``total`` 0); live subscribers only."""
+
+    kind: ClassVar[str] = "progress"
+    step: int
+    total: int
+    preview: Image.Image | None = None  # only when the job asked for previews; never persisted
+    message: str | None = None
+    prediction: Prediction | None = None
+
+
+@dataclass(frozen=True)
+class OutputEvent:
+    """The outputs were written durably: their file ids, in order."""
+
+    kind: ClassVar[str] = "output"
+    output: list[str]
+    prediction: Prediction | None = None
+
+
+@dataclass(frozen=True)
+class DoneEvent:
+    """The last event of a prediction: its terminal status."""
+
+    kind: ClassVar[str] = "done"
+    status: Status
+    prediction: Prediction | None = None
+
+
+Event = StatusEvent | LogsEvent | ProgressReport | OutputEvent | DoneEvent
+
+
+def with_snapshot(event: Event, prediction: Prediction) -> Event:
+    """``event`` carrying ``prediction`` (a snapshot taken after the change was persisted)."""
+    return dataclasses.replace(event, prediction=prediction)
 
 
 class Subscription:
@@ -55,11 +109,12 @@ class Subscription:
         if self._closed or self._finished:
             return
         if len(self._items) >= self.maxsize and not self._drop_oldest_progress():
-            if event.kind == "progress":
+            if isinstance(event, ProgressReport):
                 self.dropped += 1
                 return
-            if event.kind == "logs" and self._items[-1].kind == "logs":
-                self._items[-1] = _merge_logs(self._items[-1], event)
+            last = self._items[-1]
+            if isinstance(event, LogsEvent) and isinstance(last, LogsEvent):
+                self._items[-1] = LogsEvent(last.text + event.text, event.prediction)
                 return
         self._items.append(event)
         self._ready.set()
@@ -74,7 +129,7 @@ class Subscription:
             self._ready.clear()
             await self._ready.wait()
         event = self._items.popleft()
-        if event.kind == "done":
+        if isinstance(event, DoneEvent):
             self._finished = True
             self._detach()
         return event
@@ -91,7 +146,7 @@ class Subscription:
 
     def _drop_oldest_progress(self) -> bool:
         for i, queued in enumerate(self._items):
-            if queued.kind == "progress":
+            if isinstance(queued, ProgressReport):
                 del self._items[i]
                 self.dropped += 1
                 return True
@@ -103,13 +158,8 @@ class Subscription:
             callback(self)
 
 
-def _merge_logs(first: Event, second: Event) -> Event:
-    text = first.data.get("text", "") + second.data.get("text", "")
-    return Event("logs", {**second.data, "text": text}, second.prediction)
-
-
 def finished_subscription(prediction: Prediction) -> Subscription:
     """A subscription to a prediction that is already over: one ``done`` event."""
     sub = Subscription()
-    sub.put(Event("done", {"status": prediction.status}, prediction.snapshot()))
+    sub.put(DoneEvent(prediction.status, prediction.snapshot()))
     return sub

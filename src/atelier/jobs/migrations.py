@@ -201,6 +201,14 @@ def m006_prediction_client_ids(conn: Connection) -> None:
 
 
 @migration
+def m007_prediction_failures(conn: Connection) -> None:
+    """How a failed prediction failed, as a typed record (code, HTTP status, field, retry_after, message) in
+    JSON text, so any process answers the same typed error after a restart (``records.Failure``). Rows
+    failed before it have none; the doors fall back to their ``error_code``."""
+    conn.exec_driver_sql("ALTER TABLE predictions ADD COLUMN failure_json TEXT")
+
+
+@migration
 def m009_claims_and_leases(conn: Connection) -> None:
     """Claims, leases and fair turns for a queue shared by many processes (``atelier.jobs.claims``).
 

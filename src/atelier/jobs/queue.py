@@ -1,4 +1,9 @@
-"""The runner's in-memory bookkeeping: live jobs, the fair order of queued ones, and those being run.
+"""The queue the intake and the workers share: ``Queue`` (the contract) and ``JobQueue`` (in memory).
+
+``Queue`` is what ``atelier.jobs.intake`` and ``atelier.jobs.worker`` rely on and nothing more, so a
+queue kept elsewhere (PostgreSQL claims) can take ``JobQueue``'s place; its contract is written out on
+the Protocol and in DESIGN-12's DECIDED section. ``JobQueue`` is the embedded one: the runner's
+in-memory bookkeeping of live jobs, the fair order of queued ones, and those being run.
 
 Everything here runs on the event loop's thread, so there are no locks: the runner checks the bounds
 (``check_capacity``, the caller's limits) and ``push``es with no ``await`` in between.
@@ -33,7 +38,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from atelier.engines.base import BatchPlan, CancelToken, Engine, Job, ProgressEvent, ProgressFn
 from atelier.errors import TooManyRequests
@@ -81,6 +86,58 @@ class Entry:
                 loop.call_soon_threadsafe(on_loop, event)
 
         return progress
+
+
+class Queue(Protocol):
+    """The queue between the intake (doors) and the workers. Every method runs on the event loop's thread.
+
+    Admission (intake side), called with no ``await`` in between, so a bound holds:
+
+    * ``check_capacity(caller)`` raises ``TooManyRequests`` (with ``retry_after``) when ``max_queue`` jobs
+      wait or ``caller`` holds its fair share; ``live(caller)`` counts the caller's queued + running jobs
+      (token, user) for the limits; ``estimate()`` is the seconds one prediction takes, for retry hints.
+    * ``push(entry, first=...)`` queues an accepted job in its caller's turn (``first``: a job re-queued
+      after a restart, ahead of everyone, beyond ``max_queue``). A pushed job is live (``get``) until
+      ``forget``.
+    * ``remove_queued(entry)`` takes a job not yet taken by a worker out of the order (a cancel): True if
+      it was queued; the caller then ``forget``s it. A job a worker holds stays until ``release``.
+
+    Work (worker side):
+
+    * ``await next_batch()`` hands a worker the next job in fair order and the compatible queued jobs it
+      can share one engine call with (``Entry.batch`` plans, at most ``max_batch_jobs``), marked active;
+      it waits while nothing is queued or the queue is closed. Canceled jobs are never handed out.
+    * ``release(batch)`` when the worker is done with it (finished jobs are forgotten); ``observe(s)``
+      feeds the per-prediction estimate.
+
+    Stop: ``close()`` hands out nothing more; ``await wait_idle(until)`` waits (monotonic deadline) until
+    no job is active; ``disarm()`` cancels every live job's timers; ``queued()`` lists queued entries.
+
+    State for health checks and the doors: ``len(queue)`` (queued), ``active`` (id -> entry being run),
+    ``busy_workers`` of ``concurrency``, ``max_queue``, ``max_batch_jobs``.
+    """
+
+    max_queue: int
+    concurrency: int
+    max_batch_jobs: int
+    busy_workers: int
+    active: dict[str, Entry]
+
+    def __len__(self) -> int: ...
+    def get(self, id: str) -> Entry | None: ...
+    def queued(self) -> list[Entry]: ...
+    def live(self, caller: Caller) -> tuple[int, int]: ...
+    def estimate(self) -> float: ...
+    def check_capacity(self, caller: Caller | None = None) -> None: ...
+    def push(self, entry: Entry, *, first: bool = False) -> None: ...
+    def remove_queued(self, entry: Entry) -> bool: ...
+    def forget(self, entry: Entry) -> None: ...
+    async def next_batch(self) -> list[Entry]: ...
+    def release(self, batch: list[Entry]) -> None: ...
+    def observe(self, seconds: float) -> None: ...
+    def close(self) -> None: ...
+    async def wait_idle(self, until: float) -> None: ...
+    def disarm(self) -> None: ...
 
 
 class Turns(Generic[K]):
@@ -240,6 +297,8 @@ class Capacity:
 
 
 class JobQueue:
+    """The embedded ``Queue``: in memory, one process (see the module docstring for its order)."""
+
     def __init__(self, max_queue: int, concurrency: int, *, max_batch_jobs: int = 1, share: float = 1.0) -> None:
         self.max_queue = max_queue
         self.share = share  # of max_queue, the most one token may hold waiting (see ``check_capacity``)
@@ -291,6 +350,12 @@ class JobQueue:
         self._live.update((caller.owner, caller))
         self._order.push(entry.id, caller, first=first)
         self._wakeup.set()
+
+    def adopt(self, entry: Entry) -> None:
+        """A job claimed from a queue shared with other processes, run here: live and active at once
+        (``atelier.jobs.cluster``); its worker ``release``s it like any other."""
+        self.entries[entry.id] = entry
+        self.active[entry.id] = entry
 
     def remove_queued(self, entry: Entry) -> bool:
         """Take a job out of the queue; False when it is not queued (running, or gone)."""

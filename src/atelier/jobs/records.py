@@ -13,21 +13,33 @@ JSON column on the way in, as the last guard behind ``ImageRequest.public_input`
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from pydantic import SecretStr
 
+from atelier.errors import AtelierError, FailedPrediction, InputError
 from atelier.request import REDACTED
 
-STARTING = "starting"
-PROCESSING = "processing"
-SUCCEEDED = "succeeded"
-FAILED = "failed"
-CANCELED = "canceled"
-STATUSES = (STARTING, PROCESSING, SUCCEEDED, FAILED, CANCELED)
-TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELED})
+
+class Status(StrEnum):
+    """A prediction's status; the values are the wire's (Replicate's and Cog's) and the store's."""
+
+    STARTING = "starting"
+    PROCESSING = "processing"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELED})
 
 SOURCES = ("replicate", "cog", "openai", "python")
 FILE_KINDS = ("upload", "output", "input")  # input: an input image kept while its job waits (jobs/inputs.py)
@@ -71,6 +83,48 @@ def redact_secrets(value: Any) -> Any:
     return value
 
 
+@dataclass(frozen=True)
+class Failure:
+    """How a prediction failed, as a door renders it: stored with the prediction (``failure_json``), so a
+    restarted server, or another process, answers the same typed error as the one that ran the job.
+
+    ``status`` is the HTTP status the error carries (an upstream's own, e.g. 400 for a rejected key),
+    ``field`` the field at fault, ``retry_after`` the seconds a 429 or 507 asks the caller to wait.
+    """
+
+    code: str
+    status: int
+    message: str
+    field: str | None = None
+    retry_after: float | None = None
+
+    @classmethod
+    def of(cls, error: AtelierError) -> Failure:
+        status = 400 if isinstance(error, InputError) else error.status  # every input problem is a 400 on a wire
+        retry_after = float(error.retry_after) if error.retry_after is not None else None
+        return cls(error.code, status, error.message, error.field, retry_after)
+
+    def error(self) -> AtelierError:
+        """The typed error again: the one class every door renders, with this record's status and code."""
+        return FailedPrediction(
+            self.message, status=self.status, code=self.code, field=self.field, retry_after=self.retry_after
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Failure:
+        retry_after = data.get("retry_after")
+        return cls(
+            code=str(data["code"]),
+            status=int(data["status"]),
+            message=str(data["message"]),
+            field=data.get("field"),
+            retry_after=float(retry_after) if retry_after is not None and math.isfinite(retry_after) else None,
+        )
+
+
 @dataclass
 class Prediction:
     """One prediction, as stored. Doors render it in their own wire shape."""
@@ -78,13 +132,14 @@ class Prediction:
     id: str
     model: str  # the served model's name as users address it (a key of the EngineRouter)
     source: str  # the door it came through: replicate | cog | openai | python
-    status: str = STARTING
+    status: Status = Status.STARTING
     version: str | None = None
     owner: str | None = None  # a token fingerprint, or None on a server without tokens
     input: dict[str, Any] = field(default_factory=dict)  # public input: defaults filled, secrets redacted
     output: list[str] | None = None  # file ids, in order
     error: str | None = None
     error_code: str | None = None
+    failure: Failure | None = None  # how it failed, typed (status, field, retry_after): see Failure
     logs: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
     seed: int | None = None

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from atelier.engines.base import Engine, Job, StoredImage
@@ -29,6 +28,7 @@ from atelier.request import ImageRequest, parse_request
 if TYPE_CHECKING:
     from atelier.jobs.inputs import Staged
     from atelier.jobs.routing import EngineRouter
+    from atelier.jobs.submission import Submission
 
 InputStager = Callable[[ImageRequest, "str | None", str], "Staged"]  # (request, owner, prediction id)
 
@@ -76,24 +76,12 @@ def _stored(data: Any) -> StoredImage:
     return StoredImage(str(data["file"]), int(data["width"]), int(data["height"]), str(data["format"]))
 
 
-def new_prediction(
-    job: Job,
-    *,
-    key: str,
-    engine: Engine,
-    model: str | None,
-    source: str,
-    owner: str | None,
-    version: str | None,
-    webhook: str | None,
-    webhook_events_filter: list[str] | None,
-    deadline: datetime | None,
-) -> Prediction:
+def new_prediction(job: Job, *, key: str, engine: Engine, submission: Submission) -> Prediction:
     """The record of a just-accepted job: public input only, plus what it takes to run it again."""
     request = job.request
     spec = rerun_spec(
         request,
-        model=model,
+        model=submission.model,
         seed=job.seed,
         previews=job.previews,
         has_mask=job.has_mask,
@@ -101,19 +89,20 @@ def new_prediction(
         stored_images=job.stored_images,
         stored_mask=job.stored_mask,
     )
+    events_filter = submission.webhook_events_filter
     return Prediction(
         id=job.id,
         model=key,
-        source=source,
-        version=version,
-        owner=owner,
+        source=submission.source,
+        version=submission.version,
+        owner=submission.owner,
         input=request.public_input(),
         seed=job.seed,
         engine=engine.name,
         served_model=engine.model,
-        webhook=webhook,
-        webhook_events_filter=list(webhook_events_filter) if webhook_events_filter is not None else None,
-        deadline=deadline,
+        webhook=submission.webhook,
+        webhook_events_filter=list(events_filter) if events_filter is not None else None,
+        deadline=submission.deadline,
         user_id=request.user_id,
         request=spec,
     )
@@ -150,8 +139,8 @@ def previews_from_spec(prediction: Prediction) -> int:
 async def rebuild(prediction: Prediction, router: EngineRouter, stage_inputs: InputStager | None) -> tuple[Job, Engine]:
     """The job and engine to run a re-runnable prediction again; raises the typed error if it cannot.
 
-    The request is validated and checked by the engine again, as at submission: a model that is no
-    longer served, or a contract that changed, fails the prediction with that error.
+    The request is validated again, as at submission: a model that is no longer served, or a contract
+    that changed, fails the prediction with that error.
     """
     spec = prediction.request or {}
     request = request_from_spec(prediction)
@@ -165,5 +154,4 @@ async def rebuild(prediction: Prediction, router: EngineRouter, stage_inputs: In
     job = Job(
         prediction.id, request, seed, previews=previews_from_spec(prediction), stored_images=images, stored_mask=mask
     )
-    await asyncio.to_thread(engine.check, job)
     return job, engine

@@ -31,8 +31,8 @@ from sqlalchemy import Engine, select, text
 
 from atelier.ids import new_id
 from atelier.jobs.claims import CANCELS, EVENTS, QUEUE, notify
-from atelier.jobs.events import Event, Subscription
-from atelier.jobs.records import SUCCEEDED, Prediction, format_time, utc_now
+from atelier.jobs.events import DoneEvent, Event, LogsEvent, OutputEvent, ProgressReport, StatusEvent, Subscription
+from atelier.jobs.records import Prediction, Status, format_time, utc_now
 from atelier.jobs.store import PREDICTIONS, Store, _prediction
 
 log = logging.getLogger(__name__)
@@ -68,16 +68,14 @@ class Publisher:
     def _send(self, prediction: Prediction, event: Event) -> None:
         payload: dict[str, Any] = {"id": prediction.id, "k": event.kind}
         with self.engine.begin() as conn:
-            if event.kind == "logs":
-                text_ = event.data.get("text", "")
-                if len(text_) <= MAX_LOG_TEXT:
-                    payload |= {"t": text_, "at": len(prediction.logs) - len(text_)}
-            elif event.kind == "progress":
-                payload |= {k: event.data.get(k) for k in ("step", "total", "message")}
-                preview = event.data.get("preview")
-                if preview is not None:
-                    payload["p"] = _store_preview(conn, prediction.id, preview)
-            elif event.kind == "done":
+            if isinstance(event, LogsEvent):
+                if len(event.text) <= MAX_LOG_TEXT:
+                    payload |= {"t": event.text, "at": len(prediction.logs) - len(event.text)}
+            elif isinstance(event, ProgressReport):
+                payload |= {"step": event.step, "total": event.total, "message": event.message}
+                if event.preview is not None:
+                    payload["p"] = _store_preview(conn, prediction.id, event.preview)
+            elif isinstance(event, DoneEvent):
                 conn.execute(text("DELETE FROM previews WHERE prediction_id = :id"), {"id": prediction.id})
             notify(conn, EVENTS, payload)
 
@@ -111,18 +109,18 @@ class _Follower:
             return
         changed, self.status = row.status != self.status, row.status
         if changed and not row.terminal:
-            self.put(Event("status", {"status": row.status}, row))
+            self.put(StatusEvent(row.status, row))
         if len(row.logs) > self.logs:
-            self.put(Event("logs", {"text": row.logs[self.logs :]}, row))
+            self.put(LogsEvent(row.logs[self.logs :], row))
             self.logs = len(row.logs)
         if changed and row.terminal:
             self.end(row)
 
     def end(self, row: Prediction) -> None:
-        if row.status == SUCCEEDED:
-            self.put(Event("output", {"output": list(row.output or [])}, row))
-        self.put(Event("status", {"status": row.status}, row))
-        self.put(Event("done", {"status": row.status}, row))
+        if row.status == Status.SUCCEEDED:
+            self.put(OutputEvent(list(row.output or []), row))
+        self.put(StatusEvent(row.status, row))
+        self.put(DoneEvent(row.status, row))
         self.ended = True
 
     def logs_text(self, at: int, text_: str) -> None:
@@ -130,7 +128,7 @@ class _Follower:
             return
         new = text_[self.logs - at :]
         if new:
-            self.put(Event("logs", {"text": new}, self.prediction))
+            self.put(LogsEvent(new, self.prediction))
             self.logs += len(new)
 
     def put(self, event: Event) -> None:
@@ -240,9 +238,9 @@ class Relay:
                 follower.logs_text(int(data.get("at", 0)), data["t"])
         elif kind == "progress":
             preview = await asyncio.to_thread(self._preview, data["p"]) if data.get("p") else None
-            event_data = {"step": data.get("step"), "total": data.get("total"), "message": data.get("message")}
+            step, total, message = int(data.get("step") or 0), int(data.get("total") or 0), data.get("message")
             for follower in followers:
-                follower.put(Event("progress", {**event_data, "preview": preview}, follower.prediction))
+                follower.put(ProgressReport(step, total, preview, message, follower.prediction))
         else:
             await self._sync([data["id"]])
 

@@ -63,12 +63,12 @@ from atelier.jobs import disk as disk_space
 from atelier.jobs import migrations
 from atelier.jobs.disk import DiskSpace
 from atelier.jobs.records import (
-    PROCESSING,
-    STARTING,
     TERMINAL,
     Delivery,
+    Failure,
     FileRecord,
     Prediction,
+    Status,
     format_time,
     parse_time,
     redact_secrets,
@@ -92,7 +92,7 @@ PREDICTIONS = Table(
     Column("served_model", String), Column("webhook", Text), Column("webhook_events_filter_json", Text),
     Column("deadline", String), Column("created_at", String), Column("started_at", String),
     Column("completed_at", String), Column("data_removed", Boolean), Column("user_id", String),
-    Column("request_json", Text), Column("client_id", String),
+    Column("request_json", Text), Column("client_id", String), Column("failure_json", Text),
 )  # fmt: skip
 FILES = Table(
     "files", _meta,
@@ -120,6 +120,7 @@ _JSON_FIELDS = {
     "webhook_events_filter": "webhook_events_filter_json",
     "request": "request_json",
 }
+_TERMINAL = sorted(status.value for status in TERMINAL)
 _TIME_FIELDS = ("deadline", "created_at", "started_at", "completed_at")
 _PREDICTION_FIELDS = frozenset(Prediction.__dataclass_fields__)
 
@@ -228,7 +229,11 @@ class Store:
     def unfinished_predictions(self) -> list[Prediction]:
         """Predictions a previous process left ``starting`` or ``processing``, oldest first."""
         c = PREDICTIONS.c
-        query = select(PREDICTIONS).where(c.status.in_((STARTING, PROCESSING))).order_by(c.created_at, c.id)
+        query = (
+            select(PREDICTIONS)
+            .where(c.status.in_((Status.STARTING.value, Status.PROCESSING.value)))
+            .order_by(c.created_at, c.id)
+        )
         with self._read() as conn:
             return [_prediction(r) for r in conn.execute(query).mappings()]
 
@@ -242,7 +247,7 @@ class Store:
         sent = select(d.prediction_id).where(d.event == event)
         query = (
             select(PREDICTIONS)
-            .where(c.source == source, c.webhook.is_not(None), c.status.in_(sorted(TERMINAL)))
+            .where(c.source == source, c.webhook.is_not(None), c.status.in_(_TERMINAL))
             .where(c.completed_at >= format_time(since), c.data_removed.is_not(True), c.id.not_in(sent))
             .order_by(c.completed_at, c.id)
         )
@@ -343,7 +348,7 @@ class Store:
         query = (
             select(c.id)
             .where(c.data_removed.is_(False), c.completed_at <= format_time(completed_before))
-            .where(c.status.in_(sorted(TERMINAL)))
+            .where(c.status.in_(_TERMINAL))
             .order_by(c.completed_at)
             .limit(limit)
         )
@@ -498,7 +503,9 @@ def _dump(value: Any) -> str:
 def _prediction_row(fields: Mapping[str, Any], id: str) -> dict[str, Any]:
     row: dict[str, Any] = {}
     for name, value in fields.items():
-        if name in _JSON_FIELDS:
+        if name == "failure":
+            row["failure_json"] = None if value is None else _dump(value.to_json())
+        elif name in _JSON_FIELDS:
             if value is not None and redact_secrets(value) != value:
                 log.warning("prediction %s: a secret reached the store in %r and was redacted", id, name)
             row[_JSON_FIELDS[name]] = None if value is None else _dump(value)
@@ -517,8 +524,12 @@ def _prediction(row: RowMapping) -> Prediction:
             values[name] = json.loads(text) if text is not None else None
         elif name in _TIME_FIELDS:
             values[name] = parse_time(row[name]) if row[name] else None
+        elif name == "failure":
+            text = row["failure_json"]
+            values[name] = Failure.from_json(json.loads(text)) if text is not None else None
         else:
             values[name] = row[name]
+    values["status"] = Status(values["status"])
     values["input"] = values["input"] or {}
     values["metrics"] = values["metrics"] or {}
     values["logs"] = values["logs"] or ""

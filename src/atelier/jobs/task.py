@@ -30,6 +30,7 @@ is also the prediction's ``error`` (e.g. "deadline exceeded"), so a caller can t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -39,26 +40,28 @@ from typing import Any, Protocol
 
 from atelier.engines.base import ProgressEvent, Result
 from atelier.errors import AtelierError, Conflict
-from atelier.jobs.events import DEFAULT_MAXSIZE, Event, Subscription, finished_subscription
-from atelier.jobs.records import (
-    CANCELED,
-    FAILED,
-    PROCESSING,
-    STARTING,
-    SUCCEEDED,
-    FileRecord,
-    Prediction,
-    utc_now,
+from atelier.jobs.events import (
+    DEFAULT_MAXSIZE,
+    DoneEvent,
+    Event,
+    LogsEvent,
+    OutputEvent,
+    ProgressReport,
+    StatusEvent,
+    Subscription,
+    finished_subscription,
+    with_snapshot,
 )
+from atelier.jobs.records import Failure, FileRecord, Prediction, Status, utc_now
 
 __all__ = ["InvalidTransition", "Prediction", "Task", "progress_line"]
 
 log = logging.getLogger(__name__)
 
 USER_CANCEL = "canceled"
-_ALLOWED: dict[str, frozenset[str]] = {
-    STARTING: frozenset({PROCESSING, FAILED, CANCELED, STARTING}),
-    PROCESSING: frozenset({SUCCEEDED, FAILED, CANCELED, STARTING}),
+_ALLOWED: dict[Status, frozenset[Status]] = {
+    Status.STARTING: frozenset({Status.PROCESSING, Status.FAILED, Status.CANCELED, Status.STARTING}),
+    Status.PROCESSING: frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELED, Status.STARTING}),
 }
 
 
@@ -104,7 +107,7 @@ class Task:
         return self.prediction.id
 
     @property
-    def status(self) -> str:
+    def status(self) -> Status:
         return self.prediction.status
 
     @property
@@ -123,64 +126,81 @@ class Task:
 
     def announce(self) -> None:
         """Tell listeners the prediction exists (status ``starting``); the caller has persisted it."""
-        self._emit(Event("status", {"status": self.status}))
+        self._emit(StatusEvent(self.status))
 
     def start(self) -> None:
-        self._check(PROCESSING)
+        self._check(Status.PROCESSING)
         self._started_mono = self._monotonic()
-        self._set(status=PROCESSING, started_at=self._clock())
-        self._emit(Event("status", {"status": PROCESSING}))
+        self._set(status=Status.PROCESSING, started_at=self._clock())
+        self._emit(StatusEvent(Status.PROCESSING))
 
     def succeed(self, result: Result, outputs: list[FileRecord]) -> None:
-        self._check(SUCCEEDED)
+        self._check(Status.SUCCEEDED)
         self.flush_logs()
         completed = self._clock()
         metrics = {**self._timing(completed), **_result_metrics(result)}
         output = [record.id for record in outputs]
         self._set(
-            status=SUCCEEDED,
+            status=Status.SUCCEEDED,
             completed_at=completed,
             output=output,
             metrics=metrics,
             engine=result.engine,
             served_model=result.model,
         )
-        self._emit(Event("output", {"output": output}))
+        self._emit(OutputEvent(output))
         self._finished()
 
     def fail(self, error: AtelierError | str, code: str | None = None) -> None:
-        self._check(FAILED)
-        message = error.message if isinstance(error, AtelierError) else str(error)
-        code = code or (error.code if isinstance(error, AtelierError) else "internal_error")
-        log.info("prediction %s failed (%s): %s", self.id, code, message)
-        self.log(f"Error: {message}")
+        """Failed with ``error``; a typed error is stored as its ``Failure`` record (a door answers it again
+        after a restart or from another process); a reason alone is a 500 with ``code``."""
+        self._check(Status.FAILED)
+        failure = Failure.of(error) if isinstance(error, AtelierError) else Failure("internal_error", 500, str(error))
+        if code is not None:
+            failure = dataclasses.replace(failure, code=code)
+        log.info("prediction %s failed (%s): %s", self.id, failure.code, failure.message)
+        self.log(f"Error: {failure.message}")
         self.flush_logs()
         completed = self._clock()
         self._set(
-            status=FAILED, completed_at=completed, error=message, error_code=code, metrics=self._timing(completed)
+            status=Status.FAILED,
+            completed_at=completed,
+            error=failure.message,
+            error_code=failure.code,
+            failure=failure,
+            metrics=self._timing(completed),
         )
         self._finished()
 
     def cancel(self, reason: str = USER_CANCEL) -> None:
-        self._check(CANCELED)
+        self._check(Status.CANCELED)
         log.info("prediction %s canceled: %s", self.id, reason)
         self.log("Prediction canceled" if reason == USER_CANCEL else f"Prediction canceled: {reason}")
         self.flush_logs()
         completed = self._clock()
         error = None if reason == USER_CANCEL else reason
         self._set(
-            status=CANCELED, completed_at=completed, error=error, error_code="canceled", metrics=self._timing(completed)
+            status=Status.CANCELED,
+            completed_at=completed,
+            error=error,
+            error_code="canceled",
+            metrics=self._timing(completed),
         )
         self._finished()
 
     def requeue(self, line: str) -> None:
         """Back to ``starting`` to be run again (restart recovery); keeps the logs so far."""
-        self._check(STARTING)
+        self._check(Status.STARTING)
         self.log(line)
         self.flush_logs()
         self._started_mono = None
-        self._set(status=STARTING, started_at=None)
-        self._emit(Event("status", {"status": STARTING}))
+        self._set(status=Status.STARTING, started_at=None)
+        self._emit(StatusEvent(Status.STARTING))
+
+    def announce_end(self) -> None:
+        """Tell listeners the stored prediction ended; another process wrote the end (a cancel received
+        there, the sweeper), this one only holds the record it read back."""
+        self._finished()
 
     def ended_elsewhere(self, prediction: Prediction) -> None:
         """Another process finished the stored prediction (a cancel there, or it took the job back): take
@@ -190,10 +210,10 @@ class Task:
             self._flush_timer.cancel()
             self._flush_timer = None
         self._unsaved = ""
-        event = Event("done", {"status": prediction.status}, self.prediction.snapshot())
+        snapshot = self.prediction.snapshot()
         for sub in list(self._subscribers):
-            sub.put(Event("status", {"status": prediction.status}, event.prediction))
-            sub.put(event)
+            sub.put(StatusEvent(prediction.status, snapshot))
+            sub.put(DoneEvent(prediction.status, snapshot))
         self.done.set()
 
     # -- logs and progress ---------------------------------------------------------------------------
@@ -206,7 +226,7 @@ class Task:
         text = "".join(part + "\n" for part in line.rstrip("\n").split("\n"))
         self.prediction.logs += text
         self._unsaved += text
-        self._emit(Event("logs", {"text": text}), listeners=False)
+        self._emit(LogsEvent(text), listeners=False)
         if self._monotonic() - self._last_save >= self._log_interval:
             self.flush_logs()
         else:
@@ -214,10 +234,9 @@ class Task:
 
     def progress(self, event: ProgressEvent) -> None:
         """A step finished: tell subscribers (with the preview, if any) and log a progress line."""
-        if self.status != PROCESSING:
+        if self.status != Status.PROCESSING:
             return
-        data = {"step": event.step, "total": event.total, "preview": event.preview, "message": event.message}
-        self._emit(Event("progress", data), listeners=False)
+        self._emit(ProgressReport(event.step, event.total, event.preview, event.message), listeners=False)
         if event.message:
             self.log(event.message)
         if event.total <= 0:  # a message, not a step
@@ -236,11 +255,12 @@ class Task:
         self._last_save = self._monotonic()
         self._store.update_prediction(self.id, logs=self.prediction.logs)
         if self._notify is not None:
-            self._notify(self.prediction.snapshot(), Event("logs", {"text": text}))
+            snapshot = self.prediction.snapshot()
+            self._notify(snapshot, LogsEvent(text, snapshot))
 
     # -- internals -----------------------------------------------------------------------------------
 
-    def _check(self, target: str) -> None:
+    def _check(self, target: Status) -> None:
         if target not in _ALLOWED.get(self.status, frozenset()):
             raise InvalidTransition(f"prediction {self.id} is {self.status} and cannot become {target}")
 
@@ -252,13 +272,13 @@ class Task:
 
     def _finished(self) -> None:
         status = self.status
-        self._emit(Event("status", {"status": status}))
-        self._emit(Event("done", {"status": status}))
+        self._emit(StatusEvent(status))
+        self._emit(DoneEvent(status))
         self.done.set()
 
     def _emit(self, event: Event, *, listeners: bool = True) -> None:
         snapshot = self.prediction.snapshot()
-        event = Event(event.kind, event.data, snapshot)
+        event = with_snapshot(event, snapshot)
         for sub in list(self._subscribers):
             sub.put(event)
         if listeners and self._notify is not None:

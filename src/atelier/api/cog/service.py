@@ -54,6 +54,7 @@ from atelier.fetch import FetchPolicy
 from atelier.jobs.records import Prediction
 from atelier.jobs.routing import SetupRecord
 from atelier.jobs.runner import stored_id
+from atelier.jobs.submission import Submission
 from atelier.outbound import DeliveryFailed, delivery_policy, refuse_at_creation, send
 from atelier.request import parse_request
 
@@ -129,14 +130,16 @@ class CogDoor:
         async with self.services.staged_inputs(request, owner=owner, prediction_id=id) as inputs, self._admission:
             self._refuse_if_busy()
             prediction = await self.services.runner.submit(
-                request,
-                source="cog",
-                owner=owner,
-                stored_images=inputs.images,
-                prediction_id=id,
-                client_id=client_id,
-                webhook=body.webhook,
-                webhook_events_filter=events,
+                Submission(
+                    request,
+                    source="cog",
+                    owner=owner,
+                    stored_images=inputs.images,
+                    prediction_id=id,
+                    client_id=client_id,
+                    webhook=body.webhook,
+                    webhook_events_filter=events,
+                )
             )
         if wants_async(prefer):
             return 202, await self.response(prediction)
@@ -178,7 +181,7 @@ class CogDoor:
             completed_at=prediction.completed_at,
             logs=prediction.logs,
             error=prediction.error,
-            status=prediction.status,  # type: ignore[arg-type]
+            status=str(prediction.status),  # type: ignore[arg-type]
             metrics={"predict_time": predict_time} if predict_time is not None else None,
         )
 

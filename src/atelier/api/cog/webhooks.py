@@ -38,8 +38,8 @@ from typing import Any
 from atelier import __version__
 from atelier.api.cog.protocol import WEBHOOK_EVENTS
 from atelier.fetch import FetchPolicy
-from atelier.jobs.events import Event
-from atelier.jobs.records import PROCESSING, Prediction
+from atelier.jobs.events import Event, StatusEvent
+from atelier.jobs.records import Prediction, Status
 from atelier.outbound import DeliveryFailed, send
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ THREADS = 4  # deliveries block in the guard, in threads of their own
 
 def cog_event(event: Event) -> str | None:
     """The cog webhook event a job-system event is, if any."""
-    if event.kind == "status" and event.data.get("status") == PROCESSING:
+    if isinstance(event, StatusEvent) and event.status == Status.PROCESSING:
         return "start"
     if event.kind == "logs":
         return "logs"

@@ -10,8 +10,9 @@
   metrics) and it is passed on. A local engine has no tokens: ``ImagesResponse.usage`` is optional in
   OpenAI's spec and SDK, so it is omitted. Only the stream's ``completed`` event, where ``usage`` is
   required, carries zeros for a local engine ("no tokens were counted"), never invented numbers.
-* **Failures** are the typed error the prediction failed with (rebuilt from its ``error_code``), so a
-  moderation block is a 400 ``moderation_blocked`` and a model failure a 502, like any other door's.
+* **Failures** are the typed error the prediction failed with, rebuilt from its stored ``Failure`` record
+  (status, code, field, retry_after), so a moderation block is a 400 ``moderation_blocked``, a model failure
+  a 502 and an upstream's 429 a 429 with its ``Retry-After``, like any other door's — after a restart too.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from atelier.errors import (
     UnsupportedRequest,
 )
 from atelier.jobs.files import FileStore
-from atelier.jobs.records import SUCCEEDED, Prediction
+from atelier.jobs.records import Prediction, Status
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,10 @@ class Reply:
 
 
 def failure(prediction: Prediction) -> AtelierError:
-    """The typed error a failed or canceled prediction ended with."""
+    """The typed error a failed or canceled prediction ended with: its stored record, else (a cancel, or a
+    row failed before records were stored) one rebuilt from its ``error_code``."""
+    if prediction.failure is not None:
+        return prediction.failure.error()
     message = prediction.error or f"the prediction was {prediction.status} before it produced images"
     error = AtelierError(message)
     code = prediction.error_code or "internal_error"
@@ -96,14 +100,10 @@ def read_base64(files: FileStore, file_ids: Sequence[str]) -> list[bytes]:
     return [base64.b64encode(files.read(file_id)) for file_id in file_ids]
 
 
-def outputs_of(prediction: Prediction, live: AtelierError | None = None) -> list[str]:
-    """The output file ids of a succeeded prediction; the typed error of any other.
-
-    ``live`` is the error the job failed with in this process (``Runner.failure``): it keeps what the
-    stored code cannot — an upstream's HTTP status and ``param``, a 429's ``Retry-After``.
-    """
-    if prediction.status != SUCCEEDED:
-        raise live or failure(prediction)
+def outputs_of(prediction: Prediction) -> list[str]:
+    """The output file ids of a succeeded prediction; the typed error of any other."""
+    if prediction.status != Status.SUCCEEDED:
+        raise failure(prediction)
     return list(prediction.output or [])
 
 

@@ -66,6 +66,7 @@ from atelier.ids import new_id
 from atelier.jobs.inputs import Keeper, Staged
 from atelier.jobs.records import Prediction
 from atelier.jobs.routing import DEFAULT_ALIASES, OPENAI
+from atelier.jobs.submission import Submission
 from atelier.request import ASPECT_RATIOS, ImageRequest, parse_request
 from atelier.services import Services
 
@@ -309,10 +310,11 @@ async def submit(
     """Queue the job (the engine's checks refuse what it cannot do; a full queue is a 429)."""
     staged = staged or Staged()
     try:
-        return await services.runner.submit(
+        submission = Submission(
             request, model=model, source="openai", owner=owner, stored_images=staged.images, stored_mask=staged.mask,
             previews=reply.partial_images, prediction_id=id,
         )  # fmt: skip
+        return await services.runner.submit(submission)
     except InputError as exc:
         raise renamed(exc, names) from None
 
@@ -326,11 +328,9 @@ async def answer(services: Services, prediction: Prediction, reply: Reply, recei
     if reply.stream:
         # Subscribed before this coroutine yields to the loop: the job cannot have emitted anything yet.
         subscription = runner.subscribe(prediction.id)
-        return streaming.response(
-            services.files, subscription, reply, runner.failure, partial(hung_up, runner, prediction.id)
-        )
+        return streaming.response(services.files, subscription, reply, partial(hung_up, runner, prediction.id))
     done = await wait_or_cancel(runner, prediction.id, receive)
-    images = await asyncio.to_thread(read_base64, services.files, outputs_of(done, services.runner.failure(done.id)))
+    images = await asyncio.to_thread(read_base64, services.files, outputs_of(done))
     return Response(images_response(done, reply, images), media_type="application/json")
 
 

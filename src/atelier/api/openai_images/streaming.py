@@ -38,7 +38,7 @@ from atelier.api.openai_images.outputs import ZERO_USAGE, Reply, outputs_of, rea
 from atelier.api.openai_images.protocol import CompletedEvent, PartialImageEvent
 from atelier.errors import AtelierError, ModelUnavailable
 from atelier.imaging.encode import encode_preview
-from atelier.jobs.events import Subscription
+from atelier.jobs.events import DoneEvent, ProgressReport, Subscription
 from atelier.jobs.files import FileStore
 from atelier.jobs.records import Prediction
 
@@ -49,14 +49,11 @@ HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 CUT_SHORT = "the stream ended before the images were finished (the server is stopping); retry the request"
 
 
-Failure = Callable[[str], "AtelierError | None"]  # Runner.failure: the live error of a failed prediction
 HungUp = Callable[[], None]  # cancels the job: its caller went away
 
 
-def response(
-    files: FileStore, subscription: Subscription, reply: Reply, failure: Failure, hung_up: HungUp
-) -> StreamingResponse:
-    return EventStream(events(files, subscription, reply, failure), hung_up)
+def response(files: FileStore, subscription: Subscription, reply: Reply, hung_up: HungUp) -> StreamingResponse:
+    return EventStream(events(files, subscription, reply), hung_up)
 
 
 class EventStream(StreamingResponse):
@@ -84,15 +81,15 @@ class EventStream(StreamingResponse):
                 self._hung_up()
 
 
-async def events(files: FileStore, subscription: Subscription, reply: Reply, failure: Failure) -> AsyncIterator[bytes]:
+async def events(files: FileStore, subscription: Subscription, reply: Reply) -> AsyncIterator[bytes]:
     final: Prediction | None = None
     index = 0
     try:
         async for event in subscription:
-            if event.kind == "done":
+            if isinstance(event, DoneEvent):
                 final = event.prediction
                 break
-            preview = event.data.get("preview") if event.kind == "progress" else None
+            preview = event.preview if isinstance(event, ProgressReport) else None
             if preview is not None and index < reply.partial_images:
                 yield await partial_frame(preview, index, reply)
                 index += 1
@@ -102,7 +99,7 @@ async def events(files: FileStore, subscription: Subscription, reply: Reply, fai
         yield error_frame(ModelUnavailable(CUT_SHORT))
         return
     try:
-        file_ids = outputs_of(final, failure(final.id))
+        file_ids = outputs_of(final)
     except AtelierError as error:
         yield error_frame(error)
         return

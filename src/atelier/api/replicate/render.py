@@ -17,7 +17,7 @@ from typing import Any, cast
 from atelier.api.replicate import protocol as wire
 from atelier.api.replicate.models import HIDDEN, OWNER, SEED
 from atelier.jobs.files import FileStore
-from atelier.jobs.records import STARTING, Prediction, format_time
+from atelier.jobs.records import Prediction, Status, format_time
 from atelier.jobs.routing import DEFAULT_ALIASES
 
 
@@ -62,7 +62,7 @@ def render(prediction: Prediction, base: str, files: FileStore, *, held: bool = 
         output=output_urls(prediction, base, files),
         data_removed=prediction.data_removed,
         error=prediction.error,
-        status=cast(wire.Status, STARTING if shown else prediction.status),
+        status=cast(wire.Status, str(Status.STARTING if shown else prediction.status)),
         created_at=format_time(prediction.created_at),
         started_at=_time(prediction.started_at) if not shown else None,
         completed_at=_time(prediction.completed_at),

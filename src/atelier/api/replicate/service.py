@@ -42,6 +42,7 @@ from atelier.errors import FieldProblem, InputError, NotFound
 from atelier.fetch import FetchPolicy
 from atelier.ids import new_id
 from atelier.jobs.records import Prediction, utc_now
+from atelier.jobs.submission import Submission
 from atelier.outbound import delivery_policy, refuse_at_creation
 from atelier.request import ImageRequest, parse_request
 from atelier.services import Services
@@ -105,12 +106,13 @@ class ReplicateDoor:
         previews = self._previews(body, request, model)
         prediction_id = new_id()
         async with self.services.staged_inputs(request, owner=owner, prediction_id=prediction_id) as inputs:
-            prediction = await self.services.runner.submit(
+            submission = Submission(
                 request, model=model.address, source=SOURCE, owner=owner, stored_images=inputs.images,
                 previews=previews, webhook=webhook, webhook_events_filter=webhook_events, prediction_id=prediction_id,
                 version=None if version == HIDDEN else version,
                 deadline=utc_now() + timedelta(seconds=lifetime) if lifetime is not None else None,
             )  # fmt: skip
+            prediction = await self.services.runner.submit(submission)
         if webhook is not None:
             self.webhooks.remember(prediction.id, base)
         if wait is None:

@@ -26,8 +26,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING
 
 from atelier.imaging.encode import encode_preview
-from atelier.jobs.events import Event, Subscription
-from atelier.jobs.records import CANCELED, FAILED, Prediction
+from atelier.jobs.events import DoneEvent, Event, LogsEvent, OutputEvent, ProgressReport, Subscription
+from atelier.jobs.records import Prediction, Status
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -38,7 +38,7 @@ PREVIEW_MAX_SIDE = 512  # a glance at the composition: ~2-30 KB of webp, ~100 KB
 PREVIEW_QUALITY = 75
 
 OutputURLs = Callable[[list[str]], list[str]]
-DONE_REASONS = {CANCELED: "canceled", FAILED: "error"}  # the ``done`` event's ``reason``; none on success
+DONE_REASONS = {Status.CANCELED: "canceled", Status.FAILED: "error"}  # the ``done`` event's ``reason``; none on success
 
 
 def frame(event_id: int, name: str, data: str) -> str:
@@ -70,7 +70,7 @@ async def events(
         async for event in _with_keepalive(subscription, keepalive):
             if event is None:
                 yield KEEPALIVE
-            elif previews and (image := _preview_of(event)) is not None:
+            elif previews and isinstance(event, ProgressReport) and (image := _preview_of(event)) is not None:
                 yield frame(next(ids), "preview", await _preview(event, image))
             else:
                 for name, data in _translate(event, urls):
@@ -80,24 +80,24 @@ async def events(
 
 
 def _translate(event: Event, urls: OutputURLs) -> Iterator[tuple[str, str]]:
-    if event.kind == "logs":
-        yield from _logs(event.data.get("text", ""))
-    elif event.kind == "output":
-        for url in urls(list(event.data.get("output") or [])):
+    if isinstance(event, LogsEvent):
+        yield from _logs(event.text)
+    elif isinstance(event, OutputEvent):
+        for url in urls(list(event.output)):
             yield "output", url
-    elif event.kind == "done" and event.prediction is not None:
+    elif isinstance(event, DoneEvent) and event.prediction is not None:
         yield from _ending(event.prediction, urls, with_output=False)
 
 
 def _preview_of(event: Event) -> Image.Image | None:
-    return event.data.get("preview") if event.kind == "progress" else None
+    return event.preview if isinstance(event, ProgressReport) else None
 
 
-async def _preview(event: Event, image: Image.Image) -> str:
+async def _preview(event: ProgressReport, image: Image.Image) -> str:
     """A ``preview`` event's data; encoded off the event loop (tens of ms for a full-size preview)."""
     data = await asyncio.to_thread(encode_preview, image, "webp", PREVIEW_QUALITY, max_side=PREVIEW_MAX_SIDE)
     url = "data:image/webp;base64," + base64.b64encode(data).decode()
-    return json.dumps({"step": event.data.get("step"), "total": event.data.get("total"), "image": url})
+    return json.dumps({"step": event.step, "total": event.total, "image": url})
 
 
 def _logs(text: str) -> Iterator[tuple[str, str]]:
@@ -109,7 +109,7 @@ def _ending(prediction: Prediction, urls: OutputURLs, *, with_output: bool) -> I
     if with_output and prediction.output and not prediction.data_removed:
         for url in urls(list(prediction.output)):
             yield "output", url
-    if prediction.status == FAILED:
+    if prediction.status == Status.FAILED:
         yield "error", json.dumps({"detail": prediction.error or "the prediction failed"})
     reason = DONE_REASONS.get(prediction.status)
     yield "done", json.dumps({"reason": reason}) if reason else "{}"

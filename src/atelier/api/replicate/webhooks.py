@@ -57,8 +57,8 @@ from atelier import __version__
 from atelier.api.replicate.protocol import WEBHOOK_EVENTS
 from atelier.fetch import FetchPolicy
 from atelier.ids import new_id
-from atelier.jobs.events import Event
-from atelier.jobs.records import STARTING, Delivery, Prediction, utc_now
+from atelier.jobs.events import Event, StatusEvent
+from atelier.jobs.records import Delivery, Prediction, Status, utc_now
 from atelier.jobs.store import Store
 from atelier.outbound import DeliveryFailed, send
 
@@ -88,8 +88,8 @@ def sign(secret: str, message_id: str, timestamp: str, body: str) -> str:
 
 def webhook_event(event: Event) -> str | None:
     """The Replicate webhook event a runner event is, if any."""
-    if event.kind == "status":
-        return "start" if event.data.get("status") == STARTING else None
+    if isinstance(event, StatusEvent):
+        return "start" if event.status == Status.STARTING else None
     return {"logs": "logs", "output": "output", "done": "completed"}.get(event.kind)
 
 
