@@ -1,0 +1,281 @@
+"""The cluster on PostgreSQL: worker scaling, claim throughput, and the per-prediction cost of the database.
+
+    python bench/cluster.py [--quick] [--predictions N] [--work-seconds S]
+
+A throwaway PostgreSQL cluster is started from the installed binaries (tests/pg.py) for the run.
+
+* **workers**: one ``atelier serve --no-worker`` and 1, 2 and 4 ``atelier worker`` processes (one job at
+  a time each) on one database, with an engine whose work is a fixed wait (``--work-seconds``; the fake
+  engine of tests/fakes.py, through tests/e2e/fake_atelier.py), so the machine's cores don't decide it.
+  ``--predictions`` x N predictions are queued at once through the Replicate door, then timed from the
+  first submit until all have succeeded. Reported: predictions/s per N and ``speedup`` = rate(N) /
+  rate(1), against the goal ``0.9 x N``. The baseline is the 1-worker level of the same run.
+* **claims**: ``SharedQueue.claim`` (fair order, leases, one transaction each) by 4 threads draining
+  2,000 queued rows of 20 tokens; claims/s. Baseline in the same run: the plain claim of SCALING.md
+  (``UPDATE ... WHERE id = (SELECT id ... ORDER BY created_at FOR UPDATE SKIP LOCKED LIMIT 1)``) on the
+  same rows.
+* **overhead**: one ``atelier serve`` (API and worker in one process, engine work 0) answering sequential
+  ``Prefer: wait`` predictions, with PostgreSQL (a cluster of one) against the default SQLite file and
+  data folder: median seconds per prediction and the ratio. Files stay in the data folder in both (the
+  bucket is another stream's; ``ATELIER_FILES_URL`` would add its own cost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import REPO, emit, free_port, log, machine, ratio, spawn, stopping, tests_on_path
+
+LAUNCHER = [sys.executable, str(REPO / "tests" / "e2e" / "fake_atelier.py")]
+SEED = "openai/gpt-image-2"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer predictions and claims")
+    p.add_argument("--predictions", type=int, default=40, help="predictions per worker at each level")
+    p.add_argument("--work-seconds", type=float, default=0.25, help="the engine's fixed wait per prediction")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--claims", type=int, default=2000)
+    p.add_argument("--overhead-predictions", type=int, default=60)
+    return p
+
+
+def quick(args: argparse.Namespace) -> argparse.Namespace:
+    args.predictions, args.claims, args.overhead_predictions = 16, 600, 20
+    return args
+
+
+@contextmanager
+def postgres() -> Iterator[Any]:
+    tests_on_path()
+    from pg import PgCluster, find_bindir, why_unavailable
+
+    reason = why_unavailable()
+    if reason:
+        raise SystemExit(f"cannot start PostgreSQL: {reason}")
+    bindir = find_bindir()
+    assert bindir is not None
+    cluster = PgCluster(bindir).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _env(url: str | None, data_dir: Path, **extra: str) -> dict[str, str]:
+    env = {"ATELIER_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1", "ATELIER_MAX_QUEUE": "10000", **extra}
+    env |= {"ATELIER_QUEUE_SHARE": "1", "ATELIER_DISK_RESERVE_BYTES": "0"}
+    return env | ({"ATELIER_DATABASE_URL": url} if url else {})
+
+
+def _serve(env: dict[str, str], log_dir: Path, *args: str) -> Any:
+    import httpx
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        return httpx.get(f"{url}/health-check", timeout=2).json().get("status") == "READY"
+
+    argv = [*LAUNCHER, "serve", *args]
+    return spawn(f"serve-{port}", argv, url=url, ready=ready, env={**env, "ATELIER_PORT": str(port)}, log_dir=log_dir)
+
+
+def _worker(env: dict[str, str], log_dir: Path, name: str) -> Any:
+    process: Any = None
+
+    def ready() -> bool:
+        return "is ready" in process_log()
+
+    def process_log() -> str:
+        path = log_dir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    process = spawn(name, [*LAUNCHER, "worker"], url="", ready=ready, env=env, log_dir=log_dir)
+    return process
+
+
+def workers_level(cluster: Any, n: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """``n`` workers on a fresh database; predictions/s from the first submit to the last success."""
+    import httpx
+    from sqlalchemy import create_engine, text
+
+    url = cluster.create_database()
+    data_dir = root / f"workers-{n}" / "data"
+    env = _env(url, data_dir, ATELIER_MAX_CONCURRENCY="1", FAKE_STEPS="1", FAKE_STEP_SECONDS=str(args.work_seconds))
+    log_dir = data_dir.parent
+    api = _serve(env, log_dir, "--no-worker")
+    workers = [_worker(env, log_dir, f"worker-{i}") for i in range(n)]
+    engine = create_engine(url)
+    total = args.predictions * n
+    try:
+        with stopping(api, *workers), httpx.Client(base_url=api.url, timeout=30) as client:
+            began = time.perf_counter()
+            for i in range(total):
+                response = client.post(f"/v1/models/{SEED}/predictions", json={"input": {"prompt": f"bench {i}"}})
+                response.raise_for_status()
+            while True:
+                with engine.connect() as conn:
+                    done = conn.execute(text("SELECT count(*) FROM predictions WHERE status = 'succeeded'")).scalar()
+                if done == total:
+                    break
+                time.sleep(0.02)
+            seconds = time.perf_counter() - began
+    finally:
+        engine.dispose()
+    rate = total / seconds
+    log(f"workers={n}: {total} predictions in {seconds:.2f} s, {rate:.2f}/s")
+    return {"workers": n, "predictions": total, "seconds": round(seconds, 3), "per_second": round(rate, 3)}
+
+
+def claims(cluster: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Claims/s of the fair claim and of the plain SKIP LOCKED claim, each draining the same rows."""
+    from sqlalchemy import create_engine, text
+
+    from atelier.jobs.claims import SharedQueue
+    from atelier.jobs.limits import Limits
+    from atelier.jobs.queue import Capacity
+    from atelier.jobs.store import Store
+
+    results: dict[str, Any] = {}
+    for variant in ("fair", "plain"):
+        url = cluster.create_database()
+        store = Store(url).open()
+        try:
+            _fill(store, args.claims)
+            taken: list[int] = []
+
+            def drain(name: str, variant: str = variant, store: Store = store, taken: list[int] = taken) -> None:
+                queue = SharedQueue(
+                    store.engine, owner=name, capacity=lambda: Capacity(10**6, 1.0, 1, 1.0), limits=Limits()
+                )
+                count = 0
+                while True:
+                    got = queue.claim() if variant == "fair" else _plain_claim(store, name)
+                    if not got:
+                        break
+                    count += len(got) if isinstance(got, list) else 1
+                taken.append(count)
+
+            threads = [threading.Thread(target=drain, args=(f"c{i}",)) for i in range(4)]
+            began = time.perf_counter()
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            seconds = time.perf_counter() - began
+            engine = create_engine(url)
+            with engine.connect() as conn:
+                claimed = conn.execute(text("SELECT count(*) FROM predictions WHERE lease_owner IS NOT NULL")).scalar()
+            engine.dispose()
+            results[variant] = {
+                "claims": sum(taken), "distinct_rows_claimed": claimed, "seconds": round(seconds, 3),
+                "per_second": round(sum(taken) / seconds, 1),
+            }  # fmt: skip
+            log(f"claims ({variant}): {results[variant]}")
+        finally:
+            store.close()
+    results["fair_over_plain"] = ratio(results["fair"]["per_second"], results["plain"]["per_second"])
+    return results
+
+
+def _fill(store: Any, count: int) -> None:
+    from sqlalchemy import text
+
+    from atelier.jobs.records import format_time, utc_now
+
+    now = format_time(utc_now())
+    rows = [
+        {"id": f"b{i:07d}", "owner": f"t{i % 20}", "turn": i // 20, "now": now, "input": "{}", "metrics": "{}"}
+        for i in range(count)
+    ]
+    with store.engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO predictions (id, model, source, owner, status, input_json, metrics_json, logs, created_at, "
+                "turn) VALUES (:id, 'fake', 'replicate', :owner, 'starting', :input, :metrics, '', :now, :turn)"
+            ),
+            rows,
+        )
+
+
+def _plain_claim(store: Any, name: str) -> str | None:
+    from sqlalchemy import text
+
+    with store.engine.begin() as conn:
+        return conn.execute(
+            text(
+                "UPDATE predictions SET lease_owner = :me, attempt = attempt + 1 WHERE id = (SELECT id FROM predictions "
+                "WHERE status = 'starting' AND lease_owner IS NULL ORDER BY created_at, id FOR UPDATE SKIP LOCKED "
+                "LIMIT 1) RETURNING id"
+            ),
+            {"me": name},
+        ).scalar()
+
+
+def overhead(cluster: Any, args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """Median seconds per sequential ``Prefer: wait`` prediction: PostgreSQL against SQLite, one process."""
+    import httpx
+
+    results: dict[str, Any] = {}
+    for store in ("sqlite", "postgresql"):
+        url = cluster.create_database() if store == "postgresql" else None
+        data_dir = root / f"overhead-{store}" / "data"
+        env = _env(url, data_dir, FAKE_STEPS="1", FAKE_STEP_SECONDS="0")
+        server = _serve(env, data_dir.parent)
+        seconds: list[float] = []
+        with stopping(server), httpx.Client(base_url=server.url, timeout=60) as client:
+            for i in range(args.overhead_predictions + 3):
+                began = time.perf_counter()
+                response = client.post(
+                    f"/v1/models/{SEED}/predictions", json={"input": {"prompt": f"o {i}"}}, headers={"Prefer": "wait"}
+                )
+                assert response.json()["status"] == "succeeded", response.text
+                if i >= 3:  # the first few warm the process up
+                    seconds.append(time.perf_counter() - began)
+        results[store] = {"median_seconds": round(statistics.median(seconds), 4), "predictions": len(seconds)}
+        log(f"overhead ({store}): {results[store]}")
+    results["postgresql_over_sqlite"] = ratio(
+        results["postgresql"]["median_seconds"], results["sqlite"]["median_seconds"]
+    )
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parser().parse_args(argv)
+    if args.quick:
+        args = quick(args)
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    document: dict[str, Any] = {"benchmark": "cluster", "machine": machine()}
+    with postgres() as cluster, tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        levels = [workers_level(cluster, n, args, root) for n in args.workers]
+        one = levels[0]["per_second"]
+        for level in levels:
+            level["speedup"] = ratio(level["per_second"], one)
+            level["goal"] = round(0.9 * level["workers"], 2)
+            level["meets_goal"] = (level["speedup"] or 0) >= level["goal"]
+        document["workers"] = {"work_seconds": args.work_seconds, "levels": levels}
+        document["claims"] = claims(cluster, args)
+        document["overhead"] = overhead(cluster, args, root)
+    return document
+
+
+if __name__ == "__main__":
+    emit(main())
