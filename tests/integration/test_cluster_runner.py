@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,13 @@ import pytest
 from pydantic import SecretStr
 
 from atelier.config import Settings
+from atelier.jobs.claims import SharedQueue
 from atelier.jobs.cluster import ClusterRunner
 from atelier.jobs.events import LogsEvent, ProgressReport
 from atelier.jobs.files import FileStore
+from atelier.jobs.limits import Limits
+from atelier.jobs.queue import Capacity
+from atelier.jobs.records import utc_now
 from atelier.jobs.routing import EngineRouter
 from atelier.jobs.store import Store
 from atelier.jobs.submission import Submission
@@ -143,3 +148,32 @@ async def test_a_worker_that_stops_gives_its_job_back_and_another_finishes_it_wi
     assert done.status == "succeeded"
     assert [j.seed for j in second.jobs] == [prediction.seed]
     assert "re-queued" in done.logs
+
+
+async def test_a_late_result_from_a_worker_whose_lease_was_taken_back_is_discarded_with_its_images(
+    cluster: Cluster,
+) -> None:
+    api = await cluster.runner(work=False)
+    slow = FakeEngine()
+    gate = slow.block()
+    cluster.gates.append(gate)
+    lost = await cluster.runner(slow, lease_seconds=600)  # renews rarely: the test takes its lease back
+    prediction = await api.submit(Submission(request(), "replicate"))
+    await asyncio.to_thread(slow.started.wait, 10)
+    later = SharedQueue(
+        api.store.engine, owner="sweeper", capacity=lambda: Capacity(50, 1.0, 1, 1.0), limits=Limits(),
+        clock=lambda: utc_now() + timedelta(hours=1),
+    )  # fmt: skip
+    swept = await asyncio.to_thread(later.sweep)
+    assert swept is not None and swept.requeued == [prediction.id]
+    fresh = FakeEngine(color=(0, 200, 0))
+    await cluster.runner(fresh)
+    done = await api.wait(prediction.id, 20)
+    assert done.status == "succeeded" and [j.seed for j in fresh.jobs] == [prediction.seed]
+    gate.set()  # the first worker's engine goes on, and its result arrives late
+    while lost.queue.get(prediction.id) is not None:
+        await asyncio.sleep(0.01)
+    final = await api.get(prediction.id)
+    assert final.output == done.output and final.status == "succeeded"
+    outputs = [r for r in api.files.for_prediction(prediction.id) if r.kind == "output"]
+    assert [r.id for r in outputs] == done.output  # the late images were deleted, none were added

@@ -56,6 +56,8 @@ def serve(
     choice = choose_model(ctx, model, model_path)
     extra = {"host": host, "port": port, **({"data_dir": data_dir} if data_dir is not None else {})}
     settings = settings_for(ctx, choice, extra, fields=("host", "port", "data_dir"))
+    if no_worker:
+        require_cluster(settings, "atelier serve --no-worker")
     asked = settings.host
     if not settings.api_tokens and not is_loopback(settings.host):
         settings.host = "127.0.0.1"
@@ -68,8 +70,6 @@ def serve(
             )
         elif not settings.api_tokens:
             click.echo("No API tokens configured (ATELIER_API_TOKENS): open to local callers only.", err=True)
-        if no_worker:
-            require_cluster(settings, "atelier serve --no-worker")
         run(settings, listener, work=not no_worker)
     finally:
         listener.close()

@@ -60,14 +60,29 @@ WORKER_LOST = "the worker running it was lost"
 
 _CANDIDATES = text(
     """
-    WITH q AS (
-        SELECT id, owner, user_id, created_at, turn, requeued, batch_key, batch_images, batch_budget,
-               row_number() OVER (PARTITION BY owner ORDER BY turn, created_at, id) - 1 AS k
-        FROM predictions WHERE status = 'starting' AND lease_owner IS NULL
+    WITH owners AS (
+        SELECT DISTINCT COALESCE(owner, '') AS okey FROM predictions
+        WHERE status = 'starting' AND lease_owner IS NULL AND NOT requeued
+    ), firsts AS (
+        SELECT q.*, GREATEST((SELECT COALESCE(max(value), 0) FROM queue_turns WHERE key = 'now'), COALESCE(t.value, 0))
+                    + row_number() OVER (PARTITION BY owners.okey ORDER BY q.turn, q.created_at, q.id) - 1 AS otag
+        FROM owners
+        LEFT JOIN queue_turns t ON t.key = 'o:' || owners.okey
+        CROSS JOIN LATERAL (
+            SELECT id, owner, user_id, created_at, turn, requeued, batch_key, batch_images, batch_budget
+            FROM predictions p
+            WHERE p.status = 'starting' AND p.lease_owner IS NULL AND NOT p.requeued
+              AND COALESCE(p.owner, '') = owners.okey
+            ORDER BY COALESCE(p.owner, ''), p.turn, p.created_at, p.id
+            LIMIT :limit
+        ) q
+    ), requeued AS (
+        SELECT id, owner, user_id, created_at, turn, requeued, batch_key, batch_images, batch_budget, 0 AS otag
+        FROM predictions WHERE status = 'starting' AND lease_owner IS NULL AND requeued
+        ORDER BY created_at, id LIMIT :limit
     )
-    SELECT q.*, GREATEST(:now, COALESCE(t.value, 0)) + q.k AS otag
-    FROM q LEFT JOIN queue_turns t ON t.key = 'o:' || COALESCE(q.owner, '')
-    ORDER BY q.requeued DESC, CASE WHEN q.requeued THEN q.created_at END, otag, q.created_at, q.id
+    SELECT * FROM (SELECT * FROM requeued UNION ALL SELECT * FROM firsts) c
+    ORDER BY requeued DESC, otag, created_at, id
     LIMIT :limit
     """
 )
@@ -209,33 +224,22 @@ class SharedQueue:
         """The next job in fair order and the compatible jobs it takes along, leased to this process."""
         with self.engine.begin() as conn:
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": CLAIM_LOCK})
-            now = _value(conn, "now")
-            rows = conn.execute(_CANDIDATES, {"now": now, "limit": CANDIDATES}).mappings().all()
+            rows = conn.execute(_CANDIDATES, {"limit": 1}).mappings().all()
+            if rows and rows[0]["batch_key"] is not None and max_jobs > 1:  # companions: look further
+                rows = conn.execute(_CANDIDATES, {"limit": CANDIDATES}).mappings().all()
             picked = pick(rows, max_jobs)
-            if not picked:
-                return []
-            ids = [row["id"] for row in picked]
-            locked = {
-                r[0]
-                for r in conn.execute(
-                    text(
-                        "SELECT id FROM predictions WHERE id = ANY(:ids) AND status = 'starting' "
-                        "AND lease_owner IS NULL FOR UPDATE SKIP LOCKED"
-                    ),
-                    {"ids": ids},
-                )
-            }
-            picked = [row for row in picked if row["id"] in locked]  # one being canceled right now stays out
             if not picked:
                 return []
             claimed = conn.execute(
                 text(
                     "UPDATE predictions SET lease_owner = :me, lease_expires_at = :exp, attempt = attempt + 1, "
-                    "requeued = FALSE WHERE id = ANY(:ids) RETURNING *"
+                    "requeued = FALSE WHERE id IN (SELECT id FROM predictions WHERE id = ANY(:ids) "
+                    "AND status = 'starting' AND lease_owner IS NULL FOR UPDATE SKIP LOCKED) RETURNING *"
                 ),
                 {"me": self.owner, "exp": self._expiry(), "ids": [row["id"] for row in picked]},
             ).mappings()
             by_id = {row["id"]: Claim(_prediction(row), row["attempt"]) for row in claimed}
+            picked = [row for row in picked if row["id"] in by_id]  # one being canceled right now stays out
             self._take_turns(conn, picked)
         return [by_id[row["id"]] for row in picked]
 
@@ -248,8 +252,18 @@ class SharedQueue:
             turns["now"] = max(turns.get("now", 0), row["otag"])
             turns["o:" + owner] = max(turns.get("o:" + owner, 0), row["otag"] + 1)
             turns["n:" + owner] = max(turns.get("n:" + owner, 0), row["turn"])
-        for key, value in turns.items():
-            conn.execute(_TURN_UP, {"key": key, "value": value})
+        if turns:
+            values = ", ".join(f"(:k{i}, :v{i})" for i in range(len(turns)))
+            params: dict[str, Any] = {}
+            for i, (key, value) in enumerate(turns.items()):
+                params |= {f"k{i}": key, f"v{i}": value}
+            conn.execute(
+                text(
+                    f"INSERT INTO queue_turns (key, value) VALUES {values} "
+                    "ON CONFLICT (key) DO UPDATE SET value = GREATEST(queue_turns.value, excluded.value)"
+                ),
+                params,
+            )
 
     # -- leases -----------------------------------------------------------------------------------------
 

@@ -310,6 +310,7 @@ class ClusterWorkers(Workers):
         )  # fmt: skip
         self.runner = runner
         self.released: dict[str, None] = {}  # handed back to the queue at stop, in order
+        self._kept: dict[str, builtins.list[FileRecord]] = {}  # outputs written, until the outcome is recorded
 
     def start(self, count: int) -> None:
         super().start(count)  # the local queue holds only jobs pinned to this process
@@ -398,7 +399,10 @@ class ClusterWorkers(Workers):
             self.runner.writers.pop(entry.id, None)
 
     async def _deliver(self, entry: Entry, result: Result) -> None:
-        await super()._deliver(entry, result)
+        try:
+            await super()._deliver(entry, result)
+        finally:
+            self._kept.pop(entry.id, None)
         if entry.task.terminal:
             self.runner.writers.pop(entry.id, None)
 
@@ -408,12 +412,16 @@ class ClusterWorkers(Workers):
         if writer is not None and writer.lost:
             self.files.delete_many([r.id for r in records])
             raise LeaseLost(f"prediction {entry.id} was taken back; its images are discarded")
+        self._kept[entry.id] = records  # deleted again if the fenced succeed is refused (_ended_elsewhere)
         return records
 
     def _ended_elsewhere(self, entry: Entry) -> None:
         """The row was ended (or taken back) by another process: keep nothing, write nothing."""
         entry.interrupted = True
         entry.token.cancel(LEASE_LOST)
+        kept = self._kept.pop(entry.id, [])
+        if kept:  # written before the refused write: the images of a result that does not count
+            self.files.delete_many([r.id for r in kept])
         row = self.runner.store.get_prediction(entry.id)
         if row is not None and not entry.task.terminal:
             entry.task.ended_elsewhere(row)

@@ -31,8 +31,10 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    func,
     insert,
     select,
+    text,
 )
 
 from atelier.jobs.records import format_time, utc_now
@@ -242,8 +244,22 @@ def m009_claims_and_leases(conn: Connection) -> None:
         Column("lease_expires_at", String(32)),
         Column("owner", String(128)),
         Column("user_id", String(256)),
+        Column("id", String(128)),
+        Column("requeued", Boolean),
+        Column("turn", BigInteger),
+        Column("created_at", String(32)),
     )
     Index("predictions_claimable", predictions.c.status, predictions.c.lease_owner).create(conn)
+    queued = "status = 'starting' AND lease_owner IS NULL AND NOT requeued"  # each token's jobs in turn order
+    Index(
+        "predictions_queued", func.coalesce(predictions.c.owner, ""), predictions.c.turn, predictions.c.created_at,
+        predictions.c.id, postgresql_where=text(queued), sqlite_where=text(queued),
+    ).create(conn)  # fmt: skip
+    requeued = "status = 'starting' AND lease_owner IS NULL AND requeued"  # taken back: they go first
+    Index(
+        "predictions_requeued", predictions.c.created_at, predictions.c.id,
+        postgresql_where=text(requeued), sqlite_where=text(requeued),
+    ).create(conn)  # fmt: skip
     Index("predictions_leases", predictions.c.lease_expires_at).create(conn)
     Index("predictions_live_by_caller", predictions.c.owner, predictions.c.user_id, predictions.c.status).create(conn)
     Table(
