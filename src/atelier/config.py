@@ -166,6 +166,35 @@ class Settings(BaseSettings):
             return [str(e).strip() for e in entries if str(e).strip()]
         return value
 
+    # The store and shared secrets (atelier.jobs.store, docs/scaling.md). database_url: a SQLAlchemy URL,
+    # e.g. postgresql+psycopg://atelier@db:5432/atelier; None: the SQLite file in the data folder, which one
+    # process owns. secret_key: signs file URLs in every process; None: a key kept in the store.
+    database_url: SecretStr | None = None
+    secret_key: SecretStr | None = None
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: SecretStr | None) -> SecretStr | None:
+        text = value.get_secret_value().strip() if value is not None else ""
+        if not text:
+            return None
+        if not re.match(r"^(?:sqlite|postgresql)(?:\+\w+)?://", text):  # the URL may hold a password: not shown
+            raise ValueError(
+                "is not a database URL Atelier can use; give postgresql+psycopg://USER:PASSWORD@HOST:5432/NAME "
+                "or sqlite:////absolute/path.db, or leave it unset for the SQLite file in the data folder"
+            )
+        return SecretStr(text)
+
+    @field_validator("secret_key")
+    @classmethod
+    def _check_secret_key(cls, value: SecretStr | None) -> SecretStr | None:
+        text = value.get_secret_value().strip() if value is not None else ""
+        if text and len(text) < 32:
+            raise ValueError(
+                "is too short to sign URLs with; give at least 32 random characters (openssl rand -hex 32)"
+            )
+        return SecretStr(text) if text else None
+
     # OpenAI upstream (OpenAI's own variable names)
     openai_api_key: SecretStr | None = Field(
         default=None, validation_alias=AliasChoices("OPENAI_API_KEY", "openai_api_key")
@@ -276,13 +305,19 @@ class Settings(BaseSettings):
         return self.data_dir / "atelier.db"
 
     @property
+    def database(self) -> str | Path:
+        """What the store opens: ``ATELIER_DATABASE_URL``, else the SQLite file in the data folder."""
+        return self.database_url.get_secret_value() if self.database_url is not None else self.database_path
+
+    @property
     def files_dir(self) -> Path:
         return self.data_dir / "files"
 
 
 # -- reading settings with errors an operator can act on -----------------------------------------------
 
-SECRET_FIELDS = frozenset({"openai_api_key", "api_tokens"})  # their values are never repeated back
+# their values are never repeated back
+SECRET_FIELDS = frozenset({"openai_api_key", "api_tokens", "database_url", "secret_key"})
 _ALLOWED = {  # what pydantic's error types mean, said the way an operator sets a variable
     "int_parsing": "expected a whole number",
     "int_type": "expected a whole number",

@@ -89,7 +89,7 @@ class Services:
         disk = DiskSpace(
             settings.data_dir, reserve_bytes=settings.disk_reserve_bytes, min_free_bytes=settings.min_free_bytes
         )
-        store = Store(settings.database_path, disk=disk)
+        store = Store(settings.database, disk=disk)
         files = FileStore(settings.files_dir, store, secrets_dir=settings.data_dir, disk=disk)
         router = EngineRouter(engines, default or next(iter(engines)))
         services = cls(settings, store, files, router, runner=None)  # type: ignore[arg-type]

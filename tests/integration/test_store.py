@@ -1,4 +1,5 @@
-"""The store on a real SQLite file: migrations, WAL, round trips, pagination, and no secrets on disk."""
+"""The store on a real SQLite file and a real PostgreSQL database: migrations, WAL, round trips, pagination,
+and no secrets on disk."""
 
 from __future__ import annotations
 
@@ -20,9 +21,11 @@ T0 = datetime(2026, 1, 1, 12, 0, 0, 123456, tzinfo=UTC)
 KEY = "sk-proj-THIS-KEY-MUST-NEVER-REACH-DISK-0123456789"
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Store:
-    s = Store(tmp_path / "atelier.db").open()
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    """The store on a SQLite file, and on a fresh PostgreSQL database (tests/pg.py)."""
+    url = tmp_path / "atelier.db" if request.param == "sqlite" else request.getfixturevalue("pg_database")
+    s = Store(url).open()
     yield s
     s.close()
 
@@ -42,11 +45,13 @@ def test_migrations_are_recorded_and_idempotent(tmp_path: Path) -> None:
     assert {"predictions", "files", "webhook_deliveries", "migrations"} <= tables
 
 
-def test_wal_mode_and_pragmas(store: Store) -> None:
+def test_wal_mode_and_pragmas(tmp_path: Path) -> None:
+    store = Store(tmp_path / "atelier.db").open()
     with store.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 5000
+    store.close()
 
 
 def test_prediction_round_trip(store: Store) -> None:

@@ -51,16 +51,18 @@ from sqlalchemy import (
     delete,
     event,
     insert,
+    make_url,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.types import BigInteger, Boolean, Integer, String, Text
 
-from atelier.errors import InputError
+from atelier.errors import FieldProblem, InputError, SettingsError
 from atelier.jobs import disk as disk_space
-from atelier.jobs import migrations
+from atelier.jobs import migrations, owner
 from atelier.jobs.disk import DiskSpace
 from atelier.jobs.records import (
     PROCESSING,
@@ -80,6 +82,7 @@ log = logging.getLogger(__name__)
 BUSY_TIMEOUT_MS = 5000
 SQLITE_FULL = 13  # sqlite3.OperationalError.sqlite_errorcode (its low byte) for "database or disk is full"
 PG_DISK_FULL = "53100"  # PostgreSQL's SQLSTATE disk_full
+MIGRATION_LOCK = 0x61746C6D  # the advisory lock ("atlm") PostgreSQL migrations are applied under
 
 # The current shape of the tables, for queries only; migrations.py creates them.
 _meta = MetaData()
@@ -131,18 +134,26 @@ class Store:
         self.url = f"sqlite:///{url}" if isinstance(url, Path) else url
         self.disk = disk
         self._engine: Engine | None = None
+        self._owned: Path | None = None  # the SQLite file this process holds (atelier.jobs.owner)
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
     def open(self) -> Store:
         if self._engine is not None:
             return self
-        engine = create_engine(self.url, **_engine_options(self.url))
-        if engine.dialect.name == "sqlite":
-            _sqlite_pragmas(engine)
-        self._engine = engine
-        with self._write() as conn:
-            applied = migrations.migrate(conn)
+        file = sqlite_file(self.url)
+        if file is not None:
+            owner.own(file)  # DatabaseInUse when another process has it
+            self._owned = file
+        try:
+            self._engine = _connect(self.url)
+            with self._write() as conn:
+                if conn.dialect.name == "postgresql":  # processes starting together: one migrates, the rest wait
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+                applied = migrations.migrate(conn)
+        except BaseException:
+            self.close()
+            raise
         if applied:
             log.info("store %s: applied migrations %s", _safe_url(self.url), ", ".join(applied))
         return self
@@ -151,6 +162,14 @@ class Store:
         if self._engine is not None:
             self._engine.dispose()
             self._engine = None
+        if self._owned is not None:
+            owner.release(self._owned)
+            self._owned = None
+
+    @property
+    def dialect(self) -> str:
+        """``sqlite`` or ``postgresql``."""
+        return self.engine.dialect.name
 
     def applied_migrations(self) -> list[str]:
         with self._read() as conn:
@@ -463,6 +482,30 @@ def decode_cursor(cursor: str) -> tuple[str, str]:
 # -- rows <-> records --------------------------------------------------------------------------------
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL (None for PostgreSQL and for an in-memory SQLite database)."""
+    if not url.startswith("sqlite"):
+        return None
+    name = make_url(url).database
+    return Path(name) if name and name != ":memory:" and not name.startswith("file:") else None
+
+
+def _connect(url: str) -> Engine:
+    try:
+        engine = create_engine(url, **_engine_options(url))
+    except ImportError as exc:  # the URL names a driver that is not installed
+        raise SettingsError(
+            FieldProblem(
+                "ATELIER_DATABASE_URL",
+                f"needs {exc.name or 'a database driver'}, which is not installed; for PostgreSQL install the "
+                "postgres extra (pip install 'atelier[postgres]') and use postgresql+psycopg://",
+            )
+        ) from None
+    if engine.dialect.name == "sqlite":
+        _sqlite_pragmas(engine)
+    return engine
+
+
 def _engine_options(url: str) -> dict[str, Any]:
     if url.startswith("sqlite"):
         return {"connect_args": {"check_same_thread": False, "timeout": BUSY_TIMEOUT_MS / 1000}}
@@ -486,9 +529,14 @@ def _sqlite_pragmas(engine: Engine) -> None:
 
 
 def _safe_url(url: str) -> str:
-    """The URL without a password, for logs."""
-    head, sep, tail = url.rpartition("@")
-    return f"{head.split(':', 2)[0]}://***@{tail}" if sep else url
+    """The URL without its password (in the user info or as a ``password=`` query parameter), for logs."""
+    try:
+        parsed = make_url(url)
+    except Exception:  # not a URL SQLAlchemy reads: say nothing of it
+        return "<the database URL>"
+    if "password" in parsed.query:
+        parsed = parsed.update_query_dict({"password": "***"})
+    return parsed.render_as_string(hide_password=True)
 
 
 def _dump(value: Any) -> str:
