@@ -26,13 +26,13 @@ _guard = threading.Lock()
 class DatabaseInUse(SettingsError):
     """Another process owns this SQLite database (one line, exit 2, like every settings error)."""
 
-    def __init__(self, database: Path, pid: str) -> None:
+    def __init__(self, database: Path, pid: str, name: str = "ATELIER_DATABASE_URL") -> None:
         who = f"another Atelier process (pid {pid})" if pid else "another Atelier process"
         super().__init__(
             FieldProblem(
-                "ATELIER_DATABASE_URL",
+                name,
                 f"{database} is in use by {who}; a SQLite database belongs to one process. Stop the other one, "
-                "give this one its own --data-dir, or run several processes on PostgreSQL "
+                "give this one its own data folder, or run several processes on one PostgreSQL database "
                 "(ATELIER_DATABASE_URL=postgresql+psycopg://..., docs/scaling.md)",
             )
         )
@@ -42,7 +42,17 @@ def lock_path(database: Path) -> Path:
     return database.with_name(database.name + ".lock")
 
 
-def own(database: Path) -> None:
+def own_database(database: str | Path, name: str = "ATELIER_DATABASE_URL") -> None:
+    """At a command's start (``settings.database``): hold a SQLite database for the life of the process, so
+    that a second process is refused now, in one line naming ``name``, not later. PostgreSQL is shared."""
+    from atelier.jobs.store import sqlite_file
+
+    file = database if isinstance(database, Path) else sqlite_file(database)
+    if file is not None:
+        own(file, name)
+
+
+def own(database: Path, name: str = "ATELIER_DATABASE_URL") -> None:
     """Take (or count once more) this process's hold on ``database``; ``DatabaseInUse`` if another has it."""
     path = lock_path(database.resolve())
     with _guard:
@@ -57,7 +67,7 @@ def own(database: Path) -> None:
         except BlockingIOError:
             pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
             os.close(fd)
-            raise DatabaseInUse(database, pid) from None
+            raise DatabaseInUse(database, pid, name) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         _held[path] = (fd, 1)
