@@ -90,7 +90,8 @@ class Services:
             settings.data_dir, reserve_bytes=settings.disk_reserve_bytes, min_free_bytes=settings.min_free_bytes
         )
         store = Store(settings.database, disk=disk)
-        files = FileStore(settings.files_dir, store, secrets_dir=settings.data_dir, disk=disk)
+        secret_key = settings.secret_key.get_secret_value() if settings.secret_key is not None else None
+        files = FileStore(settings.files_dir, store, secrets_dir=settings.data_dir, disk=disk, secret_key=secret_key)
         router = EngineRouter(engines, default or next(iter(engines)))
         services = cls(settings, store, files, router, runner=None)  # type: ignore[arg-type]
         services.runner = Runner(store, files, router, settings, stage_inputs=services.stage_inputs)

@@ -110,6 +110,10 @@ DELIVERIES = Table(
     Column("url", Text), Column("body_json", Text), Column("attempts", Integer), Column("next_attempt_at", String),
     Column("delivered_at", String), Column("last_error", Text), Column("created_at", String),
 )  # fmt: skip
+SERVER_SECRETS = Table(
+    "server_secrets", _meta, Column("name", String, primary_key=True), Column("secret", String),
+    Column("created_at", String),
+)  # fmt: skip
 WEBHOOK_SECRETS = Table(
     "webhook_secrets", _meta, Column("owner", String, primary_key=True), Column("secret", String),
     Column("created_at", String),
@@ -351,6 +355,26 @@ class Store:
                 )
                 return secret
         except IntegrityError:  # another process stored one first (PostgreSQL; SQLite's BEGIN IMMEDIATE waits)
+            with self._read() as conn:
+                return str(conn.execute(query).scalar_one())
+
+    def server_secret(self, name: str, make: Callable[[], str]) -> str:
+        """The server's secret ``name`` (``file-signing``, ``webhook``): the first caller's ``make()`` is
+        stored, every later caller in any process gets it."""
+        query = select(SERVER_SECRETS.c.secret).where(SERVER_SECRETS.c.name == name)
+        with self._read() as conn:
+            stored = conn.execute(query).scalar()
+        if stored is not None:
+            return str(stored)
+        secret = make()
+        try:
+            with self._write() as conn:
+                stored = conn.execute(query).scalar()  # under SQLite's write lock: nobody stored one since
+                if stored is not None:
+                    return str(stored)
+                conn.execute(insert(SERVER_SECRETS).values(name=name, secret=secret, created_at=format_time(utc_now())))
+                return secret
+        except IntegrityError:  # another process stored one first (PostgreSQL): theirs wins
             with self._read() as conn:
                 return str(conn.execute(query).scalar_one())
 
