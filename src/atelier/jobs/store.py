@@ -50,6 +50,7 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    func,
     insert,
     make_url,
     or_,
@@ -109,6 +110,7 @@ DELIVERIES = Table(
     Column("id", String, primary_key=True), Column("prediction_id", String), Column("event", String),
     Column("url", Text), Column("body_json", Text), Column("attempts", Integer), Column("next_attempt_at", String),
     Column("delivered_at", String), Column("last_error", Text), Column("created_at", String),
+    Column("door", String), Column("claim", String),
 )  # fmt: skip
 SERVER_SECRETS = Table(
     "server_secrets", _meta, Column("name", String, primary_key=True), Column("secret", String),
@@ -340,6 +342,66 @@ class Store:
         values = {"last_error": error[:2000], "next_attempt_at": retry, "attempts": DELIVERIES.c.attempts + 1}
         with self._write() as conn:
             conn.execute(update(DELIVERIES).where(DELIVERIES.c.id == id).values(**values))
+
+    def claim_deliveries(
+        self, doors: Collection[str], now: datetime, until: datetime, claim: str, limit: int
+    ) -> list[Delivery]:
+        """Take up to ``limit`` due messages of ``doors`` for one attempt each, until ``until``; oldest first.
+
+        Another process's claimers skip the rows this one locks (``FOR UPDATE SKIP LOCKED`` on PostgreSQL;
+        SQLite has one writer anyway) and, once committed, see them due again only at ``until``: if this
+        process dies mid-attempt, the message is sent again then. A message waits while another message of
+        its prediction is claimed, so one prediction's messages go out in order.
+        """
+        c = DELIVERIES.c
+        earlier = DELIVERIES.alias("earlier")
+        in_flight = (
+            select(earlier.c.id)
+            .where(earlier.c.prediction_id == c.prediction_id, earlier.c.id != c.id, earlier.c.claim.is_not(None))
+            .where(earlier.c.delivered_at.is_(None), earlier.c.next_attempt_at > format_time(now))
+        )
+        due = (
+            select(c.id)
+            .where(c.delivered_at.is_(None), c.next_attempt_at.is_not(None), c.next_attempt_at <= format_time(now))
+            .where(c.door.in_(sorted(doors)), ~in_flight.exists())
+            .order_by(c.next_attempt_at, c.created_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        with self._write() as conn:
+            ids = list(conn.execute(due).scalars())
+            if not ids:
+                return []
+            conn.execute(
+                update(DELIVERIES).where(c.id.in_(ids)).values(next_attempt_at=format_time(until), claim=claim)
+            )
+            rows = conn.execute(select(DELIVERIES).where(c.id.in_(ids)).order_by(c.created_at, c.id)).mappings().all()
+        return [_delivery(r) for r in rows]
+
+    def settle_delivery(
+        self, id: str, claim: str, *, delivered_at: datetime | None, error: str | None, retry_at: datetime | None
+    ) -> bool:
+        """Record the outcome of the attempt ``claim``: delivered (at ``delivered_at``), or failed with ``error``
+        and retried at ``retry_at`` (None: given up). False when the claim was lost (its lease ran out and
+        another process took the message): the outcome is not recorded."""
+        c = DELIVERIES.c
+        values: dict[str, Any] = {"attempts": c.attempts + 1, "claim": None}
+        if delivered_at is not None:
+            values |= {"delivered_at": format_time(delivered_at), "next_attempt_at": None}
+        else:
+            values |= {"next_attempt_at": format_time(retry_at) if retry_at else None}
+        if error is not None:
+            values["last_error"] = error[:2000]
+        with self._write() as conn:
+            return conn.execute(update(DELIVERIES).where(c.id == id, c.claim == claim).values(**values)).rowcount == 1
+
+    def soonest_delivery(self, doors: Collection[str]) -> datetime | None:
+        """When the next undelivered message of ``doors`` is due (or its claim runs out); None when none waits."""
+        c = DELIVERIES.c
+        query = select(func.min(c.next_attempt_at)).where(c.delivered_at.is_(None), c.door.in_(sorted(doors)))
+        with self._read() as conn:
+            soonest = conn.execute(query).scalar()
+        return parse_time(soonest) if soonest else None
 
     def webhook_secret(self, owner: str, make: Callable[[], str]) -> str:
         """``owner``'s webhook signing secret; the first caller's ``make()`` is stored, every later one gets it."""
