@@ -28,6 +28,7 @@ from atelier.jobs.retention import Retention
 from atelier.jobs.routing import EngineRouter
 from atelier.jobs.runner import Runner
 from atelier.jobs.store import Store
+from atelier.jobs.webhooks import WebhookEngine
 from atelier.request import ImageRequest
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ class Services:
     router: EngineRouter
     runner: Runner
     retention: Retention | None = None  # None: ATELIER_RETENTION is off
+    webhooks: WebhookEngine = field(default=None, repr=False)  # type: ignore[assignment]  # set by build()
     started: bool = False
     warmup: asyncio.Task[object] | None = field(default=None, repr=False)
     sweeper: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -121,9 +123,11 @@ class Services:
             settings.data_dir, reserve_bytes=settings.disk_reserve_bytes, min_free_bytes=settings.min_free_bytes
         )
         store = Store(settings.database, disk=disk)
-        files = FileStore(settings.files_dir, store, secrets_dir=settings.data_dir, disk=disk)
+        secret_key = settings.secret_key.get_secret_value() if settings.secret_key is not None else None
+        files = FileStore(settings.files_dir, store, secrets_dir=settings.data_dir, disk=disk, secret_key=secret_key)
         router = EngineRouter(engines, default or next(iter(engines)))
         services = cls(settings, store, files, router, runner=None)  # type: ignore[arg-type]
+        services.webhooks = WebhookEngine(store)  # the doors register their rules with it (atelier.jobs.webhooks)
         services.runner = build_runner(services, work=work)
         if settings.retention is not None:
             services.retention = Retention(store, files, settings.retention)
@@ -138,6 +142,7 @@ class Services:
             if strays:
                 log.warning("removed %d file(s) left behind by an interrupted write", strays)
         await self.runner.start()
+        self.webhooks.start()  # messages left in the outbox by a previous process go out now
         if self.retention is not None:  # sweeps once now, then every retention_interval seconds
             self.sweeper = asyncio.create_task(self.retention.run(self.settings.retention_interval))
         self.started = True
@@ -163,6 +168,7 @@ class Services:
             self.sweeper.cancel()
             await asyncio.gather(self.sweeper, return_exceptions=True)
         await self.runner.stop()
+        await self.webhooks.stop()  # after the runner (its last messages), before the store
         await asyncio.to_thread(self.router.close)
         self.store.close()
         self.started = False

@@ -38,6 +38,7 @@ from atelier.jobs import migrations, records
 from atelier.jobs.events import DoneEvent, LogsEvent, OutputEvent, StatusEvent
 from atelier.jobs.records import Prediction, format_time, utc_now
 from atelier.jobs.store import Store
+from atelier.jobs.webhooks import WebhookEngine
 from fakes import FakeEngine
 
 SEED = Path(__file__).parents[3] / "shared" / "reference" / "gpt-image-2.schema.json"
@@ -377,12 +378,15 @@ async def test_a_sync_prediction_with_a_webhook_reports_there_too(cog: Cog, rece
     ("interval", "sent"), [(0.5, ["start", "completed"]), (0.0, ["start", "logs", "logs", "completed"])]
 )
 async def test_webhook_updates_are_throttled_and_kept_in_order(
-    receiver: Receiver, interval: float, sent: list[str]
+    receiver: Receiver, interval: float, sent: list[str], tmp_path: Path
 ) -> None:
     async def render(prediction: Prediction) -> dict[str, Any]:
         return {"id": prediction.id, "logs": prediction.logs}
 
-    sender = WebhookSender(render, interval=interval, policy=FetchPolicy.from_allow(["127.0.0.1"]))
+    store = Store(tmp_path / "atelier.db").open()  # the outbox is durable: a store holds it
+    sender = WebhookSender(
+        render, WebhookEngine(store), interval=interval, policy=FetchPolicy.from_allow(["127.0.0.1"])
+    )
     prediction = Prediction("p1", "fake", "cog", webhook=receiver.url, webhook_events_filter=None)
     events = [
         StatusEvent(records.Status.PROCESSING), LogsEvent(""), OutputEvent([]), LogsEvent(""),

@@ -64,6 +64,7 @@ def serve(
     listener = listen(settings.host, settings.port, host_name=given_as(ctx, "host"), port_name=given_as(ctx, "port"))
     try:
         check_data_dir(settings.data_dir, given_as(ctx, "data_dir") or "ATELIER_DATA_DIR")
+        hold_database(settings, given_as(ctx, "data_dir"))
         if settings.host != asked:
             click.echo(
                 f"No API tokens configured (ATELIER_API_TOKENS): listening on 127.0.0.1 only, not {asked}.", err=True
@@ -154,6 +155,14 @@ def check_data_dir(folder: Path, name: str) -> None:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise SettingsError(FieldProblem(name, f"{folder} is not writable by this user; choose a folder you can write"))
     check_database(folder / "atelier.db", name)
+
+
+def hold_database(settings: Settings, data_dir_name: str | None) -> None:
+    """A SQLite database is this process's for its life; a second process is refused here (exit 2)."""
+    from atelier.jobs.owner import own_database
+
+    name = "ATELIER_DATABASE_URL" if settings.database_url is not None else data_dir_name or "ATELIER_DATA_DIR"
+    own_database(settings.database, name)
 
 
 def check_database(path: Path, name: str) -> None:

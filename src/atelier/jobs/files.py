@@ -14,10 +14,13 @@
   truncated to 128 bits, urlsafe base64 (22 characters). ``verify`` compares in constant time. The
   signature does not expire: a file's lifetime is its retention (``expires_at``), and deleting the file
   revokes every URL to it.
-* Secrets live in ``<data dir>/secrets/`` (mode 0700, files 0600), created on first use with an atomic
-  link so two processes starting together agree on one secret: the signing key, and the webhook
-  signing secret of a server without tokens (``whsec_`` + base64 of 32 random bytes, the Standard
-  Webhooks format). With tokens, each owner's webhook secret is a row in the store.
+* Secrets are shared by every process on the database, so they live in the store, never in one
+  process's folder: the signing key and the webhook signing secret of a server without tokens
+  (``whsec_`` + base64 of 32 random bytes, the Standard Webhooks format) are rows of ``server_secrets``,
+  each token's webhook secret a row of ``webhook_secrets``. An install from before keeps its keys: the
+  first start stores what its files (``file-signing.key``, ``webhook.key`` in the secrets folder) hold,
+  so the URLs and signatures it handed out stay valid. ``ATELIER_SECRET_KEY`` (``secret_key``), when
+  set, is the signing key instead (derived with HMAC, so the raw value is never the key itself).
 * After a crash: ``remove_strays`` (at start-up) deletes temporary files and files without a row;
   ``discard_outputs`` deletes the outputs of a run that was cut short before it is run again.
 """
@@ -60,14 +63,21 @@ _NAME_UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\]")
 
 class FileStore:
     def __init__(
-        self, folder: Path, store: Store, *, secrets_dir: Path | None = None, disk: DiskSpace | None = None
+        self,
+        folder: Path,
+        store: Store,
+        *,
+        secrets_dir: Path | None = None,
+        disk: DiskSpace | None = None,
+        secret_key: str | None = None,
     ) -> None:
+        self.secret_key = secret_key  # ATELIER_SECRET_KEY: signs file URLs instead of the stored key
         self.folder = Path(folder)
         self.store = store
         self.disk = disk  # None: no reserve, no free-space checks (a full disk still fails cleanly)
         self.secrets_dir = Path(secrets_dir) if secrets_dir is not None else self.folder.parent / "secrets"
         self._signing_key: bytes | None = None
-        self._webhook_secrets: dict[str, str] = {}  # owner -> secret, as stored
+        self._webhook_secrets: dict[str | None, str] = {}  # owner -> secret, as stored
 
     # -- content -------------------------------------------------------------------------------------
 
@@ -243,17 +253,37 @@ class FileStore:
         there is one secret, the file it has always been in.
         """
         if owner is None:
-            raw = read_or_create_secret(self.secrets_dir / "webhook.key", lambda: b"whsec_" + _b64(32))
-            return raw.decode().strip()
+            if None not in self._webhook_secrets:
+                secret = self.store.server_secret(
+                    "webhook", self._kept("webhook.key", lambda: "whsec_" + _b64(32).decode())
+                )
+                self._webhook_secrets[None] = secret
+            return self._webhook_secrets[None]
         if owner not in self._webhook_secrets:  # a secret never changes once stored: remember it
             self._webhook_secrets[owner] = self.store.webhook_secret(owner, lambda: "whsec_" + _b64(32).decode())
         return self._webhook_secrets[owner]
 
     def _key(self) -> bytes:
         if self._signing_key is None:
-            text = read_or_create_secret(self.secrets_dir / "file-signing.key", lambda: _b64(32))
-            self._signing_key = base64.b64decode(text.strip())
+            if self.secret_key is not None:
+                self._signing_key = hmac.new(self.secret_key.encode(), b"atelier file-signing", hashlib.sha256).digest()
+            else:
+                text = self.store.server_secret(
+                    "file-signing", self._kept("file-signing.key", lambda: _b64(32).decode())
+                )
+                self._signing_key = base64.b64decode(text.strip())
         return self._signing_key
+
+    def _kept(self, name: str, make: Callable[[], str]) -> Callable[[], str]:
+        """``make``, unless an install from before kept this secret in a file: then what the file holds."""
+
+        def kept_or_new() -> str:
+            try:
+                return (self.secrets_dir / name).read_text().strip() or make()
+            except FileNotFoundError:
+                return make()
+
+        return kept_or_new
 
 
 def output_name(prediction_id: str, index: int, fmt: str) -> str:
@@ -268,29 +298,6 @@ def clean_name(name: str) -> str:
     if not cleaned:
         raise InputError(f"got {name[:80]!r}; give a file name such as 'photo.png'", field="filename")
     return cleaned[:255]
-
-
-def read_or_create_secret(path: Path, make: Callable[[], bytes]) -> bytes:
-    """Read a secret file, creating it (0600, in a 0700 folder) first if absent; race-free."""
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        pass
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, make())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.link(tmp, path)  # fails if another process created it first; then theirs wins
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink()
-    return path.read_bytes()
 
 
 def _b64(size: int) -> bytes:

@@ -211,6 +211,30 @@ def m007_prediction_failures(conn: Connection) -> None:
 
 
 @migration
+def m008_shared_secrets_and_outbox(conn: Connection) -> None:
+    """Secrets every process must share, and the webhook outbox of every door.
+
+    ``server_secrets``: the server's own secrets by name (the file-URL signing key, the webhook secret of a
+    server without tokens), which lived in files in one process's data folder. ``webhook_deliveries``
+    gains ``door`` (whose formatting and retry rules apply: every row so far is Replicate's, the only
+    door that kept them) and ``claim`` (the delivery attempt under way, so that of several processes only
+    the one that claimed a message records its outcome).
+    """
+    metadata = MetaData()
+    Table(
+        "server_secrets",
+        metadata,
+        Column("name", String(64), primary_key=True),
+        Column("secret", String(256), nullable=False),
+        Column("created_at", String(32), nullable=False),
+    )
+    metadata.create_all(conn)
+    conn.exec_driver_sql("ALTER TABLE webhook_deliveries ADD COLUMN door VARCHAR(16)")
+    conn.exec_driver_sql("ALTER TABLE webhook_deliveries ADD COLUMN claim VARCHAR(64)")
+    conn.exec_driver_sql("UPDATE webhook_deliveries SET door = 'replicate'")
+
+
+@migration
 def m009_claims_and_leases(conn: Connection) -> None:
     """Claims, leases and fair turns for a queue shared by many processes (``atelier.jobs.claims``).
 

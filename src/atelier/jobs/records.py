@@ -198,3 +198,5 @@ class Delivery:
     delivered_at: datetime | None = None
     last_error: str | None = None
     created_at: datetime = field(default_factory=utc_now)
+    door: str = "replicate"  # whose formatting and retry rules apply (atelier.jobs.webhooks.Door)
+    claim: str | None = None  # the attempt under way, while a process holds the message

@@ -50,17 +50,20 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    func,
     insert,
+    make_url,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.types import BigInteger, Boolean, Integer, String, Text
 
-from atelier.errors import InputError
+from atelier.errors import FieldProblem, InputError, SettingsError
 from atelier.jobs import disk as disk_space
-from atelier.jobs import migrations
+from atelier.jobs import migrations, owner
 from atelier.jobs.disk import DiskSpace
 from atelier.jobs.records import (
     TERMINAL,
@@ -80,6 +83,7 @@ log = logging.getLogger(__name__)
 BUSY_TIMEOUT_MS = 5000
 SQLITE_FULL = 13  # sqlite3.OperationalError.sqlite_errorcode (its low byte) for "database or disk is full"
 PG_DISK_FULL = "53100"  # PostgreSQL's SQLSTATE disk_full
+MIGRATION_LOCK = 0x61746C6D  # the advisory lock ("atlm") PostgreSQL migrations are applied under
 
 # The current shape of the tables, for queries only; migrations.py creates them.
 _meta = MetaData()
@@ -106,6 +110,11 @@ DELIVERIES = Table(
     Column("id", String, primary_key=True), Column("prediction_id", String), Column("event", String),
     Column("url", Text), Column("body_json", Text), Column("attempts", Integer), Column("next_attempt_at", String),
     Column("delivered_at", String), Column("last_error", Text), Column("created_at", String),
+    Column("door", String), Column("claim", String),
+)  # fmt: skip
+SERVER_SECRETS = Table(
+    "server_secrets", _meta, Column("name", String, primary_key=True), Column("secret", String),
+    Column("created_at", String),
 )  # fmt: skip
 WEBHOOK_SECRETS = Table(
     "webhook_secrets", _meta, Column("owner", String, primary_key=True), Column("secret", String),
@@ -132,18 +141,26 @@ class Store:
         self.url = f"sqlite:///{url}" if isinstance(url, Path) else url
         self.disk = disk
         self._engine: Engine | None = None
+        self._owned: Path | None = None  # the SQLite file this process holds (atelier.jobs.owner)
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
     def open(self) -> Store:
         if self._engine is not None:
             return self
-        engine = create_engine(self.url, **_engine_options(self.url))
-        if engine.dialect.name == "sqlite":
-            _sqlite_pragmas(engine)
-        self._engine = engine
-        with self._write() as conn:
-            applied = migrations.migrate(conn)
+        file = sqlite_file(self.url)
+        if file is not None:
+            owner.own(file)  # DatabaseInUse when another process has it
+            self._owned = file
+        try:
+            self._engine = _connect(self.url)
+            with self._write() as conn:
+                if conn.dialect.name == "postgresql":  # processes starting together: one migrates, the rest wait
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+                applied = migrations.migrate(conn)
+        except BaseException:
+            self.close()
+            raise
         if applied:
             log.info("store %s: applied migrations %s", _safe_url(self.url), ", ".join(applied))
         return self
@@ -152,6 +169,14 @@ class Store:
         if self._engine is not None:
             self._engine.dispose()
             self._engine = None
+        if self._owned is not None:
+            owner.release(self._owned)
+            self._owned = None
+
+    @property
+    def dialect(self) -> str:
+        """``sqlite`` or ``postgresql``."""
+        return self.engine.dialect.name
 
     def applied_migrations(self) -> list[str]:
         with self._read() as conn:
@@ -323,6 +348,66 @@ class Store:
         with self._write() as conn:
             conn.execute(update(DELIVERIES).where(DELIVERIES.c.id == id).values(**values))
 
+    def claim_deliveries(
+        self, doors: Collection[str], now: datetime, until: datetime, claim: str, limit: int
+    ) -> list[Delivery]:
+        """Take up to ``limit`` due messages of ``doors`` for one attempt each, until ``until``; oldest first.
+
+        Another process's claimers skip the rows this one locks (``FOR UPDATE SKIP LOCKED`` on PostgreSQL;
+        SQLite has one writer anyway) and, once committed, see them due again only at ``until``: if this
+        process dies mid-attempt, the message is sent again then. A message waits while another message of
+        its prediction is claimed, so one prediction's messages go out in order.
+        """
+        c = DELIVERIES.c
+        earlier = DELIVERIES.alias("earlier")
+        in_flight = (
+            select(earlier.c.id)
+            .where(earlier.c.prediction_id == c.prediction_id, earlier.c.id != c.id, earlier.c.claim.is_not(None))
+            .where(earlier.c.delivered_at.is_(None), earlier.c.next_attempt_at > format_time(now))
+        )
+        due = (
+            select(c.id)
+            .where(c.delivered_at.is_(None), c.next_attempt_at.is_not(None), c.next_attempt_at <= format_time(now))
+            .where(c.door.in_(sorted(doors)), ~in_flight.exists())
+            .order_by(c.next_attempt_at, c.created_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        with self._write() as conn:
+            ids = list(conn.execute(due).scalars())
+            if not ids:
+                return []
+            conn.execute(
+                update(DELIVERIES).where(c.id.in_(ids)).values(next_attempt_at=format_time(until), claim=claim)
+            )
+            rows = conn.execute(select(DELIVERIES).where(c.id.in_(ids)).order_by(c.created_at, c.id)).mappings().all()
+        return [_delivery(r) for r in rows]
+
+    def settle_delivery(
+        self, id: str, claim: str, *, delivered_at: datetime | None, error: str | None, retry_at: datetime | None
+    ) -> bool:
+        """Record the outcome of the attempt ``claim``: delivered (at ``delivered_at``), or failed with ``error``
+        and retried at ``retry_at`` (None: given up). False when the claim was lost (its lease ran out and
+        another process took the message): the outcome is not recorded."""
+        c = DELIVERIES.c
+        values: dict[str, Any] = {"attempts": c.attempts + 1, "claim": None}
+        if delivered_at is not None:
+            values |= {"delivered_at": format_time(delivered_at), "next_attempt_at": None}
+        else:
+            values |= {"next_attempt_at": format_time(retry_at) if retry_at else None}
+        if error is not None:
+            values["last_error"] = error[:2000]
+        with self._write() as conn:
+            return conn.execute(update(DELIVERIES).where(c.id == id, c.claim == claim).values(**values)).rowcount == 1
+
+    def soonest_delivery(self, doors: Collection[str]) -> datetime | None:
+        """When the next undelivered message of ``doors`` is due (or its claim runs out); None when none waits."""
+        c = DELIVERIES.c
+        query = select(func.min(c.next_attempt_at)).where(c.delivered_at.is_(None), c.door.in_(sorted(doors)))
+        with self._read() as conn:
+            soonest = conn.execute(query).scalar()
+        return parse_time(soonest) if soonest else None
+
     def webhook_secret(self, owner: str, make: Callable[[], str]) -> str:
         """``owner``'s webhook signing secret; the first caller's ``make()`` is stored, every later one gets it."""
         query = select(WEBHOOK_SECRETS.c.secret).where(WEBHOOK_SECRETS.c.owner == owner)
@@ -337,6 +422,26 @@ class Store:
                 )
                 return secret
         except IntegrityError:  # another process stored one first (PostgreSQL; SQLite's BEGIN IMMEDIATE waits)
+            with self._read() as conn:
+                return str(conn.execute(query).scalar_one())
+
+    def server_secret(self, name: str, make: Callable[[], str]) -> str:
+        """The server's secret ``name`` (``file-signing``, ``webhook``): the first caller's ``make()`` is
+        stored, every later caller in any process gets it."""
+        query = select(SERVER_SECRETS.c.secret).where(SERVER_SECRETS.c.name == name)
+        with self._read() as conn:
+            stored = conn.execute(query).scalar()
+        if stored is not None:
+            return str(stored)
+        secret = make()
+        try:
+            with self._write() as conn:
+                stored = conn.execute(query).scalar()  # under SQLite's write lock: nobody stored one since
+                if stored is not None:
+                    return str(stored)
+                conn.execute(insert(SERVER_SECRETS).values(name=name, secret=secret, created_at=format_time(utc_now())))
+                return secret
+        except IntegrityError:  # another process stored one first (PostgreSQL): theirs wins
             with self._read() as conn:
                 return str(conn.execute(query).scalar_one())
 
@@ -468,6 +573,30 @@ def decode_cursor(cursor: str) -> tuple[str, str]:
 # -- rows <-> records --------------------------------------------------------------------------------
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL (None for PostgreSQL and for an in-memory SQLite database)."""
+    if not url.startswith("sqlite"):
+        return None
+    name = make_url(url).database
+    return Path(name) if name and name != ":memory:" and not name.startswith("file:") else None
+
+
+def _connect(url: str) -> Engine:
+    try:
+        engine = create_engine(url, **_engine_options(url))
+    except ImportError as exc:  # the URL names a driver that is not installed
+        raise SettingsError(
+            FieldProblem(
+                "ATELIER_DATABASE_URL",
+                f"needs {exc.name or 'a database driver'}, which is not installed; for PostgreSQL install the "
+                "postgres extra (pip install 'atelier[postgres]') and use postgresql+psycopg://",
+            )
+        ) from None
+    if engine.dialect.name == "sqlite":
+        _sqlite_pragmas(engine)
+    return engine
+
+
 def _engine_options(url: str) -> dict[str, Any]:
     if url.startswith("sqlite"):
         return {"connect_args": {"check_same_thread": False, "timeout": BUSY_TIMEOUT_MS / 1000}}
@@ -491,9 +620,14 @@ def _sqlite_pragmas(engine: Engine) -> None:
 
 
 def _safe_url(url: str) -> str:
-    """The URL without a password, for logs."""
-    head, sep, tail = url.rpartition("@")
-    return f"{head.split(':', 2)[0]}://***@{tail}" if sep else url
+    """The URL without its password (in the user info or as a ``password=`` query parameter), for logs."""
+    try:
+        parsed = make_url(url)
+    except Exception:  # not a URL SQLAlchemy reads: say nothing of it
+        return "<the database URL>"
+    if "password" in parsed.query:
+        parsed = parsed.update_query_dict({"password": "***"})
+    return parsed.render_as_string(hide_password=True)
 
 
 def _dump(value: Any) -> str:

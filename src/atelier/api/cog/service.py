@@ -88,7 +88,8 @@ class CogDoor:
         self.services = services
         settings = services.settings
         self.upload_policy = delivery_policy(settings, timeout=UPLOAD_TIMEOUT)
-        self.webhooks = WebhookSender(self.render, policy=delivery_policy(settings, timeout=WEBHOOK_TIMEOUT))
+        policy = delivery_policy(settings, timeout=WEBHOOK_TIMEOUT)
+        self.webhooks = WebhookSender(self.render, services.webhooks, policy=policy)
         services.runner.listeners.append(self.webhooks)
         self._admission = asyncio.Lock()
         self._document: dict[str, Any] | None = None

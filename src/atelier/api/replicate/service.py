@@ -74,7 +74,7 @@ class ReplicateDoor:
         )
         self.webhooks = WebhookSender(
             services.store, services.files.webhook_secret, self._webhook_body, fallback_base=fallback,
-            policy=self.delivery_policy,
+            policy=self.delivery_policy, engine=services.webhooks,
         )  # fmt: skip
         self.page_size = PAGE_SIZE
 

@@ -17,12 +17,13 @@ Flow::
   event happens, with absolute URLs built from the base URL of the create request (after a restart:
   ``ATELIER_PUBLIC_URL``, else ``http://host:port``). Its ``input`` is the public input: an
   ``openai_api_key`` is ``"[REDACTED]"``, never the key.
-* **Durable delivery.** Each message is a ``Delivery`` row before anything is sent; one loop (started
-  with the app) POSTs due rows, in order per prediction, up to ``CONCURRENCY`` predictions at a time,
-  so a slow receiver never holds up another's. A 2xx marks it delivered; anything else (3xx
-  included: redirects are never followed) is retried after 1 s, 5 s, 30 s, 2 min and 10 min, then
-  given up: 6 attempts in all. Rows survive restarts, so a message is sent at least once and
-  receivers must be idempotent (``webhook-id`` stays the same across retries).
+* **Durable delivery** through the one outbox every door shares (``atelier.jobs.webhooks``): each message
+  is a ``Delivery`` row (``door = "replicate"``) before anything is sent; any process's engine POSTs due
+  rows, in order per prediction, a slow receiver holding up nobody else's. This sender is the door's
+  ``Door``: a 2xx marks a message delivered; anything else (3xx included: redirects are never followed)
+  is retried after 1 s, 5 s, 30 s, 2 min and 10 min, then given up: 6 attempts in all. Rows survive
+  restarts, so a message is sent at least once and receivers must be idempotent (``webhook-id`` stays
+  the same across retries).
 * **Signature** (Standard Webhooks): ``webhook-id``, ``webhook-timestamp`` (Unix seconds, fresh per
   attempt) and ``webhook-signature: v1,<base64 HMAC-SHA256(key, "{id}.{timestamp}.{body}")>``, the key
   being the base64-decoded part after ``whsec_`` of the prediction's owner's secret,
@@ -38,19 +39,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import hmac
-import json
 import logging
 import math
 import time
-import urllib.parse
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import timedelta
-from functools import partial
+from datetime import datetime, timedelta
 from typing import Any
 
 from atelier import __version__
@@ -60,14 +56,12 @@ from atelier.ids import new_id
 from atelier.jobs.events import Event, StatusEvent
 from atelier.jobs.records import Delivery, Prediction, Status, utc_now
 from atelier.jobs.store import Store
-from atelier.outbound import DeliveryFailed, send
+from atelier.jobs.webhooks import Outcome, WebhookEngine
 
 log = logging.getLogger(__name__)
 
 RETRY_DELAYS = (1.0, 5.0, 30.0, 120.0, 600.0)  # after attempts 1-5; the 6th failure gives up
 THROTTLE_SECONDS = 0.5
-POLL_SECONDS = 1.0
-CONCURRENCY = 8
 MAX_REMEMBERED = 10_000
 TIMEOUT, CONNECT_TIMEOUT = 10.0, 5.0  # seconds for one attempt in all, and to connect
 SOURCE = "replicate"
@@ -103,6 +97,11 @@ class _Throttle:
 
 
 class WebhookSender:
+    """The Replicate door's webhooks: a runner listener that enqueues messages, and the outbox's ``Door`` for
+    them (headers, retries). ``engine`` is the app's shared one; a sender built alone gets its own."""
+
+    name = SOURCE
+
     def __init__(
         self,
         store: Store,
@@ -111,6 +110,7 @@ class WebhookSender:
         *,
         fallback_base: str,
         policy: FetchPolicy = DEFAULT_POLICY,
+        engine: WebhookEngine | None = None,
     ) -> None:
         self.store = store
         self.secret = secret
@@ -118,39 +118,37 @@ class WebhookSender:
         self.fallback_base = fallback_base
         self.retry_delays: tuple[float, ...] = RETRY_DELAYS
         self.throttle_seconds = THROTTLE_SECONDS
-        self.poll_seconds = POLL_SECONDS
         self.base_urls: dict[str, str] = {}  # prediction id -> base URL of its create request
         self.policy = policy  # where deliveries may go (atelier.outbound.delivery_policy)
-        self._executor: ThreadPoolExecutor | None = None  # deliveries block in the guard: their own threads
+        self.engine = engine or WebhookEngine(store)
+        self.engine.register(self)
         self._throttles: dict[str, _Throttle] = {}
-        self._sources: dict[str, tuple[bool, str | None]] = {}  # prediction id -> (sent by this door, owner)
-        self._busy: set[str] = set()  # predictions with a delivery task running
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._wake = asyncio.Event()
-        self._loop_task: asyncio.Task[None] | None = None
-        self._soonest: float | None = None  # monotonic time of the earliest retry scheduled
+        self._owners: dict[str, str | None] = {}  # prediction id -> owner, whose secret signs its messages
+
+    @property
+    def poll_seconds(self) -> float:
+        return self.engine.poll_seconds
+
+    @poll_seconds.setter
+    def poll_seconds(self, seconds: float) -> None:
+        self.engine.poll_seconds = seconds
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._executor = ThreadPoolExecutor(CONCURRENCY, thread_name_prefix="atelier-webhooks")
-        self._loop_task = asyncio.create_task(self._run(), name="atelier-replicate-webhooks")
+        self.engine.start()
 
-    async def flush(self, timeout: float) -> None:
-        """Send what is due now and wait for it (bounded); used at shutdown."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._flush_once(), timeout)
+    async def flush(self, timeout: float) -> bool:
+        """Send this door's messages that are due now and wait for them (bounded); used at shutdown. True
+        when some are still waiting."""
+        return await self.engine.flush(timeout, doors={SOURCE})
 
     async def stop(self) -> None:
+        """Drop the throttles' timers; the outbox keeps every message enqueued (the engine stops with the app)."""
         for throttle in self._throttles.values():
             if throttle.timer is not None:
                 throttle.timer.cancel()
-        tasks = [t for t in (self._loop_task, *self._tasks) if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if self._executor is not None:
-            self._executor.shutdown(wait=False)  # an attempt under way ends by its own deadline
+        self._throttles.clear()
 
     def remember(self, prediction_id: str, base: str) -> None:
         self.base_urls[prediction_id] = base
@@ -225,126 +223,43 @@ class WebhookSender:
     def _enqueue(self, prediction: Prediction, name: str) -> None:
         assert prediction.webhook is not None
         base = self.base_urls.get(prediction.id, self.fallback_base)
+        body = self.render(prediction, base)
+        if len(self._owners) > MAX_REMEMBERED:
+            self._owners.clear()
+        self._owners[prediction.id] = prediction.owner
+        now = self.engine.clock.now()
         delivery = Delivery(
-            id=f"msg_{new_id()}",
-            prediction_id=prediction.id,
-            event=name,
-            url=prediction.webhook,
-            body=self.render(prediction, base),
-            next_attempt_at=utc_now(),
-        )
-        self.store.enqueue_delivery(delivery)
-        self._sources[prediction.id] = (True, prediction.owner)
-        self._wake.set()
+            id=f"msg_{new_id()}", prediction_id=prediction.id, event=name, url=prediction.webhook, body=body,
+            next_attempt_at=now, created_at=now, door=SOURCE,
+        )  # fmt: skip
+        self.engine.enqueue(delivery)
 
-    # -- delivery --------------------------------------------------------------------------------------
+    # -- the outbox's Door -----------------------------------------------------------------------------
 
-    async def _run(self) -> None:
-        while True:
-            self._wake.clear()
-            try:
-                self._dispatch(self._due())
-            except Exception:  # e.g. the database is briefly unavailable; try again on the next round
-                log.exception("webhook delivery round failed")
-            await self._sleep()
-
-    async def _flush_once(self) -> None:
-        self._dispatch(self._due())
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
-
-    async def _sleep(self) -> None:
-        timeout = self.poll_seconds
-        if self._soonest is not None:
-            timeout = min(timeout, max(0.005, self._soonest - time.monotonic()))
-            if self._soonest <= time.monotonic() + timeout:
-                self._soonest = None
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout)
-
-    def _due(self) -> list[Delivery]:
-        return [d for d in self.store.due_deliveries(utc_now()) if self._ours(d)]
-
-    def _ours(self, delivery: Delivery) -> bool:
-        """Deliveries of this door's predictions (another door may keep its own in the same table)."""
-        if delivery.prediction_id not in self._sources:
-            if len(self._sources) > MAX_REMEMBERED:
-                self._sources.clear()
-            prediction = self.store.get_prediction(delivery.prediction_id)
-            ours = prediction is not None and prediction.source == SOURCE
-            self._sources[delivery.prediction_id] = (ours, prediction.owner if prediction is not None else None)
-        return self._sources[delivery.prediction_id][0]
-
-    def _owner(self, prediction_id: str) -> str | None:
-        """Whose secret signs this prediction's messages."""
-        known = self._sources.get(prediction_id)
-        if known is not None:
-            return known[1]
-        prediction = self.store.get_prediction(prediction_id)
-        return prediction.owner if prediction is not None else None
-
-    def _dispatch(self, due: list[Delivery]) -> None:
-        groups: dict[str, list[Delivery]] = {}
-        for delivery in due:
-            if delivery.prediction_id not in self._busy:
-                groups.setdefault(delivery.prediction_id, []).append(delivery)
-        for prediction_id, deliveries in list(groups.items())[: max(0, CONCURRENCY - len(self._busy))]:
-            self._busy.add(prediction_id)
-            task = asyncio.create_task(self._deliver_in_order(prediction_id, deliveries))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _deliver_in_order(self, prediction_id: str, deliveries: list[Delivery]) -> None:
-        try:
-            for delivery in deliveries:
-                await self._attempt(delivery)
-        finally:
-            self._busy.discard(prediction_id)
-            self._wake.set()  # more may have become due meanwhile
-
-    async def _attempt(self, delivery: Delivery) -> None:
-        body = json.dumps(delivery.body, separators=(",", ":"), ensure_ascii=False)
-        timestamp = str(int(time.time()))
-        headers = {
+    def headers(self, delivery: Delivery, body: bytes, now: datetime) -> dict[str, str]:
+        timestamp = str(int(now.timestamp()))
+        signature = sign(self.secret(self._owner(delivery.prediction_id)), delivery.id, timestamp, body.decode())
+        return {
+            "User-Agent": f"atelier/{__version__}",
+            "Content-Type": "application/json",
             "webhook-id": delivery.id,
             "webhook-timestamp": timestamp,
-            "webhook-signature": sign(self.secret(self._owner(delivery.prediction_id)), delivery.id, timestamp, body),
+            "webhook-signature": signature,
         }
-        error = await self._post(delivery.url, body.encode(), headers)
-        if error is None:
-            self.store.mark_delivered(delivery.id, utc_now())
-            log.info("prediction %s: webhook %s delivered", delivery.prediction_id, delivery.event)
-            return
-        attempt = delivery.attempts + 1
+
+    def judge(self, delivery: Delivery, attempt: int, status: int | None, problem: str | None) -> Outcome:
+        if status is not None and 200 <= status < 300:
+            return Outcome(delivered=True)
+        if status is not None and 300 <= status < 400:
+            problem = f"the receiver answered {status}, a redirect; webhooks do not follow redirects"
+        elif status is not None:
+            problem = f"the receiver answered {status}"
         delay = self.retry_delays[attempt - 1] if attempt <= len(self.retry_delays) else None
-        retry_at = utc_now() + timedelta(seconds=delay) if delay is not None else None
-        self.store.mark_failed_attempt(delivery.id, error, retry_at)
-        if delay is not None:
-            soonest = time.monotonic() + delay
-            self._soonest = soonest if self._soonest is None else min(self._soonest, soonest)
-        log.warning(
-            "prediction %s: webhook %s to %s failed (attempt %d, %s): %s",
-            delivery.prediction_id, delivery.event, _host(delivery.url), attempt,
-            f"retry in {delay:g} s" if delay is not None else "giving up", error,
-        )  # fmt: skip
+        return Outcome(delivered=False, problem=problem or "no answer", retry_in=delay)
 
-    async def _post(self, url: str, content: bytes, headers: dict[str, str]) -> str | None:
-        """None when the receiver took the message; otherwise what went wrong (for the operator only)."""
-        assert self._executor is not None, "the webhook sender was not started"
-        headers = {"User-Agent": f"atelier/{__version__}", "Content-Type": "application/json", **headers}
-        call = partial(send, "POST", url, self.policy, content=content, headers=headers)
-        try:
-            status = await asyncio.get_running_loop().run_in_executor(self._executor, call)
-        except DeliveryFailed as exc:
-            return str(exc)
-        if 200 <= status < 300:
-            return None
-        if 300 <= status < 400:
-            return f"the receiver answered {status}, a redirect; webhooks do not follow redirects"
-        return f"the receiver answered {status}"
-
-
-def _host(url: str) -> str:
-    """The URL's host and port only: a webhook URL may carry a token in its path, query or user info."""
-    netloc = urllib.parse.urlsplit(url).netloc
-    return netloc.rpartition("@")[2] or "?"
+    def _owner(self, prediction_id: str) -> str | None:
+        """Whose secret signs this prediction's messages (any process: read from the store when not known)."""
+        if prediction_id not in self._owners:
+            prediction = self.store.get_prediction(prediction_id)
+            self._owners[prediction_id] = prediction.owner if prediction is not None else None
+        return self._owners[prediction_id]
