@@ -11,7 +11,9 @@ to do next::
     engine.step_delay = 0.05                             # sleep per step
 
 It reports progress after every step, honours the CancelToken between steps (and while blocked),
-and records what it saw: ``jobs``, ``setup_calls``, ``max_active`` (the most jobs running at once).
+and records what it saw: ``jobs``, ``setup_calls``, ``checks`` (ids of the jobs ``check`` saw: a job is
+checked once, at admission), ``max_active`` (the most jobs running at once). Its plan is stored with
+the prediction and loaded again (``FakePlan.to_json``, ``load_plan``), like a real engine's.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from PIL import Image
 
@@ -37,6 +40,9 @@ class FakePlan:
     width: int
     height: int
     background: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"width": self.width, "height": self.height, "background": self.background}
 
 
 class Gate(threading.Event):
@@ -60,6 +66,7 @@ class FakeEngine:
 
     jobs: list[Job] = field(default_factory=list)
     setup_calls: int = 0
+    checks: list[str] = field(default_factory=list)
     max_active: int = 0
     started: threading.Event = field(default_factory=threading.Event)  # set when a generate begins
     _script: deque[Exception | Gate] = field(default_factory=deque)
@@ -88,6 +95,7 @@ class FakeEngine:
             raise self.setup_error
 
     def check(self, job: Job) -> FakePlan:
+        self.checks.append(job.id)
         self.capabilities.check(job, model=self.model, has_mask=job.has_mask)
         request = job.request
         first = job.input_sizes[0] if job.input_sizes else None
@@ -95,8 +103,11 @@ class FakeEngine:
         background = "transparent" if request.background == "transparent" else "opaque"
         return FakePlan(width // self.scale, height // self.scale, background)
 
+    def load_plan(self, data: dict[str, Any]) -> FakePlan:
+        return FakePlan(int(data["width"]), int(data["height"]), str(data["background"]))
+
     def generate(self, job: Job, *, progress: ProgressFn, cancel: CancelToken) -> Result:
-        plan = self.check(job)
+        plan = job.plan if isinstance(job.plan, FakePlan) else self.check(job)
         self.jobs.append(job)
         script = self._script.popleft() if self._script else None
         with self._lock:

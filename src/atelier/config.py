@@ -8,6 +8,10 @@ A value that cannot work is refused here, when the settings are read, not when i
 as the operator wrote it (``ATELIER_MAX_CONCURRENCY``, or the flag), with what was given and what is
 allowed. Only checks that need no heavy import live here (the device's presence needs torch: see
 ``atelier.engines.devices``).
+
+A leaf: this module imports only errors, the value parsers (``atelier.setting_parsers``) and the data it
+checks names against (the model catalog, the matting registry), none of which imports the settings
+back; the modules that use settings import this one, never the other way round.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationError, Validation
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from atelier.errors import FieldProblem, SettingsError
+from atelier.setting_parsers import parse_allow, parse_rate
 
 
 def default_data_dir() -> Path:
@@ -108,8 +113,6 @@ class Settings(BaseSettings):
     @field_validator("rate_limit_per_token", "rate_limit_per_user")
     @classmethod
     def _check_rate(cls, value: str | None) -> str | None:
-        from atelier.jobs.limits import parse_rate
-
         if value is None or not value.strip():
             return None
         parse_rate(value)
@@ -163,8 +166,6 @@ class Settings(BaseSettings):
     @field_validator("fetch_allow", "webhook_allow", mode="before")
     @classmethod
     def _parse_fetch_allow(cls, value: object, info: ValidationInfo) -> object:
-        from atelier.fetch import parse_allow
-
         entries = value.split(",") if isinstance(value, str) else value
         if isinstance(entries, list | tuple):
             parse_allow((str(e) for e in entries), f"ATELIER_{str(info.field_name).upper()}")  # names a bad entry

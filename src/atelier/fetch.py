@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-import re
 import socket
 import ssl
 import time
@@ -44,12 +43,12 @@ import httpcore
 import httpx
 
 from atelier.errors import FieldProblem, InputError
+from atelier.setting_parsers import IPNetwork, parse_allow
 
 if TYPE_CHECKING:
     from atelier.config import Settings
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 HeadCheck = Callable[[bytes], object]  # raises to refuse what it sees
 
 MAX_BYTES = 50 * 1024 * 1024
@@ -96,7 +95,6 @@ _RANGES: tuple[tuple[IPNetwork, str], ...] = tuple(
 )
 _IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
-_HOST_NAME = re.compile(r"^\.?[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*\.?$")
 
 
 # -- the policy ------------------------------------------------------------------------------------------
@@ -144,30 +142,6 @@ class FetchPolicy:
     def trusts(self, host: str) -> bool:
         name = host.lower().rstrip(".")
         return any(name == h or (h.startswith(".") and name.endswith(h)) for h in self.hosts)
-
-
-def parse_allow(
-    entries: Iterable[str], setting: str = "ATELIER_FETCH_ALLOW"
-) -> tuple[tuple[str, ...], tuple[IPNetwork, ...]]:
-    """Split ``setting``'s entries into host names and networks; ValueError names a bad one."""
-    hosts: list[str] = []
-    networks: list[IPNetwork] = []
-    for entry in (e.strip().lower() for e in entries):
-        if not entry:
-            continue
-        try:
-            networks.append(ipaddress.ip_network(entry, strict=False))
-            continue
-        except ValueError:
-            pass
-        name = "." + entry[2:] if entry.startswith("*.") else entry
-        if not _HOST_NAME.match(name):
-            raise ValueError(
-                f"{setting} entry {entry!r} is neither a network (10.0.0.0/8, 192.168.1.5, fd00::/8) "
-                "nor a host name (images.internal, or .example.com for it and its subdomains)"
-            )
-        hosts.append(name.rstrip("."))
-    return tuple(hosts), tuple(networks)
 
 
 def classify(address: IPAddress) -> str | None:

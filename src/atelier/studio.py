@@ -133,8 +133,7 @@ class Atelier:
             images=tuple(images),
             previews=previews,
         )
-        self.engine_for(request).check(job)
-        return job
+        return replace(job, plan=self.engine_for(request).check(job))  # checked once: generate uses the plan
 
     def run(
         self,

@@ -12,7 +12,7 @@ import dataclasses
 import io
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +32,7 @@ from atelier.jobs.routing import EngineRouter
 from atelier.jobs.runner import Runner
 from atelier.jobs.store import Store
 from atelier.jobs.submission import Submission
+from atelier.moderation import Policy
 from atelier.request import ImageRequest, parse_request
 from fakes import FakeEngine
 
@@ -329,3 +330,50 @@ async def test_max_batch_jobs_and_the_batching_switch(make_runner, settings, bat
     assert {p.status for p in await finished(runner, blocker, *queued)} == {"succeeded"}
     assert engine.calls == batched
     assert [job.request.prompt for job in engine.jobs] == ["a", "b", "c", "d"]
+
+
+class CountingPolicy(Policy):
+    """The content policy, counting: prompts checked, and images classified per field."""
+
+    def __init__(self) -> None:
+        super().__init__(classifier=self)
+        self.prompts = 0
+        self.classified: Counter[str] = Counter()
+        self._field = ""
+
+    def classify(self, image: Image.Image) -> Mapping[str, float]:
+        self.classified[self._field] += 1
+        return {}
+
+    def check_prompt(self, prompt: str, level: str) -> None:
+        self.prompts += 1
+        super().check_prompt(prompt, level)
+
+    def check_images(self, images: Sequence[Image.Image], level: str, *, field: str) -> None:
+        self._field = field
+        super().check_images(images, level, field=field)
+
+
+async def test_the_engine_checks_a_job_once_text_to_image_and_edit(engine, make_runner, monkeypatch) -> None:
+    """Moderation, size planning and the input classifier run once per job: at admission (the plan travels
+    with the job through batching and into the pipeline call), the classifier when the inputs' pixels exist."""
+    policy = CountingPolicy()
+    monkeypatch.setattr(engine, "_policy", policy)
+    checked: list[str] = []
+    check = engine.check
+    monkeypatch.setattr(engine, "check", lambda job: checked.append(job.id) or check(job))
+    runner = await make_runner(engine)  # batching on: batch_plan reads the plan too
+    text = await runner.submit(Submission(request("a lighthouse"), source="python"))
+    assert (await runner.wait(text.id, timeout=120)).status == "succeeded"
+    assert (checked, policy.prompts, policy.classified) == ([text.id], 1, Counter({"output": 1}))
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (10, 120, 200)).save(buffer, "PNG")
+    upload = runner.files.put(buffer.getvalue(), name="a.png", content_type="image/png", kind="upload")
+    edit = request("make it red", input_images=[f"http://127.0.0.1:1/v1/files/{upload.id}"], aspect_ratio="auto")
+    stored = [StoredImage(upload.id, 64, 48, "PNG")]
+    p = await runner.submit(Submission(edit, source="python", stored_images=stored))
+    done = await runner.wait(p.id, timeout=120)
+    assert done.status == "succeeded", done.error
+    assert (checked, policy.prompts) == ([text.id, p.id], 2)
+    assert policy.classified == Counter({"output": 2, "input_images": 1})  # the one input, classified once

@@ -396,8 +396,10 @@ async def test_an_edit_with_a_mask_runs_again_after_a_restart_from_its_kept_file
                      prediction_id="edit-with-mask")  # fmt: skip
     edit = request(input_images=[f"http://127.0.0.1:1/v1/files/{upload.id}"], aspect_ratio="auto")
     await first.submit(
-        Submission(edit, source="openai", owner="o", prediction_id="edit-with-mask",
-        stored_images=[StoredImage(upload.id, 48, 32, "PNG")], stored_mask=StoredImage(mask.id, 48, 32, "PNG"))
+        Submission(
+            edit, source="openai", owner="o", prediction_id="edit-with-mask",
+            stored_images=[StoredImage(upload.id, 48, 32, "PNG")], stored_mask=StoredImage(mask.id, 48, 32, "PNG"),
+        )
     )  # fmt: skip
     await started(engine)
     assert engine.jobs[0].mask is not None and engine.jobs[0].images[0].size == (48, 32)
@@ -479,3 +481,59 @@ async def test_prediction_ids_are_idempotent_per_owner(harness: Harness) -> None
     assert three.id == four.id != "cog-123" and three.client_id == "cog-123" and harness.rows() == 2
     assert (await runner.find("cog-123", owner=None)).id == "cog-123"
     assert (await runner.find("cog-123", owner="other")).id == three.id
+
+
+async def test_a_job_is_checked_once_and_runs_on_its_stored_plan_after_a_restart(harness: Harness) -> None:
+    """The engine checks a text-to-image job and an edit once each, at admission; the plan travels with the
+    job to the engine, and is stored, so a restarted server runs them without checking again."""
+    engine = FakeEngine()
+    harness.block(engine)
+    first = await harness.runner(engine)
+    upload = first.files.put(_png((48, 32)), name="a.png", content_type="image/png", kind="upload", owner="o")
+    edit = request(input_images=[f"http://127.0.0.1:1/v1/files/{upload.id}"], aspect_ratio="auto")
+    running = await first.submit(Submission(request(), source="replicate", owner="o"))
+    await started(engine)
+    queued = [
+        await first.submit(Submission(request(aspect_ratio="16:9"), source="replicate", owner="o")),
+        await first.submit(
+            Submission(edit, source="openai", owner="o", stored_images=[StoredImage(upload.id, 48, 32, "PNG")])
+        ),
+    ]
+    assert engine.checks == [running.id, queued[0].id, queued[1].id]
+    stored = first.store.get_prediction(queued[0].id)
+    assert (
+        stored is not None
+        and stored.request is not None
+        and stored.request["plan"] == {"width": 128, "height": 72, "background": "opaque"}
+    )
+    await first.stop(timeout=0.05)
+    assert engine.checks == [running.id, queued[0].id, queued[1].id]  # the running job used its plan
+    again = FakeEngine()
+    second = await harness.runner(again)
+    for p in (running, *queued):
+        done = await second.wait(p.id, timeout=2)
+        assert done.status == "succeeded", done.error
+    assert again.checks == []  # every job ran on the plan stored with it
+    sizes = {job.id: job.plan for job in again.jobs}
+    assert (sizes[queued[0].id].width, sizes[queued[1].id].width) == (
+        128,
+        78,
+    )  # 16:9, and the auto size of a 48x32 input
+
+
+async def test_a_record_without_a_stored_plan_is_checked_again_after_a_restart(harness: Harness) -> None:
+    engine = FakeEngine()
+    harness.block(engine)
+    first = await harness.runner(engine)
+    running = await first.submit(Submission(request(), source="replicate"))
+    await started(engine)
+    queued = await first.submit(Submission(request(), source="replicate"))
+    await first.stop(timeout=0.05)
+    spec = dict(first.store.get_prediction(queued.id).request or {})  # type: ignore[union-attr]
+    del spec["plan"]  # as a record written before plans were stored
+    first.store.update_prediction(queued.id, request=spec)
+    again = FakeEngine()
+    second = await harness.runner(again)
+    for p in (running, queued):
+        assert (await second.wait(p.id, timeout=2)).status == "succeeded"
+    assert again.checks == [queued.id]

@@ -1,7 +1,9 @@
 """Heavy imports are lazy: the CLI, the contract and a server with a non-diffusers engine never load torch."""
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 LIGHT_MODULES = [
     "atelier",
@@ -35,3 +37,47 @@ def test_importing_has_no_side_effects_on_logging():
     code = "import logging, atelier.app, atelier.cli; print(len(logging.getLogger().handlers))"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert run.stdout.strip() == "0"
+
+
+SRC = Path(__file__).parents[2] / "src"
+# What atelier.config may import from Atelier: leaves that never import the settings back.
+CONFIG_IMPORTS = {"atelier.errors", "atelier.setting_parsers", "atelier.engines.catalog", "atelier.imaging.matting"}
+
+
+def _atelier_imports(module: str) -> set[str]:
+    """The atelier modules ``module`` imports anywhere in its file (inside functions too, not TYPE_CHECKING)."""
+    parts = module.split(".")
+    path = SRC.joinpath(*parts).with_suffix(".py")
+    if not path.exists():
+        path = SRC.joinpath(*parts, "__init__.py")
+    tree = ast.parse(path.read_text())
+    typing_only = {
+        id(node)
+        for guard in ast.walk(tree)
+        if isinstance(guard, ast.If) and "TYPE_CHECKING" in ast.unparse(guard.test)
+        for stmt in guard.body
+        for node in ast.walk(stmt)
+    }
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("atelier"):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("atelier")}
+    return found
+
+
+def test_config_is_a_leaf_no_import_cycle_runs_through_it():
+    assert _atelier_imports("atelier.config") <= CONFIG_IMPORTS
+    seen: set[str] = set()
+    todo = list(CONFIG_IMPORTS)
+    while todo:  # everything config reaches, transitively, at run time
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        todo += _atelier_imports(module)
+    assert "atelier.config" not in seen, "a module atelier.config imports imports it back"
+    assert not {"atelier.fetch", "atelier.jobs.limits"} & seen

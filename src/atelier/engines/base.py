@@ -5,6 +5,14 @@ An engine is set up once (``setup``) and then turns one typed ``Job`` into finis
 set. What it can do is declared up front in ``Capabilities`` and checked before any model time is
 spent (``check``), so a request an engine cannot honour is refused, never silently degraded.
 
+**Check once; the plan travels.** ``check`` returns the engine's plan for the job (its own small typed
+value: the size plan, what moderation already passed, how images are split into calls). The job system
+calls it once, at admission, and the plan travels with the job (``Job.plan``): ``generate``,
+``batch_plan`` and ``generate_many`` use it and do not check again; only a job built without one (a
+direct caller) is checked inside ``generate``. A plan with ``to_json()`` is stored with the prediction,
+and an engine with ``load_plan(data)`` (optional) turns it back into a plan, so a restarted process, or
+another one, runs the job without checking it again (``dump_plan``, ``load_plan``).
+
 Batching is an optional capability (``BatchingEngine``): an engine that can run several queued jobs
 in one model call says how a job may share a call (``batch_plan``) and runs them (``generate_many``).
 Engines without it run one job at a time. An engine may also have ``close()`` (optional, blocking) to
@@ -59,6 +67,7 @@ class Job:
     previews: int = 0  # how many intermediate previews the caller wants (OpenAI partial_images, Replicate previews)
     stored_images: tuple[StoredImage, ...] = ()
     stored_mask: StoredImage | None = None
+    plan: Any = None  # what the engine's ``check`` returned, once; None: not checked yet
 
     @property
     def input_sizes(self) -> tuple[tuple[int, int], ...]:
@@ -259,7 +268,8 @@ class Engine(Protocol):
         """Load weights / open clients. Called once, before the first ``generate``."""
 
     def check(self, job: Job) -> object:
-        """Raise a typed error for anything this engine cannot honour; cheap, no model time."""
+        """Raise a typed error for anything this engine cannot honour, else return the plan for the job
+        (see the module docstring); cheap, no model time."""
         ...
 
     def generate(self, job: Job, *, progress: ProgressFn, cancel: CancelToken) -> Result:
@@ -327,3 +337,21 @@ def generate_together(
     if many is None:
         raise TypeError(f"engine {engine.name!r} cannot run {len(jobs)} jobs in one call (it has no generate_many)")
     return many.generate_many(jobs, progress_for=progress_for, cancel_for=cancel_for)
+
+
+def dump_plan(plan: object) -> dict[str, Any] | None:
+    """The JSON form of an engine's plan (its ``to_json()``), or None when it has none: not stored."""
+    to_json = getattr(plan, "to_json", None)
+    return to_json() if plan is not None and callable(to_json) else None
+
+
+def load_plan(engine: Engine, data: Mapping[str, Any] | None) -> object | None:
+    """``engine``'s plan again from what ``dump_plan`` stored; None when there is none, the engine cannot
+    load plans (``load_plan`` is optional), or it no longer recognises this one: then it checks again."""
+    loader = getattr(engine, "load_plan", None)
+    if data is None or not callable(loader):
+        return None
+    try:
+        return loader(data)
+    except (KeyError, TypeError, ValueError, LookupError):  # a plan from another version of the engine
+        return None

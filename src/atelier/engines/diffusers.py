@@ -16,6 +16,7 @@ Background, upscaling, moderation of outputs and encoding stay per job, after th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -55,15 +56,31 @@ GUIDANCE_KWARG = {"QwenImagePipeline": "true_cfg_scale", "QwenImageEditPlusPipel
 
 @dataclass(frozen=True)
 class RenderPlan:
-    """What one job asks of the pipeline, decided before any model time is spent."""
+    """What one job asks of the pipeline, decided once, before any model time is spent (``check``); it
+    travels with the job and is stored with the prediction (``to_json``, ``DiffusersEngine.load_plan``)."""
 
     variant: Variant
     size: SizePlan
     quality: QualitySetting
-    prompt: str
+    prompt: str  # the caller's prompt has passed moderation; this is what the pipeline is given
     background: str  # "transparent" or "opaque": what will be delivered
     batches: tuple[int, ...]  # images per pipeline call
     fits: tuple[Fit, ...] = ()  # how each input image is brought into the model's limits
+    # The classifier has seen the input images' pixels (a caller that decoded them before ``check``); at
+    # admission only their headers exist, so the worker classifies them once, when they are decoded.
+    inputs_moderated: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "variant": self.variant.pipeline,
+            "size": dataclasses.asdict(self.size),
+            "quality": dataclasses.asdict(self.quality),
+            "prompt": self.prompt,
+            "background": self.background,
+            "batches": list(self.batches),
+            "fits": [dataclasses.asdict(fit) for fit in self.fits],
+            "inputs_moderated": self.inputs_moderated,
+        }
 
 
 class DiffusersEngine:
@@ -134,11 +151,13 @@ class DiffusersEngine:
     # -- checks before dispatch -----------------------------------------------------------------------
 
     def check(self, job: Job) -> RenderPlan:
-        """Refuse what this model cannot do and plan the render; costs no model time."""
+        """Refuse what this model cannot do and plan the render; costs no model time. Input images are
+        classified here only when their pixels are at hand (see ``RenderPlan.inputs_moderated``)."""
         request = job.request
         fits = self.capabilities.check(job, model=self.model, has_mask=job.has_mask)
         self._policy.check_prompt(request.prompt, request.moderation)
         self._policy.check_images(job.images, request.moderation, field="input_images")
+        moderated = bool(job.images) or not job.input_sizes
         variant = self.spec.variant_for(edit=request.is_edit) if len(self.variants) > 1 else self.variants[0]
         quality = self.spec.quality[request.quality]
         size = plan_size(
@@ -154,7 +173,28 @@ class DiffusersEngine:
         per_call = self._images_per_call(size.render_width * size.render_height)
         n = request.number_of_images
         batches = tuple(min(per_call, n - start) for start in range(0, n, per_call))
-        return RenderPlan(variant, size, quality, prompt, background, batches, fits)
+        return RenderPlan(variant, size, quality, prompt, background, batches, fits, moderated)
+
+    def load_plan(self, data: Mapping[str, Any]) -> RenderPlan:
+        """A stored ``RenderPlan`` again (``LookupError`` when this engine no longer has its pipeline)."""
+        variant = next((v for v in self.variants if v.pipeline == data["variant"]), None)
+        if variant is None:
+            raise LookupError(f"model {self.model!r} has no {data['variant']} pipeline")
+        fits = tuple(Fit(**{k: tuple(v) if isinstance(v, list) else v for k, v in fit.items()}) for fit in data["fits"])
+        return RenderPlan(
+            variant,
+            SizePlan(**data["size"]),
+            QualitySetting(**data["quality"]),
+            str(data["prompt"]),
+            str(data["background"]),
+            tuple(int(n) for n in data["batches"]),
+            fits,
+            bool(data["inputs_moderated"]),
+        )
+
+    def _plan(self, job: Job) -> RenderPlan:
+        """The plan ``check`` made at admission, travelling with the job; checked now only when there is none."""
+        return job.plan if isinstance(job.plan, RenderPlan) else self.check(job)
 
     def _images_per_call(self, pixels: int) -> int:
         """4 MP on CUDA; 1 MP elsewhere: on a CPU, 8 1024x1024 images in one call took 1.2-1.7x as long as
@@ -165,7 +205,9 @@ class DiffusersEngine:
     # -- generation -------------------------------------------------------------------------------------
 
     def generate(self, job: Job, *, progress: ProgressFn, cancel: CancelToken) -> Result:
-        plan = self.check(job)
+        plan = self._plan(job)
+        if not plan.inputs_moderated:  # their pixels exist from now on: classified once, before model time
+            self._policy.check_images(job.images, job.request.moderation, field="input_images")
         cancel.raise_if_cancelled()
         pipe = self._pipeline(plan.variant)
         started = time.perf_counter()
@@ -262,7 +304,7 @@ class DiffusersEngine:
         """Text-to-image jobs may share a call (see the module docstring); edits and previews run alone."""
         if job.input_sizes or job.has_mask or job.previews:
             return None
-        plan = self.check(job)
+        plan = self._plan(job)
         pixels = plan.size.render_width * plan.size.render_height
         return BatchPlan(batch_key(plan), job.request.number_of_images, self._images_per_call(pixels))
 
@@ -270,7 +312,7 @@ class DiffusersEngine:
         self, jobs: Sequence[Job], *, progress_for: Mapping[str, ProgressFn], cancel_for: Mapping[str, CancelToken]
     ) -> list[Result]:
         """Several jobs in one pipeline call; it stops only when every job is canceled (see ``BatchingEngine``)."""
-        plans = [self.check(job) for job in jobs]
+        plans = [self._plan(job) for job in jobs]
         if len({batch_key(plan) for plan in plans}) > 1 or any(job.input_sizes or job.previews for job in jobs):
             raise ValueError("generate_many takes jobs that batch_plan gives one key; run the others alone")
         tokens = [cancel_for[job.id] for job in jobs]

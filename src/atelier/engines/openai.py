@@ -69,6 +69,16 @@ class Prices:
         return round((text * self.text_input + images * self.image_input + output * self.image_output) / 1e6, 6)
 
 
+@dataclass(frozen=True)
+class UpstreamPlan:
+    """What ``check`` decided for a job, once: the OpenAI ``size`` it is sent with."""
+
+    size: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"size": self.size}
+
+
 class UpstreamError(EngineError):
     """OpenAI refused the request; ``status``, ``code`` and ``field`` are OpenAI's."""
 
@@ -118,8 +128,8 @@ class OpenAIEngine:
                 "the OpenAI engine needs the openai package: pip install 'atelier[openai]'"
             ) from None
 
-    def check(self, job: Job) -> str:
-        """Refuse what cannot be sent; returns the OpenAI ``size``."""
+    def check(self, job: Job) -> UpstreamPlan:
+        """Refuse what cannot be sent; the plan holds the OpenAI ``size``."""
         self.capabilities.check(job, model=self.model, has_mask=job.has_mask)
         if job.request.api_key() is None and not self._api_key:
             raise UnsupportedRequest(
@@ -149,12 +159,15 @@ class OpenAIEngine:
                     "invalid",
                 )
             )
-        return RATIO_TO_SIZE.get(job.request.aspect_ratio, job.request.aspect_ratio)
+        return UpstreamPlan(RATIO_TO_SIZE.get(job.request.aspect_ratio, job.request.aspect_ratio))
+
+    def load_plan(self, data: Mapping[str, Any]) -> UpstreamPlan:
+        return UpstreamPlan(str(data["size"]))
 
     def generate(self, job: Job, *, progress: ProgressFn, cancel: CancelToken) -> Result:
-        size = self.check(job)
+        plan = job.plan if isinstance(job.plan, UpstreamPlan) else self.check(job)  # checked once, at admission
         cancel.raise_if_cancelled()
-        return self._loop.run(self._run(job, size, progress, cancel))
+        return self._loop.run(self._run(job, plan.size, progress, cancel))
 
     def close(self) -> None:
         """Close the connection pool and stop the engine's loop (a later call starts them again)."""

@@ -26,6 +26,7 @@ import builtins
 import contextlib
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 
 from atelier.engines.base import BatchPlan, CancelToken, Engine, Job, batching
 from atelier.errors import Conflict, ModelUnavailable, NotFound
@@ -87,7 +88,7 @@ class Intake:
             s.prediction_id or stored_id(s.client_id, s.owner), s.request, chosen_seed(s), previews=s.previews,
             stored_images=tuple(s.stored_images), stored_mask=s.stored_mask,
         )  # fmt: skip
-        batch = await asyncio.to_thread(self.check_job, engine, job)
+        job, batch = await asyncio.to_thread(self.check_job, engine, job)
         if len(job.stored_images) != len(s.request.input_images or ()):  # a door's mistake, never a client's
             raise ValueError("stored_images must hold the request's input_images (atelier.jobs.inputs.stage)")
         # No await from here on: the bound and limit checks, the insert and the enqueue are one step.
@@ -123,10 +124,14 @@ class Intake:
         self.limits.check(caller, self.queue.live(caller), finish_estimate=self.queue.estimate())
         self.files.check_space()  # InsufficientStorage (507) while the data folder's disk is full
 
-    def check_job(self, engine: Engine, job: Job) -> BatchPlan | None:
-        """Blocking (call it in a thread): the engine's checks; then how the job may share a model call,
-        when batching."""
-        engine.check(job)
+    def check_job(self, engine: Engine, job: Job) -> tuple[Job, BatchPlan | None]:
+        """Blocking (call it in a thread): the engine's one check, whose plan the job carries from now on
+        (and its record stores); then how the job may share a model call, when batching."""
+        job = replace(job, plan=engine.check(job))
+        return job, self.batch_plan(engine, job)
+
+    def batch_plan(self, engine: Engine, job: Job) -> BatchPlan | None:
+        """How a checked job may share a model call (from its plan: nothing is checked again); None alone."""
         many = batching(engine) if self.queue.max_batch_jobs > 1 else None
         return many.batch_plan(job) if many is not None else None
 

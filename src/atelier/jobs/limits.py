@@ -32,22 +32,19 @@ Fair queueing (whose job runs next) is the queue's business: ``atelier.jobs.queu
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 from atelier.errors import TooManyRequests
+from atelier.setting_parsers import Rate, parse_rate
 
 if TYPE_CHECKING:
     from atelier.config import Settings
 
-__all__ = ["Caller", "Limits", "Rate", "parse_rate"]
+__all__ = ["Caller", "Limits", "Rate", "parse_rate"]  # Rate, parse_rate: atelier.setting_parsers
 
-UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0}
-UNITS |= {"h": 3600.0, "hr": 3600.0, "hour": 3600.0, "d": 86400.0, "day": 86400.0}
-_RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d*\.?\d*)\s*([a-z]+?)s?\s*$")
 PRUNE_AT = 1024  # buckets kept before full ones are dropped (a full bucket is the same as none)
 
 
@@ -56,37 +53,6 @@ class Caller(NamedTuple):
 
     owner: str | None
     user: str | None
-
-
-@dataclass(frozen=True)
-class Rate:
-    count: int
-    seconds: float  # the period
-
-    def __str__(self) -> str:
-        names = {1.0: "second", 60.0: "minute", 3600.0: "hour", 86400.0: "day"}
-        period = names.get(self.seconds) or f"{self.seconds:g} seconds"
-        return f"{self.count} per {period}"
-
-
-def parse_rate(text: str) -> Rate:
-    """``"60/min"`` → ``Rate(60, 60.0)``; ``ValueError`` saying what is allowed otherwise."""
-    match = _RATE.match(text.lower())
-    period = _period(match.group(2), match.group(3)) if match else None
-    if match is None or period is None:
-        raise ValueError(f"got {text[:40]!r}; write a rate as N/period, e.g. '60/min', '1000/day' or '10/30s'")
-    count = int(match.group(1))
-    if count < 1:
-        raise ValueError(f"got {text[:40]!r}; the count must be at least 1 (leave the setting unset for no limit)")
-    return Rate(count, period)
-
-
-def _period(scale: str, unit: str) -> float | None:
-    seconds = UNITS.get(unit)
-    if seconds is None or scale == ".":
-        return None
-    period = float(scale or 1) * seconds
-    return period if period > 0 else None
 
 
 @dataclass

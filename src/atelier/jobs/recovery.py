@@ -4,7 +4,8 @@
 
 ``request_json`` (``Prediction.request``) holds the request's public input, the seed, the model as
 the caller named it, the number of previews, the files its input images and mask are kept in
-(``inputs``, ``mask``: ``atelier.jobs.inputs``; uploads and masks included), and a flag for what is
+(``inputs``, ``mask``: ``atelier.jobs.inputs``; uploads and masks included), the engine's ``plan`` from
+its one check at admission (so the job is not checked again where it runs), and a flag for what is
 deliberately *not* stored: the caller's ``openai_api_key`` (it lives only in memory, for the one job).
 A prediction with a key cannot be re-run faithfully, so after a restart it fails with a reason that
 says to resubmit; nothing is run with a piece silently missing.
@@ -20,7 +21,7 @@ import asyncio
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from atelier.engines.base import Engine, Job, StoredImage
+from atelier.engines.base import Engine, Job, StoredImage, dump_plan, load_plan
 from atelier.ids import new_seed
 from atelier.jobs.records import Prediction
 from atelier.request import ImageRequest, parse_request
@@ -50,8 +51,13 @@ def rerun_spec(
     image_count: int,
     stored_images: Sequence[StoredImage] | None = None,
     stored_mask: StoredImage | None = None,
+    plan: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The ``request_json`` of a new prediction. Never contains the api key (only whether there was one)."""
+    """The ``request_json`` of a new prediction. Never contains the api key (only whether there was one).
+
+    ``plan`` is the JSON of the engine's plan from its one check at admission (``engines.base.dump_plan``):
+    whoever runs the job later (after a restart, in another process) runs it without checking again.
+    """
     spec = {
         "version": SPEC_VERSION,
         "input": request.public_input(),
@@ -65,6 +71,8 @@ def rerun_spec(
     if stored_images is not None:
         spec["inputs"] = [_stored_json(image) for image in stored_images]
         spec["mask"] = _stored_json(stored_mask) if stored_mask is not None else None
+    if plan is not None:
+        spec["plan"] = plan
     return spec
 
 
@@ -88,6 +96,7 @@ def new_prediction(job: Job, *, key: str, engine: Engine, submission: Submission
         image_count=len(job.stored_images),
         stored_images=job.stored_images,
         stored_mask=job.stored_mask,
+        plan=dump_plan(job.plan),
     )
     events_filter = submission.webhook_events_filter
     return Prediction(
@@ -140,7 +149,8 @@ async def rebuild(prediction: Prediction, router: EngineRouter, stage_inputs: In
     """The job and engine to run a re-runnable prediction again; raises the typed error if it cannot.
 
     The request is validated again, as at submission: a model that is no longer served, or a contract
-    that changed, fails the prediction with that error.
+    that changed, fails the prediction with that error. The job carries the plan stored at admission
+    when the engine can load it (``Job.plan``); else it has none, and the caller has it checked again.
     """
     spec = prediction.request or {}
     request = request_from_spec(prediction)
@@ -152,6 +162,7 @@ async def rebuild(prediction: Prediction, router: EngineRouter, stage_inputs: In
         images = tuple(staged.images)
     seed = prediction.seed if prediction.seed is not None else new_seed()
     job = Job(
-        prediction.id, request, seed, previews=previews_from_spec(prediction), stored_images=images, stored_mask=mask
-    )
+        prediction.id, request, seed, previews=previews_from_spec(prediction), stored_images=images, stored_mask=mask,
+        plan=load_plan(engine, spec.get("plan")),
+    )  # fmt: skip
     return job, engine

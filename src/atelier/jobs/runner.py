@@ -190,7 +190,10 @@ class Runner:
                 continue
             try:
                 job, engine = await recovery.rebuild(prediction, self.engines, self._stage_inputs)
-                batch = await asyncio.to_thread(self.intake.check_job, engine, job)
+                if job.plan is None:  # recorded before plans were stored, or an engine that cannot load one
+                    job, batch = await asyncio.to_thread(self.intake.check_job, engine, job)
+                else:  # the plan of its one check at admission: not checked again
+                    batch = await asyncio.to_thread(self.intake.batch_plan, engine, job)
             except AtelierError as exc:
                 task.fail(exc)
                 continue
