@@ -89,6 +89,7 @@ async def test_a_job_accepted_by_an_api_process_runs_on_a_worker_and_its_events_
     assert done.status == "succeeded" and len(done.output or []) == 1
     assert logs == done.logs and f"Using seed: {prediction.seed}" in logs
     assert [job.id for job in engine.jobs] == [prediction.id]
+    assert engine.checks == []  # checked once, by the API process's engine; the worker ran the stored plan
 
 
 async def test_wait_and_cancel_from_the_api_reach_the_job_on_the_worker(cluster: Cluster) -> None:

@@ -11,7 +11,7 @@ single-process runner. What changes:
   process die, the sweeper fails it with the reason ("not stored; resubmit").
 * **Work** (``work=True``: ``atelier serve`` and ``atelier worker``; not ``serve --no-worker``):
   ``max_concurrency`` claimers take batches from the shared queue, rebuild each job from its row (as
-  restart recovery does) and run it through the runner's own path (``_run``); every write of a claimed
+  restart recovery does, with the plan stored at admission: not checked again) and run it through the runner's own path (``_run``); every write of a claimed
   job is fenced on its attempt, leases are renewed every third of ``lease_seconds``, and each event is
   published for the other processes.
 * **Reading**: ``get``, ``wait`` and ``subscribe`` of a job running elsewhere read the row and follow
@@ -350,7 +350,8 @@ class ClusterWorkers(Workers):
                 self.queue.forget(entry)
 
     async def _adopt(self, claims: builtins.list[Claim]) -> builtins.list[Entry]:
-        """Entries for claimed rows, each job rebuilt from its row (and checked by its engine again)."""
+        """Entries for claimed rows, each job rebuilt from its row with the plan of its one check at
+        admission (checked again only when its engine cannot load a stored plan)."""
         runner = self.runner
         batch: builtins.list[Entry] = []
         for claim in claims:
@@ -362,6 +363,8 @@ class ClusterWorkers(Workers):
                 log.warning("prediction %s: discarded the outputs of its lost attempt", prediction.id)
             try:
                 job, engine = await recovery.rebuild(prediction, self.engines, runner._stage_inputs)
+                if job.plan is None:  # an engine that cannot load a stored plan: checked again, here
+                    job, _ = await asyncio.to_thread(runner.intake.check_job, engine, job)
             except Exception as exc:  # a model no longer served, an input no longer there
                 self._fail_unprepared(task, exc)
                 continue
