@@ -33,6 +33,7 @@ from PIL import Image
 from sqlalchemy import create_engine, text
 
 from conftest import Server, start_server
+from receivers import Receiver
 
 pytest.importorskip("psycopg")
 
@@ -99,6 +100,7 @@ def cluster(pg_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         "ATELIER_MAX_JOBS_PER_TOKEN": str(MAX_PER_TOKEN),
         "ATELIER_MAX_CONCURRENCY": "2",
         "ATELIER_LEASE_SECONDS": "2",
+        "ATELIER_WEBHOOK_ALLOW": "127.0.0.1",  # the receiver below listens on loopback
         "FAKE_STEPS": "3",
         "FAKE_STEP_SECONDS": "0.01",
         "FAKE_SLOW_STEP_SECONDS": "0.4",
@@ -248,7 +250,14 @@ def test_a_cancel_at_one_api_process_stops_the_job_on_its_worker(cluster: Cluste
 
 
 def test_kill_9_of_the_worker_running_a_job_runs_it_again_with_its_seed_once(cluster: Cluster) -> None:
-    created = create(cluster.api(0), TOKENS[3], "slow climb").json()
+    receiver = Receiver()
+    response = httpx.post(
+        f"{cluster.api(0)}/v1/models/{SEED}/predictions",
+        json={"input": {"prompt": "slow climb"}, "webhook": receiver.url(), "webhook_events_filter": ["completed"]},
+        headers={"Authorization": f"Bearer {TOKENS[3]}"},
+        timeout=30,
+    )
+    created = response.json()
     id = created["id"]
     owner = wait_for(
         lambda: (
@@ -270,4 +279,10 @@ def test_kill_9_of_the_worker_running_a_job_runs_it_again_with_its_seed_once(clu
     assert (status, attempt) == ("succeeded", 2) and json.loads(metrics)["seed"] == seed  # the same seed, run again
     assert "re-queued (attempt 1 of 3)" in logs and logs.count(f"Using seed: {seed}") == 2
     assert cluster.rows("SELECT count(*) FROM files WHERE prediction_id = :id AND kind = 'output'", id=id)[0][0] == 1
+    sent = "SELECT count(*) FROM webhook_deliveries WHERE prediction_id = :id AND event = 'completed'"
+    wait_for(lambda: cluster.rows(sent + " AND delivered_at IS NOT NULL", id=id)[0][0] == 1)
+    assert cluster.rows(sent, id=id)[0][0] == 1  # one completed message, delivered once
+    completed = [r.json() for r in receiver.requests if r.json().get("status") == "succeeded"]
+    assert [c["id"] for c in completed] == [id]
+    receiver.close()
     cluster.start_worker()
