@@ -67,7 +67,7 @@ def postgres() -> Iterator[Any]:
 
     reason = why_unavailable()
     if reason:
-        raise SystemExit(f"cannot start PostgreSQL: {reason}")
+        raise RuntimeError(f"cannot start PostgreSQL: {reason}")
     bindir = find_bindir()
     assert bindir is not None
     cluster = PgCluster(bindir).start()

@@ -11,10 +11,11 @@ import pytest
 
 from atelier.engines.base import BatchPlan
 from atelier.errors import TooManyRequests
-from atelier.jobs.claims import Claim, FencedWriter, LeaseLost, SharedQueue, wall_clock
+from atelier.jobs.claims import Claim, FencedWriter, LeaseLost, SharedQueue, Swept, wall_clock
 from atelier.jobs.limits import Limits, parse_rate
 from atelier.jobs.queue import Capacity
 from atelier.jobs.records import Prediction, utc_now
+from atelier.jobs.recovery import KEY_NOT_STORED
 from atelier.jobs.store import Store
 
 pytest.importorskip("psycopg")
@@ -194,3 +195,35 @@ def test_a_fenced_writer_writes_while_it_holds_the_job_and_a_cancel_elsewhere_fe
     row = store.get_prediction(job)
     assert row is not None and row.status == "canceled" and row.logs == "step 1\nPrediction canceled\n"
     assert not queue.cancel(job, None, "again")
+
+
+def test_a_job_pinned_to_a_lost_process_fails_saying_its_key_was_not_stored(store: Store) -> None:
+    clock = Clock()
+    queue = shared(store, "api", clock=clock)
+    spec = {"version": 1, "input": {"prompt": "x"}, "model": None, "seed": 1, "previews": 0, "has_key": True,
+            "has_mask": False, "image_count": 0, "inputs": [], "mask": None}  # fmt: skip
+    keyed = Prediction(id="keyed", model="openai", source="openai", owner="A", seed=1, request=spec)
+    queue.admit(keyed, route="openai", batch=None, pinned=True)
+    assert queue.claim() == []  # pinned: no other process takes it
+    clock.now += timedelta(seconds=31)
+    swept = shared(store, "other", clock=clock).sweep()
+    assert swept is not None and swept.failed == ["keyed"]
+    row = store.get_prediction("keyed")
+    assert row is not None and row.status == "failed" and KEY_NOT_STORED in (row.error or "")
+    assert row.failure is not None and row.failure.code == "interrupted"
+
+
+def test_a_queued_job_past_its_deadline_is_canceled_by_the_sweeper(store: Store) -> None:
+    clock = Clock()
+    queue = shared(store, clock=clock)
+    spec = {"version": 1, "input": {"prompt": "x"}, "model": None, "seed": 1, "previews": 0, "has_key": False,
+            "has_mask": False, "image_count": 0, "inputs": [], "mask": None}  # fmt: skip
+    late = Prediction(id="late", model="fake", source="replicate", seed=1, request=spec,
+                      deadline=clock.now + timedelta(seconds=5))  # fmt: skip
+    queue.admit(late, route="fake", batch=None)
+    assert queue.sweep() == Swept([], [], [])
+    clock.now += timedelta(seconds=6)
+    assert queue.sweep() == Swept([], [], ["late"])
+    row = store.get_prediction("late")
+    assert row is not None and (row.status, row.error) == ("canceled", "deadline exceeded")
+    assert queue.claim() == []
