@@ -39,7 +39,9 @@ class Cluster:
         self.runners: list[ClusterRunner] = []
         self.gates: list[Any] = []
 
-    async def runner(self, *engines: FakeEngine, work: bool = True, **overrides: Any) -> ClusterRunner:
+    async def runner(
+        self, *engines: FakeEngine, work: bool = True, poll_interval: float = 0.2, **overrides: Any
+    ) -> ClusterRunner:
         settings = Settings(
             data_dir=self.tmp_path, database_url=SecretStr(self.url),
             **{"max_concurrency": 1, "max_queue": 50, "lease_seconds": 3, **overrides},
@@ -49,7 +51,7 @@ class Cluster:
         router = EngineRouter({e.model: e for e in engines}, engines[0].model)
         runner = ClusterRunner(
             store, FileStore(settings.files_dir, store), router, settings, stop_timeout=1.0, work=work,
-            poll_interval=0.2,
+            poll_interval=poll_interval,
         )  # fmt: skip
         self.runners.append(runner)
         await runner.start()
@@ -178,3 +180,21 @@ async def test_a_late_result_from_a_worker_whose_lease_was_taken_back_is_discard
     assert final.output == done.output and final.status == "succeeded"
     outputs = [r for r in api.files.for_prediction(prediction.id) if r.kind == "output"]
     assert [r.id for r in outputs] == done.output  # the late images were deleted, none were added
+
+
+async def test_a_follower_that_subscribes_after_the_job_ended_gets_its_end_without_waiting_for_a_poll(
+    cluster: Cluster,
+) -> None:
+    api = await cluster.runner(work=False, poll_interval=3600)  # no poll will come: only the first look
+    await cluster.runner()
+    prediction = await api.submit(Submission(request(), "replicate"))
+    assert (await api.wait(prediction.id, 20)).status == "succeeded"
+    stale = prediction  # what a caller read before the job ended
+    assert stale.status == "starting"
+    subscription = api.relay.subscribe(stale)  # type: ignore[union-attr]
+    events = await asyncio.wait_for(_collect(subscription), 10)  # without a first look: it would never end
+    assert [e.kind for e in events][-3:] == ["output", "status", "done"]
+
+
+async def _collect(subscription: Any) -> list[Any]:
+    return [event async for event in subscription]

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 MAX_LOG_TEXT = 4000  # characters of log text carried in a notification; more is read from the row
 RECONNECT_SECONDS = 1.0
+SYNC = "sync"  # not a channel: a new follower's first look at its row
 
 
 def listen_dsn(url: str) -> str:
@@ -185,6 +186,7 @@ class Relay:
         subscription = Subscription(on_close=forget)
         follower = _Follower(subscription, prediction)
         self._followers.setdefault(prediction.id, []).append(follower)
+        self._inbox.put_nowait((SYNC, prediction.id))  # what changed between the caller's read and now
         return subscription
 
     # -- internals ---------------------------------------------------------------------------------------
@@ -224,6 +226,9 @@ class Relay:
             return
         if channel == "":
             await self._sync(list(self._followers))
+            return
+        if channel == SYNC:
+            await self._sync([payload])
             return
         data = json.loads(payload)
         if channel == CANCELS:
