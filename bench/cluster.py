@@ -24,6 +24,7 @@ A throwaway PostgreSQL cluster is started from the installed binaries (tests/pg.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -130,6 +131,7 @@ def workers_level(cluster: Any, n: int, args: argparse.Namespace, root: Path) ->
                 list(pool.map(lambda i: _submit(api.url, i), range(total)))
             while _count(engine, "SELECT count(*) FROM predictions WHERE status = 'succeeded'") < total:
                 time.sleep(0.05)
+            cpu = sum(_cpu_seconds(p.process.pid) for p in (api, *workers))
             # the workers' rate: from the first job's start to the last one's end (stored times)
             with engine.connect() as conn:
                 first, last = conn.execute(text("SELECT min(started_at), max(completed_at) FROM predictions")).one()
@@ -138,7 +140,21 @@ def workers_level(cluster: Any, n: int, args: argparse.Namespace, root: Path) ->
         engine.dispose()
     rate = total / seconds
     log(f"workers={n}: {total} predictions in {seconds:.2f} s, {rate:.2f}/s")
-    return {"workers": n, "predictions": total, "seconds": round(seconds, 3), "per_second": round(rate, 3)}
+    return {
+        "workers": n, "predictions": total, "seconds": round(seconds, 3), "per_second": round(rate, 3),
+        # CPU the API process and the workers spent (start-up included), per prediction: on a machine
+        # with C free cores, C / this is the most predictions/s the processes themselves allow
+        "cpu_seconds_per_prediction": round(cpu / total, 4),
+    }  # fmt: skip
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _submit(url: str, i: int) -> None:
@@ -203,7 +219,24 @@ def claims(cluster: Any, args: argparse.Namespace) -> dict[str, Any]:
         finally:
             store.close()
     results["fair_over_plain"] = ratio(results["fair"]["per_second"], results["plain"]["per_second"])
+    results["select_1_ms"] = _round_trip_ms(cluster)  # how busy the machine was: one round trip to the server
     return results
+
+
+def _round_trip_ms(cluster: Any) -> float:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(cluster.url())
+    try:
+        with engine.connect() as conn:
+            samples = []
+            for _ in range(200):
+                began = time.perf_counter()
+                conn.execute(text("SELECT 1")).all()
+                samples.append(time.perf_counter() - began)
+        return round(statistics.median(samples) * 1000, 3)
+    finally:
+        engine.dispose()
 
 
 def _fill(store: Any, count: int) -> None:
@@ -278,6 +311,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     document: dict[str, Any] = {"benchmark": "cluster", "machine": machine()}
+    document["load_average_before"] = [round(x, 2) for x in os.getloadavg()]
     with postgres() as cluster, tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         levels = [workers_level(cluster, n, args, root) for n in args.workers]
@@ -289,6 +323,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         document["workers"] = {"work_seconds": args.work_seconds, "levels": levels}
         document["claims"] = claims(cluster, args)
         document["overhead"] = overhead(cluster, args, root)
+    document["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     return document
 
 

@@ -249,6 +249,7 @@ class ClusterIntake(Intake):
             runner.forward(entry)
         else:  # listeners here (webhooks) hear it was created; a worker anywhere runs it
             Task(prediction.snapshot(), self.store, notify=runner.dispatcher.notify).announce()
+            runner.wake.set()  # this process's own idle claimers need not wait for the notification
 
     def check_admission(self, caller: Caller) -> None:
         self._check_accepting()
