@@ -24,8 +24,9 @@ The same semantics as the in-memory queue (``atelier.jobs.queue``; read its docs
   carried the caller's ``openai_api_key``) fails with that reason instead. It also cancels queued jobs
   past their deadline.
 * **Fencing.** Every outcome write of a claimed job goes through ``FencedWriter``:
-  ``UPDATE ... WHERE id = :id AND attempt = :attempt AND status not terminal``; no row means the job was
-  taken back (or canceled from another process) and the write is refused with ``LeaseLost``.
+  ``UPDATE ... WHERE id = :id AND attempt = :attempt AND status not terminal AND lease_owner = :me``; no
+  row means the job was taken back, handed back, or canceled from another process, and the write is
+  refused with ``LeaseLost``.
 
 Everything here is blocking: callers run it in a thread. PostgreSQL only (the SQL is PostgreSQL's).
 """
@@ -457,10 +458,13 @@ class FencedWriter:
     (progress lines arrive from the engine's thread until it notices its cancel token).
     """
 
-    def __init__(self, engine: Engine, id: str, attempt: int, on_lost: Callable[[], None]) -> None:
+    def __init__(
+        self, engine: Engine, id: str, attempt: int, on_lost: Callable[[], None], *, owner: str | None = None
+    ) -> None:
         self.engine = engine
         self.id = id
         self.attempt = attempt
+        self.owner = owner  # the lease owner it writes as; None: fenced on the attempt alone
         self.on_lost = on_lost
         self.lost = False
 
@@ -475,13 +479,14 @@ class FencedWriter:
         if fields.get("status") in (Status.FAILED, Status.CANCELED) or "output" in fields:
             row |= {"lease_owner": None, "lease_expires_at": None}
         names = ", ".join(f"{name} = :{name}" for name in row)
+        held = " AND lease_owner = :owner_" if self.owner is not None else ""  # not handed back, nor taken
         with self.engine.begin() as conn:
             done = conn.execute(
                 text(
                     f"UPDATE predictions SET {names} WHERE id = :id_ AND attempt = :attempt_ "
-                    "AND status IN ('starting', 'processing')"
+                    f"AND status IN ('starting', 'processing'){held}"
                 ),
-                {**row, "id_": id, "attempt_": self.attempt},
+                {**row, "id_": id, "attempt_": self.attempt, "owner_": self.owner},
             ).rowcount
         if done:
             return

@@ -153,7 +153,9 @@ class ClusterRunner(Runner):
 
     def claimed_task(self, prediction: Prediction, attempt: int, token: CancelToken) -> Task:
         """The task of a job this process holds a lease on: every write fenced on ``attempt``."""
-        writer = FencedWriter(self.store.engine, prediction.id, attempt, on_lost=lambda: token.cancel(LEASE_LOST))
+        writer = FencedWriter(
+            self.store.engine, prediction.id, attempt, on_lost=lambda: token.cancel(LEASE_LOST), owner=self.name
+        )
         self.writers[prediction.id] = writer
         return Task(prediction, writer, cost_per_second=self.settings.cost_per_second, notify=self.dispatcher.notify)
 
@@ -439,6 +441,7 @@ class ClusterWorkers(Workers):
             super().interrupt(entry)
             return
         entry.interrupted = True  # stop: handed back to the queue for another process
+        writer.lost = True  # nothing more is written for it from here (a pending log flush included)
         self.released[entry.id] = None
 
     def _on_canceled(self, entry: Entry, reason: str) -> None:
