@@ -127,11 +127,12 @@ def workers_level(cluster: Any, n: int, args: argparse.Namespace, root: Path) ->
     total = args.predictions * n
     try:
         with stopping(api, *workers):
+            cpu_before = sum(_cpu_seconds(p.process.pid) for p in (api, *workers))
             with ThreadPoolExecutor(8) as pool:  # callers at once: submitting never starves the workers
                 list(pool.map(lambda i: _submit(api.url, i), range(total)))
             while _count(engine, "SELECT count(*) FROM predictions WHERE status = 'succeeded'") < total:
                 time.sleep(0.05)
-            cpu = sum(_cpu_seconds(p.process.pid) for p in (api, *workers))
+            cpu = sum(_cpu_seconds(p.process.pid) for p in (api, *workers)) - cpu_before
             # the workers' rate: from the first job's start to the last one's end (stored times)
             with engine.connect() as conn:
                 first, last = conn.execute(text("SELECT min(started_at), max(completed_at) FROM predictions")).one()
@@ -142,8 +143,8 @@ def workers_level(cluster: Any, n: int, args: argparse.Namespace, root: Path) ->
     log(f"workers={n}: {total} predictions in {seconds:.2f} s, {rate:.2f}/s")
     return {
         "workers": n, "predictions": total, "seconds": round(seconds, 3), "per_second": round(rate, 3),
-        # CPU the API process and the workers spent (start-up included), per prediction: on a machine
-        # with C free cores, C / this is the most predictions/s the processes themselves allow
+        # CPU the API process and the workers spent on the predictions (not their start-up), per
+        # prediction: on a machine with C free cores, C / this bounds predictions/s (PostgreSQL not counted)
         "cpu_seconds_per_prediction": round(cpu / total, 4),
     }  # fmt: skip
 
