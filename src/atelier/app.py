@@ -41,7 +41,11 @@ def create_app(
     from atelier.api.body_limit import BodyLimit
 
     services = Services.build(settings, engines=engines, default=default, work=work)
+    # The doors are built here, in one place; Services starts them after the runner and stops them in
+    # one order: intake closed, workers stopped, webhooks flushed, store closed (atelier.services).
+    replicate_door = replicate.ReplicateDoor(services)
     cog_door = cog.CogDoor(services)  # registers the Cog webhook sender with the runner
+    services.doors += [replicate_door, cog_door]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -50,7 +54,6 @@ def create_app(
             yield
         finally:
             await services.stop()
-            await cog_door.aclose()
 
     install_log_records()  # log lines written while a request is handled name its x-request-id
     app = _App(
@@ -58,6 +61,7 @@ def create_app(
         docs_url=None, redoc_url=None,  # theirs load a CDN's script: /docs and /redoc are ours (api/docs.py)
     )  # fmt: skip
     app.state.services = services
+    app.state.replicate = replicate_door
     app.state.cog = cog_door
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)  # 413 in the door's shape

@@ -1,7 +1,12 @@
 """The service's parts, built once from settings and shared by every door.
 
-``Services`` owns the store, the files, the engines and the runner. ``create_app`` builds one and starts
-it in the app's lifespan; the doors reach it through ``atelier.api.deps``. Nothing here runs at import.
+``Services`` owns the store, the files, the engines and the runner. ``create_app`` builds one, and the
+doors with webhooks (``doors``), in one place, and starts and stops them in the app's lifespan; the doors
+reach it through ``atelier.api.deps``. Nothing here runs at import.
+
+**Stop, in one order** (``stop``): close the intake (new work is refused) → stop the workers (running
+jobs finish or are left for the next start; listeners are drained) → flush the doors' webhooks (what
+the last jobs owe is sent or stays queued in the store) → release the engines and close the store.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Protocol
 
 from atelier.config import Settings
 from atelier.engines.base import Engine
@@ -92,6 +98,15 @@ def build_runner(services: Services, *, work: bool) -> Runner:
     return ClusterRunner(*args, stage_inputs=services.stage_inputs, work=work)
 
 
+class Door(Protocol):
+    """A door with work of its own beyond a request (webhook deliveries): started after the runner,
+    flushed after the workers stopped and before the store closes."""
+
+    async def start(self) -> None: ...
+
+    async def flush_webhooks(self) -> None: ...
+
+
 @dataclass
 class Services:
     settings: Settings
@@ -104,6 +119,7 @@ class Services:
     started: bool = False
     warmup: asyncio.Task[object] | None = field(default=None, repr=False)
     sweeper: asyncio.Task[None] | None = field(default=None, repr=False)
+    doors: list[Door] = field(default_factory=list)  # added by create_app; started and stopped here
 
     @classmethod
     def build(
@@ -143,6 +159,8 @@ class Services:
                 log.warning("removed %d file(s) left behind by an interrupted write", strays)
         await self.runner.start()
         self.webhooks.start()  # messages left in the outbox by a previous process go out now
+        for door in self.doors:
+            await door.start()
         if self.retention is not None:  # sweeps once now, then every retention_interval seconds
             self.sweeper = asyncio.create_task(self.retention.run(self.settings.retention_interval))
         self.started = True
@@ -162,12 +180,15 @@ class Services:
             log.exception("could not set up %s; requests for it will fail until it can", self.router.default)
 
     async def stop(self) -> None:
+        """Close the intake → stop the workers → flush webhooks → close the store (see the module docstring)."""
         if self.warmup is not None:
             self.warmup.cancel()
         if self.sweeper is not None:
             self.sweeper.cancel()
             await asyncio.gather(self.sweeper, return_exceptions=True)
-        await self.runner.stop()
+        await self.runner.stop()  # closes the intake first, then stops the workers and drains the listeners
+        for door in self.doors:
+            await door.flush_webhooks()
         await self.webhooks.stop()  # after the runner (its last messages), before the store
         await asyncio.to_thread(self.router.close)
         self.store.close()

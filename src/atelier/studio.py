@@ -4,8 +4,10 @@
     result = Atelier(model_path="path/to/pipeline").generate("a lighthouse at dusk", number_of_images=2)
     print(result.save("out"))
 
-``Atelier`` validates the request exactly as every HTTP door does, loads input images (file paths are
-allowed here, unlike over HTTP), checks the engine can honour the request, then runs it.
+``Atelier`` validates the request exactly as every HTTP door does, routes it as the server does
+(``atelier.jobs.routing``: a request carrying its own ``openai_api_key`` goes to OpenAI), loads input
+images with the server's limits (``ATELIER_MAX_IMAGE_PIXELS``, ``ATELIER_MAX_INPUT_PIXELS``; file paths
+are allowed here, unlike over HTTP), has the engine check the request once, then runs it on that plan.
 
 A library should not draw on its caller's terminal: the loading bars of diffusers, transformers and
 huggingface_hub are off while Atelier loads and runs a model, unless ``Atelier(progress_bars=True)``
@@ -15,6 +17,7 @@ prompt: ``a-lighthouse-at-dusk-7.png``.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -27,6 +30,7 @@ from typing import Any
 from atelier.config import Settings, load_settings
 from atelier.engines.base import CancelToken, Engine, Job, ProgressFn, Result, no_progress
 from atelier.ids import new_id, new_seed
+from atelier.jobs.routing import EngineRouter
 from atelier.request import ImageRequest, parse_request
 
 Fetch = Callable[[str], bytes]
@@ -47,7 +51,7 @@ class Atelier:
         self._engine = engine
         self._model = model
         self._model_path = Path(model_path) if model_path is not None else None
-        self._upstream: Engine | None = None
+        self._router: EngineRouter | None = None
         self._ready: set[int] = set()
         self._lock = threading.Lock()
 
@@ -68,21 +72,32 @@ class Atelier:
                 self._engine = create_engine("diffusers", self.settings, model=self._model, model_path=self._model_path)
         return self._engine
 
-    def engine_for(self, request: ImageRequest) -> Engine:
-        """A request carrying its own ``openai_api_key`` always goes to OpenAI."""
-        if request.openai_api_key is None or self.engine.name == "openai":
-            return self.engine
-        if self._upstream is None:
-            from atelier.engines.registry import create_engine
+    @property
+    def router(self) -> EngineRouter:
+        """The server's routing over this object's engines: the default one, and OpenAI's (when the
+        ``openai`` package is installed) for requests that carry their own ``openai_api_key``."""
+        if self._router is None:
+            default = self.engine
+            engines = {default.model: default}
+            if default.name != "openai" and importlib.util.find_spec("openai") is not None:
+                from atelier.engines.registry import create_engine
 
-            self._upstream = create_engine("openai", self.settings)
-        return self._upstream
+                engines.setdefault("openai", create_engine("openai", self.settings))
+            self._router = EngineRouter(engines, default.model)
+        return self._router
+
+    def engine_for(self, request: ImageRequest) -> Engine:
+        """As the server routes it: a request carrying its own ``openai_api_key`` always goes to OpenAI."""
+        return self.router.engine_for(request)
 
     def close(self) -> None:
         """Release the engines' connections (the OpenAI engine's pool); ``Atelier`` works again after."""
-        from atelier.jobs.routing import close_engines
+        if self._router is not None:
+            self._router.close()
+        elif self._engine is not None:
+            from atelier.jobs.routing import close_engines
 
-        close_engines(e for e in (self._engine, self._upstream) if e is not None)
+            close_engines([self._engine])
 
     def __enter__(self) -> Atelier:
         return self
@@ -121,11 +136,18 @@ class Atelier:
         """Load and check everything a job needs; raises before any model time is spent."""
         from atelier.fetch import FetchPolicy
         from atelier.imaging.inputs import fetch_url, load_references
+        from atelier.jobs.inputs import InputLimits, check_total
 
         if seed is not None:  # in the request, so an engine that cannot honour a seed refuses it
             request = request.model_copy(update={"seed": seed})
+        engine = self.engine_for(request)  # routed first: a request the server would refuse costs no download
         fetch = partial(fetch_url, policy=FetchPolicy.from_settings(self.settings))
-        images = load_references(request.input_images or [], allow_paths=allow_paths, fetch=fetch)
+        limits = InputLimits.from_settings(self.settings)  # the server's limits, for one image and all together
+        images = load_references(
+            request.input_images or [], allow_paths=allow_paths, fetch=fetch,
+            max_pixels=limits.image_pixels, max_bytes=limits.max_bytes,
+        )  # fmt: skip
+        check_total([image.size for image in images], limits)
         job = Job(
             id=new_id(),
             request=request,
@@ -133,7 +155,7 @@ class Atelier:
             images=tuple(images),
             previews=previews,
         )
-        return replace(job, plan=self.engine_for(request).check(job))  # checked once: generate uses the plan
+        return replace(job, plan=engine.check(job))  # checked once: generate runs on this plan
 
     def run(
         self,

@@ -326,3 +326,47 @@ async def test_the_pixels_of_one_image_are_bounded_by_a_setting(tmp_path: Path, 
             and "64x64 = 4,096 pixels; the limit is 1,000" in message
         )
         assert doors.jobs == 0
+
+
+def test_the_python_api_holds_input_images_to_the_servers_limits(tmp_path: Path) -> None:
+    """The Python API loads inputs as the doors do: the same per-image and per-request pixel limits."""
+    from atelier import Atelier
+    from atelier.config import Settings
+    from atelier.errors import InputError
+    from fakes import FakeEngine
+
+    paths = []
+    for i, size in enumerate([(64, 64)] * 3):
+        paths.append(tmp_path / f"in{i}.png")
+        paths[-1].write_bytes(png(size))
+    engine = FakeEngine()
+    studio = Atelier(engine=engine, settings=Settings(data_dir=tmp_path, max_input_pixels=10_000))
+    with pytest.raises(InputError) as info:
+        studio.edit("make it red", paths)
+    assert info.value.field == "input_images" and "12,288 pixels together" in info.value.message
+    one = Atelier(engine=engine, settings=Settings(data_dir=tmp_path, max_image_pixels=1_000))
+    with pytest.raises(InputError) as info:
+        one.edit("make it red", paths[:1])
+    assert info.value.field == "input_images[0]" and "the limit is 1,000" in info.value.message
+    assert engine.jobs == [] and engine.checks == []  # refused before the engine saw it
+    result = studio.edit("make it red", paths[:2])
+    assert len(result.images) == 1 and engine.checks == [engine.jobs[0].id]  # checked once, run on its plan
+
+
+def test_the_python_api_routes_a_callers_openai_key_as_the_server_does(tmp_path: Path) -> None:
+    from atelier import Atelier
+    from atelier.config import Settings
+    from fakes import FakeEngine
+
+    studio = Atelier(engine=FakeEngine(), settings=Settings(data_dir=tmp_path))
+    assert studio.router.default == "fake"
+    keyed = studio.engine_for(studio_request("sk-caller-0123456789"))
+    assert keyed.name == "openai" and keyed is studio.router.engines["openai"]
+    assert studio.engine_for(studio_request(None)) is studio.engine
+    studio.close()
+
+
+def studio_request(key: str | None) -> Any:
+    from atelier.request import parse_request
+
+    return parse_request({"prompt": "a red square", **({"openai_api_key": key} if key else {})})

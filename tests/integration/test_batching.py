@@ -22,19 +22,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from atelier.config import Settings
 from atelier.engines.base import BatchPlan, CancelToken, Job, PartialBatch, ProgressFn, Result, StoredImage, no_progress
 from atelier.engines.diffusers import DiffusersEngine
 from atelier.errors import Canceled, ModerationBlocked
-from atelier.jobs.files import FileStore
 from atelier.jobs.records import Prediction
-from atelier.jobs.routing import EngineRouter
 from atelier.jobs.runner import Runner
-from atelier.jobs.store import Store
 from atelier.jobs.submission import Submission
 from atelier.moderation import Policy
 from atelier.request import ImageRequest, parse_request
 from fakes import FakeEngine
+from runners import runner_harness
 
 pytestmark = pytest.mark.slow
 
@@ -105,22 +102,9 @@ def engine(flux_engine: RecordingEngine) -> Any:
 
 @pytest.fixture
 async def make_runner(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    runners: list[Runner] = []
-
-    async def make(engine: Any, **overrides: Any) -> Runner:
-        settings = Settings(data_dir=tmp_path / str(len(runners)), **{"max_queue": 32, **overrides})
-        settings.data_dir.mkdir()
-        store = Store(settings.database_path)
-        router = EngineRouter({"flux": engine}, "flux")
-        runner = Runner(store, FileStore(settings.files_dir, store), router, settings, stop_timeout=5.0)
-        runners.append(runner)
-        await runner.start()
-        return runner
-
-    yield make
-    for runner in runners:
-        await runner.stop(timeout=5.0)
-        runner.store.close()
+    """A started runner over the engine, each on a data folder of its own (runners.py)."""
+    async with runner_harness(tmp_path, separate_data=True, stop_timeout=5.0, max_queue=32) as h:
+        yield h.runner
 
 
 def request(prompt: str = "a lighthouse", **fields: Any) -> ImageRequest:

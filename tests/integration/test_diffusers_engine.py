@@ -232,3 +232,25 @@ def flux_request(prompt, **fields):
     from atelier.request import parse_request
 
     return parse_request({"prompt": prompt, **fields})
+
+
+def test_a_render_plan_is_stored_and_loaded_as_it_was(flux, tmp_path):
+    """The plan made at admission goes into the prediction's record as JSON and comes back equal, so a job
+    runs after a restart (or in another process) exactly as planned, without a second check."""
+    import json
+
+    from atelier.engines.base import dump_plan, load_plan
+
+    image = tmp_path / "in.png"
+    Image.new("RGB", (96, 64), (10, 120, 200)).save(image)
+    request = flux_request("a red apple on a transparent background", output_format="png", number_of_images=3)
+    for job in (
+        flux.prepare(request, seed=3),
+        flux.prepare(parse_request({"prompt": "make it red", "input_images": [str(image)]}), allow_paths=True),
+    ):
+        plan = job.plan
+        assert plan is not None
+        stored = json.loads(json.dumps(dump_plan(plan)))
+        assert load_plan(flux.engine, stored) == plan
+    assert plan.fits and plan.inputs_moderated  # the edit's inputs were decoded (and classified) at check
+    assert load_plan(flux.engine, {**stored, "variant": "NoSuchPipeline"}) is None  # checked again instead

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,20 +14,11 @@ from atelier.app import create_app
 from atelier.config import Settings
 from atelier.engines.base import Capabilities
 from atelier.errors import TooManyRequests, UnsupportedRequest
-from atelier.jobs.files import FileStore
-from atelier.jobs.limits import Limits
-from atelier.jobs.routing import EngineRouter
-from atelier.jobs.runner import Runner
-from atelier.jobs.store import Store
 from atelier.jobs.submission import Submission
-from atelier.request import ImageRequest, parse_request
 from fakes import FakeEngine
+from runners import Harness, request, runner_harness, started
 
 TOKEN_A, TOKEN_B = "token-a-0123456789", "token-b-0123456789"
-
-
-def request(**fields: Any) -> ImageRequest:
-    return parse_request({"prompt": "a red square", **fields})
 
 
 class Clock:
@@ -40,45 +29,10 @@ class Clock:
         return self.now
 
 
-class Harness:
-    def __init__(self, tmp_path: Path) -> None:
-        self.tmp_path = tmp_path
-        self.runners: list[Runner] = []
-        self.gates: list[Any] = []
-
-    async def runner(self, engine: FakeEngine, **overrides: Any) -> Runner:
-        settings = Settings(data_dir=self.tmp_path, **{"max_concurrency": 1, "max_queue": 32, **overrides})
-        store = Store(settings.database_path)
-        router = EngineRouter({engine.model: engine}, engine.model)
-        runner = Runner(store, FileStore(settings.files_dir, store), router, settings, stop_timeout=1.0)
-        self.runners.append(runner)
-        await runner.start()
-        return runner
-
-    def block(self, engine: FakeEngine) -> Any:
-        gate = engine.block()
-        self.gates.append(gate)
-        return gate
-
-    def rows(self) -> int:
-        with sqlite3.connect(self.tmp_path / "atelier.db") as db:
-            return db.execute("select count(*) from predictions").fetchone()[0]
-
-
 @pytest.fixture
 async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
-    h = Harness(tmp_path)
-    yield h
-    for gate in h.gates:
-        gate.set()
-    for runner in h.runners:
-        await runner.stop(timeout=1.0)
-        runner.store.close()
-
-
-async def started(engine: FakeEngine) -> None:
-    assert await asyncio.to_thread(engine.started.wait, 2.0), "the engine never started"
-    engine.started.clear()
+    async with runner_harness(tmp_path, max_queue=32) as h:
+        yield h
 
 
 async def test_one_tokens_burst_does_not_starve_another(harness: Harness) -> None:
@@ -123,11 +77,9 @@ async def test_limits_are_off_by_default(harness: Harness) -> None:
 
 
 async def test_rate_limit_per_token_is_a_429_that_stores_nothing(harness: Harness) -> None:
-    runner = await harness.runner(
-        FakeEngine(model="text-only", capabilities=Capabilities()), rate_limit_per_token="2/min"
-    )
     clock = Clock()
-    runner.intake.limits = Limits.from_settings(runner.settings, clock=clock)
+    text_only = FakeEngine(model="text-only", capabilities=Capabilities())
+    runner = await harness.runner(text_only, clock=clock, rate_limit_per_token="2/min")
     with pytest.raises(UnsupportedRequest):  # refused for another reason: spends nothing
         await runner.submit(
             Submission(request(input_images=["https://example.com/a.png"]), source="replicate", owner="a")
@@ -149,8 +101,7 @@ async def test_rate_limit_per_token_is_a_429_that_stores_nothing(harness: Harnes
 
 
 async def test_rate_limit_per_user_counts_users_within_their_token(harness: Harness) -> None:
-    runner = await harness.runner(FakeEngine(), rate_limit_per_user="1/hour")
-    runner.intake.limits = Limits.from_settings(runner.settings, clock=Clock())
+    runner = await harness.runner(FakeEngine(), clock=Clock(), rate_limit_per_user="1/hour")
     await runner.submit(Submission(request(user_id="alice"), source="openai", owner="a"))
     with pytest.raises(TooManyRequests, match="user_id 'alice' may create 1 per hour") as info:
         await runner.submit(Submission(request(user_id="alice"), source="openai", owner="a"))

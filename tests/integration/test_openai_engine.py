@@ -274,3 +274,22 @@ def test_retry_after_headers_that_are_not_plain_seconds_fall_back(header, expect
     from atelier.engines.openai import seconds
 
     assert seconds(header, default=5.0) == expected
+
+
+def test_the_upstream_is_checked_once_and_sent_the_planned_size(openai_standin, monkeypatch):
+    """``prepare`` checks the job once and the plan (the OpenAI size) goes with it; generate sends that size
+    without checking again, and the plan is stored as JSON and loaded back equal."""
+    from atelier.engines.base import dump_plan, load_plan
+    from atelier.engines.openai import UpstreamPlan
+
+    atelier = studio(openai_standin)
+    request = parse_request({"prompt": "a lighthouse", "aspect_ratio": "3:2", "openai_api_key": KEY})
+    engine = atelier.engine_for(request)
+    checks = []
+    check = engine.check
+    monkeypatch.setattr(engine, "check", lambda job: checks.append(job.id) or check(job))
+    job = atelier.prepare(request)
+    assert job.plan == UpstreamPlan("1536x1024") and checks == [job.id]
+    assert load_plan(engine, dump_plan(job.plan)) == job.plan
+    atelier.setup(engine).generate(job, progress=lambda e: None, cancel=CancelToken())
+    assert openai_standin.requests[-1].json["size"] == "1536x1024" and checks == [job.id]

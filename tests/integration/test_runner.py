@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import threading
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -12,7 +11,6 @@ from typing import Any
 
 import pytest
 
-from atelier.config import Settings
 from atelier.engines.base import CancelToken, Capabilities, Job, ProgressFn, Result, StoredImage
 from atelier.errors import EngineError, ModelUnavailable, NotFound, TooManyRequests, UnsupportedRequest
 from atelier.jobs.events import Event, ProgressReport, StatusEvent
@@ -24,64 +22,17 @@ from atelier.jobs.routing import EngineRouter
 from atelier.jobs.runner import Runner
 from atelier.jobs.store import Store
 from atelier.jobs.submission import Submission
-from atelier.request import ImageRequest, parse_request
+from atelier.request import ImageRequest
 from fakes import FakeEngine
+from runners import Harness, request, runner_harness, started
 
 KEY = "sk-test-never-stored-0123456789"
 
 
-def request(**fields: Any) -> ImageRequest:
-    return parse_request({"prompt": "a red square", **fields})
-
-
-class Harness:
-    """Builds runners on one data folder; stops them all at the end."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.tmp_path = tmp_path
-        self.runners: list[Runner] = []
-        self.gates: list[Any] = []
-
-    def settings(self, **overrides: Any) -> Settings:
-        return Settings(data_dir=self.tmp_path, **{"max_concurrency": 1, "max_queue": 8, **overrides})
-
-    async def runner(
-        self, *engines: FakeEngine, store_class: type[Store] = Store, start: bool = True, **overrides: Any
-    ) -> Runner:
-        settings = self.settings(**overrides)
-        store = store_class(settings.database_path)
-        engines = engines or (FakeEngine(),)
-        router = EngineRouter({e.model: e for e in engines}, engines[0].model)
-        runner = Runner(store, FileStore(settings.files_dir, store), router, settings, stop_timeout=1.0)
-        self.runners.append(runner)
-        if start:
-            await runner.start()
-        return runner
-
-    def block(self, engine: FakeEngine) -> Any:
-        gate = engine.block()
-        self.gates.append(gate)
-        return gate
-
-    def rows(self) -> int:
-        with sqlite3.connect(self.tmp_path / "atelier.db") as db:
-            return db.execute("select count(*) from predictions").fetchone()[0]
-
-
 @pytest.fixture
 async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
-    h = Harness(tmp_path)
-    yield h
-    for gate in h.gates:
-        gate.set()
-    for runner in h.runners:
-        await runner.stop(timeout=1.0)
-        runner.store.close()
-
-
-async def started(engine: FakeEngine) -> None:
-    assert await asyncio.to_thread(engine.started.wait, 2.0), "the engine never started"
-    engine.started.clear()
+    async with runner_harness(tmp_path, max_queue=8) as h:
+        yield h
 
 
 async def test_submit_runs_to_success_with_files_written_first(harness: Harness) -> None:

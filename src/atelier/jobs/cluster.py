@@ -234,7 +234,7 @@ class ClusterIntake(Intake):
 
     def __init__(self, runner: ClusterRunner) -> None:
         super().__init__(
-            runner.store, runner.files, runner.engines, runner.queue, runner.limits, new_task=runner._new_task
+            runner.calls, runner.files, runner.engines, runner.queue, runner.limits, new_task=runner._new_task
         )
         self.runner = runner
 

@@ -38,7 +38,7 @@ from atelier.jobs.limits import Caller, Limits
 from atelier.jobs.queue import Entry, Queue
 from atelier.jobs.records import Prediction, utc_now
 from atelier.jobs.routing import EngineRouter
-from atelier.jobs.store import Store
+from atelier.jobs.store_calls import StoreCalls
 from atelier.jobs.submission import Submission
 from atelier.jobs.task import USER_CANCEL, Task
 
@@ -52,7 +52,7 @@ NewTask = Callable[[Prediction], Task]
 class Intake:
     def __init__(
         self,
-        store: Store,
+        store: StoreCalls,
         files: FileStore,
         engines: EngineRouter,
         queue: Queue,
@@ -66,7 +66,14 @@ class Intake:
         self.queue = queue
         self.limits = limits
         self._new_task = new_task
-        self.accepting = False  # set by the runner once restart recovery is done, cleared at stop
+        self.accepting = False  # ``open`` once restart recovery is done, ``close`` at stop
+
+    def open(self) -> None:
+        self.accepting = True
+
+    def close(self) -> None:
+        """Refuse new work from now on (``ModelUnavailable``); what was accepted runs on."""
+        self.accepting = False
 
     # -- admission -------------------------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ import asyncio
 import builtins
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from atelier.engines.base import CancelToken
@@ -48,6 +49,7 @@ from atelier.jobs.records import Prediction
 from atelier.jobs.recovery import InputStager
 from atelier.jobs.routing import EngineRouter
 from atelier.jobs.store import Store
+from atelier.jobs.store_calls import StoreCalls
 from atelier.jobs.submission import Submission
 from atelier.jobs.task import Task
 from atelier.jobs.worker import SHUTDOWN, Workers
@@ -73,7 +75,9 @@ class Runner:
         *,
         stage_inputs: InputStager | None = None,
         stop_timeout: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``clock`` (monotonic seconds) drives the callers' rate limits: tests pass their own."""
         self.store = store
         self.files = files
         self.engines = engines
@@ -86,9 +90,10 @@ class Runner:
         self.queue = JobQueue(
             settings.max_queue, settings.max_concurrency, max_batch_jobs=batch_jobs, share=settings.queue_share
         )
-        self.limits = Limits.from_settings(settings)
+        self.limits = Limits.from_settings(settings, clock=clock)
         self.input_limits = InputLimits.from_settings(settings)
-        self.intake = Intake(store, files, engines, self.queue, self.limits, new_task=self._new_task)
+        self.calls = StoreCalls(store)  # every store call the job system makes from the loop (store_calls.py)
+        self.intake = Intake(self.calls, files, engines, self.queue, self.limits, new_task=self._new_task)
         self.workers = Workers(
             self.queue,
             files,
@@ -126,7 +131,7 @@ class Runner:
         self.store.open()
         self.dispatcher.start()
         await self._recover()
-        self.intake.accepting = True
+        self.intake.open()
         count = self.queue.concurrency
         self.workers.start(count)
         log.info("runner started: %d worker(s), queue bound %d", count, self.queue.max_queue)
@@ -136,7 +141,7 @@ class Runner:
         if self._stopping or not self._started:
             return
         self._stopping = True
-        self.intake.accepting = False
+        self.intake.close()  # first: nothing new is accepted while the workers wind down
         until = time.monotonic() + (self.stop_timeout if timeout is None else timeout)
         await self.workers.stop(until, self.cancel_grace)
         await self.dispatcher.drain(max(0.1, until - time.monotonic()))
@@ -179,7 +184,7 @@ class Runner:
     # -- restart recovery ------------------------------------------------------------------------------
 
     async def _recover(self) -> None:
-        for prediction in self.store.unfinished_predictions():
+        for prediction in self.calls.unfinished_predictions():
             if self.files.discard_outputs(prediction.id):  # a crash between writing outputs and succeeding
                 log.warning("prediction %s: discarded the outputs of its interrupted run", prediction.id)
             task = self._new_task(prediction)
@@ -208,7 +213,7 @@ class Runner:
 
     def _new_task(self, prediction: Prediction) -> Task:
         cost = self.settings.cost_per_second
-        return Task(prediction, self.store, cost_per_second=cost, notify=self.dispatcher.notify)
+        return Task(prediction, self.calls, cost_per_second=cost, notify=self.dispatcher.notify)
 
     async def _release_inputs(self, prediction: Prediction, event: Event) -> None:
         """A listener: once a prediction has ended, delete the input images kept for it alone."""

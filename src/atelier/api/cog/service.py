@@ -94,8 +94,11 @@ class CogDoor:
         self._admission = asyncio.Lock()
         self._document: dict[str, Any] | None = None
 
-    async def aclose(self) -> None:
-        """After the runner stopped: let webhook deliveries under way finish (briefly)."""
+    async def start(self) -> None:
+        """Nothing to start: the webhook sender listens from construction (it keeps nothing in the store)."""
+
+    async def flush_webhooks(self) -> None:
+        """After the workers stopped: let webhook deliveries under way finish (briefly)."""
         await self.webhooks.aclose()
 
     # -- predictions -----------------------------------------------------------------------------------

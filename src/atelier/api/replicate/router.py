@@ -9,11 +9,9 @@ renders them as Replicate's problem JSON.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, File, Form, Header, Query, Request, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Header, Query, Request, Response, UploadFile
 from fastapi.responses import FileResponse, StreamingResponse
 
 from atelier.api.deps import BaseURL, Owner, ServicesDep, authenticate
@@ -22,20 +20,7 @@ from atelier.api.replicate import protocol as wire
 from atelier.api.replicate.service import ReplicateDoor
 from atelier.errors import ModelUnavailable
 
-
-@asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Runs inside the app's own lifespan, so the services are started first and stopped last."""
-    door = ReplicateDoor(app.state.services)
-    await door.start()
-    app.state.replicate = door
-    try:
-        yield
-    finally:
-        await door.stop()
-
-
-router = APIRouter(prefix="/v1", lifespan=lifespan)
+router = APIRouter(prefix="/v1")  # the door is built by create_app, started and stopped by Services
 
 
 def get_door(request: Request) -> ReplicateDoor:

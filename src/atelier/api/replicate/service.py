@@ -83,8 +83,8 @@ class ReplicateDoor:
         self.webhooks.reconcile()  # after the listener: a message is better sent twice than lost
         self.webhooks.start()
 
-    async def stop(self) -> None:
-        await self.services.runner.stop()
+    async def flush_webhooks(self) -> None:
+        """At stop, after the workers: send what is due (briefly); the rest stays owed in the store."""
         await self.webhooks.flush(SHUTDOWN_FLUSH_SECONDS)
         await self.webhooks.stop()
         self.services.runner.listeners.remove(self.webhooks.on_event)
