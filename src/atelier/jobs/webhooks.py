@@ -157,6 +157,10 @@ class WebhookEngine:
         self._ensure_wake()
         self._writer_for().post(self._write_and_wake, delivery, loop)
 
+    async def stored(self) -> None:
+        """Wait until every message enqueued so far is in the outbox."""
+        await self._writer_for().drain()
+
     async def flush(self, timeout: float, *, doors: Collection[str] | None = None, retries: bool = False) -> bool:
         """Send what is due now (and, with ``retries``, what falls due within ``timeout``) and wait for it.
 
@@ -196,8 +200,9 @@ class WebhookEngine:
             except Exception:  # e.g. the database is briefly unavailable: try again on the next round
                 log.exception("webhook delivery round failed")
             timeout = self.poll_seconds if soonest is None else min(self.poll_seconds, max(0.005, soonest))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), timeout)
+            with contextlib.suppress(TimeoutError):  # not wait_for: on 3.11 it can lose a cancel (stop hangs)
+                async with asyncio.timeout(timeout):
+                    await wake.wait()
 
     async def _flush_round(self, names: set[str], retries: bool, remaining: float) -> bool:
         """Send what is due and wait for every attempt under way; True when another round is worth it."""
