@@ -260,3 +260,19 @@ async def test_two_engines_on_one_postgresql_database_deliver_every_message_exac
     for engine, s in zip(engines, stores, strict=True):
         await engine.stop(0)
         s.close()
+
+
+async def test_on_sqlite_a_dead_processs_claims_are_due_again_at_start(tmp_path: Path, receiver: Receiver) -> None:
+    """One process owns a SQLite file, so a claim found at start is a dead process's: no lease to wait out."""
+    store = Store(tmp_path / "atelier.db").open()
+    clock = FakeClock(datetime.now(UTC))
+    store.enqueue_delivery(message(clock, receiver.url(), "p", 1))
+    until = clock.now() + timedelta(seconds=120)
+    assert store.claim_deliveries({"test"}, clock.now(), until, "claim_dead", 10)  # then the process died
+    engine = WebhookEngine(store)
+    engine.register(PlainDoor())
+    engine.start()
+    assert await asyncio.to_thread(receiver.wait_for, lambda r: len(r.requests) == 1, 30)
+    await engine.stop(5)
+    assert row(store, "msg_p_1")["delivered_at"] is not None
+    store.close()
