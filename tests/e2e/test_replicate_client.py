@@ -7,10 +7,7 @@ data folder. The client is pointed at the server with ``base_url`` (what ``REPLI
 from __future__ import annotations
 
 import io
-import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +18,7 @@ from PIL import Image
 from replicate.webhook import Webhooks
 
 from conftest import Server, start_server
+from receivers import Receiver
 
 pytestmark = pytest.mark.slow
 
@@ -144,48 +142,25 @@ def test_output_downloads_are_named_and_answer_head(client: replicate.Client) ->
     assert httpx.head(prediction.output[0].split("?")[0], timeout=30).status_code == 401  # no signature, no token
 
 
-class Receiver:
-    def __init__(self) -> None:
-        self.requests: list[tuple[dict[str, str], str]] = []
-        self.completed = threading.Event()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"])).decode()
-                receiver.requests.append((dict(self.headers.items()), body))
-                if json.loads(body)["status"] == "succeeded":
-                    receiver.completed.set()
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-
-
 def test_webhooks_arrive_signed(client: replicate.Client) -> None:
     receiver = Receiver()
     try:
         prediction = client.predictions.create(
             model=SEED,
             input={"prompt": "a yellow star"},
-            webhook=receiver.url,
+            webhook=receiver.url(),
             webhook_events_filter=["start", "completed"],
         )
-        assert receiver.completed.wait(60), "no completed webhook"
+        assert receiver.wait_for(lambda r: "succeeded" in r.events(), 60), "no completed webhook"
         secret = client.webhooks.default.secret()
-        for headers, body in receiver.requests:
-            Webhooks.validate(headers=headers, body=body, secret=secret, tolerance=300)  # raises if invalid
-        statuses = [json.loads(body)["status"] for _, body in receiver.requests]
-        assert statuses == ["starting", "succeeded"]
-        assert json.loads(receiver.requests[-1][1])["id"] == prediction.id
+        for request in receiver.requests:
+            Webhooks.validate(
+                headers=request.headers, body=request.text, secret=secret, tolerance=300
+            )  # raises if invalid
+        assert receiver.events() == ["starting", "succeeded"]
+        assert receiver.requests[-1].json()["id"] == prediction.id
     finally:
-        receiver.server.shutdown()
-        receiver.server.server_close()
+        receiver.close()
 
 
 def test_predictions_and_files_survive_a_restart(api_server: Server, tiny_flux2: Path) -> None:

@@ -12,11 +12,9 @@ import dataclasses
 import io
 import json
 import threading
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, get_args
 
@@ -25,6 +23,7 @@ import pytest
 from fastapi import FastAPI
 from PIL import Image
 
+import receivers
 from atelier.api.cog.protocol import Status
 from atelier.api.cog.service import CogDoor
 from atelier.api.cog.webhooks import WebhookSender
@@ -154,55 +153,12 @@ def decode(uri: str) -> Image.Image:
     return image
 
 
-@dataclass
-class Received:
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: bytes
+class Receiver(receivers.Receiver):
+    """The one test receiver (tests/receivers.py), addressed as these tests write it: ``url`` is its root."""
 
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-class Receiver:
-    """A real HTTP server on loopback that records requests and answers with scripted statuses."""
-
-    def __init__(self) -> None:
-        self.requests: list[Received] = []
-        self.statuses: deque[int] = deque()  # the next answers; 200 once empty
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _record(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                receiver.requests.append(Received(self.command, self.path, dict(self.headers), body))
-                status = receiver.statuses.popleft() if receiver.statuses else 200
-                self.send_response(status)
-                if 300 <= status < 400:
-                    self.send_header("Location", f"{receiver.url}/moved")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            do_POST = do_PUT = _record
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
+    @property  # type: ignore[override]
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def bodies(self) -> list[dict[str, Any]]:
-        return [r.json() for r in self.requests]
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        return super().url(path="")
 
 
 @pytest.fixture

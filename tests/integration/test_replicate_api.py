@@ -18,7 +18,6 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,7 @@ from atelier.config import Settings
 from atelier.errors import EngineError
 from atelier.jobs.records import parse_time, utc_now
 from fakes import FakeEngine
+from receivers import Receiver
 
 TOKEN_A, TOKEN_B = "token-a-0123456789", "token-b-0123456789"
 BASE = "http://atelier.test"
@@ -847,45 +847,6 @@ async def test_done_says_why_a_prediction_did_not_succeed_live_and_on_replay(doo
 # -- webhooks -------------------------------------------------------------------------------------------
 
 
-class Receiver:
-    """A real HTTP server on 127.0.0.1 that records webhook requests and answers as scripted."""
-
-    def __init__(self) -> None:
-        self.requests: list[dict[str, Any]] = []
-        self.answers: list[int] = []  # statuses for the next requests, then 200
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"])).decode()
-                receiver.requests.append(
-                    {"path": self.path, "headers": dict(self.headers.items()), "body": body, "at": time.monotonic()}
-                )
-                status = receiver.answers.pop(0) if receiver.answers else 200
-                self.send_response(status)
-                if 300 <= status < 400:
-                    self.send_header("Location", "/redirected")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    def url(self, path: str = "/hook") -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
-
-    def events(self, path: str = "/hook") -> list[str]:
-        return [json.loads(r["body"])["status"] for r in self.requests if r["path"] == path]
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
 def receiver() -> Any:
     running = Receiver()
@@ -909,16 +870,16 @@ async def test_webhooks_are_signed_with_the_default_secret(door: Door, receiver:
     await until(lambda: "succeeded" in receiver.events())
     key = WebhookSigningSecret(key=secret["key"])
     for request in receiver.requests:
-        Webhooks.validate(headers=request["headers"], body=request["body"], secret=key, tolerance=60)
+        Webhooks.validate(headers=request.headers, body=request.text, secret=key, tolerance=60)
         # and independently, per the Standard Webhooks spec
-        signed = f"{request['headers']['webhook-id']}.{request['headers']['webhook-timestamp']}.{request['body']}"
+        signed = f"{request.headers['webhook-id']}.{request.headers['webhook-timestamp']}.{request.text}"
         digest = hmac.new(base64.b64decode(secret["key"].removeprefix("whsec_")), signed.encode(), hashlib.sha256)
-        assert request["headers"]["webhook-signature"] == "v1," + base64.b64encode(digest.digest()).decode()
-        assert KEY not in request["body"] and json.loads(request["body"])["id"] == body["id"]
-    tampered = dict(receiver.requests[-1]["headers"])
+        assert request.headers["webhook-signature"] == "v1," + base64.b64encode(digest.digest()).decode()
+        assert KEY not in request.text and json.loads(request.text)["id"] == body["id"]
+    tampered = dict(receiver.requests[-1].headers)
     with pytest.raises(InvalidSignatureError):
-        Webhooks.validate(headers=tampered, body=receiver.requests[-1]["body"] + " ", secret=key)
-    last = json.loads(receiver.requests[-1]["body"])
+        Webhooks.validate(headers=tampered, body=receiver.requests[-1].text + " ", secret=key)
+    last = json.loads(receiver.requests[-1].text)
     assert last["status"] == "succeeded" and last["input"]["openai_api_key"] == "[REDACTED]"
     assert last["output"][0].startswith(f"{BASE}/v1/files/") and ClientPrediction(**last)
 
@@ -928,15 +889,19 @@ async def test_one_tokens_webhook_secret_verifies_no_other_tokens_webhooks(door:
     for token in (TOKEN_A, TOKEN_B):
         client = door.client(token)
         keys[token] = WebhookSigningSecret(key=(await client.get("/v1/webhooks/default/secret")).json()["key"])
-        body = {"input": {"prompt": "x"}, "webhook": receiver.url(f"/{token}"), "webhook_events_filter": ["completed"]}
+        body = {
+            "input": {"prompt": "x"},
+            "webhook": receiver.url(path=f"/{token}"),
+            "webhook_events_filter": ["completed"],
+        }
         assert (await client.post("/v1/models/openai/gpt-image-2/predictions", json=body)).status_code == 201
     await until(lambda: len(receiver.requests) == 2)
     assert keys[TOKEN_A].key != keys[TOKEN_B].key
     for request in receiver.requests:
-        mine, theirs = (TOKEN_A, TOKEN_B) if request["path"] == f"/{TOKEN_A}" else (TOKEN_B, TOKEN_A)
-        Webhooks.validate(headers=request["headers"], body=request["body"], secret=keys[mine])
+        mine, theirs = (TOKEN_A, TOKEN_B) if request.path == f"/{TOKEN_A}" else (TOKEN_B, TOKEN_A)
+        Webhooks.validate(headers=request.headers, body=request.text, secret=keys[mine])
         with pytest.raises(InvalidSignatureError):  # another tenant cannot forge this tenant's webhooks
-            Webhooks.validate(headers=request["headers"], body=request["body"], secret=keys[theirs])
+            Webhooks.validate(headers=request.headers, body=request.text, secret=keys[theirs])
 
 
 async def test_webhook_secrets_survive_a_restart_and_a_tokenless_server_keeps_its_old_one(tmp_path: Path) -> None:
@@ -962,12 +927,12 @@ async def test_webhook_secrets_survive_a_restart_and_a_tokenless_server_keeps_it
 
 
 async def test_webhook_events_follow_the_filter(door: Door, receiver: Receiver) -> None:
-    everything = await create_with_webhook(door, webhook=receiver.url("/all"))
+    everything = await create_with_webhook(door, webhook=receiver.url(path="/all"))
     completed_only = await create_with_webhook(
-        door, webhook=receiver.url("/completed"), webhook_events_filter=["completed"]
+        door, webhook=receiver.url(path="/completed"), webhook_events_filter=["completed"]
     )
-    legacy = await create_with_webhook(door, webhook_completed=receiver.url("/legacy"))
-    start_only = await create_with_webhook(door, webhook=receiver.url("/start"), webhook_events_filter=["start"])
+    legacy = await create_with_webhook(door, webhook_completed=receiver.url(path="/legacy"))
+    start_only = await create_with_webhook(door, webhook=receiver.url(path="/start"), webhook_events_filter=["start"])
     for prediction in (everything, completed_only, legacy, start_only):
         await door.finished(prediction["id"])
     await until(lambda: len(receiver.events("/legacy")) == 1 and "succeeded" in receiver.events("/all"))
@@ -1004,16 +969,16 @@ async def test_logs_and_output_webhooks_are_throttled_to_one_per_500ms(door: Doo
     )
     await door.finished(prediction["id"])
     await until(lambda: "succeeded" in receiver.events(), 3)
-    times = [r["at"] for r in receiver.requests]
+    times = [r.at for r in receiver.requests]
     assert 2 <= len(times) <= 5, f"{len(times)} logs/output webhooks for ~1.2 s of logs"
     assert all(b - a >= 0.35 for a, b in itertools.pairwise(times)), times
 
 
 async def test_failed_deliveries_are_retried_with_the_same_id(door: Door, receiver: Receiver) -> None:
-    receiver.answers = [500, 503]
+    receiver.statuses.extend([500, 503])
     await create_with_webhook(door, webhook=receiver.url(), webhook_events_filter=["completed"])
     await until(lambda: len(receiver.requests) == 3)
-    assert len({r["headers"]["webhook-id"] for r in receiver.requests}) == 1
+    assert len({r.headers["webhook-id"] for r in receiver.requests}) == 1
     await asyncio.sleep(0.3)
     assert len(receiver.requests) == 3, "delivered once it succeeded; nothing more"
 
@@ -1021,13 +986,13 @@ async def test_failed_deliveries_are_retried_with_the_same_id(door: Door, receiv
 async def test_deliveries_are_given_up_after_six_attempts_and_redirects_not_followed(
     door: Door, receiver: Receiver
 ) -> None:
-    receiver.answers = [500] * 10
-    await create_with_webhook(door, webhook=receiver.url("/down"), webhook_events_filter=["completed"])
+    receiver.statuses.extend([500] * 10)
+    await create_with_webhook(door, webhook=receiver.url(path="/down"), webhook_events_filter=["completed"])
     await until(lambda: len(receiver.requests) == 6)
     await asyncio.sleep(0.4)
     assert len(receiver.requests) == 6
-    receiver.answers = [302] * 10
-    await create_with_webhook(door, webhook=receiver.url("/moved"), webhook_events_filter=["completed"])
+    receiver.statuses.extend([302] * 10)
+    await create_with_webhook(door, webhook=receiver.url(path="/moved"), webhook_events_filter=["completed"])
     await until(lambda: len(receiver.events("/moved")) == 6)
     assert receiver.events("/redirected") == []
 
@@ -1036,7 +1001,7 @@ async def test_undelivered_webhooks_survive_a_restart(tmp_path: Path, receiver: 
     app, _, _ = build(tmp_path)
     async with app.router.lifespan_context(app):
         app.state.replicate.webhooks.retry_delays = (30.0,)
-        receiver.answers = [500]
+        receiver.statuses.extend([500])
         client = httpx.AsyncClient(
             transport=httpx.ASGITransport(app), base_url=BASE, headers={"Authorization": f"Bearer {TOKEN_A}"}
         )
@@ -1057,4 +1022,4 @@ async def test_undelivered_webhooks_survive_a_restart(tmp_path: Path, receiver: 
         assert len(due) == 1
         services.store.mark_failed_attempt(due[0].id, "test", utc_now())
         await until(lambda: len(receiver.requests) == 2)
-        assert receiver.requests[0]["headers"]["webhook-id"] == receiver.requests[1]["headers"]["webhook-id"]
+        assert receiver.requests[0].headers["webhook-id"] == receiver.requests[1].headers["webhook-id"]

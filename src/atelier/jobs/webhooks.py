@@ -11,7 +11,8 @@ Flow::
   PostgreSQL with ``FOR UPDATE SKIP LOCKED`` (two engines never take one row), on SQLite under its single
   writer. The claim moves the message's due time to the end of a lease (``lease_seconds``) and names the
   attempt; the outcome is recorded only by the holder of that claim. A process that dies mid-attempt
-  leaves the message to be claimed again when the lease runs out.
+  leaves the message to be claimed again when the lease runs out (on SQLite, at the next start: the
+  file has one owner, so its claims can only be a dead process's).
 * **In order per prediction.** A message is not claimed while another message of its prediction is
   claimed; messages claimed together are sent one after another, oldest first. So ``completed`` never
   overtakes ``start``, and a slow receiver holds up only its own prediction's messages (up to
@@ -54,7 +55,9 @@ log = logging.getLogger(__name__)
 
 CONCURRENCY = 8  # predictions whose messages are being sent at once, per process
 POLL_SECONDS = 1.0  # how often the loop looks for messages other processes enqueued or retries fell due
-LEASE_SECONDS = 300.0  # a claimed message is sent again after this long if its attempt never settles
+# A claimed message is sent again after this long if its attempt never settles: above a whole claim's
+# sending (at most CONCURRENCY messages of one prediction, each attempt bounded by its door's timeout, 10 s).
+LEASE_SECONDS = 120.0
 SHUTDOWN_FLUSH_SECONDS = 5.0
 
 
@@ -124,8 +127,13 @@ class WebhookEngine:
     # -- lifecycle -------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Run the delivery loop (idempotent); the store must be open."""
+        """Run the delivery loop (idempotent); the store must be open. On SQLite, messages a dead process had
+        claimed are due again at once (this process owns the file); on PostgreSQL their lease runs out."""
         if self._loop_task is None and not self._closed:
+            if self.store.dialect == "sqlite":
+                released = self.store.release_delivery_claims(self.clock.now())
+                if released:
+                    log.info("%d webhook message(s) a previous process was sending are due again", released)
             self._loop_task = asyncio.create_task(self._run(), name="atelier-webhooks")
 
     async def stop(self, flush_timeout: float = SHUTDOWN_FLUSH_SECONDS) -> None:
@@ -156,6 +164,10 @@ class WebhookEngine:
             return
         self._ensure_wake()
         self._writer_for().post(self._write_and_wake, delivery, loop)
+
+    async def stored(self) -> None:
+        """Wait until every message enqueued so far is in the outbox."""
+        await self._writer_for().drain()
 
     async def flush(self, timeout: float, *, doors: Collection[str] | None = None, retries: bool = False) -> bool:
         """Send what is due now (and, with ``retries``, what falls due within ``timeout``) and wait for it.
@@ -196,8 +208,9 @@ class WebhookEngine:
             except Exception:  # e.g. the database is briefly unavailable: try again on the next round
                 log.exception("webhook delivery round failed")
             timeout = self.poll_seconds if soonest is None else min(self.poll_seconds, max(0.005, soonest))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), timeout)
+            with contextlib.suppress(TimeoutError):  # not wait_for: on 3.11 it can lose a cancel (stop hangs)
+                async with asyncio.timeout(timeout):
+                    await wake.wait()
 
     async def _flush_round(self, names: set[str], retries: bool, remaining: float) -> bool:
         """Send what is due and wait for every attempt under way; True when another round is worth it."""
