@@ -100,6 +100,7 @@ class ClusterRunner(Runner):
         self.cluster_workers = ClusterWorkers(self)
         self.workers = self.cluster_workers
         self._background: list[asyncio.Task[None]] = []
+        self._forwarding: set[asyncio.Task[None]] = set()
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -169,7 +170,9 @@ class ClusterRunner(Runner):
                 if publisher is not None:
                     await publisher.publish(event)
 
-        asyncio.get_running_loop().create_task(forward(), name=f"atelier-publish-{entry.id}")
+        task = asyncio.get_running_loop().create_task(forward(), name=f"atelier-publish-{entry.id}")
+        self._forwarding.add(task)  # kept until done: the loop holds only weak references to its tasks
+        task.add_done_callback(self._forwarding.discard)
 
     def announce_end(self, prediction: Prediction) -> None:
         """Listeners here (webhooks) hear that ``prediction`` ended: this process wrote its end."""
@@ -237,6 +240,7 @@ class ClusterIntake(Intake):
             runner.calls, runner.files, runner.engines, runner.queue, runner.limits, new_task=runner._new_task
         )
         self.runner = runner
+        self._abandoning: set[asyncio.Task[None]] = set()
 
     def accept(self, prediction: Prediction, job: Job, engine: Engine, batch: BatchPlan | None) -> None:
         runner = self.runner
@@ -291,8 +295,10 @@ class ClusterIntake(Intake):
     def abandon(self, id: str, reason: str) -> None:
         if self.queue.get(id) is not None:
             super().abandon(id, reason)
-        else:
-            asyncio.get_running_loop().create_task(self._cancel_elsewhere(id, reason))
+        else:  # kept until done: the loop holds only weak references to its tasks
+            task = asyncio.get_running_loop().create_task(self._cancel_elsewhere(id, reason))
+            self._abandoning.add(task)
+            task.add_done_callback(self._abandoning.discard)
 
     async def _cancel_elsewhere(self, id: str, reason: str) -> None:
         line = "Prediction canceled" if reason == USER_CANCEL else f"Prediction canceled: {reason}"

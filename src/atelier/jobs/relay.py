@@ -19,7 +19,6 @@ seen both in a notification and in the row is delivered once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import json
 import logging
@@ -60,8 +59,10 @@ class Publisher:
         prediction = event.prediction
         if prediction is None:
             return
-        with contextlib.suppress(Exception):  # a lost notification only delays a reader (it polls)
+        try:
             await asyncio.get_running_loop().run_in_executor(self._thread, self._send, prediction, event)
+        except Exception as exc:  # a lost notification only delays a reader (it re-reads the row)
+            log.warning("prediction %s: its %s event was not published (%s)", prediction.id, event.kind, exc)
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)
