@@ -36,6 +36,7 @@ from conftest import Server, start_server
 from receivers import Receiver
 
 pytest.importorskip("psycopg")
+pytestmark = pytest.mark.slow  # real processes: about two minutes on 2 cores
 
 TOKENS = [f"e2e-cluster-token-{i}-0123456789" for i in range(10)]
 SEED = "openai/gpt-image-2"
