@@ -227,3 +227,13 @@ def test_a_queued_job_past_its_deadline_is_canceled_by_the_sweeper(store: Store)
     row = store.get_prediction("late")
     assert row is not None and (row.status, row.error) == ("canceled", "deadline exceeded")
     assert queue.claim() == []
+
+
+def test_a_job_left_processing_without_a_lease_by_an_older_process_is_taken_back(store: Store) -> None:
+    queue = shared(store)
+    id = admit(queue, "A")
+    store.update_prediction(id, status="processing", started_at=utc_now())  # as a process before leases left it
+    assert queue.claim() == []
+    swept = queue.sweep()
+    assert swept is not None and swept.requeued == [id]
+    assert ids(queue.claim()) == [id]

@@ -298,7 +298,8 @@ class SharedQueue:
 
     def sweep(self) -> Swept | None:
         """Take back expired leases and cancel queued jobs past their deadline; None when another process
-        is sweeping. Jobs re-queued keep their seed; those out of attempts (or not re-runnable) fail."""
+        is sweeping. Jobs re-queued keep their seed; those out of attempts (or not re-runnable) fail. A job
+        left ``processing`` with no lease at all (by a process from before leases) is taken back too."""
         now = format_time(self.clock())
         requeued, failed, canceled = [], [], []
         with self.engine.begin() as conn:
@@ -306,8 +307,9 @@ class SharedQueue:
                 return None
             expired = conn.execute(
                 text(
-                    "SELECT * FROM predictions WHERE lease_owner IS NOT NULL AND lease_expires_at < :now "
-                    "AND status IN ('starting', 'processing') FOR UPDATE SKIP LOCKED"
+                    "SELECT * FROM predictions WHERE ((lease_owner IS NOT NULL AND lease_expires_at < :now "
+                    "AND status IN ('starting', 'processing')) OR (lease_owner IS NULL AND status = 'processing')) "
+                    "FOR UPDATE SKIP LOCKED"
                 ),
                 {"now": now},
             ).mappings()
