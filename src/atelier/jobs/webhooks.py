@@ -140,6 +140,9 @@ class WebhookEngine:
         """Send what is due (bounded), then stop; what is left waits in the outbox for the next start."""
         if self._closed:
             return
+        if self._loop_task is None and self._writer is None:  # never started (the app's start failed early)
+            self._closed = True
+            return
         if flush_timeout > 0:
             await self.flush(flush_timeout)
         self._closed = True
