@@ -276,3 +276,10 @@ async def test_on_sqlite_a_dead_processs_claims_are_due_again_at_start(tmp_path:
     await engine.stop(5)
     assert row(store, "msg_p_1")["delivered_at"] is not None
     store.close()
+
+
+async def test_an_engine_that_never_started_stops_without_touching_the_store(tmp_path: Path) -> None:
+    engine = WebhookEngine(Store(tmp_path / "atelier.db"))  # never opened: an app whose start failed early
+    engine.register(PlainDoor())
+    await engine.stop()
+    assert await engine.flush(1) is False

@@ -140,6 +140,9 @@ class WebhookEngine:
         """Send what is due (bounded), then stop; what is left waits in the outbox for the next start."""
         if self._closed:
             return
+        if self._loop_task is None and self._writer is None:  # never started (the app's start failed early)
+            self._closed = True
+            return
         if flush_timeout > 0:
             await self.flush(flush_timeout)
         self._closed = True
@@ -207,7 +210,9 @@ class WebhookEngine:
                 soonest = await self._seconds_to_next()
             except Exception:  # e.g. the database is briefly unavailable: try again on the next round
                 log.exception("webhook delivery round failed")
-            timeout = self.poll_seconds if soonest is None else min(self.poll_seconds, max(0.005, soonest))
+            # Due now but not claimed (its prediction's message is in flight, or no room): a finishing attempt
+            # wakes the loop, another process's claim is polled for; never spin on it.
+            timeout = self.poll_seconds if soonest is None or soonest <= 0 else min(self.poll_seconds, soonest)
             with contextlib.suppress(TimeoutError):  # not wait_for: on 3.11 it can lose a cancel (stop hangs)
                 async with asyncio.timeout(timeout):
                     await wake.wait()
