@@ -1,7 +1,9 @@
 """The job system's records: what the store keeps and what the doors render.
 
 Plain dataclasses, no I/O. A ``Prediction`` is only ever *changed* by ``atelier.jobs.task.Task``
-(principle 6); everyone else gets snapshots. Timestamps are timezone-aware UTC ``datetime`` objects in
+(principle 6); everyone else gets snapshots. Its ``status`` is a ``Status`` (a ``StrEnum`` whose values
+are the wire's and the store's); a failed one carries its ``Failure`` record (code, HTTP status, field,
+``retry_after``, message), stored with it so any process answers the same typed error. Timestamps are timezone-aware UTC ``datetime`` objects in
 Python and fixed-width ISO-8601 text with microseconds and a ``Z`` in the database and on the wire
 (``2026-01-01T12:00:00.123456Z``, Replicate's shape); fixed width keeps text order equal to time order,
 which the list cursor relies on.

@@ -194,11 +194,7 @@ class Runner:
                 task.fail(reason, "interrupted")
                 continue
             try:
-                job, engine = await recovery.rebuild(prediction, self.engines, self._stage_inputs)
-                if job.plan is None:  # recorded before plans were stored, or an engine that cannot load one
-                    job, batch = await asyncio.to_thread(self.intake.check_job, engine, job)
-                else:  # the plan of its one check at admission: not checked again
-                    batch = await asyncio.to_thread(self.intake.batch_plan, engine, job)
+                entry = await self.entry_for(task)
             except AtelierError as exc:
                 task.fail(exc)
                 continue
@@ -206,8 +202,19 @@ class Runner:
                 task.fail(f"the job could not be prepared again after a restart ({exc}); resubmit", "interrupted")
                 continue
             task.requeue(RESTARTED)
-            self.intake.enqueue(Entry(task, job, engine, CancelToken(), batch=batch), first=True)
+            self.intake.enqueue(entry, first=True)
             log.info("prediction %s re-queued after restart", prediction.id)
+
+    async def entry_for(self, task: Task) -> Entry:
+        """A queue entry for a stored prediction (its ``Task``): the job rebuilt from its record, on the plan
+        stored at admission (checked again only when there is none). Raises the typed error when it cannot
+        be rebuilt. Restart recovery uses it; so can a worker taking a job another process accepted."""
+        job, engine = await recovery.rebuild(task.prediction, self.engines, self._stage_inputs)
+        if job.plan is None:  # recorded before plans were stored, or an engine that cannot load one
+            job, batch = await asyncio.to_thread(self.intake.check_job, engine, job)
+        else:  # the plan of its one check at admission: not checked again
+            batch = await asyncio.to_thread(self.intake.batch_plan, engine, job)
+        return Entry(task, job, engine, CancelToken(), batch=batch)
 
     # -- internals -------------------------------------------------------------------------------------
 
