@@ -198,3 +198,22 @@ async def test_a_follower_that_subscribes_after_the_job_ended_gets_its_end_witho
 
 async def _collect(subscription: Any) -> list[Any]:
     return [event async for event in subscription]
+
+
+async def test_a_caller_hanging_up_at_the_api_process_cancels_the_job_on_the_worker(cluster: Cluster) -> None:
+    api = await cluster.runner(work=False)
+    engine = FakeEngine()
+    gate = engine.block()
+    cluster.gates.append(gate)
+    worker = await cluster.runner(engine)
+    prediction = await api.submit(Submission(request(), "openai"))
+    await asyncio.to_thread(engine.started.wait, 10)
+    api.abandon(prediction.id, "the client hung up")
+    ended = await api.wait(prediction.id, 10)
+    assert (ended.status, ended.error) == ("canceled", "the client hung up")
+    entry = worker.queue.get(prediction.id)
+    while entry is not None and not entry.token.cancelled:  # the worker heard it and stops its engine
+        await asyncio.sleep(0.01)
+    while worker.queue.get(prediction.id) is not None:
+        await asyncio.sleep(0.01)
+    assert engine.jobs[0].id == prediction.id and (await api.get(prediction.id)).output is None
