@@ -217,3 +217,16 @@ async def test_a_caller_hanging_up_at_the_api_process_cancels_the_job_on_the_wor
     while worker.queue.get(prediction.id) is not None:
         await asyncio.sleep(0.01)
     assert engine.jobs[0].id == prediction.id and (await api.get(prediction.id)).output is None
+
+
+async def test_a_deadline_ends_a_job_running_on_a_worker(cluster: Cluster) -> None:
+    api = await cluster.runner(work=False)
+    engine = FakeEngine()
+    gate = engine.block()
+    cluster.gates.append(gate)
+    await cluster.runner(engine)
+    deadline = utc_now() + timedelta(seconds=1)
+    prediction = await api.submit(Submission(request(), "replicate", deadline=deadline))
+    ended = await api.wait(prediction.id, 20)
+    assert (ended.status, ended.error) == ("canceled", "deadline exceeded")
+    assert ended.output is None and engine.jobs[0].id == prediction.id
