@@ -267,14 +267,18 @@ async def test_on_sqlite_a_dead_processs_claims_are_due_again_at_start(tmp_path:
     store = Store(tmp_path / "atelier.db").open()
     clock = FakeClock(datetime.now(UTC))
     store.enqueue_delivery(message(clock, receiver.url(), "p", 1))
+    clock.advance(0.001)
+    store.enqueue_delivery(message(clock, receiver.url(), "p", 2))
     until = clock.now() + timedelta(seconds=120)
-    assert store.claim_deliveries({"test"}, clock.now(), until, "claim_dead", 10)  # then the process died
-    engine = WebhookEngine(store)
+    (held,) = store.claim_deliveries({"test"}, clock.now(), until, "claim_dead", 1)  # then the process died
+    assert held.id == "msg_p_1"
+    engine = WebhookEngine(store, concurrency=1)  # one message claimed at a time: the order is the claims'
     engine.register(PlainDoor())
     engine.start()
-    assert await asyncio.to_thread(receiver.wait_for, lambda r: len(r.requests) == 1, 30)
+    assert await asyncio.to_thread(receiver.wait_for, lambda r: len(r.requests) == 2, 30)
     await engine.stop(5)
-    assert row(store, "msg_p_1")["delivered_at"] is not None
+    # the released message keeps its place before its prediction's later one
+    assert [r.headers["x-message"] for r in receiver.requests] == ["msg_p_1", "msg_p_2"]
     store.close()
 
 
