@@ -267,14 +267,18 @@ async def test_on_sqlite_a_dead_processs_claims_are_due_again_at_start(tmp_path:
     store = Store(tmp_path / "atelier.db").open()
     clock = FakeClock(datetime.now(UTC))
     store.enqueue_delivery(message(clock, receiver.url(), "p", 1))
+    clock.advance(0.001)
+    store.enqueue_delivery(message(clock, receiver.url(), "p", 2))
     until = clock.now() + timedelta(seconds=120)
-    assert store.claim_deliveries({"test"}, clock.now(), until, "claim_dead", 10)  # then the process died
-    engine = WebhookEngine(store)
+    (held,) = store.claim_deliveries({"test"}, clock.now(), until, "claim_dead", 1)  # then the process died
+    assert held.id == "msg_p_1"
+    engine = WebhookEngine(store, concurrency=1)  # one message claimed at a time: the order is the claims'
     engine.register(PlainDoor())
     engine.start()
-    assert await asyncio.to_thread(receiver.wait_for, lambda r: len(r.requests) == 1, 30)
+    assert await asyncio.to_thread(receiver.wait_for, lambda r: len(r.requests) == 2, 30)
     await engine.stop(5)
-    assert row(store, "msg_p_1")["delivered_at"] is not None
+    # the released message keeps its place before its prediction's later one
+    assert [r.headers["x-message"] for r in receiver.requests] == ["msg_p_1", "msg_p_2"]
     store.close()
 
 
@@ -283,3 +287,83 @@ async def test_an_engine_that_never_started_stops_without_touching_the_store(tmp
     engine.register(PlainDoor())
     await engine.stop()
     assert await engine.flush(1) is False
+
+
+ENGINE_PROCESS = """
+import asyncio, sys
+from atelier.fetch import FetchPolicy
+from atelier.jobs.store import Store
+from atelier.jobs.webhooks import Outcome, WebhookEngine
+
+class Door:
+    name = "test"
+    policy = FetchPolicy.from_allow(["127.0.0.1"], timeout=5.0)
+    def headers(self, delivery, body, now):
+        return {"Content-Type": "application/json", "x-message": delivery.id}
+    def judge(self, delivery, attempt, status, problem):
+        return Outcome(delivered=status is not None and 200 <= status < 300, problem=problem, retry_in=None)
+
+async def main():
+    store = Store(sys.argv[1]).open()
+    engine = WebhookEngine(store, concurrency=4)
+    engine.register(Door())
+    print("ready", flush=True)
+    sys.stdin.readline()
+    claimed = 0
+    while True:  # until nothing is left undelivered: what the other process holds may come back
+        got = await engine.deliver_due()
+        claimed += got
+        if not got and store.soonest_delivery({"test"}) is None:
+            break
+        await asyncio.sleep(0 if got else 0.01)  # a poll, as the engine's own loop does
+    await engine.stop(0)
+    store.close()
+    print(claimed, flush=True)
+
+asyncio.run(main())
+"""
+
+
+async def test_two_processes_on_one_postgresql_database_deliver_every_message_exactly_once(
+    pg_database: str, receiver: Receiver
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    store = Store(pg_database).open()
+    clock = FakeClock(datetime.now(UTC))
+    ids = []
+    for p in range(40):
+        for n in range(2):
+            store.enqueue_delivery(message(clock, receiver.url(), f"p{p}", n))
+            ids.append(f"msg_p{p}_{n}")
+    child = subprocess.Popen(
+        [sys.executable, "-c", ENGINE_PROCESS, pg_database],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=os.environ,
+    )  # fmt: skip
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        assert (await asyncio.to_thread(child.stdout.readline)).strip() == "ready"
+        engine = WebhookEngine(store, concurrency=4)  # the real clock, as the other process has
+        engine.register(PlainDoor())
+        child.stdin.write("go\n")
+        child.stdin.flush()  # both start draining now
+        claimed_here = 0
+        while True:  # until nothing is left undelivered: what the other process holds may come back
+            got = await engine.deliver_due()
+            claimed_here += got
+            if not got and store.soonest_delivery({"test"}) is None:
+                break
+            await asyncio.sleep(0 if got else 0.01)  # a poll, as the engine's own loop does
+        claimed_there = int((await asyncio.to_thread(child.stdout.readline)).strip())
+        assert await asyncio.to_thread(child.wait, 60) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    sent = Counter(r.headers["x-message"] for r in receiver.requests)
+    assert sent == Counter(ids)  # every message exactly once, between the two processes
+    assert claimed_here + claimed_there == len(ids)
+    await engine.stop(0)
+    store.close()

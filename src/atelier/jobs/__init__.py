@@ -12,9 +12,12 @@
     store_calls.py StoreCalls: the one place the job system calls the store from the loop
     routing.py    EngineRouter: which engine serves a request; one-time engine setup
     recovery.py   what a prediction records to run again after a restart, and whether it can
-    store.py      Store: SQLite (WAL) or Postgres through SQLAlchemy Core
+    store.py      Store: SQLite (WAL) or PostgreSQL (ATELIER_DATABASE_URL) through SQLAlchemy Core
     migrations.py the schema, as an append-only list of named migrations
     files.py      FileStore: durable files, capability URL signatures, the webhook secret
+    webhooks.py   WebhookEngine: the one durable webhook outbox and delivery engine every door uses
+    writer.py     OrderedWriter: store calls off the event loop, in order (PostgreSQL)
+    owner.py      one process per SQLite database (a second is refused at start)
 
 Wiring (done by ``create_app`` or a script; nothing here runs at import)::
 

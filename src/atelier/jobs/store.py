@@ -401,12 +401,19 @@ class Store:
             return conn.execute(update(DELIVERIES).where(c.id == id, c.claim == claim).values(**values)).rowcount == 1
 
     def release_delivery_claims(self, now: datetime) -> int:
-        """Make every claimed, undelivered message due now: for a SQLite database at start, whose claims can
+        """Make every claimed, undelivered message due again: for a SQLite database at start, whose claims can
         only be a dead process's (one process owns the file: ``atelier.jobs.owner``)."""
         c = DELIVERIES.c
         query = update(DELIVERIES).where(c.claim.is_not(None), c.delivered_at.is_(None))
+        # due from when they were made (never later than now): they keep their place before their prediction's
+        # later messages, which are claimed oldest due first
+        due = (
+            func.min(c.created_at, format_time(now))
+            if self.dialect == "sqlite"
+            else func.least(c.created_at, format_time(now))
+        )
         with self._write() as conn:
-            return conn.execute(query.values(claim=None, next_attempt_at=format_time(now))).rowcount
+            return conn.execute(query.values(claim=None, next_attempt_at=due)).rowcount
 
     def soonest_delivery(self, doors: Collection[str]) -> datetime | None:
         """When the next undelivered message of ``doors`` is due (or its claim runs out); None when none waits."""
