@@ -90,7 +90,7 @@ class Services:
             settings.data_dir, reserve_bytes=settings.disk_reserve_bytes, min_free_bytes=settings.min_free_bytes
         )
         store = Store(settings.database_path, disk=disk)
-        files = FileStore(settings.files_dir, store, secrets_dir=settings.data_dir, disk=disk)
+        files = FileStore.from_settings(settings, store, disk=disk)
         router = EngineRouter(engines, default or next(iter(engines)))
         services = cls(settings, store, files, router, runner=None)  # type: ignore[arg-type]
         services.runner = Runner(store, files, router, settings, stage_inputs=services.stage_inputs)

@@ -11,6 +11,7 @@
     store.py      Store: SQLite (WAL) or Postgres through SQLAlchemy Core
     migrations.py the schema, as an append-only list of named migrations
     files.py      FileStore: durable files, capability URL signatures, the webhook secret
+    blobs.py      where files' bytes live: the data folder (LocalBlobs) or an S3 bucket (S3Blobs)
 
 Wiring (done by ``create_app`` or a script; nothing here runs at import)::
 
