@@ -69,13 +69,6 @@ def standin_server():
     server.stop()
 
 
-@pytest.fixture
-def openai_standin(standin_server):
-    standin_server.reset()
-    yield standin_server
-    assert not standin_server.errors, standin_server.errors
-
-
 @pytest.fixture(scope="session")
 def s3_server():
     """A local S3-compatible server (moto, loopback, offline) for the bucket tests (tests/s3.py)."""
@@ -92,3 +85,10 @@ def s3_server():
 def bucket(s3_server):
     """A fresh, empty bucket on the session's S3 server."""
     return s3_server.bucket()
+
+
+@pytest.fixture
+def openai_standin(standin_server):
+    standin_server.reset()
+    yield standin_server
+    assert not standin_server.errors, standin_server.errors

@@ -51,8 +51,8 @@ def serve(
         settings.host = "127.0.0.1"
     listener = listen(settings.host, settings.port, host_name=given_as(ctx, "host"), port_name=given_as(ctx, "port"))
     try:
-        check_data_dir(settings.data_dir, given_as(ctx, "data_dir") or "ATELIER_DATA_DIR")
         check_files(settings)
+        check_data_dir(settings.data_dir, given_as(ctx, "data_dir") or "ATELIER_DATA_DIR")
         if settings.host != asked:
             click.echo(
                 f"No API tokens configured (ATELIER_API_TOKENS): listening on 127.0.0.1 only, not {asked}.", err=True

@@ -93,12 +93,14 @@ class FileStore:
         self._webhook_secrets: dict[str, str] = {}  # owner -> secret, as stored
 
     @classmethod
-    def from_settings(cls, settings: Settings, store: Store, *, disk: DiskSpace | None = None) -> FileStore:
-        """The data folder's ``files/``, or the bucket of ``ATELIER_FILES_URL``."""
+    def from_settings(
+        cls, settings: Settings, store: Store, *, disk: DiskSpace | None = None, **options: Any
+    ) -> FileStore:
+        """The data folder's ``files/``, or the bucket of ``ATELIER_FILES_URL``; ``options`` go to the constructor."""
         where: Path | Blobs = settings.files_dir
         if settings.files_url is not None:
             where = S3Blobs(BucketURL.parse(settings.files_url), s3_options(settings))
-        return cls(where, store, secrets_dir=settings.data_dir, disk=disk)
+        return cls(where, store, secrets_dir=settings.data_dir, disk=disk, **options)
 
     @property
     def in_folder(self) -> bool:
