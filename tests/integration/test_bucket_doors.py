@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from PIL import Image
 from test_cli import atelier
-from test_cli_errors import free_port, one_line
 
+from atelier.jobs.blobs import BucketURL, S3Blobs
 from atelier.jobs.records import utc_now
 from doors import BASE, REPLICATE_CREATE, Doors, serve
 from s3 import Bucket
@@ -165,6 +165,8 @@ async def test_a_restarted_server_on_the_same_bucket_serves_what_the_first_wrote
 def test_a_bucket_that_cannot_be_used_is_one_line(
     tmp_path: Path, bucket: Bucket, change: dict[str, str], expected: str
 ) -> None:
+    from test_cli_errors import free_port, one_line  # here: that module imports torch
+
     env = {**bucket.env, "ATELIER_DATA_DIR": str(tmp_path), "ATELIER_PORT": str(free_port())}
     env |= {"AWS_EC2_METADATA_DISABLED": "true", "ATELIER_ENGINE": "openai", "OPENAI_API_KEY": "sk-test"}
     if "bucket" in change:
@@ -172,3 +174,26 @@ def test_a_bucket_that_cannot_be_used_is_one_line(
     env |= change
     line = one_line(atelier("serve", env={k: v for k, v in env.items() if v}))
     assert line.startswith(expected.format(bucket=bucket.name)), line
+
+
+async def test_a_bucket_that_refuses_writes_is_a_503_naming_it_and_a_failed_prediction(
+    tmp_path: Path, s3_server: Any
+) -> None:
+    """The bucket went away after start-up: an upload is 503 ``storage_unavailable`` naming the bucket, a
+    prediction whose outputs cannot be stored fails saying why; no row points at nothing."""
+    bucket = s3_server.bucket()
+    async with serve(tmp_path, **bucket.settings) as doors:
+        files = doors.app.state.services.files
+        files.blobs = S3Blobs(BucketURL.parse("s3://atelier-deleted-meanwhile/x"), files.blobs.options)
+        refused = await doors.client.post("/v1/files", files={"content": ("in.png", png(), "image/png")})
+        created = await doors.client.post(
+            REPLICATE_CREATE, json={"input": {"prompt": "a red square"}}, headers={"Prefer": "wait"}
+        )
+        store = doors.app.state.services.store
+        rows = store.file_ids("")
+    assert refused.status_code == 503, refused.text
+    assert "s3://atelier-deleted-meanwhile/x could not store" in refused.json()["detail"]
+    assert "NoSuchBucket" in refused.json()["detail"] and "\n" not in refused.json()["detail"]
+    prediction = created.json()
+    assert prediction["status"] == "failed" and "s3://atelier-deleted-meanwhile/x" in prediction["error"]
+    assert rows == set()

@@ -203,11 +203,14 @@ class S3Blobs:
 
         young = datetime.now(UTC) - self.stray_grace
         grouped: dict[str, list[str]] = defaultdict(list)
-        for batch in obstore.list(self.store, chunk_size=1000):
-            for meta in batch:
-                folder, slash, _ = meta["path"].partition("/")
-                if slash and meta["last_modified"] < young:  # top-level keys (the probe) are not files
-                    grouped[folder].append(meta["path"])
+        try:
+            for batch in obstore.list(self.store, chunk_size=1000):
+                for meta in batch:
+                    folder, slash, _ = meta["path"].partition("/")
+                    if slash and meta["last_modified"] < young:  # top-level keys (the probe) are not files
+                        grouped[folder].append(meta["path"])
+        except Exception as exc:
+            raise self.unavailable("could not be listed", exc) from exc
         yield from grouped.items()
 
     async def stream(self, key: str, start: int, end: int) -> AsyncIterator[bytes]:
