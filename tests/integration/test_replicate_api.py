@@ -782,6 +782,7 @@ async def test_stream_follows_a_live_prediction_without_auth_by_its_signature(
 
     releasing = asyncio.create_task(release())
     response = await door.client(token=None).get(body["urls"]["stream"])
+    assert following.is_set(), response.text  # the stream subscribed, so it saw the rest live
     await releasing
     check_frames(response.text)
     events = decode_sse(response.text)
