@@ -234,7 +234,9 @@ class FileStore:
         """Forget the file, then remove its bytes; deleting twice is not an error."""
         try:
             record = self.get(file_id)
-        except NotFound:
+            if isinstance(self.blobs, LocalBlobs):
+                self.blobs.path(record.path)  # a row naming a path outside the folder is never acted on
+        except (NotFound, BlobMissing):
             return
         self.store.delete_file(file_id)
         self.blobs.delete(record.path)
