@@ -197,3 +197,37 @@ async def test_a_bucket_that_refuses_writes_is_a_503_naming_it_and_a_failed_pred
     prediction = created.json()
     assert prediction["status"] == "failed" and "s3://atelier-deleted-meanwhile/x" in prediction["error"]
     assert rows == set()
+
+
+@pytest.mark.parametrize("where", ["folder", "bucket"])
+async def test_downloads_answer_alike_from_the_folder_and_the_bucket(
+    tmp_path: Path, request: pytest.FixtureRequest, where: str
+) -> None:
+    """What a browser, a download manager or a link checker sees is the same wherever the bytes live."""
+    settings = request.getfixturevalue("bucket").settings if where == "bucket" else {}
+    data = png((300, 200))
+    async with serve(tmp_path, **settings) as doors:
+        url = f"/v1/files/{(await upload(doors, data))['id']}/download"
+        full, again = await doors.client.get(url), await doors.client.get(url)
+        head = await doors.client.head(url)
+        first = await doors.client.get(url, headers={"Range": "bytes=0-99"})
+        middle = await doors.client.get(url, headers={"Range": "bytes=100-199"})
+        rest = await doors.client.get(url, headers={"Range": "bytes=200-"})
+        suffix = await doors.client.get(url, headers={"Range": "bytes=-7"})
+        fresh = await doors.client.get(url, headers={"Range": "bytes=0-9", "If-Range": full.headers["etag"]})
+        stale = await doors.client.get(url, headers={"Range": "bytes=0-9", "If-Range": '"not-this-one"'})
+        beyond = await doors.client.get(url, headers={"Range": f"bytes={len(data) + 5}-"})
+        malformed = await doors.client.get(url, headers={"Range": "bytes=9-3"})
+    assert full.content == data and full.headers["etag"] == again.headers["etag"]
+    for response in (full, head, first):
+        assert response.headers["content-type"] == "image/png" and response.headers["accept-ranges"] == "bytes"
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["content-disposition"] == 'inline; filename="in.png"'
+    assert head.status_code == 200 and head.content == b"" and head.headers["content-length"] == str(len(data))
+    assert first.status_code == middle.status_code == rest.status_code == suffix.status_code == 206
+    assert first.content + middle.content + rest.content == data and suffix.content == data[-7:]
+    assert middle.headers["content-range"] == f"bytes 100-199/{len(data)}"
+    assert (fresh.status_code, fresh.content) == (206, data[:10])
+    assert (stale.status_code, stale.content) == (200, data)
+    assert beyond.status_code == 416 and beyond.headers["content-range"] == f"bytes */{len(data)}"
+    assert malformed.status_code == 400
