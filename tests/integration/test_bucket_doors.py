@@ -176,11 +176,12 @@ def test_a_bucket_that_cannot_be_used_is_one_line(
     assert line.startswith(expected.format(bucket=bucket.name)), line
 
 
-async def test_a_bucket_that_refuses_writes_is_a_503_naming_it_and_a_failed_prediction(
-    tmp_path: Path, s3_server: Any
+async def test_a_bucket_that_refuses_writes_is_a_503_and_a_failed_prediction_and_the_log_says_why(
+    tmp_path: Path, s3_server: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The bucket went away after start-up: an upload is 503 ``storage_unavailable`` naming the bucket, a
-    prediction whose outputs cannot be stored fails saying why; no row points at nothing."""
+    """The bucket went away after start-up: an upload is 503 ``storage_unavailable``, a prediction whose
+    outputs cannot be stored fails; the operator's log names the bucket and what it said; no row points at
+    nothing."""
     bucket = s3_server.bucket()
     async with serve(tmp_path, **bucket.settings) as doors:
         files = doors.app.state.services.files
@@ -192,11 +193,15 @@ async def test_a_bucket_that_refuses_writes_is_a_503_naming_it_and_a_failed_pred
         store = doors.app.state.services.store
         rows = store.file_ids("")
     assert refused.status_code == 503, refused.text
-    assert "s3://atelier-deleted-meanwhile/x could not store" in refused.json()["detail"]
-    assert "NoSuchBucket" in refused.json()["detail"] and "\n" not in refused.json()["detail"]
+    said = "the server could not store the file: its file storage is unavailable; retry later"
+    assert refused.json()["detail"] == said  # nothing of the operator's set-up reaches a caller
     prediction = created.json()
-    assert prediction["status"] == "failed" and "s3://atelier-deleted-meanwhile/x" in prediction["error"]
+    assert prediction["status"] == "failed" and prediction["error"] == said
     assert rows == set()
+    logged = [r.getMessage() for r in caplog.records if r.name == "atelier.jobs.blobs"]
+    assert logged and all(
+        "s3://atelier-deleted-meanwhile/x could not store" in m and "NoSuchBucket" in m for m in logged
+    )
 
 
 @pytest.mark.parametrize("where", ["folder", "bucket"])

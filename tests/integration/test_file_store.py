@@ -8,6 +8,7 @@ process) reads what the first wrote. Bucket-only: what a bucket that cannot be u
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import timedelta
@@ -198,16 +199,25 @@ def test_a_second_process_reads_what_the_first_wrote(bucket: Bucket, tmp_path: P
         second_db.close()
 
 
-def test_a_missing_bucket_says_so(s3_server: Any, store: Store, tmp_path: Path) -> None:
+def test_a_missing_bucket_says_so(
+    s3_server: Any, store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     missing = replace(s3_server.bucket(), name="atelier-no-such-bucket")
     with pytest.raises(
         StorageUnavailable, match=r"s3://atelier-no-such-bucket/atelier/files cannot be used: NoSuchBucket"
     ):
         blobs_of(missing).probe()
     files = FileStore(blobs_of(missing), store, secrets_dir=tmp_path / "secrets")
-    with pytest.raises(StorageUnavailable, match=r"could not store .*NoSuchBucket.*create the bucket") as refused:
+    with pytest.raises(StorageUnavailable) as refused:
         files.put(DATA, name="a.png", content_type="image/png", kind="upload")
-    assert refused.value.status == 503 and "\n" not in refused.value.message
+    assert refused.value.status == 503  # the caller learns the storage failed, not the operator's set-up:
+    assert refused.value.message == "the server could not store the file: its file storage is unavailable; retry later"
+    (logged,) = [r.getMessage() for r in caplog.records if r.name == "atelier.jobs.blobs"]  # the operator does
+    assert re.match(
+        r"the file bucket s3://atelier-no-such-bucket/atelier/files could not store \w\w/\w+\.png: "
+        r"NoSuchBucket: .*; create the bucket, or fix the name in ATELIER_FILES_URL$",
+        logged,
+    )
     assert store.file_ids("") == set()  # no row for what was not stored
 
 

@@ -15,13 +15,15 @@ A bucket differs from a folder in three ways the rest of the code relies on:
 * Several processes share a bucket. A listing for ``remove_strays`` leaves out objects younger than
   ``STRAY_GRACE``: another process may be between writing one and inserting its row.
 * A bucket has no free-space check: the data folder's disk checks (``atelier.jobs.disk``) do not apply
-  to its objects. A write the bucket refuses (a quota, a policy, the endpoint down) is
-  ``StorageUnavailable`` (503) naming the bucket; obstore retries transient errors first.
+  to its objects. A request the bucket refuses (a quota, a policy, the endpoint down) is
+  ``StorageUnavailable`` (503): the API caller learns that the server's file storage failed, the
+  operator's log names the bucket and what it said. obstore retries transient errors first.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 from collections import defaultdict
@@ -32,6 +34,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from atelier.errors import StorageUnavailable
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from obstore.store import S3Store
@@ -176,7 +180,7 @@ class S3Blobs:
         try:
             obstore.put(self.store, key, data)
         except Exception as exc:  # obstore's errors: one message naming the bucket and what it said
-            raise self.unavailable(f"could not store {key}", exc) from exc
+            raise self.unavailable(f"could not store {key}", exc, caller="could not store the file") from exc
 
     def read(self, key: str) -> bytes:
         import obstore
@@ -186,7 +190,7 @@ class S3Blobs:
         except FileNotFoundError:
             raise BlobMissing(key) from None
         except Exception as exc:
-            raise self.unavailable(f"could not read {key}", exc) from exc
+            raise self.unavailable(f"could not read {key}", exc, caller="could not read the file") from exc
 
     def delete(self, key: str) -> None:
         import obstore
@@ -196,7 +200,7 @@ class S3Blobs:
         except FileNotFoundError:
             pass
         except Exception as exc:
-            raise self.unavailable(f"could not delete {key}", exc) from exc
+            raise self.unavailable(f"could not delete {key}", exc, caller="could not delete the file") from exc
 
     def folders(self) -> Iterator[tuple[str, list[str]]]:
         import obstore
@@ -210,7 +214,7 @@ class S3Blobs:
                     if slash and meta["last_modified"] < young:  # top-level keys (the probe) are not files
                         grouped[folder].append(meta["path"])
         except Exception as exc:
-            raise self.unavailable("could not be listed", exc) from exc
+            raise self.unavailable("could not be listed", exc, caller="could not list its files") from exc
         yield from grouped.items()
 
     async def stream(self, key: str, start: int, end: int) -> AsyncIterator[bytes]:
@@ -223,7 +227,7 @@ class S3Blobs:
         except FileNotFoundError:
             raise BlobMissing(key) from None
         except Exception as exc:
-            raise self.unavailable(f"could not read {key}", exc) from exc
+            raise self.unavailable(f"could not read {key}", exc, caller="could not read the file") from exc
         return _object_chunks(result)
 
     def probe(self) -> None:
@@ -240,8 +244,14 @@ class S3Blobs:
         except Exception as exc:
             raise self.unavailable("cannot be used", exc) from exc
 
-    def unavailable(self, what: str, exc: BaseException) -> StorageUnavailable:
-        return StorageUnavailable(f"the file bucket {self.location} {what}: {describe_s3_error(exc, self.options)}")
+    def unavailable(self, what: str, exc: BaseException, *, caller: str | None = None) -> StorageUnavailable:
+        """The error to raise: for the operator (``caller`` None: the start-up probe) what the bucket said;
+        for an API caller only that the server's file storage failed, the details in the operator's log."""
+        detail = f"the file bucket {self.location} {what}: {describe_s3_error(exc, self.options)}"
+        if caller is None:
+            return StorageUnavailable(detail)
+        log.error("%s", detail)
+        return StorageUnavailable(f"the server {caller}: its file storage is unavailable; retry later")
 
 
 def role_available(environ: Mapping[str, str]) -> bool:
