@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from atelier.api.replicate.downloads import MalformedRange, parse_ranges
 from atelier.config import load_settings
-from atelier.errors import SettingsError
-from atelier.jobs.blobs import BucketURL, S3Options, credentials_problem, describe_s3_error, role_available
+from atelier.errors import SettingsError, StorageUnavailable
+from atelier.jobs.blobs import (
+    BucketURL,
+    S3Blobs,
+    S3Options,
+    credentials_problem,
+    describe_s3_error,
+    role_available,
+)
 
 
 @pytest.mark.parametrize(
@@ -110,3 +119,11 @@ def test_ranges_are_read_as_starlettes_file_response_reads_them(header: str, ran
 def test_a_malformed_range_is_refused(header: str) -> None:
     with pytest.raises(MalformedRange):
         parse_ranges(header, 100)
+
+
+def test_a_bucket_without_obstore_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("obstore", "obstore.store"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if the s3 extra were not installed
+    blobs = S3Blobs(BucketURL.parse("s3://atelier-files/p"), S3Options())
+    with pytest.raises(StorageUnavailable, match=r"^s3://atelier-files/p needs obstore: pip install 'atelier\[s3\]'$"):
+        blobs.probe()

@@ -31,6 +31,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
 
 from atelier.errors import StorageUnavailable
@@ -175,7 +176,7 @@ class S3Blobs:
         return self._store
 
     def write(self, key: str, data: bytes) -> None:
-        import obstore
+        obstore = _obstore(self.url)
 
         try:
             obstore.put(self.store, key, data)
@@ -183,7 +184,7 @@ class S3Blobs:
             raise self.unavailable(f"could not store {key}", exc, caller="could not store the file") from exc
 
     def read(self, key: str) -> bytes:
-        import obstore
+        obstore = _obstore(self.url)
 
         try:
             return bytes(obstore.get(self.store, key).bytes())
@@ -193,7 +194,7 @@ class S3Blobs:
             raise self.unavailable(f"could not read {key}", exc, caller="could not read the file") from exc
 
     def delete(self, key: str) -> None:
-        import obstore
+        obstore = _obstore(self.url)
 
         try:
             obstore.delete(self.store, key)  # S3 answers 204 for a key that is not there
@@ -203,7 +204,7 @@ class S3Blobs:
             raise self.unavailable(f"could not delete {key}", exc, caller="could not delete the file") from exc
 
     def folders(self) -> Iterator[tuple[str, list[str]]]:
-        import obstore
+        obstore = _obstore(self.url)
 
         young = datetime.now(UTC) - self.stray_grace
         grouped: dict[str, list[str]] = defaultdict(list)
@@ -218,7 +219,7 @@ class S3Blobs:
         yield from grouped.items()
 
     async def stream(self, key: str, start: int, end: int) -> AsyncIterator[bytes]:
-        import obstore
+        obstore = _obstore(self.url)
 
         if start >= end:
             return _nothing()
@@ -232,7 +233,7 @@ class S3Blobs:
 
     def probe(self) -> None:
         """List, write and delete one object: ``StorageUnavailable`` saying what is wrong (start-up)."""
-        import obstore
+        obstore = _obstore(self.url)
 
         if (problem := credentials_problem(self.options)) is not None:
             raise StorageUnavailable(f"the file bucket {self.location} cannot be used: {problem}")
@@ -314,11 +315,20 @@ _HINTS = {
 }
 
 
+def _obstore(url: BucketURL) -> ModuleType:
+    """obstore, imported when a bucket is first used (the s3 extra); a clear error when it is missing."""
+    try:
+        import obstore
+    except ImportError:
+        raise StorageUnavailable(f"{url} needs obstore: pip install 'atelier[s3]'") from None
+    return obstore
+
+
 def _s3_store(url: BucketURL, options: S3Options) -> S3Store:
     try:
         from obstore.store import S3Store
     except ImportError:
-        raise StorageUnavailable(f"ATELIER_FILES_URL={url} needs the s3 extra: pip install 'atelier[s3]'") from None
+        raise StorageUnavailable(f"{url} needs obstore: pip install 'atelier[s3]'") from None
     config: dict[str, Any] = {
         "access_key_id": options.access_key_id,
         "secret_access_key": options.secret_access_key,
