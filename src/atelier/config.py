@@ -153,7 +153,12 @@ class Settings(BaseSettings):
     # S3-compatible bucket, reached with the standard AWS_* variables (unset: obstore's own inference, e.g.
     # an instance role) and, for a store other than AWS (MinIO, R2, Ceph), ATELIER_S3_ENDPOINT_URL.
     files_url: str | None = None
-    s3_endpoint_url: str | None = None
+    s3_endpoint_url: str | None = Field(  # AWS's own names too, as its SDKs and CLI read them
+        default=None,
+        validation_alias=AliasChoices(
+            "ATELIER_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "s3_endpoint_url"
+        ),
+    )
     aws_access_key_id: str | None = Field(
         default=None, validation_alias=AliasChoices("AWS_ACCESS_KEY_ID", "aws_access_key_id")
     )

@@ -127,3 +127,15 @@ def test_a_bucket_without_obstore_names_the_extra(monkeypatch: pytest.MonkeyPatc
     blobs = S3Blobs(BucketURL.parse("s3://atelier-files/p"), S3Options())
     with pytest.raises(StorageUnavailable, match=r"^s3://atelier-files/p needs obstore: pip install 'atelier\[s3\]'$"):
         blobs.probe()
+
+
+def test_awss_own_endpoint_variables_are_read_after_atelier_s(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://from-aws-endpoint-url:9000")
+    assert load_settings().s3_endpoint_url == "http://from-aws-endpoint-url:9000"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://from-the-s3-one:9000")
+    assert load_settings().s3_endpoint_url == "http://from-the-s3-one:9000"
+    monkeypatch.setenv("ATELIER_S3_ENDPOINT_URL", "https://atelier-s:443")
+    assert load_settings().s3_endpoint_url == "https://atelier-s:443"
+    monkeypatch.setenv("ATELIER_S3_ENDPOINT_URL", "nope")
+    with pytest.raises(SettingsError, match=r"^ATELIER_S3_ENDPOINT_URL: got 'nope'"):
+        load_settings()
