@@ -71,6 +71,8 @@ def test_bytes_come_back_and_deleting_removes_row_and_object(backend: Any, store
     record = files.put(DATA, name="../../photo.png", content_type="image/png", kind="upload", owner="a")
     assert record.name == "photo.png" and record.path == f"{record.id[:2]}/{record.id}.png"
     assert files.read(record.id) == DATA and store.get_file(record.id) == record
+    with files.open(record.id) as fh:
+        assert fh.read() == DATA
     assert stored_keys(files) == [record.path]
     files.delete(record.id)
     files.delete(record.id)  # twice is not an error

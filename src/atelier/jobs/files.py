@@ -33,6 +33,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import io
 import os
 import re
 import secrets
@@ -206,6 +207,8 @@ class FileStore:
             raise NotFound(f"file {file_id!r} does not exist") from None
 
     def open(self, file_id: str) -> IO[bytes]:
+        if not self.in_folder:  # an object is read whole (files are at most 100 MiB)
+            return io.BytesIO(self.read(file_id))
         try:
             return self.path(file_id).open("rb")
         except FileNotFoundError:
