@@ -14,6 +14,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from PIL import Image
 from test_cli import atelier
@@ -223,6 +224,8 @@ async def test_downloads_answer_alike_from_the_folder_and_the_bucket(
         stale = await doors.client.get(url, headers={"Range": "bytes=0-9", "If-Range": '"not-this-one"'})
         beyond = await doors.client.get(url, headers={"Range": f"bytes={len(data) + 5}-"})
         malformed = await doors.client.get(url, headers={"Range": "bytes=9-3"})
+        several = await doors.client.get(url, headers={"Range": "bytes=0-9, 50-59, 55-69"})
+        several_head = await doors.client.head(url, headers={"Range": "bytes=0-9, 50-59"})
     assert full.content == data and full.headers["etag"] == again.headers["etag"]
     for response in (full, head, first):
         assert response.headers["content-type"] == "image/png" and response.headers["accept-ranges"] == "bytes"
@@ -236,3 +239,19 @@ async def test_downloads_answer_alike_from_the_folder_and_the_bucket(
     assert (stale.status_code, stale.content) == (200, data)
     assert beyond.status_code == 416 and beyond.headers["content-range"] == f"bytes */{len(data)}"
     assert malformed.status_code == 400
+    assert several.status_code == 206 and several.headers["content-length"] == str(len(several.content))
+    assert parts(several) == [("bytes 0-9", data[:10]), ("bytes 50-69", data[50:70])]  # overlapping: merged
+    assert several_head.status_code == 206 and several_head.content == b""
+    assert several_head.headers["content-type"].startswith("multipart/byteranges; boundary=")
+
+
+def parts(response: httpx.Response) -> list[tuple[str, bytes]]:
+    """The (range, bytes) of each part of a ``multipart/byteranges`` answer."""
+    boundary = response.headers["content-type"].split("boundary=", 1)[1].encode()
+    found = []
+    for part in response.content.split(b"--" + boundary)[1:-1]:
+        head, _, body = part.partition(b"\r\n\r\n")
+        assert b"Content-Type: image/png" in head
+        where = next(line for line in head.split(b"\r\n") if line.startswith(b"Content-Range: "))
+        found.append((where.decode().removeprefix("Content-Range: ").rsplit("/", 1)[0], body.removesuffix(b"\r\n")))
+    return found

@@ -8,8 +8,8 @@ a bucket by ``ObjectResponse``, which answers the same way where a client can te
 * ``Accept-Ranges: bytes``; one range (``bytes=0-99``, ``bytes=100-``, ``bytes=-100``) is a 206 with
   ``Content-Range``, read from the bucket as a ranged GET; a range that starts past the end is a 416 with
   ``Content-Range: bytes */<size>``; a malformed one is a 400. ``If-Range`` with a stale validator gets
-  the whole file. Several ranges in one request get the whole file (200), which RFC 9110 allows; the
-  folder's ``FileResponse`` answers them with ``multipart/byteranges``.
+  the whole file. Several ranges are one ``multipart/byteranges`` answer, a ranged GET per range,
+  framed as ``FileResponse`` frames them (overlapping ranges merged).
 * ``ETag`` is the start of the file's SHA-256 (the ``etag`` of ``GET /v1/files/{id}``), the same from
   every process; ``Last-Modified`` is when the file was made.
 * The caller's headers (``nosniff``, the sandbox CSP, ``Content-Disposition``) are the folder's.
@@ -17,6 +17,7 @@ a bucket by ``ObjectResponse``, which answers the same way where a client can te
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from email.utils import formatdate
 from urllib.parse import quote
@@ -63,34 +64,75 @@ class ObjectResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         size = self.record.size
         try:
-            span = self._range(Headers(scope=scope))
+            ranges = self._ranges(Headers(scope=scope))
         except MalformedRange as exc:
             return await PlainTextResponse(str(exc), status_code=400)(scope, receive, send)
-        if span is not None and span[0] >= size:
-            await PlainTextResponse("", status_code=416, headers={"content-range": f"bytes */{size}"})(
-                scope, receive, send
-            )
-            return
-        start, end = span if span is not None else (0, size)
+        if any(start >= size for start, _ in ranges):
+            response = PlainTextResponse("", status_code=416, headers={"content-range": f"bytes */{size}"})
+            return await response(scope, receive, send)
+        ranges = merged(ranges)
+        if len(ranges) > 1:
+            return await self._multipart(ranges, scope, receive, send)
+        start, end = ranges[0] if ranges else (0, size)
         headers = dict(self.headers)
-        if span is not None:
+        if ranges:
             headers |= {"content-range": f"bytes {start}-{end - 1}/{size}", "content-length": str(end - start)}
-        status = 206 if span is not None else 200
+        status = 206 if ranges else 200
         if scope["method"].upper() == "HEAD":
-            await Response(status_code=status, headers=headers)(scope, receive, send)
-            return
+            return await Response(status_code=status, headers=headers)(scope, receive, send)
         chunks = await self.opener(start, end)  # before the status line: a missing object is still a 404
         await StreamingResponse(chunks, status_code=status, headers=headers)(scope, receive, send)
 
-    def _range(self, headers: Headers) -> tuple[int, int] | None:
-        """The one byte range to serve, or None for the whole file."""
+    def _ranges(self, headers: Headers) -> list[tuple[int, int]]:
+        """The byte ranges asked for; none (the whole file) without a Range, or with a stale If-Range."""
         asked, if_range = headers.get("range"), headers.get("if-range")
         if asked is None or (
             if_range is not None and if_range not in (self.headers["etag"], self.headers["last-modified"])
         ):
-            return None
-        ranges = parse_ranges(asked, self.record.size)
-        return ranges[0] if len(ranges) == 1 else None
+            return []
+        return parse_ranges(asked, self.record.size)
+
+    async def _multipart(self, ranges: list[tuple[int, int]], scope: Scope, receive: Receive, send: Send) -> None:
+        """Several ranges: one ``multipart/byteranges`` body, framed as Starlette's ``FileResponse`` frames it."""
+        boundary, size, kind = secrets.token_hex(13), self.record.size, self.headers["content-type"]
+
+        def head(start: int, end: int) -> bytes:
+            return (
+                f"--{boundary}\r\nContent-Type: {kind}\r\nContent-Range: bytes {start}-{end - 1}/{size}\r\n\r\n".encode(
+                    "latin-1"
+                )
+            )
+
+        closing = f"--{boundary}--".encode("latin-1")
+        length = sum(len(head(start, end)) + end - start + 2 for start, end in ranges) + len(closing)
+        headers = dict(self.headers) | {
+            "content-type": f"multipart/byteranges; boundary={boundary}",
+            "content-length": str(length),
+        }
+        if scope["method"].upper() == "HEAD":
+            return await Response(status_code=206, headers=headers)(scope, receive, send)
+        first = await self.opener(*ranges[0])  # a missing object is a 404 before anything is sent
+
+        async def body() -> AsyncIterator[bytes]:
+            for index, (start, end) in enumerate(ranges):
+                yield head(start, end)
+                async for chunk in first if index == 0 else await self.opener(start, end):
+                    yield chunk
+                yield b"\r\n"
+            yield closing
+
+        await StreamingResponse(body(), status_code=206, headers=headers)(scope, receive, send)
+
+
+def merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Overlapping or touching ranges as one, in order (Starlette merges them the same way)."""
+    result: list[tuple[int, int]] = []
+    for start, end in sorted(ranges):
+        if result and start <= result[-1][1]:
+            result[-1] = (result[-1][0], max(result[-1][1], end))
+        else:
+            result.append((start, end))
+    return result
 
 
 def parse_ranges(header: str, size: int) -> list[tuple[int, int]]:
