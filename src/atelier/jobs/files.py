@@ -79,7 +79,7 @@ class FileStore:
         disk: DiskSpace | None = None,
     ) -> None:
         self.blobs: Blobs = LocalBlobs(Path(where)) if isinstance(where, str | os.PathLike) else where
-        # The data folder of a folder-backed store (None for a bucket); the secrets live next to it.
+        # The files folder (``<data dir>/files``; None for a bucket); by default the secrets live beside it.
         self.folder = self.blobs.folder if isinstance(self.blobs, LocalBlobs) else None
         self.store = store
         # None: no reserve, no free-space checks (a full disk still fails cleanly). The checks guard the data
