@@ -23,10 +23,10 @@ A bucket differs from a folder in three ways the rest of the code relies on:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import re
-from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -204,19 +204,22 @@ class S3Blobs:
             raise self.unavailable(f"could not delete {key}", exc, caller="could not delete the file") from exc
 
     def folders(self) -> Iterator[tuple[str, list[str]]]:
-        obstore = _obstore(self.url)
+        # S3 lists keys in order, so a folder's keys come together: one folder in memory at a time.
+        listing = itertools.groupby(self._old_keys(), key=lambda key: key.partition("/")[0])
+        for folder, keys in listing:
+            yield folder, list(keys)
 
+    def _old_keys(self) -> Iterator[str]:
+        """Every key in a folder (top-level keys, such as the probe's, are not files) older than the grace."""
+        obstore = _obstore(self.url)
         young = datetime.now(UTC) - self.stray_grace
-        grouped: dict[str, list[str]] = defaultdict(list)
         try:
             for batch in obstore.list(self.store, chunk_size=1000):
                 for meta in batch:
-                    folder, slash, _ = meta["path"].partition("/")
-                    if slash and meta["last_modified"] < young:  # top-level keys (the probe) are not files
-                        grouped[folder].append(meta["path"])
+                    if "/" in meta["path"] and meta["last_modified"] < young:
+                        yield meta["path"]
         except Exception as exc:
             raise self.unavailable("could not be listed", exc, caller="could not list its files") from exc
-        yield from grouped.items()
 
     async def stream(self, key: str, start: int, end: int) -> AsyncIterator[bytes]:
         obstore = _obstore(self.url)
