@@ -65,6 +65,11 @@ class Bucket:
 
         return bytes(obstore.get(self.store(), key).bytes())
 
+    def content_type(self, key: str) -> str | None:
+        import obstore
+
+        return obstore.get(self.store(), key).attributes.get("Content-Type")
+
     def delete(self, key: str) -> None:
         import obstore
 

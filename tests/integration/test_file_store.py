@@ -85,6 +85,7 @@ def test_the_bucket_holds_the_object_under_its_prefix(bucket: Bucket, store: Sto
     files = file_store(bucket, store, tmp_path)
     record = files.put(DATA, name="a.webp", content_type="image/webp", kind="output", prediction_id="p")
     assert bucket.keys() == [f"atelier/files/{record.path}"]
+    assert bucket.content_type(f"atelier/files/{record.path}") == "image/webp"  # for whoever browses the bucket
     assert files.folder is None and not files.in_folder
     assert not (tmp_path / "files").exists()  # nothing went to the data folder
     with pytest.raises(TypeError, match="not on disk"):

@@ -55,7 +55,7 @@ class Blobs(Protocol):
 
     location: str  # for messages and logs: the folder, or s3://bucket/prefix
 
-    def write(self, key: str, data: bytes) -> None:
+    def write(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         """Store ``data`` under ``key`` durably: afterwards it is there whole, on failure not at all."""
 
     def read(self, key: str) -> bytes:
@@ -86,8 +86,8 @@ class LocalBlobs:
             raise BlobMissing(key)
         return path
 
-    def write(self, key: str, data: bytes) -> None:
-        path = self.folder / key
+    def write(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        path = self.folder / key  # the type is the row's (and the file name's extension)
         try:
             _write_durably(path, data)
         except OSError:
@@ -175,11 +175,11 @@ class S3Blobs:
             self._store = _s3_store(self.url, self.options)
         return self._store
 
-    def write(self, key: str, data: bytes) -> None:
+    def write(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         obstore = _obstore(self.url)
 
-        try:
-            obstore.put(self.store, key, data)
+        try:  # the object carries its type, for whoever browses or copies the bucket
+            obstore.put(self.store, key, data, attributes={"Content-Type": content_type})
         except Exception as exc:  # obstore's errors: one message naming the bucket and what it said
             raise self.unavailable(f"could not store {key}", exc, caller="could not store the file") from exc
 

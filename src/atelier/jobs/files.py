@@ -131,7 +131,7 @@ class FileStore:
         file_id = new_id()
         relative = f"{file_id[:2]}/{file_id}{EXTENSIONS.get(content_type, '.bin')}"
         try:
-            self.blobs.write(relative, data)
+            self.blobs.write(relative, data, content_type)
         except OSError as exc:
             if disk_space.is_enospc(exc):
                 raise self._out_of_space(what or "the uploaded file") from exc
