@@ -1031,6 +1031,24 @@ async def test_logs_and_output_webhooks_are_throttled_and_completed_supersedes_w
     assert first["logs"].count("\n") < last["logs"].count("\n") and "24/24" in last["logs"]
 
 
+async def test_what_waits_in_the_throttle_is_sent_when_its_window_ends(door: Door, receiver: Receiver) -> None:
+    """Without ``completed`` in the filter nothing supersedes what waits: the last logs/output webhook,
+    however the windows fell, carries the prediction's final logs and output, its URLs on the host the
+    prediction was created through (not the fallback base: the message is rendered after the end)."""
+    door.engine.steps = 12
+    door.replicate.webhooks.throttle_seconds = 0.05
+    prediction = await create_with_webhook(
+        door, key=False, webhook=receiver.url(), webhook_events_filter=["logs", "output"]
+    )
+    finished = await door.finished(prediction["id"])
+
+    def last() -> dict[str, Any]:
+        return json.loads(receiver.requests[-1]["body"]) if receiver.requests else {}
+
+    await until(lambda: last().get("output") == finished["output"] and outbox_settled(door))
+    assert last()["logs"] == finished["logs"] and "12/12" in last()["logs"]
+
+
 async def test_failed_deliveries_are_retried_with_the_same_id(door: Door, receiver: Receiver) -> None:
     receiver.answers = [500, 503]
     await create_with_webhook(door, webhook=receiver.url(), webhook_events_filter=["completed"])
