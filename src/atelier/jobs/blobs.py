@@ -177,7 +177,6 @@ class S3Blobs:
 
     def write(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         obstore = _obstore(self.url)
-
         try:  # the object carries its type, for whoever browses or copies the bucket
             obstore.put(self.store, key, data, attributes={"Content-Type": content_type})
         except Exception as exc:  # obstore's errors: one message naming the bucket and what it said
@@ -185,7 +184,6 @@ class S3Blobs:
 
     def read(self, key: str) -> bytes:
         obstore = _obstore(self.url)
-
         try:
             return bytes(obstore.get(self.store, key).bytes())
         except FileNotFoundError:
@@ -195,7 +193,6 @@ class S3Blobs:
 
     def delete(self, key: str) -> None:
         obstore = _obstore(self.url)
-
         try:
             obstore.delete(self.store, key)  # S3 answers 204 for a key that is not there
         except FileNotFoundError:
@@ -223,7 +220,6 @@ class S3Blobs:
 
     async def stream(self, key: str, start: int, end: int) -> AsyncIterator[bytes]:
         obstore = _obstore(self.url)
-
         if start >= end:
             return _nothing()
         try:
@@ -237,7 +233,6 @@ class S3Blobs:
     def probe(self) -> None:
         """List, write and delete one object: ``StorageUnavailable`` saying what is wrong (start-up)."""
         obstore = _obstore(self.url)
-
         if (problem := credentials_problem(self.options)) is not None:
             raise StorageUnavailable(f"the file bucket {self.location} cannot be used: {problem}")
         key = f".atelier-probe-{os.urandom(8).hex()}"
