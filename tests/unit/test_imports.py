@@ -16,6 +16,8 @@ LIGHT_MODULES = [
     "atelier.engines.catalog",
     "atelier.engines.registry",
     "atelier.jobs.runner",
+    "atelier.jobs.blobs",
+    "atelier.api.replicate.downloads",
     "atelier.app",
 ]
 
