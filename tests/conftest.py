@@ -69,6 +69,24 @@ def standin_server():
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def s3_server():
+    """A local S3-compatible server (moto, loopback, offline) for the bucket tests (tests/s3.py)."""
+    pytest.importorskip("obstore", reason="the bucket tests need obstore: pip install 'atelier[s3]'")
+    pytest.importorskip("moto.server", reason="the bucket tests need moto's server: pip install 'moto[server]'")
+    from s3 import start_s3
+
+    server = start_s3()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_server):
+    """A fresh, empty bucket on the session's S3 server."""
+    return s3_server.bucket()
+
+
 @pytest.fixture
 def openai_standin(standin_server):
     standin_server.reset()

@@ -171,6 +171,8 @@ class RecordedRequest:
     disconnected: bool = False  # the client closed the connection before the answer
     peer: str = ""  # the client's host:port: one per TCP connection
     request_id: str = field(default_factory=lambda: f"req_{secrets.token_hex(16)}")  # sent as x-request-id
+    waiting: bool = False  # parked: held (``hold``) or slowed (a ``slow`` fault), not answered yet
+    waited: float = 0.0  # seconds on the stand-in's clock between parking and answering
 
     def files_named(self, name: str) -> list[UploadedFile]:
         return [f for f in self.files if f.field == name]
@@ -406,6 +408,7 @@ class StandIn:
         self.valid_keys: set[str] | None = None  # None: any non-empty key starting with "sk-"
         self.use_schema = SPEC_PATH.exists()
         self.stream_interval = 0.0  # seconds between SSE events
+        self.clock: Callable[[], float] = time.monotonic  # what a ``slow`` fault's seconds are counted on
         self.disconnects = 0
         self.answers: list[bytearray] = []  # each answer's header lines and body, as sent (none for a drop)
         self._released.set()
@@ -430,6 +433,11 @@ class StandIn:
 
     def wait_for_disconnects(self, count: int, timeout: float = 5.0) -> None:
         self._wait(lambda: self.disconnects >= count, timeout, f"{count} disconnect(s)")
+
+    def wait_for_parked(self, count: int, timeout: float = 5.0) -> list[RecordedRequest]:
+        """Until ``count`` requests wait for ``release()`` or for their ``slow`` seconds to pass."""
+        self._wait(lambda: sum(r.waiting for r in self.requests) >= count, timeout, f"{count} parked request(s)")
+        return [r for r in self.requests if r.waiting]
 
     @staticmethod
     def _wait(ready: Callable[[], bool], timeout: float, what: str) -> None:
@@ -533,15 +541,21 @@ class StandIn:
     async def _pause(
         self, request: Request, rec: RecordedRequest, *, until: threading.Event | None = None, seconds: float = 0.0
     ) -> bool:
-        """Wait for the event (or the seconds), watching the client: False if it hung up meanwhile."""
-        deadline = time.monotonic() + seconds
-        while not until.is_set() if until else time.monotonic() < deadline:
-            if self._server is not None and self._server.should_exit:
-                break
-            if await request.is_disconnected():
-                rec.disconnected, self.disconnects = True, self.disconnects + 1
-                return False
-            await asyncio.sleep(0.01)
+        """Wait for the event (or the seconds on ``self.clock``), watching the client: False if it hung up
+        meanwhile."""
+        began = self.clock()
+        deadline = began + seconds
+        try:
+            while not until.is_set() if until else self.clock() < deadline:
+                rec.waiting = True
+                if self._server is not None and self._server.should_exit:
+                    break
+                if await request.is_disconnected():
+                    rec.disconnected, self.disconnects = True, self.disconnects + 1
+                    return False
+                await asyncio.sleep(0.01)
+        finally:
+            rec.waiting, rec.waited = False, rec.waited + self.clock() - began
         return True
 
     def _check_auth(self, rec: RecordedRequest) -> None:

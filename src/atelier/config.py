@@ -157,6 +157,49 @@ class Settings(BaseSettings):
     disk_reserve_bytes: int = Field(default=8 * 1024 * 1024, ge=0)
     min_free_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
 
+    # Files (atelier.jobs.files): None keeps them in the data folder; "s3://bucket/prefix" puts them in an
+    # S3-compatible bucket, reached with the standard AWS_* variables (unset: obstore's own inference, e.g.
+    # an instance role) and, for a store other than AWS (MinIO, R2, Ceph), ATELIER_S3_ENDPOINT_URL.
+    files_url: str | None = None
+    s3_endpoint_url: str | None = Field(  # AWS's own names too, as its SDKs and CLI read them
+        default=None,
+        validation_alias=AliasChoices(
+            "ATELIER_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "s3_endpoint_url"
+        ),
+    )
+    aws_access_key_id: str | None = Field(
+        default=None, validation_alias=AliasChoices("AWS_ACCESS_KEY_ID", "aws_access_key_id")
+    )
+    aws_secret_access_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("AWS_SECRET_ACCESS_KEY", "aws_secret_access_key")
+    )
+    aws_session_token: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("AWS_SESSION_TOKEN", "aws_session_token")
+    )
+    aws_region: str | None = Field(
+        default=None, validation_alias=AliasChoices("AWS_REGION", "AWS_DEFAULT_REGION", "aws_region")
+    )
+
+    @field_validator("files_url")
+    @classmethod
+    def _check_files_url(cls, value: str | None) -> str | None:
+        from atelier.jobs.blobs import BucketURL
+
+        if value is None or not value.strip():
+            return None
+        return str(BucketURL.parse(value))
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _check_endpoint(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if not re.match(r"^https?://[^/\s]+/?$", value.strip()):
+            raise ValueError(
+                f"got {value[:60]!r}; give the store's http:// or https:// address, e.g. http://minio:9000"
+            )
+        return value.strip().rstrip("/")
+
     # Deliveries to callers' URLs (atelier.outbound: webhooks, Cog's output_file_prefix): public addresses
     # only, unless trusted here. Separate from fetch_allow: trusting a host to receive webhooks is not
     # trusting it as a source of input images, nor the other way round.
@@ -322,8 +365,9 @@ class Settings(BaseSettings):
 
 # -- reading settings with errors an operator can act on -----------------------------------------------
 
-# their values are never repeated back
-SECRET_FIELDS = frozenset({"openai_api_key", "api_tokens", "database_url", "secret_key"})
+SECRET_FIELDS = frozenset(
+    {"openai_api_key", "api_tokens", "database_url", "secret_key", "aws_secret_access_key", "aws_session_token"}
+)  # their values are never repeated back
 _ALLOWED = {  # what pydantic's error types mean, said the way an operator sets a variable
     "int_parsing": "expected a whole number",
     "int_type": "expected a whole number",

@@ -16,6 +16,7 @@ them in their own shapes in exactly one place each; nothing else turns errors in
     ├── TooManyRequests               429 rate_limited      carries retry_after seconds
     ├── ModelUnavailable              503 model_unavailable weights missing, offline, wrong folder
     │   └── SettingsError             503 model_unavailable a setting (ATELIER_*, a flag) cannot work as given
+    ├── StorageUnavailable            503 storage_unavailable  the file bucket refused or could not be reached
     ├── InsufficientStorage           507 insufficient_storage  the server's disk is full; carries retry_after
     ├── Canceled                      499 canceled          a job stopped on request
     ├── EngineError                   502 engine_error      the model or upstream failed
@@ -127,6 +128,13 @@ class TooManyRequests(AtelierError):
 class ModelUnavailable(AtelierError):
     status = 503
     code = "model_unavailable"
+
+
+class StorageUnavailable(AtelierError):
+    """The file bucket (``ATELIER_FILES_URL``) refused a request or could not be reached; nothing was kept."""
+
+    status = 503
+    code = "storage_unavailable"
 
 
 class InsufficientStorage(AtelierError):

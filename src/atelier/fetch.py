@@ -36,7 +36,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import httpcore
@@ -112,6 +112,8 @@ class FetchPolicy:
     connect_timeout: float = 10.0
     read_timeout: float = 10.0  # silence between two reads
     max_redirects: int = 5
+    # What the deadline is measured on; tests pass a clock they move instead of waiting.
+    clock: Callable[[], float] = field(default=time.monotonic, compare=False, repr=False)
 
     @classmethod
     def from_allow(cls, entries: Iterable[str], **options: object) -> FetchPolicy:
@@ -198,13 +200,13 @@ class GuardedBackend(httpcore.NetworkBackend):
     ) -> httpcore.NetworkStream:
         failure: httpcore.ConnectError | None = None
         for address in self.resolve(host, port):
-            limit = clip(timeout, self.deadline, httpcore.ConnectTimeout)
+            limit = clip(timeout, self.deadline, httpcore.ConnectTimeout, self.policy.clock)
             try:
                 stream = self._inner.connect_tcp(address, port, limit, local_address, socket_options)
             except httpcore.ConnectError as exc:  # try the next checked address, as create_connection would
                 failure = exc
                 continue
-            return DeadlineStream(stream, self.deadline)
+            return DeadlineStream(stream, self.deadline, self.policy.clock)
         raise failure or httpcore.ConnectError(f"{host} has no address to connect to")
 
     def resolve(self, host: str, port: int) -> list[str]:
@@ -224,15 +226,18 @@ class GuardedBackend(httpcore.NetworkBackend):
 class DeadlineStream(httpcore.NetworkStream):
     """A network stream whose every operation ends by the fetch's deadline."""
 
-    def __init__(self, stream: httpcore.NetworkStream, deadline: float) -> None:
+    def __init__(
+        self, stream: httpcore.NetworkStream, deadline: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._stream = stream
         self._deadline = deadline
+        self._clock = clock
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return self._stream.read(max_bytes, clip(timeout, self._deadline, httpcore.ReadTimeout))
+        return self._stream.read(max_bytes, clip(timeout, self._deadline, httpcore.ReadTimeout, self._clock))
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self._stream.write(buffer, clip(timeout, self._deadline, httpcore.WriteTimeout))
+        self._stream.write(buffer, clip(timeout, self._deadline, httpcore.WriteTimeout, self._clock))
 
     def close(self) -> None:
         self._stream.close()
@@ -240,15 +245,18 @@ class DeadlineStream(httpcore.NetworkStream):
     def start_tls(
         self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
     ) -> httpcore.NetworkStream:
-        limit = clip(timeout, self._deadline, httpcore.ConnectTimeout)
-        return DeadlineStream(self._stream.start_tls(ssl_context, server_hostname, limit), self._deadline)
+        limit = clip(timeout, self._deadline, httpcore.ConnectTimeout, self._clock)
+        tls = self._stream.start_tls(ssl_context, server_hostname, limit)
+        return DeadlineStream(tls, self._deadline, self._clock)
 
     def get_extra_info(self, info: str) -> object:
         return self._stream.get_extra_info(info)
 
 
-def clip(timeout: float | None, deadline: float, error: type[Exception]) -> float:
-    left = deadline - time.monotonic()
+def clip(
+    timeout: float | None, deadline: float, error: type[Exception], clock: Callable[[], float] = time.monotonic
+) -> float:
+    left = deadline - clock()
     if left <= 0:
         raise error("the time for the whole download is up")
     return left if timeout is None else min(timeout, left)
@@ -269,7 +277,7 @@ def fetch(url: str, policy: FetchPolicy | None = None, *, check_head: HeadCheck 
     and may raise to stop the download.
     """
     policy = policy or FetchPolicy()
-    deadline = time.monotonic() + policy.timeout
+    deadline = policy.clock() + policy.timeout
     pool = httpcore.ConnectionPool(ssl_context=ssl_context(), network_backend=GuardedBackend(policy, deadline))
     try:
         with pool:
@@ -309,12 +317,12 @@ def _read(response: httpcore.Response, policy: FetchPolicy, deadline: float, che
             raise _problem(f"is larger than {_mb(policy.max_bytes)}; that is the limit", "too_large")
         if check_head is not None and unchecked and len(body) >= HEAD_BYTES:
             check_head(bytes(body[:HEAD_BYTES]))
-        clip(None, deadline, httpcore.ReadTimeout)
+        clip(None, deadline, httpcore.ReadTimeout, policy.clock)
     return bytes(body)
 
 
 def _timed_out(exc: httpcore.TimeoutException, policy: FetchPolicy, deadline: float) -> str:
-    if time.monotonic() >= deadline:
+    if policy.clock() >= deadline:
         return f"could not be fetched within {policy.timeout:g} s"
     if isinstance(exc, httpcore.ConnectTimeout):
         return f"could not be fetched: no connection within {policy.connect_timeout:g} s"

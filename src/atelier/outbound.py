@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-import time
 from typing import TYPE_CHECKING, Any
 
 import httpcore
@@ -85,7 +84,7 @@ def send(
     core = httpcore.Request(
         method, core_url(request.url), headers=request.headers.raw, content=request.read(), extensions=timeouts(policy)
     )
-    deadline = time.monotonic() + policy.timeout
+    deadline = policy.clock() + policy.timeout
     pool = httpcore.ConnectionPool(ssl_context=ssl_context(), network_backend=GuardedBackend(policy, deadline))
     try:
         with pool:

@@ -140,7 +140,7 @@ class Services:
         )
         store = Store(settings.database, disk=disk)
         secret_key = settings.secret_key.get_secret_value() if settings.secret_key is not None else None
-        files = FileStore(settings.files_dir, store, secrets_dir=settings.data_dir, disk=disk, secret_key=secret_key)
+        files = FileStore.from_settings(settings, store, disk=disk, secret_key=secret_key)
         router = EngineRouter(engines, default or next(iter(engines)))
         services = cls(settings, store, files, router, runner=None)  # type: ignore[arg-type]
         services.webhooks = WebhookEngine(store)  # the doors register their rules with it (atelier.jobs.webhooks)

@@ -133,9 +133,6 @@ def test_the_python_client_lists_files_and_versions(server: Server) -> None:
     assert [v.id for v in versions] == [client.models.get("openai/gpt-image-2").latest_version.id]
 
 
-@pytest.mark.skip(
-    reason="hangs after the merge of the job-system streams (upstream call not released on cancel?); to investigate"
-)
 def test_a_running_prediction_is_canceled_at_once_and_its_stream_says_why(server: Server, standin: StandIn) -> None:
     client = replicate.Client(api_token=TOKEN, base_url=server.url)
     standin.hold()  # OpenAI has the request and does not answer: the prediction is processing

@@ -278,12 +278,22 @@ async def test_queued_edits_hold_files_not_pixels(tmp_path: Path, monkeypatch: p
             before = decoded_bytes()
             with monkeypatch.context() as patch:
                 patch.setattr(ImageFile.ImageFile, "load", no_load)
+                queued = asyncio.Event()
+                submit = runner.submit
+
+                async def submitted(*args: Any, **kwargs: Any) -> Any:
+                    prediction = await submit(*args, **kwargs)
+                    if runner.queue_depth == 3:
+                        queued.set()
+                    return prediction
+
+                patch.setattr(runner, "submit", submitted)
                 assert (await doors.send("replicate", images=[big] * 4)).status_code == 201
                 answers = [asyncio.create_task(doors.send(door, images=[big] * 4)) for door in ("openai", "multipart")]
-                for _ in range(1000):  # the OpenAI door answers when the job is done: wait until both are queued
-                    if runner.queue_depth == 3 or any(task.done() for task in answers):
-                        break
-                    await asyncio.sleep(0.01)
+                # The OpenAI door answers when the job is done: wait until both are queued (or one answered early).
+                waiting = asyncio.create_task(queued.wait())
+                await asyncio.wait([waiting, *answers], timeout=60, return_when=asyncio.FIRST_COMPLETED)
+                waiting.cancel()
                 entries = runner.queue.queued()
                 assert len(entries) == 3, [task.result().text for task in answers if task.done()]
             assert all(entry.job.images == () and entry.job.mask is None for entry in entries)

@@ -118,6 +118,30 @@ def test_a_mask_must_match_the_first_image(openai_standin):
         engine.check(replace(job, mask=Image.new("L", (10, 10))))
 
 
+def test_the_logs_say_the_request_went_upstream_while_openai_works(openai_standin):
+    """A render takes OpenAI minutes: until it answers, that log line is all a prediction's logs and stream
+    have to show (without it a stream had nothing to send, and a client waiting for a first event hung)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    engine = OpenAIEngine(api_key="sk-op", base_url=openai_standin.url, max_retries=0)
+    job = Atelier(engine=engine).prepare(parse_request({"prompt": "a slow one"}))
+    messages: list[str] = []
+    openai_standin.hold()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            call = pool.submit(
+                engine.generate, job, progress=lambda e: messages.append(e.message), cancel=CancelToken()
+            )
+            openai_standin.wait_for_parked(1)
+            assert messages == ["Sent to OpenAI (gpt-image-2); waiting for its images"]
+            openai_standin.release()
+            assert len(call.result(timeout=30).images) == 1
+    finally:
+        openai_standin.release()
+        engine.close()
+    assert messages[1] == f"OpenAI request id: {openai_standin.requests[-1].request_id}"
+
+
 def test_calls_share_one_connection_pool_across_keys_and_close_releases_it(openai_standin):
     def loops() -> set[threading.Thread]:
         return {t for t in threading.enumerate() if t.name == "atelier-openai"}

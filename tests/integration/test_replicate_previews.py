@@ -48,16 +48,27 @@ class Door:
         return await self.client.post(path, json=body)
 
     async def stream_while_running(self, url: str) -> str:
-        """The stream of a prediction held between its first and second step, released once it is read."""
-        gate = self.gate
+        """The stream of a prediction held between its first and second step, released once the stream has
+        subscribed to it (from then on everything reaches the stream live)."""
+        gate, runner, following = self.gate, self.app.state.services.runner, asyncio.Event()
+        subscribe = runner.subscribe
+
+        def subscribed(prediction_id: str) -> Any:
+            subscription = subscribe(prediction_id)
+            following.set()
+            return subscription
 
         async def release() -> None:
-            await asyncio.sleep(0.2)
+            await following.wait()
             gate.set()
 
+        runner.subscribe = subscribed
         releasing = asyncio.create_task(release())
-        text = (await self.client.get(url)).text
-        await releasing
+        try:
+            text = (await self.client.get(url)).text
+        finally:
+            del runner.subscribe  # the class's own method again
+            releasing.cancel()  # done already, unless the stream never subscribed (then the test fails below)
         return text
 
     def hold(self) -> None:

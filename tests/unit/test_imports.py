@@ -18,6 +18,8 @@ LIGHT_MODULES = [
     "atelier.engines.catalog",
     "atelier.engines.registry",
     "atelier.jobs.runner",
+    "atelier.jobs.blobs",
+    "atelier.api.replicate.downloads",
     "atelier.app",
 ]
 
@@ -81,3 +83,20 @@ def test_config_is_a_leaf_no_import_cycle_runs_through_it():
         todo += _atelier_imports(module)
     assert "atelier.config" not in seen, "a module atelier.config imports imports it back"
     assert not {"atelier.fetch", "atelier.jobs.limits"} & seen
+def test_the_bucket_client_is_imported_only_for_a_bucket():
+    """obstore loads when ATELIER_FILES_URL names a bucket and a file is touched, never for the data folder."""
+    code = (
+        "import sys, tempfile\n"
+        "from pathlib import Path\n"
+        "import atelier.app, atelier.cli, atelier.services, atelier.api.replicate.files\n"
+        "from atelier.config import Settings\n"
+        "from atelier.jobs.files import FileStore\n"
+        "from atelier.jobs.store import Store\n"
+        "folder = Path(tempfile.mkdtemp())\n"
+        "store = Store(folder / 'atelier.db'); store.open()\n"
+        "files = FileStore.from_settings(Settings(data_dir=folder), store)\n"
+        "files.read(files.put(b'x', name='a.png', content_type='image/png', kind='upload').id)\n"
+        "print('obstore' in sys.modules)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "False"

@@ -256,7 +256,14 @@ async def test_a_quiet_tail_of_logs_is_persisted_by_a_timer() -> None:
     task.log("one")  # the first line is written at once
     task.log("two")  # within the interval: deferred, not lost
     assert store.row["logs"] == "one\n"
-    await asyncio.sleep(0.1)  # no further line comes (a long step): the timer writes it
+    written, update = asyncio.Event(), store.update_prediction
+
+    def record(id: str, **fields: Any) -> None:
+        update(id, **fields)
+        written.set()
+
+    store.update_prediction = record
+    await asyncio.wait_for(written.wait(), 5)  # no further line comes (a long step): the timer writes it
     assert store.row["logs"] == "one\ntwo\n"
 
 

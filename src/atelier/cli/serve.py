@@ -63,6 +63,7 @@ def serve(
         settings.host = "127.0.0.1"
     listener = listen(settings.host, settings.port, host_name=given_as(ctx, "host"), port_name=given_as(ctx, "port"))
     try:
+        check_files(settings)
         check_data_dir(settings.data_dir, given_as(ctx, "data_dir") or "ATELIER_DATA_DIR")
         hold_database(settings, given_as(ctx, "data_dir"))
         if settings.host != asked:
@@ -196,3 +197,22 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def check_files(settings: Settings) -> None:
+    """The bucket of ``ATELIER_FILES_URL`` can be listed, written and deleted from, before anything loads:
+    wrong credentials, a missing bucket or an unreachable endpoint are one line now, not a failed upload."""
+    if settings.files_url is None:
+        return
+    from dataclasses import replace
+    from datetime import timedelta
+
+    from atelier.errors import StorageUnavailable
+    from atelier.jobs.blobs import BucketURL, S3Blobs
+    from atelier.jobs.files import s3_options
+
+    quick = replace(s3_options(settings), max_retries=1, retry_timeout=timedelta(seconds=10))  # fail fast at start
+    try:
+        S3Blobs(BucketURL.parse(settings.files_url), quick).probe()
+    except StorageUnavailable as exc:
+        raise SettingsError(FieldProblem("ATELIER_FILES_URL", exc.message.removeprefix("the file bucket "))) from None

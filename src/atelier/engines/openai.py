@@ -183,6 +183,9 @@ class OpenAIEngine:
     async def _run(self, job: Job, size: str, progress: ProgressFn, cancel: CancelToken) -> Result:
         key = job.request.api_key() or self._api_key
         started = time.perf_counter()
+        # A render takes OpenAI a minute or more; until it answers this line is all the prediction's logs
+        # and stream have to say (a local model logs its seed and steps instead).
+        progress(ProgressEvent(0, 0, message=f"Sent to OpenAI ({self.model}); waiting for its images"))
         try:
             call = asyncio.ensure_future(self._call(self._client(key), job, size, progress))
             data, usage, upstream_id = await self._supervise(call, cancel)

@@ -18,6 +18,7 @@
     webhooks.py   WebhookEngine: the one durable webhook outbox and delivery engine every door uses
     writer.py     OrderedWriter: store calls off the event loop, in order (PostgreSQL)
     owner.py      one process per SQLite database (a second is refused at start)
+    blobs.py      where files' bytes live: the data folder (LocalBlobs) or an S3 bucket (S3Blobs)
 
 Wiring (done by ``create_app`` or a script; nothing here runs at import)::
 

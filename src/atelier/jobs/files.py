@@ -1,15 +1,20 @@
-"""Files on local disk (uploads and outputs), their rows in the store, and capability URLs.
+"""Files (uploads and outputs): their bytes, their rows in the store, and capability URLs.
 
-* A file's path is derived from its random id only (``ab/abcdef….webp``); a caller's file name is
+* The bytes live in the data folder (the default) or in an S3-compatible bucket
+  (``ATELIER_FILES_URL=s3://bucket/prefix``); ``atelier.jobs.blobs`` holds the difference, and
+  ``FileStore`` is the same for both. Build one with ``FileStore.from_settings``.
+* A file's key is derived from its random id only (``ab/abcdef….webp``); a caller's file name is
   metadata for ``Content-Disposition`` and never touches the file system, so there is no traversal.
-* ``put`` writes a temporary file in the target folder, fsyncs it, renames it into place, fsyncs the
-  folder, and only then inserts the row. The runner calls it before marking a prediction succeeded, so
-  a succeeded prediction's outputs are on disk. A crash in between leaves an orphan file, never a row
-  pointing at nothing. ``delete`` removes the row first for the same reason.
+* ``put`` writes the bytes durably (in the folder: a temporary file, fsynced, renamed into place, the
+  folder fsynced; in a bucket: one PUT) and only then inserts the row. The runner calls it before
+  marking a prediction succeeded, so a succeeded prediction's outputs are stored. A crash in between
+  leaves an orphan object, never a row pointing at nothing. ``delete`` removes the row first for the
+  same reason.
 * A write that fails (a full disk above all) leaves nothing: the temporary file is removed, a file
   whose row could not be inserted is removed, and ``put_outputs`` keeps all of a prediction's outputs or
   none. A full disk is ``InsufficientStorage`` (507) saying which write failed; ``atelier.jobs.disk``
-  refuses new writes from then on until space is freed.
+  refuses new writes from then on until space is freed. The disk checks guard the data folder: with a
+  bucket they do not apply to the objects (a write the bucket refuses is ``StorageUnavailable``, 503).
 * Capability URLs: ``sign(file_id)`` is HMAC-SHA256 over the id with a per-installation secret,
   truncated to 128 bits, urlsafe base64 (22 characters). ``verify`` compares in constant time. The
   signature does not expire: a file's lifetime is its retention (``expires_at``), and deleting the file
@@ -21,7 +26,8 @@
   first start stores what its files (``file-signing.key``, ``webhook.key`` in the secrets folder) hold,
   so the URLs and signatures it handed out stay valid. ``ATELIER_SECRET_KEY`` (``secret_key``), when
   set, is the signing key instead (derived with HMAC, so the raw value is never the key itself).
-* After a crash: ``remove_strays`` (at start-up) deletes temporary files and files without a row;
+* After a crash: ``remove_strays`` (at start-up) deletes temporary files and files without a row (in a
+  bucket, only objects older than ``blobs.STRAY_GRACE``: other processes may be writing);
   ``discard_outputs`` deletes the outputs of a run that was cut short before it is run again.
 """
 
@@ -30,10 +36,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import io
 import os
 import re
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -41,11 +48,13 @@ from typing import IO, TYPE_CHECKING, Any
 from atelier.errors import InputError, NotFound
 from atelier.ids import new_id
 from atelier.jobs import disk as disk_space
+from atelier.jobs.blobs import BlobMissing, Blobs, BucketURL, LocalBlobs, S3Blobs, S3Options, role_available
 from atelier.jobs.disk import DiskSpace
 from atelier.jobs.records import FILE_KINDS, FileRecord, utc_now
 from atelier.jobs.store import Store
 
 if TYPE_CHECKING:
+    from atelier.config import Settings
     from atelier.engines.base import OutputImage
 
 _ID_RE = re.compile(r"^[a-z2-7]{26}$")
@@ -62,9 +71,11 @@ _NAME_UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\]")
 
 
 class FileStore:
+    """Files in a folder (``where`` a path) or a bucket (``where`` an ``S3Blobs``), recorded in ``store``."""
+
     def __init__(
         self,
-        folder: Path,
+        where: Path | Blobs,
         store: Store,
         *,
         secrets_dir: Path | None = None,
@@ -72,12 +83,35 @@ class FileStore:
         secret_key: str | None = None,
     ) -> None:
         self.secret_key = secret_key  # ATELIER_SECRET_KEY: signs file URLs instead of the stored key
-        self.folder = Path(folder)
+        self.blobs: Blobs = LocalBlobs(Path(where)) if isinstance(where, str | os.PathLike) else where
+        # The files folder (``<data dir>/files``; None for a bucket); by default the secrets live beside it.
+        self.folder = self.blobs.folder if isinstance(self.blobs, LocalBlobs) else None
         self.store = store
-        self.disk = disk  # None: no reserve, no free-space checks (a full disk still fails cleanly)
-        self.secrets_dir = Path(secrets_dir) if secrets_dir is not None else self.folder.parent / "secrets"
+        # None: no reserve, no free-space checks (a full disk still fails cleanly). The checks guard the data
+        # folder's disk: a bucket's writes skip them, new work still asks (the database may live there).
+        self.disk = disk
+        if secrets_dir is None:
+            if self.folder is None:
+                raise ValueError("a FileStore on a bucket needs secrets_dir")
+            secrets_dir = self.folder.parent / "secrets"
+        self.secrets_dir = Path(secrets_dir)
         self._signing_key: bytes | None = None
         self._webhook_secrets: dict[str | None, str] = {}  # owner -> secret, as stored
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, store: Store, *, disk: DiskSpace | None = None, **options: Any
+    ) -> FileStore:
+        """The data folder's ``files/``, or the bucket of ``ATELIER_FILES_URL``; ``options`` go to the constructor."""
+        where: Path | Blobs = settings.files_dir
+        if settings.files_url is not None:
+            where = S3Blobs(BucketURL.parse(settings.files_url), s3_options(settings))
+        return cls(where, store, secrets_dir=settings.data_dir, disk=disk, **options)
+
+    @property
+    def in_folder(self) -> bool:
+        """Whether the bytes are on this machine's disk (the data folder), not in a bucket."""
+        return self.folder is not None
 
     # -- content -------------------------------------------------------------------------------------
 
@@ -97,14 +131,13 @@ class FileStore:
         if kind not in FILE_KINDS:
             raise ValueError(f"file kind {kind!r} is not one of {', '.join(FILE_KINDS)}")
         what = "this prediction's outputs" if kind == "output" else None  # an upload is new work
-        if self.disk is not None:
+        if self.disk is not None and self.in_folder:
             self.disk.check(what)
         file_id = new_id()
         relative = f"{file_id[:2]}/{file_id}{EXTENSIONS.get(content_type, '.bin')}"
         try:
-            _write_durably(self.folder / relative, data)
+            self.blobs.write(relative, data, content_type)
         except OSError as exc:
-            (self.folder / relative).unlink(missing_ok=True)  # renamed into place before the folder's fsync failed
             if disk_space.is_enospc(exc):
                 raise self._out_of_space(what or "the uploaded file") from exc
             raise
@@ -125,7 +158,7 @@ class FileStore:
         try:
             self.store.insert_file(record)
         except BaseException:
-            (self.folder / relative).unlink(missing_ok=True)  # no file without its row
+            self.blobs.delete(relative)  # no file without its row
             raise
         return record
 
@@ -169,31 +202,52 @@ class FileStore:
         return record
 
     def path(self, file_id: str) -> Path:
-        """The file's absolute path; always inside the files folder."""
+        """The file's absolute path; always inside the files folder (a folder-backed store only)."""
         record = self.get(file_id)
-        path = (self.folder / record.path).resolve()
-        if not path.is_relative_to(self.folder.resolve()):
-            raise NotFound(f"file {file_id!r} does not exist")
-        return path
+        if not isinstance(self.blobs, LocalBlobs):
+            raise TypeError(f"files are in {self.blobs.location}, not on disk; use read() or stream()")
+        try:
+            return self.blobs.path(record.path)
+        except BlobMissing:
+            raise NotFound(f"file {file_id!r} does not exist") from None
 
     def open(self, file_id: str) -> IO[bytes]:
+        if not self.in_folder:  # an object is read whole (files are at most 100 MiB)
+            return io.BytesIO(self.read(file_id))
         try:
             return self.path(file_id).open("rb")
         except FileNotFoundError:
             raise NotFound(f"file {file_id!r} is recorded but missing from disk") from None
 
     def read(self, file_id: str) -> bytes:
-        with self.open(file_id) as fh:
-            return fh.read()
+        record = self.get(file_id)
+        try:
+            return self.blobs.read(record.path)
+        except BlobMissing:
+            raise NotFound(f"file {file_id!r} is recorded but missing from {self._where}") from None
+
+    async def stream(self, record: FileRecord, start: int, end: int) -> AsyncIterator[bytes]:
+        """Bytes ``start`` to ``end`` (exclusive) of a file, in chunks: a download from a bucket. ``NotFound``
+        (before any chunk) when the bytes are missing."""
+        try:
+            return await self.blobs.stream(record.path, start, end)
+        except BlobMissing:
+            raise NotFound(f"file {record.id!r} is recorded but missing from {self._where}") from None
+
+    @property
+    def _where(self) -> str:
+        return "disk" if self.in_folder else self.blobs.location
 
     def delete(self, file_id: str) -> None:
-        """Forget the file, then remove it from disk; deleting twice is not an error."""
+        """Forget the file, then remove its bytes; deleting twice is not an error."""
         try:
-            path = self.path(file_id)
-        except NotFound:
+            record = self.get(file_id)
+            if isinstance(self.blobs, LocalBlobs):
+                self.blobs.path(record.path)  # a row naming a path outside the folder is never acted on
+        except (NotFound, BlobMissing):
             return
         self.store.delete_file(file_id)
-        path.unlink(missing_ok=True)
+        self.blobs.delete(record.path)
 
     def delete_many(self, file_ids: Sequence[str]) -> None:
         for file_id in file_ids:
@@ -217,20 +271,18 @@ class FileStore:
         return len(inputs)
 
     def remove_strays(self) -> int:
-        """Delete files on disk that no row knows; returns how many.
+        """Delete stored files that no row knows; returns how many.
 
         A crash can leave the temporary file of an interrupted write, or a file whose row was never
-        inserted. Call only while nothing writes files (at start-up): a write in progress looks the same.
+        inserted. Call only while this process writes no files (at start-up): a write in progress looks
+        the same. A bucket lists only objects old enough that no other process can still be writing them.
         """
         removed = 0
-        folders = self.folder.iterdir() if self.folder.is_dir() else iter(())
-        for folder in folders:
-            if not folder.is_dir() or folder.is_symlink():
-                continue
-            known = self.store.file_ids(folder.name)
-            for path in folder.iterdir():
-                if path.is_file() and path.name.partition(".")[0] not in known:
-                    path.unlink(missing_ok=True)
+        for folder, keys in self.blobs.folders():
+            known = self.store.file_ids(folder)
+            for key in keys:
+                if key.rpartition("/")[2].partition(".")[0] not in known:
+                    self.blobs.delete(key)
                     removed += 1
         return removed
 
@@ -304,25 +356,17 @@ def _b64(size: int) -> bytes:
     return base64.b64encode(secrets.token_bytes(size))
 
 
-def _write_durably(path: Path, data: bytes) -> None:
-    """Write, fsync, rename into place, fsync the folder; a failure before the rename leaves no file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+def s3_options(settings: Settings) -> S3Options:
+    """The bucket's connection settings: the ``AWS_*`` variables and ``ATELIER_S3_ENDPOINT_URL``."""
+
+    def secret(value: Any) -> str | None:
+        return value.get_secret_value() if value is not None else None
+
+    return S3Options(
+        access_key_id=settings.aws_access_key_id,
+        secret_access_key=secret(settings.aws_secret_access_key),
+        session_token=secret(settings.aws_session_token),
+        region=settings.aws_region,
+        endpoint=settings.s3_endpoint_url,
+        may_use_role=role_available(os.environ),  # the variables obstore itself reads for a role
+    )

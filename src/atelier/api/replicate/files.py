@@ -32,10 +32,11 @@ from datetime import timedelta
 from functools import partial
 from typing import Any
 
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 from starlette.datastructures import UploadFile as Part
 
 from atelier.api.replicate import protocol as wire
+from atelier.api.replicate.downloads import ObjectResponse
 from atelier.api.replicate.pages import links
 from atelier.errors import FieldProblem, InputError, NotFound
 from atelier.imaging.inputs import sniff
@@ -119,9 +120,14 @@ class FilesAPI:
         self._owned(file_id, owner)
         await asyncio.to_thread(self.files.delete, file_id)
 
-    def download(self, file_id: str, sig: str | None, caller: Caller) -> FileResponse:
-        """The file's bytes for a valid signature, else for its owner (``caller`` authenticates, or raises 401)."""
+    def download(self, file_id: str, sig: str | None, caller: Caller) -> Response:
+        """The file's bytes for a valid signature, else for its owner (``caller`` authenticates, or raises 401):
+        from the data folder, or streamed from the bucket (``api/replicate/downloads.py``)."""
         record = self.files.get(file_id) if sig and self.files.verify(file_id, sig) else self._owned(file_id, caller())
+        disposition = "inline" if record.content_type in INLINE_TYPES else "attachment"
+        if not self.files.in_folder:
+            opener = partial(self.files.stream, record)
+            return ObjectResponse(record, opener, headers=DOWNLOAD_HEADERS, content_disposition_type=disposition)
         path = self.files.path(record.id)
         if not path.is_file():
             raise NotFound(f"file {file_id!r} is recorded but missing from disk")
@@ -129,7 +135,7 @@ class FilesAPI:
             path,
             media_type=record.content_type,
             filename=record.name,
-            content_disposition_type="inline" if record.content_type in INLINE_TYPES else "attachment",
+            content_disposition_type=disposition,
             headers=DOWNLOAD_HEADERS,
         )
 

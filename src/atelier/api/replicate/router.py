@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Header, Query, Request, Response, UploadFile
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
 from atelier.api.deps import BaseURL, Owner, ServicesDep, authenticate
 from atelier.api.json_body import read_json
@@ -157,7 +157,7 @@ async def delete_file(file_id: str, door: Door, owner: Owner) -> Response:
 @router.get("/files/{file_id}/download")
 async def download_file(
     file_id: str, door: Door, services: ServicesDep, request: Request, sig: str | None = None
-) -> FileResponse:
+) -> Response:
     return door.files.download(file_id, sig, lambda: authenticate(request, services))
 
 

@@ -176,7 +176,8 @@ class WebhookSender:
             self._settle(prediction.id, send_pending="completed" not in wanted)
             if "completed" in wanted:
                 self._enqueue(prediction, name)
-            self.base_urls.pop(prediction.id, None)
+            if prediction.id not in self._throttles:  # a message still waiting is rendered with it later
+                self.base_urls.pop(prediction.id, None)
         elif name in wanted:
             if name in THROTTLED:
                 self._throttled(prediction, name)
@@ -207,6 +208,7 @@ class WebhookSender:
             throttle.pending = None
         if throttle.finished:
             del self._throttles[prediction_id]
+            self.base_urls.pop(prediction_id, None)
 
     def _settle(self, prediction_id: str, *, send_pending: bool) -> None:
         """The prediction is over: drop what waits, or let its timer send it at the end of the window."""
