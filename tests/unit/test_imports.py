@@ -83,6 +83,8 @@ def test_config_is_a_leaf_no_import_cycle_runs_through_it():
         todo += _atelier_imports(module)
     assert "atelier.config" not in seen, "a module atelier.config imports imports it back"
     assert not {"atelier.fetch", "atelier.jobs.limits"} & seen
+
+
 def test_the_bucket_client_is_imported_only_for_a_bucket():
     """obstore loads when ATELIER_FILES_URL names a bucket and a file is touched, never for the data folder."""
     code = (

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from atelier.cli.serve import check_data_dir, require_cluster
+from atelier.cli.serve import check_data_dir, check_files, require_cluster
 from atelier.cli.settings import choose_model, given_as, settings_for
 
 if TYPE_CHECKING:
@@ -42,6 +42,7 @@ def worker(ctx: click.Context, model: str | None, model_path: Path | None, data_
     extra = {"data_dir": data_dir} if data_dir is not None else {}
     settings = settings_for(ctx, choice, extra, fields=("data_dir",))
     require_cluster(settings, "atelier worker")
+    check_files(settings)  # a bucket it cannot use is one line now, not a failed job later
     check_data_dir(settings.data_dir, given_as(ctx, "data_dir") or "ATELIER_DATA_DIR")
     run(settings)
 
@@ -60,6 +61,7 @@ async def serve_without_port(app: FastAPI, settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with app.router.lifespan_context(app):
-        click.echo(f"Atelier worker running jobs from the shared queue (files in {settings.data_dir})", err=True)
+        where = settings.files_url or settings.data_dir
+        click.echo(f"Atelier worker running jobs from the shared queue (files in {where})", err=True)
         await stop.wait()
         click.echo("Atelier worker stopping", err=True)
