@@ -20,6 +20,7 @@ from atelier.config import Settings
 from atelier.engines.base import Engine
 from atelier.errors import AtelierError, ModelUnavailable
 from atelier.fetch import MAX_BYTES
+from atelier.imaging import provenance
 from atelier.jobs.disk import DiskSpace
 from atelier.jobs.files import FileStore
 from atelier.jobs.inputs import Keeper, Staged, stage
@@ -83,6 +84,7 @@ class Services:
     def build(
         cls, settings: Settings, *, engines: Mapping[str, Engine] | None = None, default: str | None = None
     ) -> Services:
+        provenance.check(settings)  # a bad signing certificate stops the start, in one line
         if engines is None:
             engines, default = build_engines(settings)
         settings.data_dir.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,10 @@ OPTIONAL_MODULES = [
     "atelier.prompt_text",
     "atelier.imaging.ocr",
     "atelier.engines.text_check",
+    "atelier.imaging.provenance",
+    "atelier.imaging.dev_cert",
+    "atelier.cli.c2pa",
+    "atelier.studio",
 ]
 
 

@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING
 from atelier.engines.base import BatchPlan, CancelToken, Engine, Job, PartialBatch, Result, batching, generate_together
 from atelier.errors import AtelierError, Canceled, Conflict, EngineError, ModelUnavailable, NotFound
 from atelier.ids import new_id, new_seed
-from atelier.imaging import metadata
+from atelier.imaging import metadata, provenance
 from atelier.jobs import recovery
 from atelier.jobs.dispatch import Dispatcher, Listener
 from atelier.jobs.events import Event, Subscription, finished_subscription
@@ -433,6 +433,7 @@ class Runner:
         files written durably."""
         if self.settings.metadata:
             result = metadata.annotate(result, entry.job)
+        result = provenance.stamp(result, entry.job, self.settings, self.files.read)  # last: it hashes the file
         prediction = entry.task.prediction
         return self.files.put_outputs(result.images, owner=prediction.owner, prediction_id=prediction.id)
 
