@@ -1,6 +1,6 @@
 """Every benchmark in one run, one JSON document: machine details, then each result beside its baseline.
 
-    python -m bench [--quick] [--only engine_overhead concurrency encoding proxy gpu] [--out results/run.json]
+    python -m bench [--quick] [--only engine_overhead concurrency encoding proxy gpu ocr] [--out results/run.json]
     python bench/run_all.py ...            (the same)
 
 The benchmarks run one after another in this process (never in parallel: they would measure each
@@ -21,7 +21,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import concurrency, encoding, engine_overhead, gpu, proxy
+from bench import concurrency, encoding, engine_overhead, gpu, ocr, proxy
 from bench.common import emit, jsonable, log, machine
 
 BENCHMARKS = {
@@ -30,6 +30,7 @@ BENCHMARKS = {
     "encoding": encoding,
     "proxy": proxy,
     "gpu": gpu,
+    "ocr": ocr,
 }
 
 

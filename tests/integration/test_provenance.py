@@ -63,6 +63,7 @@ async def test_each_format_carries_a_valid_signed_manifest(tmp_path: Path, pair:
         assert created["softwareAgent"]["name"] == "fake"  # the model
         assert "DEVELOPMENT ONLY" in manifest["signature_info"]["common_name"]
         assert not manifest.get("ingredients")
+        assert "thumbnail" not in manifest  # a thumbnail would add 100 KB to 1 MB to each file
         with Image.open(io.BytesIO(data)) as image:  # still the image, with its generation parameters
             image.load()
             assert image.format.lower() == fmt and image.size == (64, 64)
@@ -81,6 +82,7 @@ async def test_an_edit_names_its_input_images_as_ingredients(tmp_path: Path, pai
         ("input_images[0]", "parentOf", "image/png"),
         ("input_images[1]", "componentOf", "image/png"),
     ]
+    assert not any("thumbnail" in i for i in ingredients)
     opened, edited = actions(manifest)
     assert opened["action"] == "c2pa.opened" and edited["action"] == "c2pa.edited"
     assert edited["digitalSourceType"] == TRAINED_ALGORITHMIC_MEDIA and edited["softwareAgent"]["name"] == "fake"
