@@ -6,6 +6,7 @@ real ``atelier`` command for the start-up errors and ``atelier c2pa dev-cert``.
 
 from __future__ import annotations
 
+import base64
 import io
 import stat
 from datetime import UTC, datetime, timedelta
@@ -69,6 +70,14 @@ async def test_each_format_carries_a_valid_signed_manifest(tmp_path: Path, pair:
             assert image.format.lower() == fmt and image.size == (64, 64)
             if fmt == "png":
                 assert "Seed: 11" in image.info["parameters"] or "Seed: 12" in image.info["parameters"]
+
+
+async def test_the_openai_door_returns_signed_images_too(tmp_path: Path, pair: dict[str, Path]) -> None:
+    async with serve(tmp_path, **pair) as doors:
+        response = await doors.client.post("/v1/images/generations", json={"prompt": "a fox", "output_format": "jpeg"})
+    assert response.status_code == 200, response.text
+    manifest, state = read_manifest(base64.b64decode(response.json()["data"][0]["b64_json"]), "jpeg")
+    assert state == "Valid" and manifest is not None and actions(manifest)[0]["action"] == "c2pa.created"
 
 
 async def test_an_edit_names_its_input_images_as_ingredients(tmp_path: Path, pair: dict[str, Path]) -> None:

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 from atelier.config import Settings
 from atelier.engines.base import CancelToken, Job, OutputImage, ProgressEvent, Result
 from atelier.engines.text_check import CANDIDATES, TextCheckEngine, candidate_seed, wrap
-from atelier.errors import ModerationBlocked
+from atelier.errors import Canceled, ModerationBlocked, SettingsError
 from atelier.imaging.ocr import normalized, read_text, similarity
 from atelier.request import MAX_SEED, ImageRequest
 from doors import BASE, REPLICATE_CREATE, serve
@@ -166,6 +166,39 @@ def test_a_later_candidate_blocked_by_moderation_leaves_the_earlier_ones() -> No
     first_blocked = LegibleEngine(lambda seed: SIGN, blocked={1000})
     with pytest.raises(ModerationBlocked):
         run(TextCheckEngine(first_blocked), job_for(f'a sign "{SIGN}"'))
+
+
+def test_a_cancel_while_reading_stops_before_the_next_round() -> None:
+    inner = LegibleEngine(lambda seed: "OPEN LXTE")
+    cancel = CancelToken()
+
+    def read_then_cancel(image: Image.Image) -> str:
+        cancel.cancel("canceled by the caller")
+        return read_text(image)
+
+    engine = TextCheckEngine(inner, read=read_then_cancel)
+    with pytest.raises(Canceled):
+        engine.generate(job_for(f'a sign "{SIGN}"'), progress=lambda e: None, cancel=cancel)
+    assert [job.seed for job in inner.jobs] == [1000]  # no second render after the cancel
+
+
+def test_best_of_n_without_the_ocr_package_is_a_settings_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from atelier.imaging import ocr
+
+    monkeypatch.setattr(ocr, "available", lambda: False)
+    with pytest.raises(SettingsError) as caught:
+        wrap(LegibleEngine(lambda seed: ""), Settings(text_check="best_of_n"))
+    [problem] = caught.value.problems
+    assert problem.field == "ATELIER_TEXT_CHECK" and "atelier[ocr]" in problem.message
+
+
+def test_a_bad_text_check_value_names_what_is_allowed() -> None:
+    from atelier.config import load_settings
+
+    with pytest.raises(SettingsError) as caught:
+        load_settings({"text_check": "always"})
+    [problem] = caught.value.problems
+    assert problem.field == "ATELIER_TEXT_CHECK" and "off, best_of_n" in problem.message, problem.message
 
 
 def test_candidate_seeds_stay_in_the_seed_range_and_apart() -> None:

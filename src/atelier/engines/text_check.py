@@ -90,7 +90,12 @@ class TextCheckEngine:
         return getattr(self.inner, name)
 
     def setup(self) -> None:
+        """The engine's set-up, then the OCR models' (about a second), so no caller's request pays for it."""
         self.inner.setup()
+        if self._read is None:
+            from atelier.imaging.ocr import load_reader
+
+            load_reader()
 
     def check(self, job: Job) -> object:
         return self.inner.check(job)

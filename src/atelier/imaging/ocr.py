@@ -57,6 +57,11 @@ def normalized(text: str) -> str:
     return "".join(c for c in folded if c.isalnum())
 
 
+def load_reader() -> None:
+    """Load the OCR models now (once per process), rather than on the first read."""
+    _reader()
+
+
 def available() -> bool:
     """Whether the OCR package is installed (without importing it)."""
     import importlib.util
