@@ -131,6 +131,39 @@ def test_an_upstream_image_with_its_own_manifest_keeps_it_as_an_ingredient(pair:
 # -- the signer's certificate, checked at start-up ------------------------------------------------------------
 
 
+def test_a_c2pa_build_that_cannot_sign_a_format_is_refused_at_start_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import c2pa
+
+    made = write_dev_pair(tmp_path / "fresh")  # a pair no earlier check has cached
+    everything = c2pa.Builder.get_supported_mime_types()
+    monkeypatch.setattr(c2pa.Builder, "get_supported_mime_types", lambda: [m for m in everything if "webp" not in m])
+    with pytest.raises(SettingsError) as caught:
+        check(Settings(c2pa_cert=made.cert, c2pa_key=made.key))
+    assert "cannot sign webp outputs" in caught.value.problems[0].message
+
+
+def test_a_certificate_that_expires_while_serving_fails_the_prediction_saying_so(
+    pair: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from atelier.errors import EngineError
+    from atelier.imaging import provenance
+
+    settings = Settings(**pair)
+    check(settings)
+
+    class Later(datetime):
+        @classmethod
+        def now(cls, tz: Any = None) -> datetime:  # type: ignore[override]
+            return datetime.now(tz) + timedelta(days=400)
+
+    monkeypatch.setattr(provenance, "datetime", Later)
+    job = Job(id="x", request=ImageRequest(prompt="a fox"), seed=1)
+    with pytest.raises(EngineError, match=r"ATELIER_C2PA_CERT\) expired at .*; the operator must renew it"):
+        stamp(_result(_png((1, 1, 1))), job, settings)
+
+
 def test_a_good_pair_passes_the_check(pair: dict[str, Path]) -> None:
     credentials = check(Settings(**pair))
     assert credentials is not None and credentials.alg == "es256"

@@ -253,8 +253,11 @@ def test_the_local_engine_is_wrapped_and_draws_candidates_with_a_real_pipeline(t
     engine = create_engine("diffusers", settings, model_path=tiny_flux2)
     assert isinstance(engine, TextCheckEngine) and engine.model == engine.inner.model
     assert not isinstance(create_engine("diffusers", Settings(), model_path=tiny_flux2), TextCheckEngine)
+    plain = job_for("a quiet lake", seed=7)
+    assert engine.batch_plan(plain) == engine.inner.batch_plan(plain) is not None  # other jobs batch as before
     engine.setup()
     job = job_for(f'a sign that says "{SIGN}"', seed=7, quality="low")
+    assert engine.batch_plan(job) is None  # a text job runs alone
     result, events = run(engine, job)
     # A tiny random pipeline draws noise: nothing reads right, so every round is drawn.
     assert result.metrics["text_candidates"] == CANDIDATES["low"] == 2
