@@ -3,10 +3,10 @@
 A prompt asks for text in two ways, and both are read here:
 
 * **Quoted**: ``a neon sign "OPEN LATE"``, curly quotes ``“…”`` and ``‘…’``, guillemets ``«…»``, and
-  single quotes that open after a space (so the apostrophe in ``don't`` opens nothing). Every quoted
-  piece counts, in order.
+  single quotes that open and close outside a word (so the apostrophe in ``don't`` opens nothing, and
+  ``'Joe's Diner'`` is one piece). Every quoted piece counts, in order.
 * **After a cue, unquoted**: ``that says``, ``which reads``, ``saying``, ``with the words``, ``with the
-  text``, ``reading``, ``the word``... The text runs to the end of the clause (a comma, full stop,
+  text``, ``reading``, ``titled``, ``labeled``... The text runs to the end of the clause (a comma, full stop,
   semicolon, colon...) and, for lower-case text, stops before a word that starts the scene again (``in``,
   ``on``, ``with``, ``against``...). An all-capitals run (``that says WELCOME TO PARIS in red``) stops
   where the capitals stop, so its own small words stay in.
@@ -19,22 +19,28 @@ costs time, never quality (its first candidate is the image the engine would hav
 
 from __future__ import annotations
 
+import itertools
 import re
+from collections.abc import Iterator
 
 # Opening and closing quote pairs. ASCII quotes close with themselves; a single one must open after a
 # space or bracket and close before one (or punctuation), so apostrophes inside words never pair up.
+# Every piece is at most MAX_PIECE characters: text to draw is short, and the bound keeps the search
+# linear in the prompt's length (a 32,000-character prompt of unclosed quotes would otherwise take minutes).
+MAX_PIECE = 120
+MAX_PIECES = 8
 _QUOTED = re.compile(
-    r"\"(?P<d>[^\"\n]+)\""
-    r"|“(?P<c>[^”\n]+)”"
-    r"|„(?P<g>[^“”\n]+)[“”]"
-    r"|«\s*(?P<f>[^»\n]+?)\s*»"
-    r"|‘(?P<s>[^’\n]+)’"
-    r"|(?:(?<=^)|(?<=[\s(\[:]))'(?P<a>[^'\n]+)'(?=$|[\s.,;:!?)\]])"
+    r"\"(?P<d>[^\"\n]{1,120}+)\""
+    r"|“(?P<c>[^”\n]{1,120}+)”"
+    r"|„(?P<g>[^“”\n]{1,120}+)[“”]"
+    r"|«(?P<f>[^»\n]{1,120}+)»"
+    r"|‘(?P<s>[^’\n]{1,120}+)’"
+    r"|(?<!\w)'(?P<a>(?:[^'\n]|'(?=\w)){1,120}+)'(?!\w)"
 )
 _CUE = re.compile(
     r"\b(?:that|which)\s+(?:says|reads|spells(?:\s+out)?)\s+"
-    r"|\b(?:saying|reading|spelling(?:\s+out)?)\s+"
-    r"|\b(?:with|showing|bearing|displaying)\s+the\s+(?:words?|text|phrase|letters|caption|title)\s+"
+    r"|\b(?:saying|reading|spelling(?:\s+out)?|(?:en)?titled|label(?:l)?ed)\s+"
+    r"|\b(?:with|showing|bearing|displaying)\s+the\s+(?:words?|text|phrase|letters|caption|title|slogan|headline)\s+"
     r"|\b(?:text|caption|title|lettering|words?)\s*:\s*",
     re.IGNORECASE,
 )
@@ -71,11 +77,13 @@ _SCENE_WORDS = frozenset(
 
 
 def asked_text(prompt: str) -> tuple[str, ...]:
-    """The pieces of text ``prompt`` asks to see drawn, in order; ``()`` when it asks for none."""
-    quoted = tuple(piece for piece in _quoted(prompt) if piece)
+    """The pieces of text ``prompt`` asks to see drawn, in order (at most ``MAX_PIECES``); ``()`` when it
+    asks for none."""
+    quoted = tuple(itertools.islice((piece for piece in _quoted(prompt) if piece), MAX_PIECES))
     if quoted:
         return quoted
-    return tuple(piece for piece in (_after_cue(prompt, m.end()) for m in _CUE.finditer(prompt)) if piece)
+    found = (_after_cue(prompt, match.end()) for match in _CUE.finditer(prompt))
+    return tuple(itertools.islice((piece for piece in found if piece), MAX_PIECES))
 
 
 def joined(pieces: tuple[str, ...]) -> str:
@@ -83,17 +91,15 @@ def joined(pieces: tuple[str, ...]) -> str:
     return " ".join(pieces)
 
 
-def _quoted(prompt: str) -> list[str]:
-    found = []
+def _quoted(prompt: str) -> Iterator[str]:
     for match in _QUOTED.finditer(prompt):
         text = next(group for group in match.groups() if group is not None)
-        found.append(" ".join(text.split()))
-    return found
+        yield " ".join(text.split())
 
 
 def _after_cue(prompt: str, start: int) -> str:
     """The unquoted text after a cue: an all-capitals run, else the clause up to a scene word."""
-    rest = prompt[start:]
+    rest = prompt[start : start + MAX_PIECE]
     clause = _CLAUSE_END.split(rest, maxsplit=1)[0].strip()
     caps = _CAPS_RUN.match(clause)
     if caps is not None and sum(c.isalpha() for c in caps.group()) >= 2:

@@ -23,6 +23,11 @@ from atelier.prompt_text import asked_text, joined
         ("a t-shirt saying I LOVE NY", ("I LOVE NY",)),
         ("a storefront, text: BAKERY", ("BAKERY",)),
         ("a logo spelling out ACME", ("ACME",)),
+        ("a diner sign with 'Joe's Diner' written on it", ("Joe's Diner",)),
+        ("a book titled THE LAST HARBOR on a shelf", ("THE LAST HARBOR",)),
+        ("a jar labeled sugar on the counter", ("sugar",)),
+        ("a poster with the slogan JUST DO IT", ("JUST DO IT",)),
+        ("a 'vintage' look, a label 'FRESH'", ("vintage", "FRESH")),  # a quoted style counts too: documented
     ],
 )
 def test_asked_text_is_found(prompt, expected):
