@@ -212,6 +212,17 @@ def test_a_text_job_runs_alone_others_batch_as_before() -> None:
     assert engine.batch_plan(job_for("a lake")) is None  # the fake cannot batch: nothing changes either way
 
 
+def test_the_wrapper_passes_the_engines_own_attributes_through_and_can_be_copied() -> None:
+    import copy
+
+    inner = LegibleEngine(lambda seed: "")
+    engine = TextCheckEngine(inner)
+    assert engine.steps == inner.steps and engine.model == "legible" and engine.capabilities is inner.capabilities
+    with pytest.raises(AttributeError):
+        engine.no_such_thing  # noqa: B018
+    assert copy.copy(engine).inner is inner  # a copy looks attributes up before ``inner`` is set
+
+
 def _never_read(image: Image.Image) -> str:
     raise AssertionError("a prompt asking for no text was read")
 

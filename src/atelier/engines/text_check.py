@@ -87,6 +87,8 @@ class TextCheckEngine:
         self._read = read
 
     def __getattr__(self, name: str) -> Any:  # anything else (close, device...) is the engine's own
+        if name == "inner" or name.startswith("__"):  # not set yet (a copy, unpickling): no recursion
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
     def setup(self) -> None:
