@@ -72,6 +72,15 @@ async def test_each_format_carries_a_valid_signed_manifest(tmp_path: Path, pair:
                 assert "Seed: 11" in image.info["parameters"] or "Seed: 12" in image.info["parameters"]
 
 
+async def test_signing_without_the_generation_parameters(tmp_path: Path, pair: dict[str, Path]) -> None:
+    async with serve(tmp_path, metadata=False, **pair) as doors:
+        _, [data] = await kept(doors, output_format="png")
+    manifest, state = read_manifest(data, "png")
+    assert state == "Valid" and manifest is not None
+    with Image.open(io.BytesIO(data)) as image:
+        assert "parameters" not in image.info  # ATELIER_METADATA=false still means no parameters
+
+
 async def test_the_openai_door_returns_signed_images_too(tmp_path: Path, pair: dict[str, Path]) -> None:
     async with serve(tmp_path, **pair) as doors:
         response = await doors.client.post("/v1/images/generations", json={"prompt": "a fox", "output_format": "jpeg"})
