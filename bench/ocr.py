@@ -141,7 +141,7 @@ def selection(sets: int, candidates: int) -> dict[str, Any]:
         job = Job(id=f"set{index}", request=ImageRequest(prompt=f'a sign that says "{text}"'), seed=0)
         began = time.perf_counter()
         result = best_of_n(
-            Renders(renders), job, text, candidates, progress=lambda e: None, cancel=CancelToken(), read=read_text
+            Renders(renders), job, (text,), candidates, progress=lambda e: None, cancel=CancelToken(), read=read_text
         )
         timings.append(time.perf_counter() - began)
         chosen = result.images[0].seed or 0

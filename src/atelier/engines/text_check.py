@@ -9,8 +9,9 @@ engine, exactly as without the check. For one that does:
   seed and round 0 is the very image the engine makes without the check. Each output image ``i`` keeps
   the best-reading of its own candidates (best of n per image): a caller asking for four images gets
   four, each checked. Rounds stop early once every image reads exactly as asked.
-* **Reading.** Each candidate is decoded and read with OCR (``atelier.imaging.ocr``); ``similarity``
-  against the asked text is its score. A tie keeps the earlier candidate.
+* **Reading.** Each candidate is decoded and read with OCR (``atelier.imaging.ocr``); its similarity to
+  the asked text, its pieces taken in the order drawn (``similarity_any_order``), is its score. A tie
+  keeps the earlier candidate.
 * **Reporting.** The images carry their own seeds (the chosen candidate's: render it again alone with
   that seed and the check off, and the same image comes back); the result's ``seed`` is the first
   image's. The prediction's metrics gain ``text_asked``, ``text_read`` (one per image), ``text_accuracy``
@@ -103,7 +104,7 @@ class TextCheckEngine:
         return self.inner.check(job)
 
     def generate(self, job: Job, *, progress: ProgressFn, cancel: CancelToken) -> Result:
-        asked = joined(asked_text(job.request.prompt))
+        asked = asked_text(job.request.prompt)
         if not asked:
             return self.inner.generate(job, progress=progress, cancel=cancel)
         rounds = CANDIDATES.get(job.request.quality, CANDIDATES["auto"])
@@ -132,10 +133,18 @@ class TextCheckEngine:
 
 
 def best_of_n(
-    engine: Engine, job: Job, asked: str, rounds: int, *, progress: ProgressFn, cancel: CancelToken, read: Reader
+    engine: Engine,
+    job: Job,
+    asked: Sequence[str],
+    rounds: int,
+    *,
+    progress: ProgressFn,
+    cancel: CancelToken,
+    read: Reader,
 ) -> Result:
-    """Up to ``rounds`` renders of ``job``, each image the best-reading of its candidates (module docstring)."""
-    from atelier.imaging.ocr import similarity
+    """Up to ``rounds`` renders of ``job``, each image the best-reading of its candidates (module docstring);
+    ``asked`` is the text's pieces (``atelier.prompt_text.asked_text``)."""
+    from atelier.imaging.ocr import similarity_any_order
 
     count = job.request.number_of_images
     picks: list[Pick | None] = [None] * count
@@ -154,7 +163,7 @@ def best_of_n(
         began = time.perf_counter()
         for i, image in enumerate(result.images):
             text = read(_decoded(image))
-            score = similarity(asked, text)
+            score = similarity_any_order(asked, text)
             best = picks[i]
             if best is None or score > best.accuracy:
                 picks[i] = Pick(image, text, score)
@@ -163,7 +172,7 @@ def best_of_n(
             break
     chosen = [p for p in picks if p is not None]
     progress(ProgressEvent(0, 0, message=_summary(chosen, len(results))))
-    return _combined(results, chosen, asked, reading)
+    return _combined(results, chosen, joined(tuple(asked)), reading)
 
 
 def candidate_seed(seed: int, index: int, count: int) -> int:

@@ -10,14 +10,17 @@
   kept), and compared without spaces — OCR often merges or splits words, and a sign that reads right
   with a space lost is still right — with ``difflib``'s ratio: 2 x matched characters / both lengths
   together, 1.0 for the same text and 0.0 for nothing in common. Text drawn besides what was asked
-  lowers it, as a caller would notice it.
+  lowers it, as a caller would notice it. Several pieces score in the order they were drawn
+  (``similarity_any_order``).
 """
 
 from __future__ import annotations
 
 import difflib
+import itertools
 import threading
 import unicodedata
+from collections.abc import Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +30,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
 OCR_EXTRA = "pip install 'atelier[ocr]'"
+MAX_ORDERED = 4  # pieces tried in every order (4! = 24 comparisons)
 _LOCK = threading.Lock()
 
 
@@ -49,6 +53,14 @@ def similarity(asked: str, read: str) -> float:
     if not a and not b:
         return 1.0
     return round(difflib.SequenceMatcher(None, a, b, autojunk=False).ratio(), 4)
+
+
+def similarity_any_order(pieces: Sequence[str], read: str) -> float:
+    """``similarity`` of several asked pieces (two signs, "EXIT" and "ENTRANCE") to ``read``, in whichever
+    order they were drawn: the reader reads top to bottom, left to right, not in the prompt's order. Up to
+    ``MAX_ORDERED`` pieces are tried in every order; more, in the order asked."""
+    orders = itertools.permutations(pieces) if 1 < len(pieces) <= MAX_ORDERED else [tuple(pieces)]
+    return max(similarity(" ".join(order), read) for order in orders)
 
 
 def normalized(text: str) -> str:
