@@ -71,7 +71,7 @@ class LegibleEngine(FakeEngine):
     """Draws the image of seed ``s`` with ``text_for(s)``: the asked text crisp, or with letters wrong."""
 
     def __init__(self, text_for: Callable[[int], str], blocked: set[int] | None = None) -> None:
-        super().__init__(model="legible", name="legible", scale=4)
+        super().__init__(model="legible", name="legible", scale=6)
         self.text_for = text_for
         self.blocked = blocked or set()
 
