@@ -23,3 +23,11 @@ def test_pieces_score_in_the_order_they_were_drawn() -> None:
     assert similarity_any_order(("OPEN LATE",), "OPEN LATE") == 1.0
     five = ("A1", "B2", "C3", "D4", "E5")  # beyond four pieces: the order asked only
     assert similarity_any_order(five, "E5 D4 C3 B2 A1") < 1.0 == similarity_any_order(five, "A1 B2 C3 D4 E5")
+
+
+def test_the_cli_summary_says_what_the_text_check_read() -> None:
+    from atelier.cli.generate import text_check_note
+
+    assert text_check_note({"seed": 7}) == ""
+    metrics = {"text_read": ["OPEN LATE", "OPEN LATF"], "text_accuracy": 0.9444, "text_candidates": 3}
+    assert text_check_note(metrics) == "; text read 'OPEN LATE', 'OPEN LATF' (accuracy 0.94, best of 3)"
