@@ -72,6 +72,20 @@ async def test_each_format_carries_a_valid_signed_manifest(tmp_path: Path, pair:
                 assert "Seed: 11" in image.info["parameters"] or "Seed: 12" in image.info["parameters"]
 
 
+async def test_an_ingredient_keeps_its_own_format(tmp_path: Path, pair: dict[str, Path]) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(buffer, "JPEG")
+    async with serve(tmp_path, **pair) as doors:
+        _, [data] = await kept(
+            doors,
+            output_format="png",
+            input_images=["data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()],
+        )
+    manifest, _ = read_manifest(data, "png")
+    assert manifest is not None
+    assert [(i["title"], i["format"]) for i in manifest["ingredients"]] == [("input_images[0]", "image/jpeg")]
+
+
 async def test_signing_without_the_generation_parameters(tmp_path: Path, pair: dict[str, Path]) -> None:
     async with serve(tmp_path, metadata=False, **pair) as doors:
         _, [data] = await kept(doors, output_format="png")
