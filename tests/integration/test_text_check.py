@@ -157,6 +157,14 @@ def test_a_prompt_asking_for_no_text_runs_exactly_as_without_the_check() -> None
                                                                              cancel=CancelToken()).images[0].data  # fmt: skip
 
 
+def test_previews_come_from_the_first_round_only() -> None:
+    inner = LegibleEngine(lambda seed: "XXXX")
+    job = replace(job_for(f'a sign "{SIGN}"', quality="low"), previews=2)
+    result, events = run(TextCheckEngine(inner), job)
+    assert result.metrics["text_candidates"] == 2 and [j.previews for j in inner.jobs] == [2, 0]
+    assert sum(e.preview is not None for e in events) == inner.steps  # the fake sends one a step when asked
+
+
 def test_a_later_candidate_blocked_by_moderation_leaves_the_earlier_ones() -> None:
     inner = LegibleEngine(lambda seed: "OPEN LXTE", blocked={1001})
     result, _ = run(TextCheckEngine(inner), job_for(f'a sign "{SIGN}"'))

@@ -19,6 +19,7 @@ engine, exactly as without the check. For one that does:
   ``text_check_time`` (seconds spent reading).
 * **Moderation.** A later round whose output moderation blocks ends the rounds; the ones before stand.
   Round 0 blocked fails the job, as it would without the check.
+* **Previews.** Step previews come from round 0 only: as many as the caller asked for, not that many a round.
 * **Batching.** A text job runs alone (``batch_plan`` is None); other jobs batch as the engine allows.
 """
 
@@ -152,7 +153,11 @@ def best_of_n(
     reading = 0.0
     for index in range(rounds):
         cancel.raise_if_cancelled()
-        candidate = replace(job, seed=candidate_seed(job.seed, index, count))
+        # Previews (Replicate's, OpenAI's partial_images) come from round 0 only: a caller who asked for two
+        # gets two, of the image the check starts from, not two per round.
+        candidate = replace(
+            job, seed=candidate_seed(job.seed, index, count), previews=job.previews if index == 0 else 0
+        )
         try:
             result = engine.generate(candidate, progress=_round_progress(progress, index, rounds), cancel=cancel)
         except ModerationBlocked:
