@@ -1,6 +1,6 @@
 """Every benchmark in one run, one JSON document: machine details, then each result beside its baseline.
 
-    python -m bench [--quick] [--only engine_overhead concurrency encoding proxy gpu cluster] [--out results/run.json]
+    python -m bench [--quick] [--only engine_overhead concurrency encoding proxy gpu cluster ocr] [--out results/run.json]
     python bench/run_all.py ...            (the same)
 
 The benchmarks run one after another in this process (never in parallel: they would measure each
@@ -21,7 +21,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import cluster, concurrency, encoding, engine_overhead, gpu, proxy
+from bench import cluster, concurrency, encoding, engine_overhead, gpu, ocr, proxy
 from bench.common import emit, jsonable, log, machine
 
 BENCHMARKS = {
@@ -31,6 +31,7 @@ BENCHMARKS = {
     "proxy": proxy,
     "gpu": gpu,
     "cluster": cluster,
+    "ocr": ocr,
 }
 
 

@@ -80,6 +80,13 @@ class Settings(BaseSettings):
     # chunks, EXIF in jpeg and webp (atelier.imaging.metadata). Never the key or the user_id.
     metadata: bool = True
     image_classifier: str | None = None  # "package.module:attr" — an image moderation classifier
+    # For prompts asking for text, draw candidates and keep the one OCR reads closest to it (local models
+    # only; the `ocr` extra): atelier.engines.text_check. Off by default: it multiplies render time.
+    text_check: Literal["off", "best_of_n"] = "off"
+    # Content Credentials: a signed C2PA manifest in every output (atelier.imaging.provenance), when both are
+    # set: PEM files, the certificate chain (signer first) and its private key. Checked at start-up.
+    c2pa_cert: Path | None = None
+    c2pa_key: Path | None = None
 
     # Service
     host: str = "127.0.0.1"

@@ -26,6 +26,7 @@ from atelier.config import Settings
 from atelier.engines.base import Engine
 from atelier.errors import AtelierError, FieldProblem, ModelUnavailable, SettingsError
 from atelier.fetch import MAX_BYTES
+from atelier.imaging import provenance
 from atelier.jobs.disk import DiskSpace
 from atelier.jobs.files import FileStore
 from atelier.jobs.inputs import Keeper, Staged, stage
@@ -132,6 +133,7 @@ class Services:
     ) -> Services:
         """``work`` False: an API process of a cluster (``atelier serve --no-worker``), which runs no jobs
         from the shared queue (only those pinned to it: see ``atelier.jobs.cluster``)."""
+        provenance.check(settings)  # a bad signing certificate stops the start, in one line
         if engines is None:
             engines, default = build_engines(settings)
         settings.data_dir.mkdir(parents=True, exist_ok=True)

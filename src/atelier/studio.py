@@ -30,6 +30,7 @@ from typing import Any
 from atelier.config import Settings, load_settings
 from atelier.engines.base import CancelToken, Engine, Job, ProgressFn, Result, no_progress
 from atelier.ids import new_id, new_seed
+from atelier.imaging import provenance
 from atelier.jobs.routing import EngineRouter
 from atelier.request import ImageRequest, parse_request
 
@@ -166,6 +167,7 @@ class Atelier:
         cancel: CancelToken | None = None,
         allow_paths: bool = False,
     ) -> Result:
+        provenance.check(self.settings)  # a bad signing certificate: refused before any model time
         job = self.prepare(request, seed=seed, allow_paths=allow_paths)
         with loading_bars(self.progress_bars):
             engine = self.setup(self.engine_for(request))
@@ -174,6 +176,7 @@ class Atelier:
             from atelier.imaging.metadata import annotate
 
             result = annotate(result, job)
+        result = provenance.stamp(result, job, self.settings)  # last: the manifest hashes the file as saved
         return replace(result, stem=slug(request.prompt))
 
 

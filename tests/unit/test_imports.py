@@ -102,3 +102,25 @@ def test_the_bucket_client_is_imported_only_for_a_bucket():
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert run.stdout.strip() == "False"
+# The text check and provenance: their libraries load when a job is read or an image signed, never before.
+OPTIONAL_MODULES = [
+    *LIGHT_MODULES,
+    "atelier.prompt_text",
+    "atelier.imaging.ocr",
+    "atelier.engines.text_check",
+    "atelier.imaging.provenance",
+    "atelier.imaging.dev_cert",
+    "atelier.cli.c2pa",
+    "atelier.studio",
+]
+
+
+def test_ocr_and_signing_libraries_load_only_when_used():
+    code = (
+        "import importlib, sys\n"
+        f"for name in {OPTIONAL_MODULES!r}: importlib.import_module(name)\n"
+        "heavy = ('rapidocr_onnxruntime', 'onnxruntime', 'cv2', 'c2pa', 'cryptography')\n"
+        "print(','.join(sorted(m for m in heavy if m in sys.modules)))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == ""

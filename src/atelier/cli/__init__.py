@@ -14,6 +14,7 @@ import click
 from atelier import __version__
 from atelier.api.request_id import install_log_records
 from atelier.cli.backup import backup
+from atelier.cli.c2pa import c2pa
 from atelier.cli.generate import edit, generate
 from atelier.cli.models import models
 from atelier.cli.problems import Problems, line, problem_lines
@@ -42,6 +43,7 @@ cli.add_command(models)
 cli.add_command(serve)
 cli.add_command(backup)
 cli.add_command(worker)
+cli.add_command(c2pa)
 
 
 def main(argv: list[str] | None = None) -> None:

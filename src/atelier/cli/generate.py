@@ -129,7 +129,15 @@ def run(
     note = f"{result.model}: {len(result.images)}x {result.size} {request.output_format}, seed {result.seed}"
     if result.upscaled:
         note += f", rendered at {result.rendered_size} and upscaled"
-    click.echo(note, err=True)
+    click.echo(note + text_check_note(result.metrics), err=True)
+
+
+def text_check_note(metrics: dict[str, Any]) -> str:
+    """``; text read 'OPEN LATE' (accuracy 1.00, best of 2)`` when the text check ran, else nothing."""
+    if "text_accuracy" not in metrics:
+        return ""
+    read = ", ".join(repr(text) for text in metrics["text_read"])
+    return f"; text read {read} (accuracy {metrics['text_accuracy']:.2f}, best of {metrics['text_candidates']})"
 
 
 def key_from_file(path: str, *, also_given: str | None) -> str:

@@ -121,6 +121,7 @@ class Result:
     cost: float | None = None  # USD, when the engine knows it (upstream usage x prices)
     timings: dict[str, float] = field(default_factory=dict)
     stem: str = "image"  # the file names' start; the Python API and the CLI set it from the prompt
+    metrics: dict[str, Any] = field(default_factory=dict)  # added to the prediction's metrics (the text check's)
 
     def save(self, folder: str | Path, stem: str | None = None) -> list[Path]:
         """Write the images as ``{stem}-{seed}.{format}`` (or ``{stem}-{i}``), never overwriting a file."""

@@ -34,7 +34,9 @@ def _diffusers(settings: Settings, *, model: str | None = None, model_path: Path
         classifier = load_classifier(settings.image_classifier)
     except ValueError as exc:
         raise SettingsError(FieldProblem("ATELIER_IMAGE_CLASSIFIER", str(exc))) from None
-    return DiffusersEngine(
+    from atelier.engines.text_check import wrap
+
+    engine = DiffusersEngine(
         model or settings.model,
         model_path=model_path if model_path is not None else (None if model else settings.model_path),
         device=settings.device,
@@ -43,6 +45,7 @@ def _diffusers(settings: Settings, *, model: str | None = None, model_path: Path
         matting_name=settings.matting,
         policy=Policy(classifier=classifier),
     )
+    return wrap(engine, settings)
 
 
 def _openai(settings: Settings, *, model: str | None = None, model_path: Path | None = None) -> Engine:

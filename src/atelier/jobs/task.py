@@ -322,6 +322,7 @@ def _result_metrics(result: Result) -> dict[str, Any]:
         metrics["usage"] = dict(result.usage)
     if result.cost is not None:  # upstream usage x prices replaces the hardware-time estimate
         metrics["estimated_cost"] = result.cost
+    metrics.update(result.metrics)
     return metrics
 
 

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 from atelier.engines.base import Engine, Job, PartialBatch, Result, generate_together
 from atelier.errors import AtelierError, Canceled, EngineError, ModelUnavailable
-from atelier.imaging import metadata
+from atelier.imaging import metadata, provenance
 from atelier.jobs import recovery
 from atelier.jobs.files import FileStore
 from atelier.jobs.inputs import InputLimits, decode
@@ -211,6 +211,7 @@ class Workers:
         files written durably."""
         if self.settings.metadata:
             result = metadata.annotate(result, entry.job)
+        result = provenance.stamp(result, entry.job, self.settings, self.files.read)  # last: it hashes the file
         prediction = entry.task.prediction
         return self.files.put_outputs(result.images, owner=prediction.owner, prediction_id=prediction.id)
 
