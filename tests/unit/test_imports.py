@@ -102,6 +102,8 @@ def test_the_bucket_client_is_imported_only_for_a_bucket():
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert run.stdout.strip() == "False"
+
+
 # The text check and provenance: their libraries load when a job is read or an image signed, never before.
 OPTIONAL_MODULES = [
     *LIGHT_MODULES,
