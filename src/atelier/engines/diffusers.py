@@ -199,7 +199,7 @@ class DiffusersEngine:
             with self._locks[plan.variant.pipeline]:  # an inpainter shares its pipeline's scheduler
                 images += self._call(pipe, plan, job, count, first_seed, progress, cancel, index, steps_total, masked)
         if masked is not None:
-            images = [masked.keep_outside(image, (plan.size.width, plan.size.height)) for image in images]
+            images = masked.keep_outside(images, (plan.size.width, plan.size.height))
         return self._result(job, plan, images, render_seconds=time.perf_counter() - started)
 
     def _result(self, job: Job, plan: RenderPlan, images: list[Image.Image], *, render_seconds: float) -> Result:

@@ -139,9 +139,7 @@ class MaskedInput:
         image, repaint = self.at(render)
         return {"image": image, "mask_image": repaint, "strength": STRENGTH}
 
-    def keep_outside(self, rendered: Image.Image, size: tuple[int, int]) -> Image.Image:
-        """``rendered`` at ``size`` with the input's pixels wherever the mask keeps them."""
+    def keep_outside(self, rendered: list[Image.Image], size: tuple[int, int]) -> list[Image.Image]:
+        """Each render at ``size`` with the input's pixels wherever the mask keeps them."""
         image, repaint = self.at(size)
-        if rendered.size != size:
-            rendered = fit_exact(rendered, *size)
-        return masks.keep_outside(rendered, image, repaint)
+        return [masks.keep_outside(r if r.size == size else fit_exact(r, *size), image, repaint) for r in rendered]

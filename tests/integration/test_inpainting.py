@@ -1,0 +1,180 @@
+"""Masked edits on tiny real pipelines: each family's inpainting pipeline, over the weights already loaded.
+
+What a caller sees: outside the mask the delivered image is the input (after the engine's fit and
+resize), inside it the model drew; and what an operator sees: no second copy of any weight.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from atelier.engines import inpainting
+from atelier.engines.base import CancelToken, Job, ProgressEvent, no_progress
+from atelier.engines.diffusers import DiffusersEngine, batch_key
+from atelier.errors import InputError, UnsupportedRequest
+from atelier.imaging.fit import fit_image
+from atelier.request import parse_request
+from atelier.sizes import SizePlan
+
+pytestmark = pytest.mark.slow
+
+HOLE = (24, 16, 72, 48)  # the transparent rectangle of every mask here, on a 96x64 image
+
+
+def photo(size=(96, 64), seed=0) -> Image.Image:
+    """Not a flat colour: a resize or a VAE round trip shows in every pixel."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0 : size[1], 0 : size[0]]
+    base = np.stack([x * 255 // size[0], y * 255 // size[1], (x + y) % 256], axis=-1)
+    return Image.fromarray(np.clip(base + rng.integers(-20, 20, base.shape), 0, 255).astype(np.uint8))
+
+
+def mask(size=(96, 64), hole=HOLE, alpha=255) -> Image.Image:
+    image = Image.new("RGBA", size, (255, 255, 255, alpha))
+    image.paste((0, 0, 0, 0), hole)
+    return image
+
+
+def job(image: Image.Image, the_mask: Image.Image | None, *, previews=0, **fields) -> Job:
+    data = {"prompt": "a cat", "input_images": ["https://example.com/in.png"], "aspect_ratio": "auto"}
+    request = parse_request({**data, "output_format": "png", "quality": "low", **fields})
+    return Job("j", request, 5, images=(image,), mask=the_mask, previews=previews)
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=int)
+
+
+def regions(size: tuple[int, int], source: Image.Image, the_mask: Image.Image) -> tuple[np.ndarray, ...]:
+    """The input fitted and resized to ``size``, and where the mask (resized alike) keeps and repaints."""
+    expected = np.asarray(source.resize(size, Image.Resampling.LANCZOS), dtype=int)
+    alpha = np.asarray(the_mask.getchannel("A").resize(size, Image.Resampling.BILINEAR))
+    return expected, alpha == 255, alpha == 0
+
+
+@pytest.fixture(scope="module")
+def klein(tiny_flux2) -> DiffusersEngine:
+    engine = DiffusersEngine(model_path=tiny_flux2)
+    engine.setup()
+    return engine
+
+
+def test_outside_the_mask_the_input_is_kept_and_inside_the_model_drew(klein) -> None:
+    source, the_mask = photo(), mask()
+    events: list[ProgressEvent] = []
+    masked = job(source, the_mask, number_of_images=2, previews=2)
+    result = klein.generate(masked, progress=events.append, cancel=CancelToken())
+    previews = [e.preview for e in events if e.preview is not None]  # decoded from the inpainter's latents
+    assert len(previews) == 2 and all(p.size == (864, 576) for p in previews)
+    assert (result.size, result.rendered_size, result.background) == ("1248x832", "864x576", "opaque")
+    assert [image.seed for image in result.images] == [5, 6]
+    expected, keep, repaint = regions((1248, 832), source, the_mask)
+    drawn = []
+    for image in result.images:
+        out = pixels(image.data)
+        difference = np.abs(out - expected)
+        assert difference[keep].max() <= 2 and difference[keep].mean() < 0.1  # the input's own pixels
+        assert difference[repaint].mean() > 10  # the model's
+        drawn.append(out[repaint])
+    assert not np.array_equal(drawn[0], drawn[1])  # two seeds, two fills
+
+
+def test_the_inpainter_shares_every_weight_of_the_loaded_pipeline(klein) -> None:
+    import torch
+
+    variant = klein.variants[0]
+    pipe, inpainter = klein._pipeline(variant), klein._inpainter(variant)
+    assert type(inpainter).__name__ == "Flux2KleinInpaintPipeline" and klein._inpainter(variant) is inpainter
+    for name in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert getattr(inpainter, name) is getattr(pipe, name), name
+
+    def storages(p) -> set[int]:
+        modules = [m for m in p.components.values() if isinstance(m, torch.nn.Module)]
+        return {t.data_ptr() for m in modules for t in [*m.parameters(), *m.buffers()]}
+
+    assert storages(inpainter) == storages(pipe)  # no tensor of its own
+    assert inpainter.config.is_distilled == pipe.config.is_distilled  # FLUX.2 klein 4B skips CFG in both
+
+
+def test_building_the_inpainter_casts_nothing(tiny_flux2) -> None:
+    """``from_pipe`` would cast the shared bf16 weights to float32 in place; ours leaves them as loaded."""
+    import torch
+
+    engine = DiffusersEngine(model_path=tiny_flux2, device="cpu", dtype="bfloat16")
+    pipe = engine._pipeline(engine.variants[0])
+    inpainter = engine._inpainter(engine.variants[0])
+    assert pipe.transformer.dtype == inpainter.transformer.dtype == torch.bfloat16
+    assert pipe.vae.dtype == torch.bfloat16
+
+
+def test_masked_jobs_never_share_a_call_with_others(klein) -> None:
+    source = photo()
+    masked, plain = job(source, mask()), job(source, None)
+    assert klein.batch_plan(masked) is None
+    masked_plan, plain_plan = klein.check(masked), klein.check(plain)
+    assert masked_plan.size == plain_plan.size and masked_plan.inpaint == "Flux2KleinInpaintPipeline"
+    assert plain_plan.inpaint is None and batch_key(masked_plan) != batch_key(plain_plan)
+    with pytest.raises(ValueError, match="run the others alone"):
+        klein.generate_many(
+            [masked, replace(masked, id="k")],
+            progress_for={"j": no_progress, "k": no_progress},
+            cancel_for={"j": CancelToken(), "k": CancelToken()},
+        )
+
+
+def test_a_mask_that_marks_nothing_is_refused_before_the_model_runs(klein) -> None:
+    events: list[ProgressEvent] = []
+    with pytest.raises(InputError) as caught:
+        klein.generate(job(photo(), mask(hole=(0, 0, 0, 0))), progress=events.append, cancel=CancelToken())
+    assert caught.value.problems[0].field == "mask" and "no transparent pixels" in caught.value.problems[0].message
+    assert events == []
+
+
+def test_a_mask_of_the_wrong_size_or_a_stretching_size_is_refused_by_the_check(klein) -> None:
+    with pytest.raises(InputError) as caught:
+        klein.check(job(photo(), mask(size=(64, 64))))
+    assert caught.value.problems[0].field == "mask"
+    with pytest.raises(UnsupportedRequest) as caught:
+        klein.check(job(photo(), mask(), aspect_ratio="1:1"))
+    assert caught.value.problems[0].field == "aspect_ratio"
+
+
+def test_an_edit_only_model_refuses_a_mask_naming_it(tiny_root) -> None:
+    from tiny_models import tiny_model_dir
+
+    engine = DiffusersEngine(model_path=tiny_model_dir("qwen-image-edit-plus", tiny_root))
+    assert not engine.capabilities.can_inpaint
+    with pytest.raises(UnsupportedRequest) as caught:
+        engine.check(job(photo(), mask()))
+    assert caught.value.problems[0].field == "mask" and "cannot inpaint" in caught.value.problems[0].message
+
+
+@pytest.mark.parametrize(
+    ("family", "inpainter"), [("z-image", "ZImageInpaintPipeline"), ("qwen-image", "QwenImageInpaintPipeline")]
+)
+def test_the_other_families_inpaint_through_the_engines_call(tiny_root, family, inpainter) -> None:
+    """Z-Image (which cannot edit without a mask) and Qwen-Image, through the engine's own call with its
+    real keyword arguments, at a small render size: full-size renders of the tiny Qwen VAE take minutes."""
+    from tiny_models import tiny_model_dir
+
+    engine = DiffusersEngine(model_path=tiny_model_dir(family, tiny_root))
+    source, the_mask = photo((64, 64), seed=1), mask((64, 64), (16, 16, 48, 48))
+    masked = job(source, the_mask, previews=1)
+    plan = replace(engine.check(masked), size=SizePlan(64, 64, 64, 64, "explicit"))
+    assert plan.inpaint == inpainter
+    pipe = engine._inpainter(plan.variant)
+    assert pipe.transformer is engine._pipeline(plan.variant).transformer
+    kept = inpainting.MaskedInput.of(masked, plan.fits[0])
+    events: list[ProgressEvent] = []
+    (image,) = engine._call(pipe, plan, masked, 1, 5, events.append, CancelToken(), 0, plan.quality.steps, kept)
+    assert image.size == (64, 64) and any(e.preview is not None for e in events)
+    out = np.asarray(kept.keep_outside([image], (64, 64))[0], dtype=int)
+    expected = np.asarray(fit_image(source, plan.fits[0]), dtype=int)
+    keep = np.asarray(the_mask.getchannel("A")) == 255
+    assert np.abs(out - expected)[keep].max() == 0
+    assert np.abs(out - expected)[~keep].mean() > 10
