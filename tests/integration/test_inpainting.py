@@ -84,6 +84,28 @@ def test_outside_the_mask_the_input_is_kept_and_inside_the_model_drew(klein) -> 
     assert not np.array_equal(drawn[0], drawn[1])  # two seeds, two fills
 
 
+def test_a_second_image_is_a_reference_for_what_to_paint(klein) -> None:
+    """FLUX.2 klein's ``image_reference``: it changes what is drawn in the mask, for every image of the call."""
+    source, the_mask = photo(), mask()
+    reference = Image.new("RGB", (64, 64), (20, 200, 40))
+    data = {"prompt": "a cat", "input_images": ["https://example.com/a.png", "https://example.com/b.png"]}
+    request = parse_request(
+        {**data, "aspect_ratio": "auto", "output_format": "png", "quality": "low", "number_of_images": 2}
+    )
+    with_reference = Job("r", request, 5, images=(source, reference), mask=the_mask)
+    assert klein.check(with_reference).inpaint == "Flux2KleinInpaintPipeline"
+    result = klein.generate(with_reference, progress=no_progress, cancel=CancelToken())
+    alone = klein.generate(job(source, the_mask, number_of_images=2), progress=no_progress, cancel=CancelToken())
+    expected, keep, repaint = regions((1248, 832), source, the_mask)
+    first, second = (pixels(image.data) for image in result.images)
+    for out in (first, second):
+        assert np.abs(out - expected)[keep].max() <= 2
+    assert not np.array_equal(first[repaint], second[repaint])
+    # Random tiny weights barely look at a reference, but without it both calls would be the same
+    # computation bit for bit (same seeds, same batch): any difference is the reference's.
+    assert np.abs(first - pixels(alone.images[0].data))[repaint].max() > 0
+
+
 def test_the_inpainter_shares_every_weight_of_the_loaded_pipeline(klein) -> None:
     import torch
 
@@ -169,7 +191,7 @@ def test_the_other_families_inpaint_through_the_engines_call(tiny_root, family, 
     assert plan.inpaint == inpainter
     pipe = engine._inpainter(plan.variant)
     assert pipe.transformer is engine._pipeline(plan.variant).transformer
-    kept = inpainting.MaskedInput.of(masked, plan.fits[0])
+    kept = inpainting.MaskedInput.of(masked, plan.fits)
     events: list[ProgressEvent] = []
     (image,) = engine._call(pipe, plan, masked, 1, 5, events.append, CancelToken(), 0, plan.quality.steps, kept)
     assert image.size == (64, 64) and any(e.preview is not None for e in events)

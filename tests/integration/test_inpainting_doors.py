@@ -109,13 +109,14 @@ def test_a_model_that_cannot_inpaint_refuses_the_mask_clearly(client: openai.Ope
     assert "'qwen-image' cannot inpaint" in caught.value.message
 
 
-def test_a_second_image_with_a_mask_is_a_400_naming_image(client: openai.OpenAI) -> None:
+def test_more_images_than_the_inpainting_pipeline_takes_is_a_400_naming_image(client: openai.OpenAI) -> None:
+    """FLUX.2 klein inpaints the first image and takes one more as a reference; a third is refused."""
     with pytest.raises(openai.BadRequestError) as caught:
         client.images.edit(
-            image=[("a.png", png(photo()), "image/png"), ("b.png", png(photo()), "image/png")],
+            image=[(f"{i}.png", png(photo()), "image/png") for i in range(3)],
             mask=("mask.png", png(mask()), "image/png"), prompt="x",
         )  # fmt: skip
-    assert caught.value.param == "image" and "at most 1 input images with a mask" in caught.value.message
+    assert caught.value.param == "image" and "at most 2 input images with a mask" in caught.value.message
 
 
 def test_a_size_that_would_stretch_the_image_is_a_400_naming_size(client: openai.OpenAI) -> None:

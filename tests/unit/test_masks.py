@@ -178,6 +178,11 @@ def test_every_catalog_model_inpaints_with_the_weights_it_loads_first(model, pip
     assert variant is spec.variant_for(edit=False)  # the pipeline set-up loads: no second model for masks
 
 
+def test_only_flux2_klein_takes_a_reference_with_a_mask() -> None:
+    references = {name: spec.variant_for(edit=True, mask=True).inpaint_references for name, spec in CATALOG.items()}
+    assert references == {"flux2-klein-4b": 1, "qwen-image": 0, "z-image-turbo": 0}
+
+
 def test_an_edit_only_folder_cannot_inpaint() -> None:
     _, variant = spec_for_pipeline("QwenImageEditPlusPipeline")
     assert variant.inpaint is None

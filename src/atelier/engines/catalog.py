@@ -46,6 +46,7 @@ class Variant:
     # The diffusers class that inpaints (a mask) with this variant's weights: built from the loaded
     # pipeline's components, never loaded a second time. None: this variant cannot take a mask.
     inpaint: str | None = None
+    inpaint_references: int = 0  # further input images the inpainting pipeline takes, as references
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,9 @@ CATALOG: dict[str, ModelSpec] = {
                     max_input_images=4,
                     input_limits=KLEIN_INPUTS,
                     inpaint="Flux2KleinInpaintPipeline",
+                    # ``image_reference``: one more image, e.g. the object to paint in. (With several, the
+                    # pipeline would pair them with the images of a batch rather than show each to all.)
+                    inpaint_references=1,
                 ),
             ),
             grid=16,

@@ -105,7 +105,8 @@ class DiffusersEngine:
             input_limits=next((v.input_limits for v in self.variants if v.edits), InputLimits()),
             can_seed=True,
             can_inpaint=any(v.inpaint for v in self.variants),
-            max_masked_images=1,  # the image the mask applies to; the pipelines take no further references
+            # the image the mask applies to, and the references its inpainting pipeline takes
+            max_masked_images=1 + max((v.inpaint_references for v in self.variants if v.inpaint), default=0),
         )
         self._device_name = device
         self._dtype_name = dtype
@@ -188,7 +189,7 @@ class DiffusersEngine:
 
     def generate(self, job: Job, *, progress: ProgressFn, cancel: CancelToken) -> Result:
         plan = self.check(job)
-        masked = inpainting.MaskedInput.of(job, plan.fits[0]) if plan.inpaint else None
+        masked = inpainting.MaskedInput.of(job, plan.fits) if plan.inpaint else None
         cancel.raise_if_cancelled()
         pipe = self._pipeline(plan.variant) if masked is None else self._inpainter(plan.variant)
         started = time.perf_counter()

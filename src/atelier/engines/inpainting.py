@@ -6,6 +6,8 @@
 * **The pipeline.** Each catalog variant that can inpaint names a diffusers class (``Variant.inpaint``);
   ``build_pipeline`` makes one over the *same* modules as the loaded pipeline, so no weight is read or
   held twice. Calls on the two share the scheduler and the device, hence the variant's one lock.
+* **References.** Images after the first are shown to the model as references for what to paint where
+  its pipeline takes them (FLUX.2 klein's ``image_reference``: one; ``Variant.inpaint_references``).
 * **The geometry.** The first image is fitted as every input is (``atelier.imaging.fit``; the mask gets
   the same fit, padded with "keep"), then resized to the render size. The render therefore has the
   fitted image's shape: ``auto`` gives it, and an explicit size of another shape is refused rather than
@@ -108,16 +110,19 @@ def same_shape(size: tuple[int, int], other: tuple[int, int]) -> bool:
 
 @dataclass(frozen=True)
 class MaskedInput:
-    """The first input image and its repaint mask (white: repaint), both as the engine fitted them."""
+    """The first input image and its repaint mask (white: repaint), both as the engine fitted them, and
+    any further input images (references for what to paint), fitted too."""
 
     image: Image.Image
     repaint: Image.Image
+    references: tuple[Image.Image, ...] = ()
 
     @classmethod
-    def of(cls, job: Job, first: Fit) -> MaskedInput:
+    def of(cls, job: Job, fits: tuple[Fit, ...]) -> MaskedInput:
         """Decoded pixels in; an ``InputError`` on ``mask`` when it marks nothing to change."""
         if job.mask is None or not job.images:
             raise ValueError("a masked input needs the job's decoded first image and mask")
+        first = fits[0]
         repaint = masks.repaint_mask(fit_mask(job.mask, first))
         if not masks.has_repaint_area(repaint):
             raise InputError(
@@ -128,7 +133,8 @@ class MaskedInput:
                     "invalid",
                 )
             )
-        return cls(fit_image(job.images[0], first).convert("RGB"), repaint)
+        fitted = [fit_image(image, fit).convert("RGB") for image, fit in zip(job.images, fits, strict=True)]
+        return cls(fitted[0], repaint, tuple(fitted[1:]))
 
     def at(self, size: tuple[int, int]) -> tuple[Image.Image, Image.Image]:
         """The image (Lanczos) and the mask (bilinear) at ``size``."""
@@ -137,7 +143,10 @@ class MaskedInput:
     def call_inputs(self, render: tuple[int, int]) -> dict[str, Any]:
         """What the inpainting pipeline is called with, besides the usual keyword arguments."""
         image, repaint = self.at(render)
-        return {"image": image, "mask_image": repaint, "strength": STRENGTH}
+        kwargs: dict[str, Any] = {"image": image, "mask_image": repaint, "strength": STRENGTH}
+        if self.references:  # the capabilities allow one (FLUX.2 klein's ``image_reference``)
+            (kwargs["image_reference"],) = self.references
+        return kwargs
 
     def keep_outside(self, rendered: list[Image.Image], size: tuple[int, int]) -> list[Image.Image]:
         """Each render at ``size`` with the input's pixels wherever the mask keeps them."""
