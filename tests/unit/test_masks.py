@@ -186,3 +186,30 @@ def test_only_flux2_klein_takes_a_reference_with_a_mask() -> None:
 def test_an_edit_only_folder_cannot_inpaint() -> None:
     _, variant = spec_for_pipeline("QwenImageEditPlusPipeline")
     assert variant.inpaint is None
+
+
+def test_an_image_padded_to_the_models_limits_keeps_its_padding_out_of_the_repaint_area() -> None:
+    """A 16:1 strip on FLUX.2 klein (8:1 at most) is padded; the mask gets the same pad, as "keep"."""
+    image, the_mask = Image.new("RGB", (1024, 64), (200, 30, 30)), openai_mask((1024, 64), (0, 0, 1024, 64))
+    request = parse_request({"prompt": "x", "input_images": ["https://example.com/a.png"]})
+    (fit,) = fits((1024, 64))
+    assert fit.padded and fit.canvas == (1024, 128)
+    masked = inpainting.MaskedInput.of(Job("j", request, 1, images=(image,), mask=the_mask), (fit,))
+    repaint = np.asarray(masked.repaint)
+    top, bottom = fit.offset[1], fit.offset[1] + fit.content[1]
+    assert (repaint[top:bottom] == 255).all()  # the whole strip was transparent: repaint it all
+    assert repaint[:top].max() == 0 and repaint[bottom:].max() == 0  # the pad: keep
+    assert masked.image.size == (1024, 128) and masked.image.mode == "RGB"
+
+
+def test_further_input_images_become_references_for_the_call() -> None:
+    request = parse_request({"prompt": "x", "input_images": ["https://example.com/a.png", "https://example.com/b.png"]})
+    images = (Image.new("RGBA", (96, 64), (1, 2, 3, 255)), Image.new("RGB", (80, 80), (9, 9, 9)))
+    both = (*fits(), plan_fit(80, 80, CATALOG["flux2-klein-4b"].variants[0].input_limits, field="input_images[1]"))
+    masked = inpainting.MaskedInput.of(Job("j", request, 1, images=images, mask=openai_mask((96, 64))), both)
+    kwargs = masked.call_inputs((192, 128))
+    assert kwargs["image"].size == (192, 128) and kwargs["image"].mode == "RGB"
+    assert kwargs["mask_image"].size == (192, 128) and kwargs["mask_image"].mode == "L"
+    assert kwargs["strength"] == 1.0 and kwargs["image_reference"].size == (80, 80)
+    alone = inpainting.MaskedInput.of(Job("j", request, 1, images=images[:1], mask=openai_mask((96, 64))), fits())
+    assert "image_reference" not in alone.call_inputs((192, 128))
