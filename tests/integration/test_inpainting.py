@@ -200,3 +200,43 @@ def test_the_other_families_inpaint_through_the_engines_call(tiny_root, family, 
     keep = np.asarray(the_mask.getchannel("A")) == 255
     assert np.abs(out - expected)[keep].max() == 0
     assert np.abs(out - expected)[~keep].mean() > 10
+
+
+def test_the_python_api_takes_a_mask_and_defaults_to_the_images_shape(tiny_flux2, tmp_path) -> None:
+    from atelier import Atelier
+
+    source, the_mask = photo(), mask()
+    source.save(tmp_path / "photo.png")
+    the_mask.save(tmp_path / "mask.png")
+    result = Atelier(model_path=tiny_flux2).edit(
+        "a cat", [tmp_path / "photo.png"], mask=tmp_path / "mask.png", quality="low", output_format="png", seed=4
+    )
+    assert (result.size, result.seed) == ("1248x832", 4)  # aspect_ratio "auto" when a mask is given
+    expected, keep, repaint = regions((1248, 832), source, the_mask)
+    out = pixels(result.images[0].data)
+    assert np.abs(out - expected)[keep].max() <= 2 and np.abs(out - expected)[repaint].mean() > 10
+
+
+@pytest.mark.parametrize(
+    ("mask_image", "says"),
+    [
+        (Image.new("RGBA", (96, 64), (0, 0, 0, 255)), "--mask: has no transparent pixels"),
+        (Image.new("RGB", (96, 64), (0, 0, 0)), "--mask: has no alpha channel"),
+        (Image.new("RGBA", (64, 64), (0, 0, 0, 0)), "--mask: is 64x64 but the first image is 96x64"),
+    ],
+    ids=["opaque", "no-alpha", "size"],
+)
+def test_the_cli_refuses_a_bad_mask_in_one_line_before_the_model_loads(tiny_flux2, tmp_path, mask_image, says):
+    import subprocess
+    import sys
+
+    photo().save(tmp_path / "photo.png")
+    mask_image.save(tmp_path / "mask.png")
+    command = ["edit", "a cat", str(tmp_path / "photo.png"), "--mask", str(tmp_path / "mask.png")]
+    run = subprocess.run(
+        [sys.executable, "-m", "atelier.cli", *command, "--model-path", str(tiny_flux2), "-o", str(tmp_path)],
+        capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.startswith(f"error: {says}") and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert "Loading pipeline components" not in run.stderr

@@ -136,10 +136,14 @@ class DiffusersEngine:
 
     def _inpainter(self, variant: Variant) -> Any:
         """The variant's inpainting pipeline, over the modules of its loaded pipeline (built once)."""
+        if variant.inpaint is None:  # the capabilities refuse a mask first; never run one without it
+            raise UnsupportedRequest(
+                FieldProblem("mask", f"{variant.pipeline} of model '{self.model}' cannot inpaint", "unsupported")
+            )
         pipe = self._pipeline(variant)
         with self._load_lock:
             if variant.pipeline not in self._inpainters:
-                self._inpainters[variant.pipeline] = inpainting.build_pipeline(pipe, variant.inpaint or "")
+                self._inpainters[variant.pipeline] = inpainting.build_pipeline(pipe, variant.inpaint)
             return self._inpainters[variant.pipeline]
 
     @property
@@ -189,7 +193,8 @@ class DiffusersEngine:
 
     def generate(self, job: Job, *, progress: ProgressFn, cancel: CancelToken) -> Result:
         plan = self.check(job)
-        masked = inpainting.MaskedInput.of(job, plan.fits) if plan.inpaint else None
+        # From the job, not the plan: a mask is never dropped, however the plan reached this process.
+        masked = inpainting.MaskedInput.of(job, plan.fits) if job.has_mask else None
         cancel.raise_if_cancelled()
         pipe = self._pipeline(plan.variant) if masked is None else self._inpainter(plan.variant)
         started = time.perf_counter()

@@ -78,6 +78,8 @@ def check(job: Job, fits: tuple[Fit, ...], size: SizePlan, background: str) -> s
         raise InputError(
             FieldProblem("mask", f"is {w}x{h} but the first image is {fw}x{fh}; they must be the same size", "size")
         )
+    if job.mask is not None:  # decoded already (the Python API): its pixels are checked before the model loads
+        repaint_of(job.mask)
     canvas = fits[0].canvas
     if not same_shape((size.width, size.height), canvas):
         raise UnsupportedRequest(
@@ -104,6 +106,22 @@ def check(job: Job, fits: tuple[Fit, ...], size: SizePlan, background: str) -> s
     return "opaque"  # ``auto`` read "transparent" in the prompt, but what is kept is the input's
 
 
+def repaint_of(mask: Image.Image) -> Image.Image:
+    """The repaint mask of an OpenAI mask; an ``InputError`` on ``mask`` when it has no alpha or marks
+    nothing to change."""
+    repaint = masks.repaint_mask(mask)
+    if not masks.has_repaint_area(repaint):
+        raise InputError(
+            FieldProblem(
+                "mask",
+                "has no transparent pixels, so nothing would change; make the area to edit fully "
+                "transparent (alpha 0) and leave the rest opaque",
+                "invalid",
+            )
+        )
+    return repaint
+
+
 def same_shape(size: tuple[int, int], other: tuple[int, int]) -> bool:
     return abs(math.log((size[0] / size[1]) / (other[0] / other[1]))) <= SHAPE_TOLERANCE
 
@@ -123,16 +141,7 @@ class MaskedInput:
         if job.mask is None or not job.images:
             raise ValueError("a masked input needs the job's decoded first image and mask")
         first = fits[0]
-        repaint = masks.repaint_mask(fit_mask(job.mask, first))
-        if not masks.has_repaint_area(repaint):
-            raise InputError(
-                FieldProblem(
-                    "mask",
-                    "has no transparent pixels, so nothing would change; make the area to edit fully "
-                    "transparent (alpha 0) and leave the rest opaque",
-                    "invalid",
-                )
-            )
+        repaint = repaint_of(fit_mask(job.mask, first))
         fitted = [fit_image(image, fit).convert("RGB") for image, fit in zip(job.images, fits, strict=True)]
         return cls(fitted[0], repaint, tuple(fitted[1:]))
 

@@ -13,12 +13,20 @@ is the input's pixels (resized to the output as the engine resized the input for
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from atelier.errors import FieldProblem, InputError
 
 if TYPE_CHECKING:
     from PIL import Image
+
+
+def load_mask(ref: str, *, allow_paths: bool, fetch: Callable[[str], bytes] | None = None) -> Image.Image:
+    """A mask given as a path, URL or data: URI (the Python API and the CLI), decoded; problems name ``mask``."""
+    from atelier.imaging.inputs import load_image, read_reference
+
+    return load_image(read_reference(ref, field="mask", allow_paths=allow_paths, fetch=fetch), field="mask")
 
 
 def repaint_mask(mask: Image.Image) -> Image.Image:
@@ -30,7 +38,7 @@ def repaint_mask(mask: Image.Image) -> Image.Image:
         raise InputError(
             FieldProblem(
                 "mask",
-                f"is a {mask.mode} image without an alpha channel; fully transparent pixels (alpha 0) mark "
+                f"has no alpha channel (its mode is {mask.mode}); fully transparent pixels (alpha 0) mark "
                 "where to edit",
                 "format",
             )
