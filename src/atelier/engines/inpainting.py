@@ -71,7 +71,8 @@ def build_pipeline(pipe: Any, class_name: str) -> Any:
 
 
 def check(job: Job, fits: tuple[Fit, ...], size: SizePlan, background: str) -> str:
-    """Refuse a masked job that cannot be drawn as asked (no pixel decoded); the background to deliver."""
+    """Refuse a masked job that cannot be drawn as asked, from sizes alone (a mask already decoded is
+    looked at too); the background to deliver."""
     mask, first = job.mask_size, job.input_sizes[0]
     if mask != first:
         (w, h), (fw, fh) = mask or (0, 0), first
