@@ -16,7 +16,7 @@ from PIL import Image
 from atelier.engines import inpainting
 from atelier.engines.base import CancelToken, Job, ProgressEvent, no_progress
 from atelier.engines.diffusers import DiffusersEngine, batch_key
-from atelier.errors import InputError, UnsupportedRequest
+from atelier.errors import Canceled, InputError, UnsupportedRequest
 from atelier.imaging.fit import fit_image
 from atelier.request import parse_request
 from atelier.sizes import SizePlan
@@ -67,12 +67,13 @@ def klein(tiny_flux2) -> DiffusersEngine:
 def test_outside_the_mask_the_input_is_kept_and_inside_the_model_drew(klein) -> None:
     source, the_mask = photo(), mask()
     events: list[ProgressEvent] = []
-    masked = job(source, the_mask, number_of_images=2, previews=2)
+    masked = job(source, the_mask, number_of_images=3, previews=2)
+    assert klein.check(masked).batches == (2, 1)  # two pipeline calls, each with the image and the mask
     result = klein.generate(masked, progress=events.append, cancel=CancelToken())
     previews = [e.preview for e in events if e.preview is not None]  # decoded from the inpainter's latents
     assert len(previews) == 2 and all(p.size == (864, 576) for p in previews)
     assert (result.size, result.rendered_size, result.background) == ("1248x832", "864x576", "opaque")
-    assert [image.seed for image in result.images] == [5, 6]
+    assert [image.seed for image in result.images] == [5, 6, 7]
     expected, keep, repaint = regions((1248, 832), source, the_mask)
     drawn = []
     for image in result.images:
@@ -81,7 +82,18 @@ def test_outside_the_mask_the_input_is_kept_and_inside_the_model_drew(klein) -> 
         assert difference[keep].max() <= 2 and difference[keep].mean() < 0.1  # the input's own pixels
         assert difference[repaint].mean() > 10  # the model's
         drawn.append(out[repaint])
-    assert not np.array_equal(drawn[0], drawn[1])  # two seeds, two fills
+    assert not np.array_equal(drawn[0], drawn[1]) and not np.array_equal(drawn[1], drawn[2])  # a fill per seed
+
+
+def test_a_masked_render_stops_when_canceled(klein) -> None:
+    cancel = CancelToken()
+
+    def progress(event: ProgressEvent) -> None:
+        if event.step >= 1:
+            cancel.cancel()
+
+    with pytest.raises(Canceled):
+        klein.generate(job(photo(), mask()), progress=progress, cancel=cancel)
 
 
 def test_a_second_image_is_a_reference_for_what_to_paint(klein) -> None:
