@@ -155,3 +155,22 @@ def test_a_streamed_masked_edit_sends_previews_then_the_kept_image(client: opena
     events = list(stream)
     assert [e.type for e in events] == ["image_edit.partial_image", "image_edit.completed"]
     assert_kept_outside_and_drawn_inside(decoded(events[1].b64_json), source, the_mask)
+
+
+def test_a_transparent_background_with_a_mask_is_a_400_naming_background(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.edit(
+            image=("in.png", png(photo()), "image/png"), mask=("mask.png", png(mask()), "image/png"),
+            prompt="x", background="transparent",
+        )  # fmt: skip
+    assert caught.value.param == "background" and "mask" in caught.value.message
+
+
+def test_a_mask_with_nothing_transparent_is_a_400_naming_mask_not_a_failure(client: openai.OpenAI) -> None:
+    """Only the decoded pixels show it (at admission there is the header alone): still the caller's 400."""
+    opaque = Image.new("RGBA", (96, 64), (0, 0, 0, 255))
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.edit(
+            image=("in.png", png(photo()), "image/png"), mask=("mask.png", png(opaque), "image/png"), prompt="x"
+        )
+    assert caught.value.param == "mask" and "no transparent pixels" in caught.value.message
