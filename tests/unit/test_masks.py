@@ -213,3 +213,17 @@ def test_further_input_images_become_references_for_the_call() -> None:
     assert kwargs["strength"] == 1.0 and kwargs["image_reference"].size == (80, 80)
     alone = inpainting.MaskedInput.of(Job("j", request, 1, images=images[:1], mask=openai_mask((96, 64))), fits())
     assert "image_reference" not in alone.call_inputs((192, 128))
+
+
+@pytest.mark.parametrize(
+    ("size", "canvas", "same"),
+    [
+        ((1248, 832), (96, 64), True),  # 3:2 on the grid
+        ((1024, 1024), (1000, 990), True),  # 1% off: the grid's rounding
+        ((1024, 1024), (1000, 960), False),  # 4% off: a visible stretch
+        ((1536, 1024), (1024, 1536), False),  # turned
+        ((2048, 1152), (1280, 720), True),  # 16:9
+    ],
+)
+def test_the_shape_tolerance_is_the_grids_rounding_not_a_stretch(size, canvas, same) -> None:
+    assert inpainting.same_shape(size, canvas) is same
