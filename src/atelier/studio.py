@@ -121,22 +121,34 @@ class Atelier:
         seed: int | None = None,
         progress: ProgressFn = no_progress,
         cancel: CancelToken | None = None,
+        mask: str | Path | None = None,
         **inputs: Any,
     ) -> Result:
-        """Create images; ``inputs`` are the seed's fields (``aspect_ratio``, ``number_of_images``...)."""
+        """Create images; ``inputs`` are the seed's fields (``aspect_ratio``, ``number_of_images``...). With a
+        ``mask``, ``aspect_ratio`` defaults to ``auto``: a masked edit keeps the image's shape."""
+        if mask is not None:
+            inputs.setdefault("aspect_ratio", "auto")
         request = parse_request({"prompt": prompt, **inputs})
-        return self.run(request, seed=seed, progress=progress, cancel=cancel, allow_paths=True)
+        return self.run(request, seed=seed, progress=progress, cancel=cancel, allow_paths=True, mask=mask)
 
     def edit(self, prompt: str, images: Sequence[str | Path], **kwargs: Any) -> Result:
-        """Edit or compose ``images`` (file paths, URLs or data: URIs) as the prompt says."""
+        """Edit or compose ``images`` (file paths, URLs or data: URIs) as the prompt says. ``mask=`` (the
+        same forms) is OpenAI's: an image the first one's size whose transparent pixels are what changes."""
         return self.generate(prompt, input_images=[str(i) for i in images], **kwargs)
 
     def prepare(
-        self, request: ImageRequest, *, seed: int | None = None, allow_paths: bool = False, previews: int = 0
+        self,
+        request: ImageRequest,
+        *,
+        seed: int | None = None,
+        allow_paths: bool = False,
+        previews: int = 0,
+        mask: str | Path | None = None,
     ) -> Job:
         """Load and check everything a job needs; raises before any model time is spent."""
         from atelier.fetch import FetchPolicy
         from atelier.imaging.inputs import fetch_url, load_references
+        from atelier.imaging.masks import load_mask
         from atelier.jobs.inputs import InputLimits, check_total
 
         if seed is not None:  # in the request, so an engine that cannot honour a seed refuses it
@@ -155,6 +167,7 @@ class Atelier:
             seed=chosen_seed(seed, request.seed),
             images=tuple(images),
             previews=previews,
+            mask=None if mask is None else load_mask(str(mask), allow_paths=allow_paths, fetch=fetch),
         )
         return replace(job, plan=engine.check(job))  # checked once: generate runs on this plan
 
@@ -166,9 +179,10 @@ class Atelier:
         progress: ProgressFn = no_progress,
         cancel: CancelToken | None = None,
         allow_paths: bool = False,
+        mask: str | Path | None = None,
     ) -> Result:
         provenance.check(self.settings)  # a bad signing certificate: refused before any model time
-        job = self.prepare(request, seed=seed, allow_paths=allow_paths)
+        job = self.prepare(request, seed=seed, allow_paths=allow_paths, mask=mask)
         with loading_bars(self.progress_bars):
             engine = self.setup(self.engine_for(request))
             result = engine.generate(job, progress=progress, cancel=cancel or CancelToken())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 
+import numpy as np
 import openai
 import pytest
 from PIL import Image
@@ -77,14 +78,20 @@ def test_edit_with_several_images(client: openai.OpenAI) -> None:
     assert (image.format, image.size, result.size) == ("PNG", (1024, 1024), "1024x1024")
 
 
-def test_a_mask_is_refused_clearly_by_a_model_that_cannot_inpaint(client: openai.OpenAI) -> None:
-    mask = png((96, 64), (0, 0, 0, 0), mode="RGBA")
-    with pytest.raises(openai.BadRequestError) as caught:
-        client.images.edit(
-            image=("in.png", png((96, 64), (200, 30, 30)), "image/png"), mask=("m.png", mask), prompt="x"
-        )
-    assert (caught.value.param, caught.value.code) == ("mask", "unsupported")
-    assert "inpaint" in caught.value.message
+def test_a_masked_edit_changes_only_the_transparent_area(client: openai.OpenAI) -> None:
+    mask = Image.new("RGBA", (96, 64), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (0, 0, 48, 64))  # the left half is to be redrawn
+    buffer = io.BytesIO()
+    mask.save(buffer, "PNG")
+    result = client.images.edit(
+        image=("in.png", png((96, 64), (200, 30, 30)), "image/png"), mask=("m.png", buffer.getvalue()),
+        prompt="a blue door", quality="low",
+    )  # fmt: skip
+    image = decoded((result.data or [])[0].b64_json).convert("RGB")
+    assert (image.size, result.size) == ((1248, 832), "1248x832")
+    pixels = np.asarray(image, dtype=int)
+    assert (np.abs(pixels[:, 640:] - (200, 30, 30)) <= 1).all()  # the opaque half is the input's red
+    assert np.abs(pixels[:, :600] - (200, 30, 30)).mean() > 10  # the transparent half was drawn
 
 
 def test_streaming_sends_decodable_partial_images_then_the_image(client: openai.OpenAI) -> None:

@@ -30,6 +30,25 @@ def test_client_example_runs_as_shown(server, tmp_path, index):
     assert (tmp_path / "fox-0.png").stat().st_size > 0
 
 
+def test_the_inpainting_example_runs_as_shown_and_keeps_the_unmasked_half(server, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    code, shown = examples()[2]
+    assert "mask=" in code
+    y, x = np.mgrid[0:480, 0:640]
+    photo = Image.fromarray(np.stack([x * 255 // 640, y * 255 // 480, (x + y) % 256], -1).astype(np.uint8))
+    photo.save(tmp_path / "photo.png")
+    code = code.replace("http://localhost:5000", server.url)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == shown
+    door = np.asarray(Image.open(tmp_path / "door.png").convert("RGB"), dtype=int)
+    expected = np.asarray(photo.resize((1152, 864), Image.Resampling.LANCZOS), dtype=int)
+    assert np.abs(door - expected)[:, 580:].max() == 0  # the opaque half of the mask: the photo's pixels
+    assert np.abs(door - expected)[:, :570].mean() > 10  # the transparent half: drawn
+
+
 def console_block(text: str, command: str) -> list[str]:
     """The lines a README console block shows after ``$ <command>``, up to the next prompt or the block's end."""
     block = re.search(rf"```console\n\$ {re.escape(command)}\n(.*?)(?:\n\$ |\n```)", text, flags=re.S)

@@ -73,8 +73,10 @@ def test_models_lists_the_catalog_and_what_is_installed(hub_cache_dir):
     run = atelier("models", env={"HF_HUB_CACHE": str(hub_cache_dir)})
     assert run.returncode == 0
     lines = run.stdout.splitlines()
-    assert lines[0].split()[:5] == ["MODEL", "EDITS", "STEPS", "LICENCE", "INSTALLED"]
+    assert lines[0].split()[:6] == ["MODEL", "EDITS", "MASKS", "STEPS", "LICENCE", "INSTALLED"]
     assert any(line.startswith("flux2-klein-4b (default)") and " yes " in line for line in lines)
+    z_image = next(line for line in lines if line.startswith("z-image-turbo"))
+    assert z_image.split()[1:3] == ["no", "yes"]  # no edits, but it inpaints
     empty = atelier("models", env={"HF_HUB_CACHE": str(hub_cache_dir / "nothing")})
     assert all(" no " in line for line in empty.stdout.splitlines()[1:])
 

@@ -15,6 +15,8 @@ LIGHT_MODULES = [
     "atelier.imaging.encode",
     "atelier.imaging.inputs",
     "atelier.imaging.matting",
+    "atelier.imaging.masks",
+    "atelier.engines.inpainting",
     "atelier.engines.catalog",
     "atelier.engines.registry",
     "atelier.jobs.runner",

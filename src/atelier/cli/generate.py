@@ -62,6 +62,11 @@ def request_options(func: Any) -> Any:
             help="Folder to write images into.",
         ),
         click.option("-q", "--quiet", is_flag=True, help="No progress bars."),
+        click.option(
+            "--mask",
+            help="A PNG the size of the first image whose transparent pixels are the area to edit "
+            "(inpainting); --aspect-ratio then defaults to auto.",
+        ),
     ]  # fmt: skip
     for option in reversed(options):
         func = option(func)
@@ -109,6 +114,8 @@ def run(
             "or set OPENAI_API_KEY (or ATELIER_OPENAI_API_KEY_FILE)"
         ])  # fmt: skip
     fields = {name: options[name] for name in FIELD_OPTIONS if options.get(name) is not None}
+    if options["mask"] is not None:  # a masked edit keeps the image's shape: any other is refused
+        fields.setdefault("aspect_ratio", "auto")
     seed = None if options["seed"] in (None, -1) else options["seed"]
     try:
         if options.get("openai_api_key_file") is not None:
@@ -121,7 +128,7 @@ def run(
             choice.model, model_path=choice.model_path, settings=settings, progress_bars=not options["quiet"]
         )
         with Progress(enabled=not options["quiet"]) as progress:
-            result = studio.run(request, seed=seed, progress=progress, allow_paths=True)
+            result = studio.run(request, seed=seed, progress=progress, allow_paths=True, mask=options["mask"])
     except InputError as exc:
         raise Problems(problem_lines(exc.problems, image_namer(images, image_option))) from None
     for path in result.save(options["out"]):

@@ -145,6 +145,9 @@ class Capabilities:
     can_edit: bool = False
     max_input_images: int = 0
     can_inpaint: bool = False  # honours a mask
+    # Input images a masked edit takes (the mask applies to the first); None: up to ``max_input_images``.
+    # With ``can_inpaint``, a model that cannot edit still takes images when they come with a mask.
+    max_masked_images: int | None = None
     can_preview: bool = False  # can emit intermediate previews while denoising
     # What the model takes as a reference image; the engine brings others into it (imaging/fit.py).
     input_limits: InputLimits = field(default_factory=InputLimits)
@@ -180,20 +183,24 @@ class Capabilities:
 
     def _check_counts(self, request: ImageRequest, *, model: str, has_mask: bool) -> None:
         count = len(request.input_images or ())
-        if count and not self.can_edit:
+        masked = has_mask and self.can_inpaint
+        if count and not (self.can_edit or masked):
+            without = " without a mask" if self.can_inpaint else ""
             raise UnsupportedRequest(
                 FieldProblem(
                     "input_images",
-                    f"model '{model}' cannot edit images (got {count}); "
+                    f"model '{model}' cannot edit images{without} (got {count}); "
                     "remove input_images or choose a model that can edit (see `atelier models`)",
                     "unsupported",
                 )
             )
-        if count > self.max_input_images and self.can_edit:
+        limit = self.max_masked_images if masked and self.max_masked_images is not None else self.max_input_images
+        if count > limit and (self.can_edit or masked):
             raise UnsupportedRequest(
                 FieldProblem(
                     "input_images",
-                    f"model '{model}' takes at most {self.max_input_images} input images; got {count}",
+                    f"model '{model}' takes at most {limit} input images{' with a mask' if masked else ''}; "
+                    f"got {count}",
                     "unsupported",
                 )
             )
@@ -214,12 +221,21 @@ class Capabilities:
                     "unsupported",
                 )
             )
+        self._check_mask(count, model=model, has_mask=has_mask)
+
+    def _check_mask(self, count: int, *, model: str, has_mask: bool) -> None:
         if has_mask and not self.can_inpaint:
             raise UnsupportedRequest(
                 FieldProblem(
                     "mask",
                     f"model '{model}' cannot inpaint with a mask; remove the mask or choose a model that can",
                     "unsupported",
+                )
+            )
+        if has_mask and not count:
+            raise UnsupportedRequest(
+                FieldProblem(
+                    "mask", "applies to the first input image, and there is none; give the image to edit", "required"
                 )
             )
 

@@ -43,6 +43,10 @@ class Variant:
     max_input_images: int = 0
     revision: str | None = None
     input_limits: InputLimits = field(default_factory=InputLimits)  # what a reference may be (edits only)
+    # The diffusers class that inpaints (a mask) with this variant's weights: built from the loaded
+    # pipeline's components, never loaded a second time. None: this variant cannot take a mask.
+    inpaint: str | None = None
+    inpaint_references: int = 0  # further input images the inpainting pipeline takes, as references
 
 
 @dataclass(frozen=True)
@@ -67,11 +71,18 @@ class ModelSpec:
     def max_input_images(self) -> int:
         return max((v.max_input_images for v in self.variants if v.edits), default=0)
 
-    def variant_for(self, *, edit: bool) -> Variant:
+    @property
+    def can_inpaint(self) -> bool:
+        return any(v.inpaint for v in self.variants)
+
+    def variant_for(self, *, edit: bool, mask: bool = False) -> Variant:
+        """The variant that serves a request: an inpainting one for a mask, else an editing or a
+        text-to-image one."""
         for variant in self.variants:
-            if variant.edits if edit else variant.generates:
+            if variant.inpaint if mask else variant.edits if edit else variant.generates:
                 return variant
-        raise LookupError(f"{self.name} has no {'edit' if edit else 'text-to-image'} pipeline")
+        kind = "inpainting" if mask else "edit" if edit else "text-to-image"
+        raise LookupError(f"{self.name} has no {kind} pipeline")
 
 
 def _q(**settings: QualitySetting) -> MappingProxyType[str, QualitySetting]:
@@ -93,6 +104,10 @@ CATALOG: dict[str, ModelSpec] = {
                     True,
                     max_input_images=4,
                     input_limits=KLEIN_INPUTS,
+                    inpaint="Flux2KleinInpaintPipeline",
+                    # ``image_reference``: one more image, e.g. the object to paint in. (With several, the
+                    # pipeline would pair them with the images of a batch rather than show each to all.)
+                    inpaint_references=1,
                 ),
             ),
             grid=16,
@@ -113,7 +128,9 @@ CATALOG: dict[str, ModelSpec] = {
             title="Qwen-Image-2512 / Qwen-Image-Edit-2511",
             licence="Apache-2.0",
             variants=(
-                Variant("Qwen/Qwen-Image-2512", "QwenImagePipeline", True, False),
+                # Masks go to the text-to-image weights (loaded at start-up): OpenAI's mask prompt describes
+                # the whole new picture, which is what a text-to-image model inpaints from.
+                Variant("Qwen/Qwen-Image-2512", "QwenImagePipeline", True, False, inpaint="QwenImageInpaintPipeline"),
                 Variant(
                     "Qwen/Qwen-Image-Edit-2511",
                     "QwenImageEditPlusPipeline",
@@ -144,7 +161,9 @@ CATALOG: dict[str, ModelSpec] = {
             licence="Apache-2.0",
             # diffusers >= 0.39: 8 steps = 8 evaluations (the card's "9" predates that); guidance must be
             # 0.0 — any positive value switches classifier-free guidance on and doubles the cost.
-            variants=(Variant("Tongyi-MAI/Z-Image-Turbo", "ZImagePipeline", True, False),),
+            variants=(
+                Variant("Tongyi-MAI/Z-Image-Turbo", "ZImagePipeline", True, False, inpaint="ZImageInpaintPipeline"),
+            ),
             grid=16,
             native_pixels=1024 * 1024,
             quality=_q(
@@ -154,7 +173,7 @@ CATALOG: dict[str, ModelSpec] = {
                 auto=QualitySetting(steps=8, guidance=0.0),
             ),
             params="6B single-stream DiT + Qwen3-4B text encoder",
-            description="Fast photorealistic text-to-image (8 function evaluations); cannot edit.",
+            description="Fast photorealistic text-to-image (8 function evaluations); edits only with a mask.",
         ),
     )
 }

@@ -12,6 +12,9 @@ Batching across requests (``batch_plan``, ``generate_many``): text-to-image jobs
 render size, steps and guidance share one call, the prompts as a list (one per image) with one
 generator per image (``job.seed + i``), up to the images per call that ``max_batch_pixels`` allows.
 Background, upscaling, moderation of outputs and encoding stay per job, after the call.
+
+Masked edits (``engines/inpainting.py``) run the variant's inpainting pipeline, built over the loaded
+pipeline's modules, and always alone: their plans carry the inpainting class into the batch key.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from atelier.engines import inpainting
 from atelier.engines.base import (
     BatchPlan,
     CancelToken,
@@ -69,6 +73,7 @@ class RenderPlan:
     # The classifier has seen the input images' pixels (a caller that decoded them before ``check``); at
     # admission only their headers exist, so the worker classifies them once, when they are decoded.
     inputs_moderated: bool = False
+    inpaint: str | None = None  # the inpainting pipeline class, for a job with a mask
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -80,6 +85,7 @@ class RenderPlan:
             "batches": list(self.batches),
             "fits": [dataclasses.asdict(fit) for fit in self.fits],
             "inputs_moderated": self.inputs_moderated,
+            "inpaint": self.inpaint,
         }
 
 
@@ -116,6 +122,9 @@ class DiffusersEngine:
             can_preview=True,
             input_limits=next((v.input_limits for v in self.variants if v.edits), InputLimits()),
             can_seed=True,
+            can_inpaint=any(v.inpaint for v in self.variants),
+            # the image the mask applies to, and the references its inpainting pipeline takes
+            max_masked_images=1 + max((v.inpaint_references for v in self.variants if v.inpaint), default=0),
         )
         self._device_name = device
         self._dtype_name = dtype
@@ -123,6 +132,7 @@ class DiffusersEngine:
         self._matting = matting.get_matting(matting_name)
         self._policy = policy or Policy()
         self._pipelines: dict[str, Any] = {}
+        self._inpainters: dict[str, Any] = {}  # by the loaded pipeline class they share modules with
         self._locks: dict[str, threading.Lock] = {v.pipeline: threading.Lock() for v in self.variants}
         self._load_lock = threading.Lock()
 
@@ -142,6 +152,18 @@ class DiffusersEngine:
                 )
             return self._pipelines[variant.pipeline]
 
+    def _inpainter(self, variant: Variant) -> Any:
+        """The variant's inpainting pipeline, over the modules of its loaded pipeline (built once)."""
+        if variant.inpaint is None:  # the capabilities refuse a mask first; never run one without it
+            raise UnsupportedRequest(
+                FieldProblem("mask", f"{variant.pipeline} of model '{self.model}' cannot inpaint", "unsupported")
+            )
+        pipe = self._pipeline(variant)
+        with self._load_lock:
+            if variant.pipeline not in self._inpainters:
+                self._inpainters[variant.pipeline] = inpainting.build_pipeline(pipe, variant.inpaint)
+            return self._inpainters[variant.pipeline]
+
     @property
     def device(self) -> str:
         if self._device_name is None:
@@ -158,7 +180,10 @@ class DiffusersEngine:
         self._policy.check_prompt(request.prompt, request.moderation)
         self._policy.check_images(job.images, request.moderation, field="input_images")
         moderated = bool(job.images) or not job.input_sizes
-        variant = self.spec.variant_for(edit=request.is_edit) if len(self.variants) > 1 else self.variants[0]
+        masked = job.has_mask
+        variant = (
+            self.variants[0] if len(self.variants) == 1 else self.spec.variant_for(edit=request.is_edit, mask=masked)
+        )
         quality = self.spec.quality[request.quality]
         size = plan_size(
             request.aspect_ratio,
@@ -169,11 +194,14 @@ class DiffusersEngine:
             pixel_scale=quality.pixel_scale,
         )
         background = resolve_background(request.background, request.prompt, request.output_format)
+        if masked:
+            background = inpainting.check(job, fits, size, background)
         prompt = request.prompt + (matting.BACKDROP_PROMPT if background == "transparent" else "")
         per_call = self._images_per_call(size.render_width * size.render_height)
         n = request.number_of_images
         batches = tuple(min(per_call, n - start) for start in range(0, n, per_call))
-        return RenderPlan(variant, size, quality, prompt, background, batches, fits, moderated)
+        inpaint = variant.inpaint if masked else None
+        return RenderPlan(variant, size, quality, prompt, background, batches, fits, moderated, inpaint)
 
     def load_plan(self, data: Mapping[str, Any]) -> RenderPlan:
         """A stored ``RenderPlan`` again (``LookupError`` when this engine no longer has its pipeline)."""
@@ -190,6 +218,7 @@ class DiffusersEngine:
             tuple(int(n) for n in data["batches"]),
             fits,
             bool(data["inputs_moderated"]),
+            data.get("inpaint"),
         )
 
     def _plan(self, job: Job) -> RenderPlan:
@@ -208,15 +237,19 @@ class DiffusersEngine:
         plan = self._plan(job)
         if not plan.inputs_moderated:  # their pixels exist from now on: classified once, before model time
             self._policy.check_images(job.images, job.request.moderation, field="input_images")
+        # From the job, not the plan: a mask is never dropped, however the plan reached this process.
+        masked = inpainting.MaskedInput.of(job, plan.fits) if job.has_mask else None
         cancel.raise_if_cancelled()
-        pipe = self._pipeline(plan.variant)
+        pipe = self._pipeline(plan.variant) if masked is None else self._inpainter(plan.variant)
         started = time.perf_counter()
         images: list[Image.Image] = []
         steps_total = plan.quality.steps * len(plan.batches)
         for index, count in enumerate(plan.batches):
             first_seed = job.seed + len(images)
-            with self._locks[plan.variant.pipeline]:
-                images += self._call(pipe, plan, job, count, first_seed, progress, cancel, index, steps_total)
+            with self._locks[plan.variant.pipeline]:  # an inpainter shares its pipeline's scheduler
+                images += self._call(pipe, plan, job, count, first_seed, progress, cancel, index, steps_total, masked)
+        if masked is not None:
+            images = masked.keep_outside(images, (plan.size.width, plan.size.height))
         return self._result(job, plan, images, render_seconds=time.perf_counter() - started)
 
     def _result(self, job: Job, plan: RenderPlan, images: list[Image.Image], *, render_seconds: float) -> Result:
@@ -254,6 +287,7 @@ class DiffusersEngine:
         cancel: CancelToken,
         batch_index: int,
         steps_total: int,
+        masked: inpainting.MaskedInput | None = None,
     ) -> list[Image.Image]:
         steps = plan.quality.steps
         done_before = batch_index * steps
@@ -269,7 +303,9 @@ class DiffusersEngine:
 
         kwargs = self._call_kwargs(plan, [first_seed + i for i in range(count)], on_step_end)
         kwargs.update(prompt=plan.prompt, num_images_per_prompt=count)
-        if job.images:
+        if masked is not None:
+            kwargs.update(masked.call_inputs((plan.size.render_width, plan.size.render_height)))
+        elif job.images:
             kwargs["image"] = [
                 fit_image(image, fit).convert("RGB") for image, fit in zip(job.images, plan.fits, strict=True)
             ]
@@ -313,7 +349,8 @@ class DiffusersEngine:
     ) -> list[Result]:
         """Several jobs in one pipeline call; it stops only when every job is canceled (see ``BatchingEngine``)."""
         plans = [self._plan(job) for job in jobs]
-        if len({batch_key(plan) for plan in plans}) > 1 or any(job.input_sizes or job.previews for job in jobs):
+        alone = any(job.input_sizes or job.has_mask or job.previews for job in jobs)
+        if len({batch_key(plan) for plan in plans}) > 1 or alone:
             raise ValueError("generate_many takes jobs that batch_plan gives one key; run the others alone")
         tokens = [cancel_for[job.id] for job in jobs]
 
@@ -385,9 +422,10 @@ class DiffusersEngine:
 
 
 def batch_key(plan: RenderPlan) -> tuple[Any, ...]:
-    """What a shared pipeline call fixes: the pipeline, the render size, the steps and the guidance."""
+    """What a shared pipeline call fixes: the pipeline (an inpainting one is another), the render size, the
+    steps and the guidance."""
     size, quality = plan.size, plan.quality
-    return (plan.variant.pipeline, size.render_width, size.render_height, quality.steps, quality.guidance)
+    return (plan.variant.pipeline, plan.inpaint, size.render_width, size.render_height, quality.steps, quality.guidance)
 
 
 def run_pipeline(pipe: Any, plan: RenderPlan, kwargs: dict[str, Any], raise_if_cancelled: Callable[[], None]) -> Any:

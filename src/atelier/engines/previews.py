@@ -28,7 +28,9 @@ def _flux2(pipe: Any, latents: Any, height: int, width: int) -> Any:
 
     h, w = height // (pipe.vae_scale_factor * 2), width // (pipe.vae_scale_factor * 2)
     ids = pipe._prepare_latent_ids(latents.new_zeros(latents.shape[0], 1, h, w)).to(latents.device)
-    x = pipe._unpack_latents_with_ids(latents, ids, h, w)
+    # The inpainting pipeline's copy of this takes no size (it reads it from the ids); the same result.
+    sized = type(pipe).__name__ != "Flux2KleinInpaintPipeline"
+    x = pipe._unpack_latents_with_ids(latents, ids, h, w) if sized else pipe._unpack_latents_with_ids(latents, ids)
     bn = pipe.vae.bn
     std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + pipe.vae.config.batch_norm_eps)
     x = pipe._unpatchify_latents(x * std + bn.running_mean.view(1, -1, 1, 1))
@@ -56,4 +58,8 @@ _DECODERS = {
     "QwenImagePipeline": _qwen,
     "QwenImageEditPlusPipeline": _qwen,
     "ZImagePipeline": _z_image,
+    # The inpainting pipelines built over the same modules (``engines/inpainting.py``) pack alike.
+    "Flux2KleinInpaintPipeline": _flux2,
+    "QwenImageInpaintPipeline": _qwen,
+    "ZImageInpaintPipeline": _z_image,
 }
