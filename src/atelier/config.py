@@ -27,7 +27,7 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationError, Validation
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from atelier.errors import FieldProblem, SettingsError
-from atelier.setting_parsers import parse_allow, parse_rate
+from atelier.setting_parsers import BucketURL, parse_allow, parse_rate
 
 
 def default_data_dir() -> Path:
@@ -190,8 +190,6 @@ class Settings(BaseSettings):
     @field_validator("files_url")
     @classmethod
     def _check_files_url(cls, value: str | None) -> str | None:
-        from atelier.jobs.blobs import BucketURL
-
         if value is None or not value.strip():
             return None
         return str(BucketURL.parse(value))

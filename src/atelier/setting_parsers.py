@@ -1,5 +1,5 @@
-"""Parsers for settings whose values are small languages: rates (``60/min``) and allow-lists of hosts
-and networks (``10.0.0.0/8,images.internal``).
+"""Parsers for settings whose values are small languages: rates (``60/min``), allow-lists of hosts
+and networks (``10.0.0.0/8,images.internal``) and bucket URLs (``s3://bucket/prefix``).
 
 A leaf: it imports nothing from Atelier, so ``atelier.config`` can check these values when the settings
 are read without importing the modules that use them (``atelier.jobs.limits``, ``atelier.fetch``), which
@@ -75,3 +75,27 @@ def parse_allow(
             )
         hosts.append(name.rstrip("."))
     return tuple(hosts), tuple(networks)
+
+
+_S3_URL = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(?P<prefix>.*))?$")
+
+
+@dataclass(frozen=True)
+class BucketURL:
+    """``s3://bucket/prefix`` as given in ``ATELIER_FILES_URL``."""
+
+    bucket: str
+    prefix: str
+
+    @classmethod
+    def parse(cls, url: str) -> BucketURL:
+        match = _S3_URL.match(url.strip())
+        if match is None:
+            raise ValueError(
+                f"got {url[:80]!r}; give a bucket as s3://bucket or s3://bucket/prefix (a bucket name is 3 to 63 "
+                "lower-case letters, digits, dots and dashes), or leave it unset to keep files in the data folder"
+            )
+        return cls(match["bucket"], (match["prefix"] or "").strip("/"))
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}".rstrip("/")

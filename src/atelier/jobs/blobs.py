@@ -35,6 +35,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
 
 from atelier.errors import StorageUnavailable
+from atelier.setting_parsers import BucketURL
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,6 @@ if TYPE_CHECKING:
 
 STRAY_GRACE = timedelta(hours=1)  # an object younger than this may be another process's write in progress
 CHUNK = 64 * 1024  # download chunks, as Starlette's FileResponse reads a file
-_S3_URL = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(?P<prefix>.*))?$")
 
 
 class BlobMissing(Exception):
@@ -118,27 +118,6 @@ class LocalBlobs:
         except FileNotFoundError:
             raise BlobMissing(key) from None
         return _file_chunks(file, start, end)
-
-
-@dataclass(frozen=True)
-class BucketURL:
-    """``s3://bucket/prefix`` as given in ``ATELIER_FILES_URL``."""
-
-    bucket: str
-    prefix: str
-
-    @classmethod
-    def parse(cls, url: str) -> BucketURL:
-        match = _S3_URL.match(url.strip())
-        if match is None:
-            raise ValueError(
-                f"got {url[:80]!r}; give a bucket as s3://bucket or s3://bucket/prefix (a bucket name is 3 to 63 "
-                "lower-case letters, digits, dots and dashes), or leave it unset to keep files in the data folder"
-            )
-        return cls(match["bucket"], (match["prefix"] or "").strip("/"))
-
-    def __str__(self) -> str:
-        return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
 
 
 @dataclass(frozen=True)
