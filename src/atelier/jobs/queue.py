@@ -58,6 +58,7 @@ class Entry:
     interrupted: bool = False  # left behind by stop(): nothing more is recorded for it
     batch: BatchPlan | None = None  # how it may share a model call; None: it runs alone
     batch_size: int = 1  # how many jobs the model call it was taken into runs
+    attempt: int = 1  # runs so far, this one included (a job whose replica died runs again)
 
     @property
     def id(self) -> str:
@@ -277,6 +278,11 @@ class JobQueue:
         caller = entry.caller
         self._live.update((caller.owner, caller))
         self._order.push(entry.id, caller, first=first)
+        self._wakeup.set()
+
+    def requeue(self, entry: Entry) -> None:
+        """Put a live job that was taken back at the front (its run was lost); it stays counted as live."""
+        self._order.push(entry.id, entry.caller, first=True)
         self._wakeup.set()
 
     def remove_queued(self, entry: Entry) -> bool:

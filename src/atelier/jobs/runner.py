@@ -53,18 +53,17 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
-from functools import partial
 from typing import TYPE_CHECKING
 
-from atelier.engines.base import BatchPlan, CancelToken, Engine, Job, PartialBatch, Result, batching, generate_together
+from atelier.engines.base import BatchPlan, CancelToken, Engine, Job, PartialBatch, Result, batching
 from atelier.errors import AtelierError, Canceled, Conflict, EngineError, ModelUnavailable, NotFound
 from atelier.ids import new_id, new_seed
 from atelier.imaging import metadata
 from atelier.jobs import recovery
 from atelier.jobs.dispatch import Dispatcher, Listener
 from atelier.jobs.events import Event, Subscription, finished_subscription
+from atelier.jobs.executors import Executor, ReplicaLost, build_executor
 from atelier.jobs.files import FileStore
 from atelier.jobs.inputs import InputLimits, decode
 from atelier.jobs.limits import Caller, Limits
@@ -99,6 +98,7 @@ class Runner:
         *,
         stage_inputs: InputStager | None = None,
         stop_timeout: float = 30.0,
+        executor: Executor | None = None,
     ) -> None:
         self.store = store
         self.files = files
@@ -109,8 +109,10 @@ class Runner:
         self.dispatcher = Dispatcher()
         self.listeners: list[Listener] = self.dispatcher.listeners  # append async fn(prediction, event)
         batch_jobs = settings.max_batch_jobs if settings.batching else 1
+        # Where engine calls run (atelier.jobs.executors); the worker count follows its capacity.
+        self.executor = executor or build_executor(settings, engines, workers=settings.max_concurrency)
         self.queue = JobQueue(
-            settings.max_queue, settings.max_concurrency, max_batch_jobs=batch_jobs, share=settings.queue_share
+            settings.max_queue, self.executor.capacity, max_batch_jobs=batch_jobs, share=settings.queue_share
         )
         self.limits = Limits.from_settings(settings)
         self.input_limits = InputLimits.from_settings(settings)
@@ -118,7 +120,6 @@ class Runner:
         self.listeners.append(self._release_inputs)
         self._failures: dict[str, AtelierError] = {}  # recent failures by id, for doors waiting in-process
         self._workers: list[asyncio.Task[None]] = []
-        self._threads: ThreadPoolExecutor | None = None  # engine calls: one thread per worker
         self._started = False
         self._accepting = False
         self._stopping = False
@@ -147,9 +148,9 @@ class Runner:
         self.store.open()
         self.dispatcher.start()
         await self._recover()
+        await self.executor.start()
         self._accepting = True
         count = self.queue.concurrency
-        self._threads = ThreadPoolExecutor(count, thread_name_prefix="atelier-engine")
         self._workers = [asyncio.create_task(self._worker(), name=f"atelier-worker-{i}") for i in range(count)]
         log.info("runner started: %d worker(s), queue bound %d", count, self.queue.max_queue)
 
@@ -171,8 +172,7 @@ class Runner:
         for worker in self._workers:
             worker.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
-        if self._threads is not None:
-            self._threads.shutdown(wait=False)  # engine calls still running end on their cancel token
+        await self.executor.stop()  # engine calls still running end on their cancel token
         await self.dispatcher.drain(max(0.1, until - time.monotonic()))
         log.info("runner stopped")
 
@@ -326,15 +326,31 @@ class Runner:
 
     async def _run(self, batch: builtins.list[Entry]) -> None:
         """One model call's jobs (usually one); each task starts, ends and is recorded on its own."""
+        again: builtins.list[Entry] = []
         try:
             results, errors = await self._attempt(batch)
             for entry in batch:  # settling skips jobs already settled (canceled before they began)
+                error = errors.get(entry.id)
                 if entry.id in results:
                     await self._deliver(entry, results[entry.id])
+                elif isinstance(error, ReplicaLost) and self._may_retry(entry, error):
+                    again.append(entry)
                 else:
-                    self._settle(entry, errors.get(entry.id) or EngineError("the engine returned nothing for it"))
+                    self._settle(entry, error or EngineError("the engine returned nothing for it"))
         finally:
             self.queue.release(batch)
+            for entry in again:  # after the release: another worker may take it at once
+                self.queue.requeue(entry)
+
+    def _may_retry(self, entry: Entry, error: ReplicaLost) -> bool:
+        """A job whose replica died runs again, with the same seed, until ``max_attempts`` runs."""
+        task = entry.task
+        if task.terminal or entry.token.cancelled or entry.attempt >= self.settings.max_attempts:
+            return False
+        entry.attempt += 1
+        task.requeue(f"{error.message}; running it again (attempt {entry.attempt} of {self.settings.max_attempts})")
+        log.warning("prediction %s re-queued after its replica died (attempt %d)", entry.id, entry.attempt)
+        return True
 
     def failure(self, id: str) -> AtelierError | None:
         """The typed error a recent prediction failed with in this process (memory only, never stored)."""
@@ -370,8 +386,7 @@ class Runner:
             engine = running[0].engine
             progress_for, cancel_for = {e.id: e.progress_callback() for e in running}, {e.id: e.token for e in running}
             try:
-                call = partial(generate_together, engine, jobs, progress_for=progress_for, cancel_for=cancel_for)
-                results = await asyncio.get_running_loop().run_in_executor(self._threads, call)
+                results = await self.executor.run(engine, jobs, progress_for=progress_for, cancel_for=cancel_for)
             except PartialBatch as some:
                 return some.results, {**some.errors, **failed}
             self.queue.observe((time.monotonic() - began) / len(jobs))
@@ -438,7 +453,7 @@ class Runner:
 
     async def _ready(self, engine: Engine) -> None:
         try:
-            await self.engines.ready(engine)
+            await self.executor.ready(engine)
         except AtelierError:
             raise
         except Exception as exc:
