@@ -1,0 +1,190 @@
+"""Engine calls on Ray Serve replicas (``ATELIER_EXECUTOR=ray``), on a real local Ray cluster.
+
+The module starts one cluster (``ray start --head --block`` in its own process group, CPUs only, a
+temporary folder of its own) and always stops it, and only it. Two replicas per model: the tiny real
+FLUX.2 pipeline for the doors, and ``ray_engines.SignalEngine`` (a fast fake whose replicas leave
+signals in a shared folder) for cancel, batching and failure. The test process is the Ray driver, as
+``atelier serve`` is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+ray = pytest.importorskip("ray", reason="the ray extra is not installed: pip install 'atelier[ray]'")
+
+from atelier.app import create_app  # noqa: E402
+from atelier.config import Settings  # noqa: E402
+from atelier.jobs.events import Event  # noqa: E402
+from atelier.jobs.records import Prediction  # noqa: E402
+from doors import BASE, REPLICATE_CREATE  # noqa: E402
+from fakes import FakeEngine  # noqa: E402
+from ray_engines import SignalEngine  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+WAIT_S = 120.0  # the most any wait below may take before the test fails (a hung cluster, not a slow one)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[str]:
+    """A local Ray cluster in its own process group, this process connected as its driver; stopped after."""
+    folder = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    port = free_port()
+    env = {
+        **os.environ,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+    }
+    ray_cli = Path(sys.executable).with_name("ray")
+    command = [str(ray_cli), "start", "--head", "--block", f"--port={port}", "--num-cpus=4", "--num-gpus=0",
+               "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={folder}",
+               "--node-ip-address=127.0.0.1"]  # fmt: skip
+    process = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL)
+    address = f"127.0.0.1:{port}"
+    try:
+        connect(address, process)
+        yield address
+    finally:
+        with contextlib.suppress(Exception):
+            from ray import serve
+
+            serve.shutdown()
+        ray.shutdown()
+        stop_group(process)
+
+
+def connect(address: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        try:
+            ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+            return
+        except (ConnectionError, RuntimeError):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)  # the head is still starting
+
+
+def stop_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the cluster's process group (``ray start --block`` stops what it started), then SIGKILL."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def signals() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="ray-signals-") as folder:
+        yield Path(folder)
+
+
+class Served:
+    """One app on the cluster: its HTTP client, services and the events every prediction went through."""
+
+    def __init__(self, app: Any, client: httpx.AsyncClient) -> None:
+        self.app = app
+        self.client = client
+        self.events: list[tuple[str, str, dict[str, Any]]] = []
+
+    @property
+    def services(self) -> Any:
+        return self.app.state.services
+
+    async def record(self, prediction: Prediction, event: Event) -> None:
+        self.events.append((prediction.id, event.kind, dict(event.data or {})))
+
+    async def predict(self, prompt: str, **fields: Any) -> dict[str, Any]:
+        body = {"input": {"prompt": prompt, **fields}}
+        response = await self.client.post(REPLICATE_CREATE, json=body)  # the default model
+        assert response.status_code == 201, response.text
+        return dict(response.json())
+
+    async def wait(self, id: str) -> dict[str, Any]:
+        prediction = await self.services.runner.wait(id, WAIT_S)
+        assert prediction.terminal, f"prediction {id} still {prediction.status} after {WAIT_S} s"
+        response = await self.client.get(f"/v1/predictions/{id}")
+        return dict(response.json())
+
+
+@contextlib.asynccontextmanager
+async def served(tmp_path: Path, engines: dict[str, Any] | None = None, **settings: Any) -> AsyncIterator[Served]:
+    options = {"executor": "ray", "ray_replicas": "2", "ray_num_cpus": 1, **settings}
+    default = next(iter(engines)) if engines else None
+    app = create_app(Settings(data_dir=tmp_path, **options), engines=engines, default=default, warm_up=False)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url=BASE, timeout=WAIT_S) as client,
+    ):
+        result = Served(app, client)
+        app.state.services.runner.listeners.append(result.record)
+        yield result
+
+
+async def until(check: Any, what: str) -> Any:
+    """Wait (polling, with a deadline that only catches a hang) until ``check()`` is truthy."""
+    deadline = time.monotonic() + WAIT_S
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+    return value
+
+
+def signal_engines(signals: Path) -> dict[str, Any]:
+    return {
+        "signal": SignalEngine(model="signal", folder=str(signals)),
+        "openai": FakeEngine(model="openai", name="openai"),
+    }
+
+
+# -- the tiny real pipeline on two replicas -----------------------------------------------------------------
+
+
+async def test_predictions_through_the_doors_run_on_two_replicas(cluster, tiny_flux2, tmp_path) -> None:
+    from ray import serve
+
+    async with served(tmp_path, model_path=tiny_flux2) as s:
+        router = s.services.router
+        engine = router.engines[router.default]
+        replicate = [await s.predict(f"a red fox {i}", quality="low") for i in range(2)]
+        openai = await s.client.post("/v1/images/generations", json={"prompt": "a lighthouse", "quality": "low"})
+        assert openai.status_code == 200, openai.text
+        image = base64.b64decode(openai.json()["data"][0]["b64_json"])
+        assert image.startswith(b"\x89PNG")
+        for created in replicate:
+            done = await s.wait(created["id"])
+            assert done["status"] == "succeeded", done
+            assert len(done["output"]) == 1
+
+        status = serve.status().applications[f"atelier-{engine.model}"]
+        replicas = status.deployments["EngineReplica"].replica_states
+        assert replicas.get("RUNNING") == 2, replicas
+        assert not engine._pipelines  # the weights were loaded on the replicas, not here
+        assert router.setups[engine.model].error is None and router.is_ready(engine)
