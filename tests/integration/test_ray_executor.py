@@ -188,3 +188,91 @@ async def test_predictions_through_the_doors_run_on_two_replicas(cluster, tiny_f
         assert replicas.get("RUNNING") == 2, replicas
         assert not engine._pipelines  # the weights were loaded on the replicas, not here
         assert router.setups[engine.model].error is None and router.is_ready(engine)
+
+
+# -- a fast fake engine on two replicas: progress, cancel, batching, failure ------------------------------
+
+
+SIGNAL_CREATE = "/v1/models/atelier/signal/predictions"
+
+
+async def submit(s: Served, prompt: str, **fields: Any) -> str:
+    response = await s.client.post(SIGNAL_CREATE, json={"input": {"prompt": prompt, **fields}})
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
+def started_pids(signals: Path, id: str) -> list[int]:
+    path = signals / f"started-{id}"
+    return [int(line) for line in path.read_text().split()] if path.exists() else []
+
+
+async def test_progress_and_previews_stream_back_from_the_replica(cluster, signals, tmp_path) -> None:
+    from atelier.request import ImageRequest
+
+    async with served(tmp_path, signal_engines(signals)) as s:
+        runner = s.services.runner
+        prediction = await runner.submit(ImageRequest(prompt="show me"), model="signal", source="replicate", previews=2)
+        steps = []
+        async for event in runner.subscribe(prediction.id):
+            if event.kind == "progress":
+                steps.append((event.data["step"], event.data["total"], event.data["preview"].size))
+        done = await s.wait(prediction.id)
+        assert done["status"] == "succeeded", done
+        assert steps == [(1, 4, (64, 64)), (2, 4, (64, 64)), (3, 4, (64, 64)), (4, 4, (64, 64))]
+        assert "4/4" in done["logs"]
+        assert started_pids(signals, prediction.id) and os.getpid() not in started_pids(signals, prediction.id)
+
+
+async def test_cancel_reaches_the_engine_on_its_replica(cluster, signals, tmp_path) -> None:
+    async with served(tmp_path, signal_engines(signals)) as s:
+        id = await submit(s, "hold until canceled")
+        await until(lambda: started_pids(signals, id), "the job to start on a replica")
+        response = await s.client.post(f"/v1/predictions/{id}/cancel")
+        assert response.json()["status"] == "canceled"
+        reason = await until(lambda: (signals / f"canceled-{id}").exists(), "the engine to see the cancel")
+        assert reason
+        assert (await s.wait(id))["status"] == "canceled"
+        # The replica is free again: the next job runs (two replicas, so try both slots).
+        ids = [await submit(s, f"after cancel {i}") for i in range(2)]
+        assert [(await s.wait(i))["status"] for i in ids] == ["succeeded", "succeeded"]
+
+
+async def test_compatible_queued_jobs_share_one_call_on_a_replica(cluster, signals, tmp_path) -> None:
+    async with served(tmp_path, signal_engines(signals)) as s:
+        holds = [await submit(s, f"hold busy {i}") for i in range(2)]  # both replicas (capacity 2) busy
+        await until(lambda: all(started_pids(signals, h) for h in holds), "both replicas to be busy")
+        batch = [await submit(s, "batch me") for _ in range(3)]
+        assert s.services.runner.queue_depth == 3  # waiting in Atelier's queue, not in Ray's
+        for h in holds:
+            (signals / f"release-{h}").touch()
+        assert [(await s.wait(i))["status"] for i in [*holds, *batch]] == ["succeeded"] * 5
+        calls = [set(p.read_text().split()) for p in signals.glob("call-*")]
+        assert set(batch) in calls, calls
+
+
+async def test_a_job_whose_replica_is_killed_runs_again_and_succeeds_once(cluster, signals, tmp_path) -> None:
+    async with served(tmp_path, signal_engines(signals)) as s:
+        id = await submit(s, "hold until killed", seed=1234)
+        pid = (await until(lambda: started_pids(signals, id), "the job to start on a replica"))[0]
+        os.kill(pid, signal.SIGKILL)
+        done = await s.wait(id)
+        assert done["status"] == "succeeded", done
+        assert "running it again (attempt 2 of 3)" in done["logs"]
+        pids = started_pids(signals, id)
+        assert len(pids) == 2 and pids[0] == pid and pids[1] != pid  # the second run was on another replica
+        assert len(done["output"]) == 1
+        assert "Using seed: 1234" in done["logs"] and done["logs"].count("Using seed: 1234") == 2
+        ended = [data["status"] for pid_, kind, data in s.events if pid_ == id and kind == "status"]
+        assert ended.count("succeeded") == 1 and "failed" not in ended, ended
+        files = [r for r in s.services.files.for_prediction(id) if r.kind == "output"]
+        assert len(files) == 1
+
+
+async def test_upstream_jobs_stay_in_process(cluster, signals, tmp_path) -> None:
+    engines = signal_engines(signals)
+    async with served(tmp_path, engines) as s:
+        key = "sk-" + "x" * 40
+        response = await s.client.post("/v1/images/generations", json={"prompt": "upstream", "openai_api_key": key})
+        assert response.status_code == 200, response.text
+        assert [job.request.prompt for job in engines["openai"].jobs] == ["upstream"]  # ran here, not on Ray
