@@ -46,42 +46,67 @@ class Progress:
     event: ProgressEvent
 
 
+@dataclass(frozen=True)
+class Carried:
+    """An exception as a value: its class, args and attributes, rebuilt without calling its constructor
+    (Atelier's errors take keyword-only arguments that plain pickling of an exception loses)."""
+
+    cls: type[BaseException]
+    args: tuple[Any, ...]
+    state: dict[str, Any]
+
+    @classmethod
+    def of(cls, exc: BaseException) -> Carried:
+        carried = cls(type(exc), exc.args, dict(vars(exc)))
+        try:
+            pickle.loads(pickle.dumps(carried)).restore()
+        except Exception:  # anything that does not survive the trip goes as its text
+            return cls.of(EngineError(f"the engine failed on its replica ({type(exc).__name__}: {exc})"))
+        return carried
+
+    def restore(self) -> BaseException:
+        exc = self.cls.__new__(self.cls)
+        BaseException.__init__(exc, *self.args)
+        exc.__dict__.update(self.state)
+        return exc
+
+
+def portable(exc: BaseException) -> BaseException:
+    """``exc`` as it arrives on the other side of a pickle (an ``EngineError`` when it cannot)."""
+    restored: BaseException = pickle.loads(pickle.dumps(Carried.of(exc))).restore()
+    return restored
+
+
 @dataclass
 class Outcome:
     """How a call ended: a result per job in order (all succeeded), or per-job results and errors."""
 
     results: list[Result] | None = None
     partial: dict[str, Result] = field(default_factory=dict)
-    errors: dict[str, Exception] = field(default_factory=dict)
-    error: Exception | None = None  # the whole call failed
+    errors: dict[str, Carried] = field(default_factory=dict)
+    error: Carried | None = None  # the whole call failed
 
     def unpack(self) -> list[Result]:
         """The results, or raise what the engine call raised (``PartialBatch`` for per-job failures)."""
         if self.error is not None:
-            raise self.error
+            raise self.error.restore()
         if self.results is None:
-            raise PartialBatch(self.partial, self.errors)
+            errors: dict[str, Exception] = {k: as_exception(c.restore()) for k, c in self.errors.items()}
+            raise PartialBatch(self.partial, errors)
         return self.results
 
 
-def portable(exc: Exception) -> Exception:
-    """``exc`` if it survives pickling as itself, else an ``EngineError`` with its type and text."""
-    try:
-        back = pickle.loads(pickle.dumps(exc))
-        if type(back) is type(exc) and str(back) == str(exc):
-            return exc
-    except Exception:  # any failure to round-trip means: send the text instead
-        pass
-    return EngineError(f"the engine failed on its replica ({type(exc).__name__}: {exc})")
+def as_exception(exc: BaseException) -> Exception:
+    return exc if isinstance(exc, Exception) else EngineError(str(exc))
 
 
 def outcome_of(call: Callable[[], list[Result]]) -> Outcome:
     try:
         return Outcome(results=call())
     except PartialBatch as some:
-        return Outcome(partial=some.results, errors={k: portable(e) for k, e in some.errors.items()})
+        return Outcome(partial=some.results, errors={k: Carried.of(e) for k, e in some.errors.items()})
     except Exception as exc:
-        return Outcome(error=portable(exc))
+        return Outcome(error=Carried.of(exc))
 
 
 class EngineReplica:
