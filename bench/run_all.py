@@ -1,6 +1,6 @@
 """Every benchmark in one run, one JSON document: machine details, then each result beside its baseline.
 
-    python -m bench [--quick] [--only engine_overhead concurrency encoding proxy gpu] [--out results/run.json]
+    python -m bench [--quick] [--only engine_overhead concurrency encoding proxy gpu ray] [--out results/run.json]
     python bench/run_all.py ...            (the same)
 
 The benchmarks run one after another in this process (never in parallel: they would measure each
@@ -22,6 +22,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import concurrency, encoding, engine_overhead, gpu, proxy
+from bench import ray as ray_serve
 from bench.common import emit, jsonable, log, machine
 
 BENCHMARKS = {
@@ -30,6 +31,7 @@ BENCHMARKS = {
     "encoding": encoding,
     "proxy": proxy,
     "gpu": gpu,
+    "ray": ray_serve,
 }
 
 

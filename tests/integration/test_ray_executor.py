@@ -14,9 +14,6 @@ import base64
 import contextlib
 import os
 import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -38,66 +35,15 @@ from ray_engines import SignalEngine  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
 WAIT_S = 120.0  # the most any wait below may take before the test fails (a hung cluster, not a slow one)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[str]:
-    """A local Ray cluster in its own process group, this process connected as its driver; stopped after."""
-    folder = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    port = free_port()
-    env = {
-        **os.environ,
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
-    }
-    ray_cli = Path(sys.executable).with_name("ray")
-    command = [str(ray_cli), "start", "--head", "--block", f"--port={port}", "--num-cpus=4", "--num-gpus=0",
-               "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={folder}",
-               "--node-ip-address=127.0.0.1"]  # fmt: skip
-    process = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL)
-    address = f"127.0.0.1:{port}"
-    try:
-        connect(address, process)
+    from ray_cluster import local_cluster
+
+    with local_cluster(num_cpus=4) as address:
         yield address
-    finally:
-        with contextlib.suppress(Exception):
-            from ray import serve
-
-            serve.shutdown()
-        ray.shutdown()
-        stop_group(process)
-
-
-def connect(address: str, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while True:
-        try:
-            ray.init(address=address, logging_level="WARNING", log_to_driver=False)
-            return
-        except (ConnectionError, RuntimeError):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)  # the head is still starting
-
-
-def stop_group(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM to the cluster's process group (``ray start --block`` stops what it started), then SIGKILL."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(10)
 
 
 @pytest.fixture(scope="module")

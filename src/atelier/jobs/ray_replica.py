@@ -196,3 +196,33 @@ def backlog_policy(ctx: Any) -> tuple[int, dict[str, Any]]:
     if now - state.setdefault("since", now) < DOWNSCALE_DELAY_S:
         return ctx.target_num_replicas, state
     return want, state
+
+
+# -- deployed from a config file (KubeRay's RayService, ``serve deploy``) ---------------------------------
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """Serve's application builder for config files: ``import_path: atelier.jobs.ray_replica:build_app``.
+
+    ``args``: ``model`` (a catalog key) or ``model_path`` (a pipeline folder present on every GPU node),
+    and optionally ``max_ongoing``. The rest of the engine's settings come from the ``ATELIER_*``
+    environment where the application is built, secrets removed. Name the application ``atelier-<model>``
+    (``ray_executor.app_name``): Atelier then finds it running and calls it instead of deploying its own.
+    """
+    from functools import partial
+    from pathlib import Path
+
+    from ray import serve
+
+    from atelier.config import load_settings
+    from atelier.engines.registry import create_engine
+    from atelier.jobs.ray_executor import replica_settings
+
+    model, path = args.get("model"), args.get("model_path")
+    if bool(model) == bool(path):
+        raise ValueError(f"give build_app either 'model' (a catalog key) or 'model_path' (a folder); got {args!r}")
+    settings = replica_settings(load_settings())
+    recipe = partial(create_engine, "diffusers", settings, model=model, model_path=Path(path) if path else None)
+    per = int(args.get("max_ongoing", 1))
+    deployment: Any = serve.deployment(EngineReplica)
+    return deployment.options(max_ongoing_requests=per).bind(recipe, per)
