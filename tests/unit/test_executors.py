@@ -183,3 +183,19 @@ def test_nothing_imports_ray_unless_the_ray_executor_connects():
     code = f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\nprint('ray' in sys.modules)"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert run.stdout.strip() == "False"
+
+
+async def test_a_ray_address_where_nothing_listens_is_refused_at_start_naming_the_setting():
+    pytest.importorskip("ray")
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    router = EngineRouter({"fake": FakeEngine()}, "fake")
+    executor = build_executor(Settings(executor="ray", ray_address=f"127.0.0.1:{port}"), router, workers=1)
+    with pytest.raises(SettingsError) as caught:
+        await executor.start()
+    problem = caught.value.problems[0]
+    assert problem.field == "ATELIER_RAY_ADDRESS" and f"127.0.0.1:{port}" in problem.message
+    await executor.stop()

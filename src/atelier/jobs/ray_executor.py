@@ -36,6 +36,7 @@ import asyncio
 import dataclasses
 import logging
 import re
+import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+CONNECT_TIMEOUT_S = 5.0  # to see that something listens at ATELIER_RAY_ADDRESS
 CANCEL_POLL_S = 0.05  # how often a running call's tokens are looked at (cancel latency on Ray)
 APP_PREFIX = "atelier-"
 HEALTH_CHECK_PERIOD_S = 10.0
@@ -104,6 +106,24 @@ def sendable(job: Job) -> Job:
     return dataclasses.replace(job, stored_images=(), stored_mask=None)
 
 
+def check_reachable(address: str) -> None:
+    """A ``SettingsError`` at once when ``host:port`` (or ``ray://host:port``) does not accept connections."""
+    match = re.fullmatch(r"(?:ray://)?\[?([^\]\s]+?)\]?:(\d+)", address.strip())
+    if match is None:
+        return  # "auto", or a form Ray itself will judge
+    try:
+        socket.create_connection((match[1], int(match[2])), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise SettingsError(
+            FieldProblem(
+                "ATELIER_RAY_ADDRESS",
+                f"nothing answers at {address!r} ({exc.strerror or exc}); give the head node's address "
+                "(host:6379, the GCS port `ray start --head` printed, or ray://host:10001), "
+                "or `auto` on a node of the cluster",
+            )
+        ) from None
+
+
 def lost(exc: BaseException) -> bool:
     """Whether ``exc`` means the replica (its process or node) went away mid-call."""
     from ray import exceptions as rx
@@ -141,6 +161,7 @@ class RayExecutor:
 
         if not ray.is_initialized():
             address = self.settings.ray_address
+            check_reachable(address)  # ray.init waits minutes on an address where nothing answers
             try:
                 ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
             except (ConnectionError, RuntimeError) as exc:
