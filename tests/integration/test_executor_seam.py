@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from atelier.jobs.executors import Executor, LocalExecutor, ReplicaLost
 from doors import REPLICATE_CREATE, serve
 
@@ -73,3 +75,27 @@ async def test_after_max_attempts_the_job_fails_with_the_reason(tmp_path) -> Non
         # Nothing is left behind: with the replicas healthy again, the next job runs.
         flaky.losses = 0
         assert (await predict(doors, "next"))["status"] == "succeeded"
+
+
+# -- atelier serve with the Ray executor misconfigured: one line, before anything loads -------------------
+
+
+def test_serve_says_in_one_line_when_nothing_answers_at_the_ray_address(tmp_path) -> None:
+    pytest.importorskip("ray")
+    from test_cli import atelier
+    from test_cli_errors import free_port, one_line
+
+    port = free_port()
+    run = atelier("serve", env={"ATELIER_EXECUTOR": "ray", "ATELIER_RAY_ADDRESS": f"127.0.0.1:{port}",
+                                "ATELIER_DATA_DIR": str(tmp_path / "data")})  # fmt: skip
+    line = one_line(run)
+    assert line.startswith(f"error: ATELIER_RAY_ADDRESS: nothing answers at '127.0.0.1:{port}'")
+    assert "ray start --head" in line
+
+
+def test_serve_refuses_a_replica_range_that_cannot_work(tmp_path) -> None:
+    from test_cli import atelier
+    from test_cli_errors import one_line
+
+    run = atelier("serve", env={"ATELIER_RAY_REPLICAS": "4-2", "ATELIER_DATA_DIR": str(tmp_path)})
+    assert one_line(run).startswith("error: ATELIER_RAY_REPLICAS: got '4-2'; give a replica count N >= 1, or MIN-MAX")

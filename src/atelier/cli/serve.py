@@ -52,6 +52,7 @@ def serve(
     listener = listen(settings.host, settings.port, host_name=given_as(ctx, "host"), port_name=given_as(ctx, "port"))
     try:
         check_data_dir(settings.data_dir, given_as(ctx, "data_dir") or "ATELIER_DATA_DIR")
+        check_executor(settings)
         if settings.host != asked:
             click.echo(
                 f"No API tokens configured (ATELIER_API_TOKENS): listening on 127.0.0.1 only, not {asked}.", err=True
@@ -148,6 +149,16 @@ def check_database(path: Path, name: str) -> None:
                 "or move it aside to start with an empty one",
             )
         ) from None
+
+
+def check_executor(settings: Settings) -> None:
+    """With ``ATELIER_EXECUTOR=ray``: Ray installed and a cluster answering at ``ATELIER_RAY_ADDRESS``, said in
+    one line before anything loads (``atelier.jobs.ray_executor``)."""
+    if settings.executor == "ray":
+        from atelier.jobs.ray_executor import check_reachable, require_ray
+
+        require_ray()
+        check_reachable(settings.ray_address)
 
 
 def url_host(host: str) -> str:
