@@ -36,7 +36,10 @@ class SignalEngine(FakeEngine):
 
     @property
     def recipe(self) -> partial[SignalEngine]:
-        return partial(SignalEngine, model=self.model, name=self.name, steps=self.steps, folder=self.folder)
+        return partial(
+            SignalEngine, model=self.model, name=self.name, steps=self.steps, folder=self.folder,
+            setup_error=self.setup_error,
+        )  # fmt: skip
 
     def _path(self, name: str) -> Path:
         return Path(self.folder) / name

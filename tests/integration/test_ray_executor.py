@@ -222,3 +222,39 @@ async def test_upstream_jobs_stay_in_process(cluster, signals, tmp_path) -> None
         response = await s.client.post("/v1/images/generations", json={"prompt": "upstream", "openai_api_key": key})
         assert response.status_code == 200, response.text
         assert [job.request.prompt for job in engines["openai"].jobs] == ["upstream"]  # ran here, not on Ray
+
+
+async def test_replicas_scale_on_the_backlog(cluster, signals, tmp_path) -> None:
+    from ray import serve
+
+    engines = {"elastic": SignalEngine(model="elastic", folder=str(signals))}
+    async with served(tmp_path, engines, ray_replicas="0-2") as s:
+        create = "/v1/models/atelier/elastic/predictions"
+        ids = []
+        for i in range(2):
+            response = await s.client.post(create, json={"input": {"prompt": f"hold elastic {i}"}})
+            ids.append(response.json()["id"])
+        # One replica to begin with; the backlog of two calls brings a second, and both jobs run at once.
+        pids = await until(
+            lambda: all(started_pids(signals, i) for i in ids) and [started_pids(signals, i)[0] for i in ids],
+            "both jobs to start",
+        )
+        assert len(set(pids)) == 2
+        replicas = serve.status().applications["atelier-elastic"].deployments["EngineReplica"].replica_states
+        assert replicas.get("RUNNING") == 2, replicas
+        (signals / "release-all").touch()
+        assert [(await s.wait(i))["status"] for i in ids] == ["succeeded", "succeeded"]
+
+
+async def test_a_model_whose_replicas_cannot_set_up_fails_its_jobs_saying_why(cluster, signals, tmp_path) -> None:
+    broken = SignalEngine(model="broken", folder=str(signals), setup_error=OSError("weights missing on this node"))
+    async with served(tmp_path, {"broken": broken}, ray_replicas="1") as s:
+        response = await s.client.post("/v1/models/atelier/broken/predictions", json={"input": {"prompt": "x"}})
+        done = await s.wait(response.json()["id"])
+        assert done["status"] == "failed"
+        assert (
+            "could not be set up on its Ray replicas" in done["error"]
+            and "weights missing on this node" in done["error"]
+        )
+        assert "Traceback" not in done["error"]
+        assert s.services.router.setup_errors["broken"]

@@ -42,7 +42,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from atelier.engines.base import CancelToken, Engine, Job, ProgressFn, Result
-from atelier.errors import Canceled, EngineError, FieldProblem, SettingsError
+from atelier.errors import Canceled, EngineError, FieldProblem, ModelUnavailable, SettingsError
 from atelier.jobs.executors import LocalExecutor, ReplicaLost
 from atelier.jobs.ray_replica import EngineReplica, Outcome, Progress
 
@@ -122,6 +122,13 @@ def check_reachable(address: str) -> None:
                 "or `auto` on a node of the cluster",
             )
         ) from None
+
+
+def last_error(text: str) -> str:
+    """The last ``SomeError: message`` line of a traceback Serve reports (the cause), else its last line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    causes = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b.*:", line)]
+    return (causes or lines or [text])[-1][:500]
 
 
 def lost(exc: BaseException) -> bool:
@@ -257,7 +264,15 @@ class RayExecutor:
         status = serve.status().applications.get(name)
         if status is None or str(status.status) != "RUNNING":
             log.info("deploying %s on Ray Serve (replicas %s)", name, self.settings.ray_replicas)
-            serve.run(self._application(engine), name=name, route_prefix=None)
+            try:
+                serve.run(self._application(engine), name=name, route_prefix=None)
+            except RuntimeError as exc:  # Serve gave up on the replicas' constructors: say why, in one line
+                failed = serve.status().applications.get(name)
+                reasons = [d.message for d in failed.deployments.values() if d.message] if failed else []
+                raise ModelUnavailable(
+                    f"model {engine.model!r} could not be set up on its Ray replicas: "
+                    f"{last_error(reasons[-1] if reasons else str(exc))}"
+                ) from None
         self._handles[id(engine)] = serve.get_app_handle(name)
 
     def _application(self, engine: Engine) -> Any:
