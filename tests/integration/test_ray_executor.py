@@ -258,3 +258,37 @@ async def test_a_model_whose_replicas_cannot_set_up_fails_its_jobs_saying_why(cl
         )
         assert "Traceback" not in done["error"]
         assert s.services.router.setup_errors["broken"]
+
+
+async def test_input_images_travel_to_the_replica_decoded(cluster, signals, tmp_path) -> None:
+    import io
+
+    from PIL import Image
+
+    from atelier.sizes import requested_size
+    from doors import data_uri
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (640, 320), (0, 90, 200)).save(buffer, "PNG")
+    async with served(tmp_path, signal_engines(signals)) as s:
+        id = await submit(s, "make it red", input_images=[data_uri(buffer.getvalue())], aspect_ratio="auto")
+        done = await s.wait(id)
+        assert done["status"] == "succeeded", done
+        image = Image.open(io.BytesIO((await s.client.get(done["output"][0])).content))
+        # "auto" follows the first input image: the fake engine read its size from the decoded image on the
+        # replica (the stored file's reference is not sent), so a wide input gives a wide output.
+        (width, height), _ = requested_size("auto", prompt="make it red", first_input=(640, 320))
+        assert image.size == (width // 16, height // 16) and width > height
+
+
+async def test_stopping_atelier_cancels_its_calls_on_the_replicas_and_keeps_the_job(cluster, signals, tmp_path) -> None:
+    async with served(tmp_path, signal_engines(signals)) as s:
+        id = await submit(s, "hold through shutdown")
+        await until(lambda: started_pids(signals, id), "the job to start on a replica")
+        s.services.runner.stop_timeout = 0.2  # do not wait for the held job to finish on its own
+    assert (signals / f"canceled-{id}").read_text() == "canceled by the caller"  # the engine stopped
+    async with served(tmp_path, signal_engines(signals)) as again:  # the next start runs it again
+        (signals / f"release-{id}").touch()
+        done = await again.wait(id)
+        assert done["status"] == "succeeded", done
+        assert "Interrupted by server shutdown" in done["logs"]
