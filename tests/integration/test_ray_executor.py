@@ -42,7 +42,7 @@ WAIT_S = 120.0  # the most any wait below may take before the test fails (a hung
 def cluster() -> Iterator[str]:
     from ray_cluster import local_cluster
 
-    with local_cluster(num_cpus=4) as address:
+    with local_cluster(num_cpus=16) as address:  # logical CPUs: room for every test's replicas at once
         yield address
 
 
@@ -92,6 +92,17 @@ async def served(tmp_path: Path, engines: dict[str, Any] | None = None, **settin
         result = Served(app, client)
         app.state.services.runner.listeners.append(result.record)
         yield result
+
+
+@contextlib.asynccontextmanager
+async def deleted_after(app: str) -> AsyncIterator[None]:
+    """Delete a test's own Serve application afterwards: its replicas hold the cluster's CPUs."""
+    from ray import serve
+
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(serve.delete, app)
 
 
 async def until(check: Any, what: str) -> Any:
@@ -176,8 +187,9 @@ async def test_cancel_reaches_the_engine_on_its_replica(cluster, signals, tmp_pa
         await until(lambda: started_pids(signals, id), "the job to start on a replica")
         response = await s.client.post(f"/v1/predictions/{id}/cancel")
         assert response.json()["status"] == "canceled"
-        reason = await until(lambda: (signals / f"canceled-{id}").exists(), "the engine to see the cancel")
-        assert reason
+        canceled = signals / f"canceled-{id}"
+        seen = await until(lambda: canceled.exists() and canceled.read_text(), "the engine to see the cancel")
+        assert seen == "canceled by the caller"
         assert (await s.wait(id))["status"] == "canceled"
         # The replica is free again: the next job runs (two replicas, so try both slots).
         ids = [await submit(s, f"after cancel {i}") for i in range(2)]
@@ -228,7 +240,7 @@ async def test_replicas_scale_on_the_backlog(cluster, signals, tmp_path) -> None
     from ray import serve
 
     engines = {"elastic": SignalEngine(model="elastic", folder=str(signals))}
-    async with served(tmp_path, engines, ray_replicas="0-2") as s:
+    async with deleted_after("atelier-elastic"), served(tmp_path, engines, ray_replicas="0-2") as s:
         create = "/v1/models/atelier/elastic/predictions"
         ids = []
         for i in range(2):
@@ -248,7 +260,7 @@ async def test_replicas_scale_on_the_backlog(cluster, signals, tmp_path) -> None
 
 async def test_a_model_whose_replicas_cannot_set_up_fails_its_jobs_saying_why(cluster, signals, tmp_path) -> None:
     broken = SignalEngine(model="broken", folder=str(signals), setup_error=OSError("weights missing on this node"))
-    async with served(tmp_path, {"broken": broken}, ray_replicas="1") as s:
+    async with deleted_after("atelier-broken"), served(tmp_path, {"broken": broken}, ray_replicas="1") as s:
         response = await s.client.post("/v1/models/atelier/broken/predictions", json={"input": {"prompt": "x"}})
         done = await s.wait(response.json()["id"])
         assert done["status"] == "failed"
@@ -286,7 +298,9 @@ async def test_stopping_atelier_cancels_its_calls_on_the_replicas_and_keeps_the_
         id = await submit(s, "hold through shutdown")
         await until(lambda: started_pids(signals, id), "the job to start on a replica")
         s.services.runner.stop_timeout = 0.2  # do not wait for the held job to finish on its own
-    assert (signals / f"canceled-{id}").read_text() == "canceled by the caller"  # the engine stopped
+    canceled = signals / f"canceled-{id}"
+    seen = await until(lambda: canceled.exists() and canceled.read_text(), "the engine on the replica to see it")
+    assert seen == "canceled by the caller"  # what the replica sets its tokens with when its call is canceled
     async with served(tmp_path, signal_engines(signals)) as again:  # the next start runs it again
         (signals / f"release-{id}").touch()
         done = await again.wait(id)

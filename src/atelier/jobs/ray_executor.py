@@ -296,6 +296,7 @@ class RayExecutor:
                 "max_replicas": self.high,
                 "initial_replicas": max(1, self.low),
                 "target_ongoing_requests": self.per_replica,
+                "aggregation_function": "max",  # the peak of the window: a burst scales up at once
                 "policy": {"policy_function": "atelier.jobs.ray_replica:backlog_policy"},
             }
         deployment: Any = serve.deployment(EngineReplica)
