@@ -215,6 +215,9 @@ class RayExecutor:
         watcher = asyncio.create_task(self._cancel_when_all_set(response, cancel_for.values()))
         try:
             return await self._receive(engine, response, progress_for, cancel_for)
+        except asyncio.CancelledError:  # the worker itself was stopped: the replica must not run on for nobody
+            response.cancel()
+            raise
         finally:
             watcher.cancel()
 
