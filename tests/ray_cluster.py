@@ -54,7 +54,8 @@ def local_cluster(num_cpus: int = 4) -> Iterator[str]:
             serve.shutdown()
         ray.shutdown()
         _stop_group(process)
-        shutil.rmtree(folder, ignore_errors=True)
+        if not os.environ.get("ATELIER_KEEP_RAY_LOGS"):  # set it to read the cluster's logs after a failure
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _connect(address: str, process: subprocess.Popen[bytes]) -> None:

@@ -306,3 +306,14 @@ async def test_stopping_atelier_cancels_its_calls_on_the_replicas_and_keeps_the_
         done = await again.wait(id)
         assert done["status"] == "succeeded", done
         assert "Interrupted by server shutdown" in done["logs"]
+
+
+async def test_a_restarted_atelier_finds_its_replicas_running_and_does_not_redeploy(cluster, signals, tmp_path) -> None:
+    from ray import serve
+
+    async with served(tmp_path / "first", signal_engines(signals)) as s:
+        assert (await s.wait(await submit(s, "first life")))["status"] == "succeeded"
+    deployed = serve.status().applications["atelier-signal"].last_deployed_time_s
+    async with served(tmp_path / "second", signal_engines(signals)) as s:
+        assert (await s.wait(await submit(s, "second life")))["status"] == "succeeded"
+    assert serve.status().applications["atelier-signal"].last_deployed_time_s == deployed

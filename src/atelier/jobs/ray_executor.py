@@ -265,7 +265,7 @@ class RayExecutor:
 
         name = app_name(engine.model)
         status = serve.status().applications.get(name)
-        if status is None or str(status.status) != "RUNNING":
+        if status is None or status.status != "RUNNING":  # a str Enum: compare the value, not str()
             log.info("deploying %s on Ray Serve (replicas %s)", name, self.settings.ray_replicas)
             try:
                 serve.run(self._application(engine), name=name, route_prefix=None)
