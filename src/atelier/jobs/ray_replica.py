@@ -153,6 +153,7 @@ class EngineReplica:
             yield message
         finally:
             if not future.done():  # the caller canceled (or went away): stop the engine between steps
+                log.info("call for %s canceled by its caller; stopping the engine", ", ".join(tokens))
                 for token in tokens.values():
                     token.cancel(REPLICA_CANCELED)
                 with contextlib.suppress(BaseException):
