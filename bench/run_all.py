@@ -1,6 +1,6 @@
 """Every benchmark in one run, one JSON document: machine details, then each result beside its baseline.
 
-    python -m bench [--quick] [--only engine_overhead concurrency encoding proxy gpu cluster ocr] [--out results/run.json]
+    python -m bench [--quick] [--only engine_overhead concurrency encoding proxy gpu cluster ocr ray] [--out results/run.json]
     python bench/run_all.py ...            (the same)
 
 The benchmarks run one after another in this process (never in parallel: they would measure each
@@ -22,6 +22,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import cluster, concurrency, encoding, engine_overhead, gpu, ocr, proxy
+from bench import ray as ray_serve
 from bench.common import emit, jsonable, log, machine
 
 BENCHMARKS = {
@@ -32,6 +33,7 @@ BENCHMARKS = {
     "gpu": gpu,
     "cluster": cluster,
     "ocr": ocr,
+    "ray": ray_serve,
 }
 
 

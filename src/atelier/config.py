@@ -129,6 +129,25 @@ class Settings(BaseSettings):
     batching: bool = True
     max_batch_jobs: int = Field(default=8, ge=1)  # jobs in one pipeline call
 
+    # Where engine calls run (atelier.jobs.executors): "local" threads (default) or Ray Serve replicas.
+    executor: Literal["local", "ray"] = "local"
+    ray_address: str = "auto"  # auto (the node's running cluster) | host:port | ray://host:port (Ray Client)
+    ray_replicas: str = "1"  # replicas per model: N (fixed), or MIN-MAX scaled on the backlog (MIN 0: to zero)
+    ray_num_gpus: float | None = Field(default=None, ge=0)  # per replica; None: 1 if the cluster has GPUs, else 0
+    ray_num_cpus: float = Field(default=1.0, ge=0)  # per replica
+    ray_max_ongoing: int = Field(default=1, ge=1)  # engine calls (each a whole batch) at once per replica
+
+    @field_validator("ray_replicas")
+    @classmethod
+    def _check_replicas(cls, value: str) -> str:
+        replica_range(value)
+        return value.strip()
+
+    @property
+    def ray_replica_range(self) -> tuple[int, int]:
+        """(min, max) replicas per model; equal for a fixed count."""
+        return replica_range(self.ray_replicas)
+
     # Retention
     # How long the inputs, outputs and logs of a finished prediction, and uploaded files, are kept: "1h" is
     # Replicate's policy. None (unset, "0" or "off"): kept until deleted, the default for a self-hosted server.
@@ -383,6 +402,15 @@ _ALLOWED = {  # what pydantic's error types mean, said the way an operator sets 
     "bool_type": "expected true or false (also 1/0, yes/no, on/off)",
     "time_delta_parsing": "use a duration such as '1h', '30m', '7d' or '1h30m', seconds, or 'off'",
 }
+
+
+def replica_range(value: str) -> tuple[int, int]:
+    """``"2"`` → (2, 2); ``"0-4"`` → (0, 4); ``ValueError`` saying what is allowed otherwise."""
+    match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", value)
+    low, high = (int(match[1]), int(match[2] or match[1])) if match else (-1, -1)
+    if not match or high < 1 or low > high:
+        raise ValueError(f"got {value[:40]!r}; give a replica count N >= 1, or MIN-MAX with 0 <= MIN <= MAX, MAX >= 1")
+    return low, high
 
 
 def load_settings(overrides: Mapping[str, Any] | None = None, *, names: Mapping[str, str] | None = None) -> Settings:

@@ -174,7 +174,7 @@ class Services:
     async def _warm_up(self) -> None:
         engine = self.router.engines[self.router.default]
         try:
-            await self.router.ready(engine)
+            await self.runner.executor.ready(engine)  # where its calls run: here, or on Ray replicas
             log.info("model %s is ready", self.router.default)
         except AtelierError as exc:  # expected (missing weights, offline): the message says what to do
             log.error("could not set up %s: %s", self.router.default, exc.message)

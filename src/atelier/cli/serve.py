@@ -66,6 +66,7 @@ def serve(
         check_files(settings)
         check_data_dir(settings.data_dir, given_as(ctx, "data_dir") or "ATELIER_DATA_DIR")
         hold_database(settings, given_as(ctx, "data_dir"))
+        check_executor(settings)
         if settings.host != asked:
             click.echo(
                 f"No API tokens configured (ATELIER_API_TOKENS): listening on 127.0.0.1 only, not {asked}.", err=True
@@ -184,6 +185,16 @@ def check_database(path: Path, name: str) -> None:
                 "or move it aside to start with an empty one",
             )
         ) from None
+
+
+def check_executor(settings: Settings) -> None:
+    """With ``ATELIER_EXECUTOR=ray``: Ray installed and a cluster answering at ``ATELIER_RAY_ADDRESS``, said in
+    one line before anything loads (``atelier.jobs.ray_executor``)."""
+    if settings.executor == "ray":
+        from atelier.jobs.ray_executor import check_reachable, require_ray
+
+        require_ray()
+        check_reachable(settings.ray_address)
 
 
 def url_host(host: str) -> str:

@@ -32,7 +32,6 @@ import contextlib
 import logging
 import os
 import socket
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from atelier.engines.base import BatchPlan, CancelToken, Engine, Job, Result
@@ -41,6 +40,7 @@ from atelier.ids import new_id
 from atelier.jobs import recovery
 from atelier.jobs.claims import Claim, FencedWriter, LeaseLost, SharedQueue, wall_clock
 from atelier.jobs.events import DoneEvent, Subscription, finished_subscription
+from atelier.jobs.executors import LocalExecutor
 from atelier.jobs.intake import DEADLINE_EXCEEDED, Intake
 from atelier.jobs.limits import Caller, Limits
 from atelier.jobs.queue import Capacity, Entry
@@ -97,6 +97,8 @@ class ClusterRunner(Runner):
         self.writers: dict[str, FencedWriter] = {}  # jobs this process holds a lease on
         self.wake = asyncio.Event()  # a job was queued somewhere (or stop): idle claimers look again
         self.intake = ClusterIntake(self)
+        if isinstance(self.executor, LocalExecutor):  # pinned jobs' workers and the claimers call at once
+            self.executor.threads = 2 * self.queue.concurrency
         self.cluster_workers = ClusterWorkers(self)
         self.workers = self.cluster_workers
         self._background: list[asyncio.Task[None]] = []
@@ -121,6 +123,7 @@ class ClusterRunner(Runner):
         self.dispatcher.start()
         self.intake.accepting = True
         count = self.queue.concurrency
+        await self.executor.start()
         self.workers.start(count)
         self._background = [
             asyncio.create_task(self._keep_leases(), name="atelier-leases"),
@@ -316,6 +319,7 @@ class ClusterWorkers(Workers):
         super().__init__(
             runner.queue, runner.files, runner.engines, runner.settings,
             input_limits=runner.input_limits, can_load_images=runner._stage_inputs is not None,
+            executor=runner.executor,
         )  # fmt: skip
         self.runner = runner
         self.released: dict[str, None] = {}  # handed back to the queue at stop, in order
@@ -323,7 +327,6 @@ class ClusterWorkers(Workers):
 
     def start(self, count: int) -> None:
         super().start(count)  # the local queue holds only jobs pinned to this process
-        self._threads = ThreadPoolExecutor(2 * count, thread_name_prefix="atelier-engine")
         if self.runner.work:
             self._tasks += [asyncio.create_task(self._claim(), name=f"atelier-claimer-{i}") for i in range(count)]
 

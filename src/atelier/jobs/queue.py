@@ -63,6 +63,7 @@ class Entry:
     interrupted: bool = False  # left behind by stop(): nothing more is recorded for it
     batch: BatchPlan | None = None  # how it may share a model call; None: it runs alone
     batch_size: int = 1  # how many jobs the model call it was taken into runs
+    attempt: int = 1  # runs so far, this one included (a job whose replica died runs again)
 
     @property
     def id(self) -> str:
@@ -134,6 +135,7 @@ class Queue(Protocol):
     def forget(self, entry: Entry) -> None: ...
     async def next_batch(self) -> list[Entry]: ...
     def release(self, batch: list[Entry]) -> None: ...
+    def requeue(self, entry: Entry) -> None: ...  # a live job taken back (its replica died): first again
     def observe(self, seconds: float) -> None: ...
     def close(self) -> None: ...
     async def wait_idle(self, until: float) -> None: ...
@@ -356,6 +358,11 @@ class JobQueue:
         (``atelier.jobs.cluster``); its worker ``release``s it like any other."""
         self.entries[entry.id] = entry
         self.active[entry.id] = entry
+
+    def requeue(self, entry: Entry) -> None:
+        """Put a live job that was taken back at the front (its run was lost); it stays counted as live."""
+        self._order.push(entry.id, entry.caller, first=True)
+        self._wakeup.set()
 
     def remove_queued(self, entry: Entry) -> bool:
         """Take a job out of the queue; False when it is not queued (running, or gone)."""

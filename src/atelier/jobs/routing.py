@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -132,8 +132,9 @@ class EngineRouter:
     def engine_for(self, request: ImageRequest, model: str | None = None) -> Engine:
         return self.route(request, model)[1]
 
-    async def ready(self, engine: Engine) -> Engine:
-        """``engine`` after its one-time ``setup()`` (run in a thread)."""
+    async def ready(self, engine: Engine, *, setup: Callable[[], object] | None = None) -> Engine:
+        """``engine`` after its one-time ``setup()`` (run in a thread); ``setup`` replaces it where the engine
+        is set up elsewhere (an executor's replicas: ``atelier.jobs.executors``)."""
         key = id(engine)
         if key in self._ready:
             return engine
@@ -142,7 +143,7 @@ class EngineRouter:
             if key not in self._ready:
                 record = self.setups[engine.model] = SetupRecord(utc_now())
                 try:
-                    await asyncio.to_thread(engine.setup)
+                    await asyncio.to_thread(setup or engine.setup)
                 except Exception as exc:
                     record.completed_at, record.error = utc_now(), str(exc)
                     self.setup_errors[engine.model] = str(exc)

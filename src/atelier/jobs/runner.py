@@ -40,6 +40,7 @@ from atelier.errors import AtelierError
 from atelier.jobs import recovery
 from atelier.jobs.dispatch import Dispatcher, Listener
 from atelier.jobs.events import DoneEvent, Event, Subscription
+from atelier.jobs.executors import Executor, build_executor
 from atelier.jobs.files import FileStore
 from atelier.jobs.inputs import InputLimits
 from atelier.jobs.intake import DEADLINE_EXCEEDED, Intake, stored_id
@@ -76,8 +77,10 @@ class Runner:
         stage_inputs: InputStager | None = None,
         stop_timeout: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        executor: Executor | None = None,
     ) -> None:
-        """``clock`` (monotonic seconds) drives the callers' rate limits: tests pass their own."""
+        """``clock`` (monotonic seconds) drives the callers' rate limits: tests pass their own; ``executor``
+        is where engine calls run (default: what ``ATELIER_EXECUTOR`` names)."""
         self.store = store
         self.files = files
         self.engines = engines
@@ -87,8 +90,10 @@ class Runner:
         self.dispatcher = Dispatcher()
         self.listeners: list[Listener] = self.dispatcher.listeners  # append async fn(prediction, event)
         batch_jobs = settings.max_batch_jobs if settings.batching else 1
+        # Where engine calls run (atelier.jobs.executors); the worker count follows its capacity.
+        self.executor = executor or build_executor(settings, engines, workers=settings.max_concurrency)
         self.queue = JobQueue(
-            settings.max_queue, settings.max_concurrency, max_batch_jobs=batch_jobs, share=settings.queue_share
+            settings.max_queue, self.executor.capacity, max_batch_jobs=batch_jobs, share=settings.queue_share
         )
         self.limits = Limits.from_settings(settings, clock=clock)
         self.input_limits = InputLimits.from_settings(settings)
@@ -101,6 +106,7 @@ class Runner:
             settings,
             input_limits=self.input_limits,
             can_load_images=stage_inputs is not None,
+            executor=self.executor,
         )
         self._stage_inputs = stage_inputs  # for jobs recorded before inputs were stored (recovery.py)
         self.listeners.append(self._release_inputs)
@@ -131,6 +137,7 @@ class Runner:
         self.store.open()
         self.dispatcher.start()
         await self._recover()
+        await self.executor.start()
         self.intake.open()
         count = self.queue.concurrency
         self.workers.start(count)

@@ -29,14 +29,13 @@ import asyncio
 import builtins
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from typing import TYPE_CHECKING
 
-from atelier.engines.base import Engine, Job, PartialBatch, Result, generate_together
+from atelier.engines.base import Engine, Job, PartialBatch, Result
 from atelier.errors import AtelierError, Canceled, EngineError, ModelUnavailable
 from atelier.imaging import metadata, provenance
 from atelier.jobs import recovery
+from atelier.jobs.executors import Executor, ReplicaLost
 from atelier.jobs.files import FileStore
 from atelier.jobs.inputs import InputLimits, decode
 from atelier.jobs.queue import Entry, Queue
@@ -61,8 +60,10 @@ class Workers:
         *,
         input_limits: InputLimits,
         can_load_images: bool,
+        executor: Executor,
     ) -> None:
         self.queue = queue
+        self.executor = executor  # where the engine calls run (atelier.jobs.executors)
         self.files = files
         self.engines = engines
         self.settings = settings
@@ -70,10 +71,9 @@ class Workers:
         self.can_load_images = can_load_images  # restart can stage input images again (recovery.py)
         self.stopping = False
         self._tasks: list[asyncio.Task[None]] = []
-        self._threads: ThreadPoolExecutor | None = None  # engine calls: one thread per worker
 
     def start(self, count: int) -> None:
-        self._threads = ThreadPoolExecutor(count, thread_name_prefix="atelier-engine")
+        """``count`` workers; the executor is started already (``Runner.start``)."""
         self._tasks = [asyncio.create_task(self._loop(), name=f"atelier-worker-{i}") for i in range(count)]
 
     async def stop(self, until: float, grace: float) -> None:
@@ -91,8 +91,7 @@ class Workers:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._threads is not None:
-            self._threads.shutdown(wait=False)  # engine calls still running end on their cancel token
+        await self.executor.stop()  # engine calls still running end on their cancel token
 
     def interrupt(self, entry: Entry) -> None:
         """Stop: leave a re-runnable job for the next start, fail one that cannot run again."""
@@ -119,15 +118,31 @@ class Workers:
 
     async def run(self, batch: builtins.list[Entry]) -> None:
         """One model call's jobs (usually one); each task starts, ends and is recorded on its own."""
+        again: builtins.list[Entry] = []
         try:
             results, errors = await self._attempt(batch)
             for entry in batch:  # settling skips jobs already settled (canceled before they began)
+                error = errors.get(entry.id)
                 if entry.id in results:
                     await self._deliver(entry, results[entry.id])
+                elif isinstance(error, ReplicaLost) and self._may_retry(entry, error):
+                    again.append(entry)
                 else:
-                    self._settle(entry, errors.get(entry.id) or EngineError("the engine returned nothing for it"))
+                    self._settle(entry, error or EngineError("the engine returned nothing for it"))
         finally:
             self.queue.release(batch)
+            for entry in again:  # after the release: another worker may take it at once
+                self.queue.requeue(entry)
+
+    def _may_retry(self, entry: Entry, error: ReplicaLost) -> bool:
+        """A job whose replica died runs again, with the same seed, until ``max_attempts`` runs."""
+        task = entry.task
+        if task.terminal or entry.token.cancelled or entry.attempt >= self.settings.max_attempts:
+            return False
+        entry.attempt += 1
+        task.requeue(f"{error.message}; running it again (attempt {entry.attempt} of {self.settings.max_attempts})")
+        log.warning("prediction %s re-queued after its replica died (attempt %d)", entry.id, entry.attempt)
+        return True
 
     async def _attempt(self, batch: builtins.list[Entry]) -> tuple[dict[str, Result], dict[str, Exception]]:
         """Each job's result or the exception it ended with, by id: one engine call, in a thread."""
@@ -147,10 +162,10 @@ class Workers:
             return {}, {entry.id: exc for entry in batch}
 
     async def _call(self, engine: Engine, jobs: builtins.list[Job], running: builtins.list[Entry]) -> list[Result]:
-        """The one place the engine runs: ``jobs`` in one call, in this worker's thread."""
+        """The one place the engine runs: ``jobs`` in one call, on the executor (a thread of this process, or a
+        Ray Serve replica)."""
         progress_for, cancel_for = {e.id: e.progress_callback() for e in running}, {e.id: e.token for e in running}
-        call = partial(generate_together, engine, jobs, progress_for=progress_for, cancel_for=cancel_for)
-        return await asyncio.get_running_loop().run_in_executor(self._threads, call)
+        return await self.executor.run(engine, jobs, progress_for=progress_for, cancel_for=cancel_for)
 
     async def _decode(self, running: builtins.list[Entry]) -> tuple[builtins.list[Job], dict[str, Exception]]:
         """The jobs with their input images decoded (in a thread), and the errors of those that could not be."""
@@ -183,7 +198,7 @@ class Workers:
 
     async def _ready(self, engine: Engine) -> None:
         try:
-            await self.engines.ready(engine)
+            await self.executor.ready(engine)
         except AtelierError:
             raise
         except Exception as exc:
