@@ -55,7 +55,7 @@ async def test_the_default_executor_runs_engine_calls_in_process(tmp_path) -> No
 async def test_a_job_lost_with_its_replica_runs_again_with_the_same_seed(tmp_path) -> None:
     async with serve(tmp_path) as doors:
         runner = doors.app.state.services.runner
-        runner.executor = flaky = Flaky(runner.executor, losses=1)
+        runner.workers.executor = flaky = Flaky(runner.executor, losses=1)
         done = await predict(doors, "again")
         assert done["status"] == "succeeded", done
         (first,), (second,) = flaky.calls
@@ -67,7 +67,7 @@ async def test_a_job_lost_with_its_replica_runs_again_with_the_same_seed(tmp_pat
 async def test_after_max_attempts_the_job_fails_with_the_reason(tmp_path) -> None:
     async with serve(tmp_path, max_attempts=2) as doors:
         runner = doors.app.state.services.runner
-        runner.executor = flaky = Flaky(runner.executor, losses=5)
+        runner.workers.executor = flaky = Flaky(runner.executor, losses=5)
         done = await predict(doors, "doomed")
         assert done["status"] == "failed", done
         assert "died mid-job" in done["error"]
