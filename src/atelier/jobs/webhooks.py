@@ -245,6 +245,9 @@ class WebhookEngine:
         room = self.concurrency - len(self._sending)
         if room <= 0 or not names:
             return []
+        wait = await self._seconds_to_next(names)
+        if wait is None or wait > 0:  # a read first: a claim is a write transaction, which waits for SQLite's lock
+            return []
         now = self.clock.now()
         until = now + timedelta(seconds=self.lease_seconds)
         claim = f"claim_{new_id()}"
