@@ -228,7 +228,11 @@ class WebhookEngine:
         if wait is None:
             return False
         if wait <= 0:
-            return bool(claimed) or waited  # due but held elsewhere (another process's claim): stop here
+            if claimed or waited:
+                return True
+            again = await self._claim(names)  # it may have fallen due just after this round's claim
+            await self._send_all(again)
+            return bool(again)  # nothing: due but held elsewhere (another process's claim), stop here
         if not retries or wait > remaining:
             return False
         await asyncio.sleep(wait)  # compat: Cog's own retries back off in real time until the flush ends
@@ -244,6 +248,9 @@ class WebhookEngine:
     async def _claim(self, names: set[str]) -> list[Delivery]:
         room = self.concurrency - len(self._sending)
         if room <= 0 or not names:
+            return []
+        wait = await self._seconds_to_next(names)
+        if wait is None or wait > 0:  # a read first: a claim is a write transaction, which waits for SQLite's lock
             return []
         now = self.clock.now()
         until = now + timedelta(seconds=self.lease_seconds)
