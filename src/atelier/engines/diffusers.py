@@ -208,11 +208,18 @@ class DiffusersEngine:
             with self._locks[plan.variant.pipeline]:
                 images += self._call(pipe, plan, job, count, first_seed, progress, cancel, index, steps_total)
         if plan.size.refine is not None:
-            images = self._refine(pipe, plan, job, images, progress, cancel)
+            images = self._refine(pipe, plan, job, images, progress, cancel, steps_total)
         return self._result(job, plan, images, render_seconds=time.perf_counter() - started)
 
     def _refine(
-        self, pipe: Any, plan: RenderPlan, job: Job, images: list[Any], progress: ProgressFn, cancel: CancelToken
+        self,
+        pipe: Any,
+        plan: RenderPlan,
+        job: Job,
+        images: list[Any],
+        progress: ProgressFn,
+        cancel: CancelToken,
+        steps_total: int,
     ) -> list[Any]:
         """The second pass of a ``refine`` plan, one image at a time, each with its own seed (``refine.py``)."""
         import torch
@@ -227,7 +234,7 @@ class DiffusersEngine:
             with self._locks[plan.variant.pipeline]:
                 target = self._img2img(pipe)
                 message = f"refining {i + 1} of {len(images)} at {width}x{height} (strength {strength:g})"
-                progress(ProgressEvent(0, steps, message=message))
+                progress(ProgressEvent(steps_total, steps_total, message=message))  # the drawing's steps are done
                 kwargs = self._call_kwargs(plan, [job.seed + i], lambda p, s, t, tensors: _checked(cancel, tensors))
                 kwargs.update(prompt=plan.prompt)
                 generator = kwargs.pop("generator")[0]
@@ -640,7 +647,7 @@ def load_tuned(
     applied = tuning.apply(pipe, device)
     applied.load_seconds = time.perf_counter() - started
     pipe.set_progress_bar_config(disable=True)
-    log.info("loaded %s from %s (%s) in %.1fs", variant.pipeline, folder, applied.describe(), applied.load_seconds)
+    log.info("loaded %s from %s %s in %.1fs", variant.pipeline, folder, applied.describe(), applied.load_seconds)
     return pipe, applied
 
 
