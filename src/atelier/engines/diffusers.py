@@ -232,7 +232,7 @@ class DiffusersEngine:
         refined: list[Any] = []
         for i, image in enumerate(images):
             with self._locks[plan.variant.pipeline]:
-                target = self._img2img(pipe)
+                target = self._img2img(pipe, plan.variant.pipeline)
                 message = f"refining {i + 1} of {len(images)} at {width}x{height} (strength {strength:g})"
                 progress(ProgressEvent(steps_total, steps_total, message=message))  # the drawing's steps are done
                 kwargs = self._call_kwargs(plan, [job.seed + i], lambda p, s, t, tensors: _checked(cancel, tensors))
@@ -246,7 +246,7 @@ class DiffusersEngine:
                             refined.append(
                                 refine.refine(
                                     target, image, size=(width, height), steps=steps, strength=strength,
-                                    generator=generator, kwargs=kwargs,
+                                    generator=generator, kwargs=kwargs, own_pass=target is pipe,
                                 )
                             )  # fmt: skip
                     except (RuntimeError, ValueError) as exc:
@@ -256,16 +256,15 @@ class DiffusersEngine:
                         ) from exc
         return refined
 
-    def _img2img(self, pipe: Any) -> Any:
+    def _img2img(self, pipe: Any, name: str) -> Any:
         """The pipeline that runs a second pass: FLUX.2's own, or diffusers' image-to-image one (cached)."""
         from atelier.engines import refine
 
-        name = type(pipe).__name__
         if name in refine.OWN_PASS:
             return pipe
         key = f"{name}:img2img"
         if key not in self._pipelines:
-            self._pipelines[key] = refine.img2img_pipeline(pipe)
+            self._pipelines[key] = refine.img2img_pipeline(pipe, name)
         return self._pipelines[key]
 
     def _result(self, job: Job, plan: RenderPlan, images: list[Image.Image], *, render_seconds: float) -> Result:

@@ -40,11 +40,11 @@ def refine_steps(steps: int, strength: float) -> int:
     return max(2, math.ceil(steps * strength))
 
 
-def img2img_pipeline(pipe: Any) -> Any:
-    """diffusers' image-to-image pipeline sharing ``pipe``'s loaded components."""
+def img2img_pipeline(pipe: Any, pipeline: str) -> Any:
+    """diffusers' image-to-image pipeline sharing the loaded components of ``pipe`` (a ``pipeline``)."""
     import diffusers
 
-    cls = getattr(diffusers, IMG2IMG[type(pipe).__name__])
+    cls = getattr(diffusers, IMG2IMG[pipeline])
     img2img = cls.from_pipe(pipe)
     img2img.set_progress_bar_config(disable=True)
     return img2img
@@ -59,16 +59,18 @@ def refine(
     strength: float,
     generator: Any,
     kwargs: dict[str, Any],
+    own_pass: bool,
 ) -> Image.Image:
-    """``image`` enlarged to ``size`` and redrawn there; ``pipe`` is a FLUX.2 pipeline or an image-to-image
-    one (``img2img_pipeline``). ``kwargs``: the prompt, guidance, callbacks... of the first pass's call."""
+    """``image`` enlarged to ``size`` and redrawn there; ``pipe`` is a FLUX.2 pipeline (``own_pass``) or an
+    image-to-image one (``img2img_pipeline``). ``kwargs``: the prompt, guidance, callbacks... of the first
+    pass's call."""
     from PIL import Image as PILImage
 
     width, height = size
     enlarged = image.convert("RGB").resize((width, height), PILImage.Resampling.LANCZOS)
     call = {**kwargs, "height": height, "width": width, "generator": generator, "output_type": "pil"}
     call.pop("num_images_per_prompt", None)
-    if type(pipe).__name__ in OWN_PASS:
+    if own_pass:
         return _flux2_pass(pipe, enlarged, steps=steps, strength=strength, call=call)
     # diffusers' image-to-image: ``strength`` of ``num_inference_steps`` run, from the schedule's tail
     call.update(image=enlarged, strength=strength, num_inference_steps=max(steps, math.ceil(2 / strength)))
