@@ -291,3 +291,13 @@ async def test_health_check_reports_the_time_to_ready_and_to_the_first_image(tin
         assert reply.json()["status"] == "succeeded"
         warm = (await client.get("/health-check")).json()["warm_start"]
         assert warm["first_image_seconds"] >= warm["ready_seconds"] > warm["load_seconds"] > 0
+
+
+def test_a_switch_a_model_lacks_is_refused_naming_it(hub_cache):
+    from atelier.errors import SettingsError
+
+    engine = DiffusersEngine("z-image-turbo", device="cpu", tuning=Tuning(fuse_qkv=True))
+    with pytest.raises(SettingsError) as caught:
+        engine.setup()
+    (problem,) = caught.value.problems
+    assert problem.field == "ATELIER_FUSE_QKV" and "ZImageTransformer2DModel cannot fuse" in problem.message

@@ -205,3 +205,18 @@ def test_the_first_image_is_marked_once_from_the_process_start() -> None:
     assert warm.first_image == first and report["first_image_seconds"] == round(first or 0, 3)
     assert report["load_seconds"] == 1.5 and report["compile_seconds"] == 2.0 and report["from"] == "process_start"
     assert report["ready_seconds"] is not None and report["ready_seconds"] <= report["first_image_seconds"]
+
+
+def test_a_default_serve_checks_the_options_without_importing_torch() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from atelier.config import load_settings\n"
+        "from atelier.engines.tuning import check_settings\n"
+        "check_settings(load_settings())\n"
+        "print(','.join(m for m in ('torch', 'diffusers') if m in sys.modules))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == ""  # `atelier serve` with nothing configured starts as it did
