@@ -113,7 +113,7 @@ def test_vae_tiling_auto_tiles_only_above_native_and_slices_only_batches(tiny_fl
 
 
 def test_torchao_int8_quantizes_the_transformer_and_the_text_encoder_on_a_cpu(tiny_flux2):
-    from torchao.quantization import Int8Tensor
+    Int8Tensor = pytest.importorskip("torchao.quantization").Int8Tensor  # the quantize extra
 
     engine = engine_for(tiny_flux2, Tuning(quantize="torchao-int8"))
     result = draw(engine, quality="low")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import time
 
 import pytest
@@ -79,6 +80,8 @@ def test_a_bad_value_is_refused_when_read_naming_what_is_allowed(
     ],
 )
 def test_what_a_cpu_cannot_honour_is_one_problem_naming_the_variable(tuning: Tuning, variable: str, says: str) -> None:
+    if tuning.quantize.startswith("bnb") and importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("without bitsandbytes the refusal says to install it first (the quantize extra)")
     with pytest.raises(SettingsError) as caught:
         tuning.check("cpu")
     (problem,) = caught.value.problems
@@ -101,7 +104,8 @@ def test_what_a_cuda_device_honours(monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "triton" else real(name))
+    present = ("triton", "bitsandbytes")  # as on a CUDA machine with the quantize extra
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name in present else real(name))
     tuning = Tuning(offload="group", quantize="bnb-4bit", tf32=True, compile="regional", vae_channels_last=True)
     assert tuning.problems("cuda:1") == []
 
