@@ -19,10 +19,29 @@ Diffusers renders at the size Atelier plans for the request (``rendered`` in the
 draws 1:1 at its native 1328x1328 and Atelier resizes to 1024x1024), with the steps and guidance of
 Atelier's ``--quality`` for that model, so both do the same model work.
 
+Then, for klein, saved once to ``--folder`` (about 16 GB; the tests' tiny pipeline with ``--smoke``) and
+loaded through Atelier's engine with one option at a time (``atelier.engines.tuning``):
+
+* **each speed switch against stock** (``--switches``): fused QKV, channels-last VAE, each SDPA kernel
+  and diffusers attention backend, TF32, regional and full ``torch.compile``: seconds per image at batch 1,
+  images/s at ``number_of_images=4``, time to first image (load, compile and the first call, separately)
+  and peak VRAM, each with its ratio to the same engine with every option off;
+* **memory options** (``--memory``): model, sequential and group offload, torchao int8, bitsandbytes 8-bit
+  and NF4, and the VAE tiled at 2048x2048: the same numbers, peak VRAM first; with ``--memory-table``,
+  the weights' bytes per model and setting computed from the parameter counts (no GPU needed: what
+  docs/gpu.md's table shows until these measurements replace it);
+* **batching** (``--batching``): images/s for k images in one call (k = 1, 2, 4, 8 at 1024x1024), the
+  smallest k within 5% of the best (``recommended_max_batch_pixels``: set ``ATELIER_MAX_BATCH_PIXELS``
+  to it, docs/gpu.md), and bench/concurrency.py's 8 concurrent callers, batched against one job per call.
+
+An option the device cannot honour is reported as ``{"skipped": <the refusal>}``.
+
 Without CUDA it prints ``{"skipped": ...}`` and exits 0. ``--smoke`` runs the same code on CPU with the
 tests' tiny pipelines (numbers meaningless) to check the script itself.
 
     python bench/gpu.py [--models klein qwen] [--runs 5] [--concurrency 4] [--quality medium] [--ttfi DIR]
+                        [--folder DIR] [--switches] [--memory] [--batching] [--all]
+    python bench/gpu.py --memory-table         # computed weight sizes only, on any machine
 """
 
 from __future__ import annotations
@@ -350,10 +369,246 @@ def run_model(model: str, args: argparse.Namespace, device: str) -> dict[str, An
     return result
 
 
+# -- one option at a time, through Atelier's engine ------------------------------------------------------------
+
+SWITCHES = {  # name -> Tuning fields: each compared with every option off
+    "fuse_qkv": {"fuse_qkv": True},
+    "vae_channels_last": {"vae_channels_last": True},
+    "attention_sdpa_flash": {"attention": "sdpa-flash"},
+    "attention_sdpa_efficient": {"attention": "sdpa-efficient"},
+    "attention_sdpa_cudnn": {"attention": "sdpa-cudnn"},
+    "attention_sdpa_math": {"attention": "sdpa-math"},
+    "attention_flash_hub": {"attention": "flash_hub"},
+    "attention_flash_3_hub": {"attention": "_flash_3_hub"},
+    "attention_sage": {"attention": "sage"},
+    "tf32": {"tf32": True},
+    "compile_regional": {"compile": "regional"},
+    "compile_full": {"compile": "full"},
+}
+MEMORY = {
+    "offload_model": {"offload": "model"},
+    "offload_group": {"offload": "group"},
+    "offload_sequential": {"offload": "sequential"},
+    "quantize_torchao_int8": {"quantize": "torchao-int8"},
+    "quantize_bnb_8bit": {"quantize": "bnb-8bit"},
+    "quantize_bnb_4bit": {"quantize": "bnb-4bit"},
+    "quantize_bnb_4bit_offload_model": {"quantize": "bnb-4bit", "offload": "model"},
+}
+
+
+def peak_reset(torch: Any, device: str) -> None:
+    if device.startswith("cuda"):
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(torch: Any, device: str) -> float | None:
+    return round(torch.cuda.max_memory_allocated() / 1024**3, 2) if device.startswith("cuda") else None
+
+
+def tuned(folder: Path, options: dict[str, Any], *, device: str, runs: int, size: str = "1024x1024") -> dict[str, Any]:
+    """One engine with ``options``: load (and compile), first image, batch 1 and 4, peak memory."""
+    import torch
+
+    from atelier import Atelier
+    from atelier.engines.diffusers import DiffusersEngine
+    from atelier.engines.tuning import Tuning
+
+    tuning = Tuning(**options)
+    problems = tuning.problems(device)
+    if problems:
+        return {"skipped": "; ".join(f"{p.field}: {p.message}" for p in problems)}
+    peak_reset(torch, device)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32  # process-wide: restored below
+    try:
+        engine = DiffusersEngine(model_path=folder, device=device, tuning=tuning, max_batch_pixels=64 << 20)
+        ready, _ = timed(engine.setup)
+        studio = Atelier(engine=engine)
+        first, _ = timed(lambda: studio.generate(PROMPT, seed=0, aspect_ratio=size))
+        batch1 = [timed(lambda i=i: studio.generate(PROMPT, seed=i + 1, aspect_ratio=size))[0] for i in range(runs)]
+        batch4, _ = timed(lambda: studio.generate(PROMPT, seed=9, number_of_images=4, aspect_ratio=size))
+    except Exception as exc:  # a backend the install lacks, an out-of-memory: recorded, the next one runs
+        return {"failed": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    applied = next(iter(engine.applied.values()))
+    result = {
+        "applied": applied.describe(),
+        "seconds_per_image": summary(batch1, unit="s"),
+        "images_per_s_batch1": round(1 / (sum(batch1) / len(batch1)), 3),
+        "images_per_s_batch4": round(4 / batch4, 3),
+        "time_to_first_image_s": {
+            "setup": round(ready, 3),
+            "load": round(applied.load_seconds, 3),
+            "compile": None if applied.compile_seconds is None else round(applied.compile_seconds, 3),
+            "first_call": round(first, 3),
+            "total": round(ready + first, 3),
+        },
+        "peak_vram_gib": peak_gib(torch, device),
+    }
+    return result
+
+
+def compared(folder: Path, table: dict[str, dict[str, Any]], *, device: str, runs: int, size: str) -> dict[str, Any]:
+    """Each entry of ``table`` against the stock engine (every option off), with ratios."""
+    stock = tuned(folder, {}, device=device, runs=runs, size=size)
+    out: dict[str, Any] = {"stock": stock}
+    for name, options in table.items():
+        log(f"gpu: {name} ...")
+        entry = out[name] = tuned(folder, options, device=device, runs=runs, size=size)
+        if "seconds_per_image" in entry and "seconds_per_image" in stock:
+            entry["ratio_seconds_per_image/stock"] = ratio(
+                entry["seconds_per_image"]["median"], stock["seconds_per_image"]["median"]
+            )
+            entry["ratio_images_per_s_batch4/stock"] = ratio(entry["images_per_s_batch4"], stock["images_per_s_batch4"])
+    return out
+
+
+def batching(folder: Path, *, device: str, smoke: bool) -> dict[str, Any]:
+    """k images per call (k = 1, 2, 4, 8), and 8 concurrent callers batched against one job per call."""
+    from atelier import Atelier
+    from atelier.engines.diffusers import DiffusersEngine
+    from bench import concurrency
+
+    engine = DiffusersEngine(model_path=folder, device=device, max_batch_pixels=64 << 20)
+    studio = Atelier(engine=engine)
+    studio.generate(PROMPT, seed=0)  # load and warm
+    per_call: dict[str, float] = {}
+    for k in (1, 2, 4, 8):
+        seconds, _ = timed(lambda k=k: studio.generate(PROMPT, seed=k, number_of_images=k))
+        per_call[str(k)] = round(k / seconds, 3)
+    best = max(per_call.values())
+    chosen = min(int(k) for k, rate in per_call.items() if rate >= 0.95 * best)
+    args = argparse.Namespace(model_path=str(folder), concurrency=[8], images=8 if smoke else 32, forced=False)
+    return {
+        "images_per_s_by_images_per_call": per_call,
+        "recommended_max_batch_pixels": chosen * 1024 * 1024,
+        "eight_callers": concurrency.run(args),
+    }
+
+
+def memory_table() -> dict[str, Any]:
+    """The weights' gigabytes (10^9 bytes) per model and setting, from parameter counts on the meta device.
+
+    Quantization converts the Linear layers of the transformer and the text encoder; embeddings, norms and
+    the VAE stay bf16. NF4 stores 0.5 bytes per weight plus an fp32 scale per 64. Offloading keeps on the
+    GPU the largest component (model), or a few layers (sequential, group: well under 1 GB).
+    """
+    import torch
+
+    per_weight = {"bf16": 2.0, "int8": 1.0, "nf4": 0.5 + 4 / 64}
+    models = {"flux2-klein-4b": _klein_modules, "z-image-turbo": _zimage_modules, "qwen-image": _qwen_modules}
+    table: dict[str, Any] = {}
+    for name, modules in models.items():
+        with torch.device("meta"):
+            parts = {part: _linear_and_rest(module) for part, module in modules().items()}
+        row: dict[str, Any] = {"parameters_billion": {p: round(sum(v) / 1e9, 3) for p, v in parts.items()}}
+        for setting, linear_bytes in per_weight.items():
+            sizes = {
+                part: (linear * (linear_bytes if part != "vae" else 2.0) + rest * 2.0) / 1e9
+                for part, (linear, rest) in parts.items()
+            }
+            row[f"weights_gb_{setting}"] = round(sum(sizes.values()), 1)
+            row[f"offload_model_gb_{setting}"] = round(max(sizes.values()), 1)
+        table[name] = row
+    return {"computed": "from parameter counts; activations (1-3 GB at 1 MP) come on top", "models": table}
+
+
+def _linear_and_rest(module: Any) -> tuple[int, int]:
+    import torch
+
+    linear = sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
+    head = getattr(module, "lm_head", None)
+    if head is not None and head.weight is module.get_input_embeddings().weight:  # tied: stays an embedding
+        linear -= head.weight.numel()
+    return linear, sum(p.numel() for p in module.parameters()) - linear
+
+
+def _klein_modules() -> dict[str, Any]:
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    return {
+        "transformer": Flux2Transformer2DModel(**KLEIN_TRANSFORMER),
+        "text_encoder": Qwen3ForCausalLM(Qwen3Config(**QWEN3_4B)),
+        "vae": AutoencoderKLFlux2(),
+    }
+
+
+def _zimage_modules() -> dict[str, Any]:
+    from diffusers import AutoencoderKL, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    # ZImageTransformer2DModel's defaults are Z-Image-Turbo's (6.15B); its VAE is FLUX.1's (16 channels)
+    vae = AutoencoderKL(
+        latent_channels=16, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    )  # fmt: skip
+    return {"transformer": ZImageTransformer2DModel(), "text_encoder": Qwen3Model(Qwen3Config(**QWEN3_4B)), "vae": vae}
+
+
+def _qwen_modules() -> dict[str, Any]:
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = Qwen2_5_VLConfig(
+        text_config=QWEN25_VL_7B_TEXT, vision_config=QWEN25_VL_7B_VISION,
+        hidden_size=QWEN25_VL_7B_TEXT["hidden_size"], vocab_size=QWEN25_VL_7B_TEXT["vocab_size"],
+    )  # fmt: skip
+    return {
+        "transformer": QwenImageTransformer2DModel(),
+        "text_encoder": Qwen2_5_VLForConditionalGeneration(config),
+        "vae": AutoencoderKLQwenImage(),
+    }
+
+
+def saved_klein(args: argparse.Namespace, device: str) -> Path:
+    """The klein pipeline saved to ``--folder`` (built with random weights the first time), or the tiny one."""
+    if args.smoke:
+        tests_on_path()
+        from tiny_models import tiny_model_dir
+
+        return tiny_model_dir("flux2-klein", Path(args.folder or tempfile.mkdtemp(prefix="atelier-bench-gpu-")))
+    folder = Path(args.folder or tempfile.mkdtemp(prefix="atelier-bench-gpu-")) / "klein"
+    if not (folder / "model_index.json").exists():
+        log(f"gpu: saving the random-weight klein pipeline to {folder} (about 16 GB) ...")
+        pipe = build("klein", smoke=False, device=device)
+        pipe.save_pretrained(folder, safe_serialization=True)
+        del pipe
+    return folder
+
+
+def options_run(args: argparse.Namespace, device: str) -> dict[str, Any]:
+    """The per-option sections asked for (``--switches``, ``--memory``, ``--batching``)."""
+    out: dict[str, Any] = {}
+    if not (args.switches or args.memory or args.batching):
+        return out
+    folder = saved_klein(args, device)
+    runs = 1 if args.smoke else args.runs
+    if args.switches:
+        out["switches"] = compared(folder, SWITCHES, device=device, runs=runs, size="1024x1024")
+    if args.memory:
+        out["memory"] = compared(folder, MEMORY, device=device, runs=runs, size="1024x1024")
+        out["memory"]["vae_tiling_on_2048"] = tuned(
+            folder, {"vae_tiling": "on"}, device=device, runs=1, size="2048x2048"
+        )
+        out["memory"]["vae_tiling_off_2048"] = tuned(
+            folder, {"vae_tiling": "off"}, device=device, runs=1, size="2048x2048"
+        )
+    if args.batching:
+        out["batching"] = batching(folder, device=device, smoke=args.smoke)
+    return out
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     offline()
     import torch
 
+    if args.memory_table:
+        return {"memory_table": memory_table()}
     if not torch.cuda.is_available() and not args.smoke:
         return {"skipped": "no CUDA device: run this on a GPU machine (or --smoke to check the script on CPU)"}
     device = "cpu" if args.smoke else "cuda"
@@ -366,6 +621,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if device == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+    results["options"] = options_run(args, device)
     return results
 
 
@@ -378,10 +634,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ttfi", metavar="DIR", help="klein: save the pipeline to DIR and time whole processes")
     p.add_argument("--smoke", action="store_true", help="tiny pipelines on CPU: check the script, not the GPU")
     p.add_argument("--quick", action="store_true", help="klein only, 2 runs, 2 threads")
+    p.add_argument("--folder", metavar="DIR", help="where the klein pipeline is saved for the option runs")
+    p.add_argument("--switches", action="store_true", help="each speed switch against stock (klein)")
+    p.add_argument("--memory", action="store_true", help="offload and quantization against stock (klein)")
+    p.add_argument("--batching", action="store_true", help="images per call, and 8 callers batched or not")
+    p.add_argument("--all", action="store_true", help="--switches --memory --batching")
+    p.add_argument("--memory-table", action="store_true", help="computed weight sizes only (any machine)")
+    p.add_argument("--skip-models", action="store_true", help="only the option runs, not the stock comparison")
     return p
 
 
 def quick(args: argparse.Namespace) -> argparse.Namespace:
+    if args.all:
+        args.switches = args.memory = args.batching = True
+    if args.skip_models:
+        args.models = []
     if args.quick:
         args.models, args.runs, args.concurrency = ["klein"], 2, 2
     if args.smoke:

@@ -88,6 +88,40 @@ class Settings(BaseSettings):
     c2pa_cert: Path | None = None
     c2pa_key: Path | None = None
 
+    # The local engine on a GPU (atelier.engines.tuning, docs/gpu.md). Every switch is off by default: none
+    # becomes a default before a GPU measurement says it should. One the device cannot honour is refused.
+    offload: Literal["none", "model", "sequential", "group"] = "none"  # weights kept in RAM, moved to the GPU
+    quantize: Literal["none", "torchao-int8", "bnb-8bit", "bnb-4bit"] = "none"  # transformer + text encoder
+    vae_tiling: Literal["auto", "on", "off"] = "auto"  # auto: tiles above the native size, slices batches
+    compile: Literal["off", "regional", "full"] = "off"  # torch.compile of the transformer, paid at start-up
+    attention: str = "default"  # sdpa, sdpa-flash, sdpa-efficient, sdpa-cudnn, sdpa-math, or a diffusers backend
+    fuse_qkv: bool = False  # one matmul for the attention's q, k and v projections
+    vae_channels_last: bool = False  # the VAE's convolutions in channels-last memory format
+    tf32: bool = False  # TF32 for float32 matmuls and convolutions on NVIDIA GPUs (Ampere and later)
+
+    @field_validator("offload", "quantize", "vae_tiling", "compile", mode="before")
+    @classmethod
+    def _lower_choice(cls, value: object, info: ValidationInfo) -> object:
+        """Any case; the usual words for off (``0``, ``false``, ``none``...) as each setting spells off."""
+        if not isinstance(value, str):
+            return value
+        text = value.strip().lower()
+        if text in (*_OFF, "false", "no"):
+            return "off" if info.field_name in ("vae_tiling", "compile") else "none"
+        return "on" if info.field_name == "vae_tiling" and text in ("1", "true", "yes") else text
+
+    @field_validator("attention")
+    @classmethod
+    def _check_attention(cls, value: str) -> str:
+        from atelier.engines.tuning import ATTENTION_NAMES
+
+        text = value.strip().lower() or "default"
+        if not re.match(r"^[a-z0-9_-]{1,40}$", text):
+            raise ValueError(
+                f"got {value[:40]!r}; use one of {', '.join(ATTENTION_NAMES)}, or a diffusers backend name"
+            )
+        return text
+
     # Service
     host: str = "127.0.0.1"
     port: int = Field(default=5000, ge=1, le=65535)

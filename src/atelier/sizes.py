@@ -2,8 +2,11 @@
 
 Pure functions, no I/O. The request's ``aspect_ratio`` names either a ratio (mapped to the seed's
 canonical size), an explicit ``WxH`` size, or ``auto``. A local model renders at its native pixel
-budget on its grid with the same aspect; when the requested size is larger (or off-grid) the render
-is upscaled to exactly the requested size, and the plan says so.
+budget on its grid with the same aspect. A larger size is reached by one of three methods, which the
+plan names: ``native`` draws it as it is (up to what the model was trained for), ``refine`` draws at
+the budget, enlarges and redraws at the full size with a low-strength image-to-image pass, ``resize``
+only enlarges (the ``low`` quality path). An off-grid size is drawn on the grid and resized to exactly
+the requested size.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ class SizePlan:
     render_width: int
     render_height: int
     source: str  # how the size was chosen: "ratio", "explicit", "auto:edit", "auto:prompt", "auto:default"
+    method: str = "native"  # how the delivered size is reached: "native", "refine" or "resize"
+    refine: tuple[int, int] | None = None  # the second pass's size (on the grid), for "refine"
 
     @property
     def size(self) -> str:
@@ -122,15 +127,28 @@ def plan_size(
     prompt: str = "",
     first_input: tuple[int, int] | None = None,
     pixel_scale: float = 1.0,
+    max_pixels: int | None = None,
+    above_native: str = "resize",
 ) -> SizePlan:
     """Plan a local render: the requested size, and what the model draws to deliver it.
 
-    A size already on the grid and within the budget is drawn as is; anything else is drawn at the
-    budget (``native_pixels`` × ``pixel_scale``) with the same aspect and resized to exactly the size.
+    A size already on the grid and within the budget (``native_pixels`` × ``pixel_scale``) is drawn as
+    is. A larger one is reached as ``above_native`` says (see the module docstring): ``native`` draws
+    it whole when it fits ``max_pixels`` (else refines from a draw at ``max_pixels``), ``refine`` from a
+    draw at the budget, ``resize`` only resizes the budget's draw. Off-grid sizes within the budget are
+    drawn at the budget and resized.
     """
     (width, height), source = requested_size(aspect_ratio, prompt=prompt, first_input=first_input)
     budget = int(native_pixels * pixel_scale)
-    if width * height <= budget and width % grid == 0 and height % grid == 0:
+    on_grid = width % grid == 0 and height % grid == 0
+    if width * height <= budget and on_grid:
         return SizePlan(width, height, width, height, source)
-    rw, rh = size_for_aspect(width / height, budget, grid)
-    return SizePlan(width, height, rw, rh, source)
+    if width * height <= budget or above_native == "resize":
+        rw, rh = size_for_aspect(width / height, budget, grid)
+        return SizePlan(width, height, rw, rh, source, "resize")
+    full = (max(grid, round(width / grid) * grid), max(grid, round(height / grid) * grid))
+    largest = max(max_pixels or native_pixels, budget)
+    if above_native == "native" and full[0] * full[1] <= largest:
+        return SizePlan(width, height, *full, source, "native")
+    rw, rh = size_for_aspect(width / height, largest if above_native == "native" else budget, grid)
+    return SizePlan(width, height, rw, rh, source, "refine", refine=full)

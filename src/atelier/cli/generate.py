@@ -134,8 +134,9 @@ def run(
     for path in result.save(options["out"]):
         click.echo(str(path))
     note = f"{result.model}: {len(result.images)}x {result.size} {request.output_format}, seed {result.seed}"
-    if result.upscaled:
-        note += f", rendered at {result.rendered_size} and upscaled"
+    if result.upscaled:  # refine: enlarged, then redrawn at the full size; resize: enlarged only
+        how = "redrawn at full size" if result.size_method == "refine" else "upscaled"
+        note += f", rendered at {result.rendered_size} and {how}"
     click.echo(note + text_check_note(result.metrics), err=True)
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import click
 
 from atelier.cli.settings import choose_model, given_as, settings_for
+from atelier.engines.tuning import check_settings
 from atelier.errors import FieldProblem, SettingsError
 
 if TYPE_CHECKING:
@@ -58,6 +59,7 @@ def serve(
     settings = settings_for(ctx, choice, extra, fields=("host", "port", "data_dir"))
     if no_worker:
         require_cluster(settings, "atelier serve --no-worker")
+    check_settings(settings)  # ATELIER_OFFLOAD, ATELIER_QUANTIZE...: refused now if the device cannot honour them
     asked = settings.host
     if not settings.api_tokens and not is_loopback(settings.host):
         settings.host = "127.0.0.1"

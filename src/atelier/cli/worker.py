@@ -18,6 +18,7 @@ import click
 
 from atelier.cli.serve import check_data_dir, check_files, require_cluster
 from atelier.cli.settings import choose_model, given_as, settings_for
+from atelier.engines.tuning import check_settings
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -43,6 +44,7 @@ def worker(ctx: click.Context, model: str | None, model_path: Path | None, data_
     settings = settings_for(ctx, choice, extra, fields=("data_dir",))
     require_cluster(settings, "atelier worker")
     check_files(settings)  # a bucket it cannot use is one line now, not a failed job later
+    check_settings(settings)  # ATELIER_OFFLOAD, ATELIER_QUANTIZE...: refused now if the device cannot honour them
     check_data_dir(settings.data_dir, given_as(ctx, "data_dir") or "ATELIER_DATA_DIR")
     run(settings)
 

@@ -115,6 +115,7 @@ class Result:
     seed: int | None = None
     steps: int | None = None
     upscaled: bool = False
+    size_method: str | None = None  # how a local engine reached the size: "native", "refine" or "resize"
     background: str = "opaque"  # the background actually delivered: opaque | transparent
     quality: str = "auto"
     usage: dict[str, Any] = field(default_factory=dict)  # upstream token usage, when there is one

@@ -30,6 +30,11 @@ class QualitySetting:
     steps: int
     guidance: float | None = None  # None: the pipeline's own default
     pixel_scale: float = 1.0  # fraction of the native pixel budget to render at
+    # How a size above the native budget is reached (atelier.sizes): "resize" draws at the budget and
+    # enlarges (the low path); "refine" draws at the budget, enlarges, then redraws at the full size with
+    # a low-strength image-to-image pass; "native" draws at the full size up to the model's ``max_pixels``
+    # and refines beyond it from a draw at ``max_pixels``.
+    above_native: str = "refine"
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,10 @@ class ModelSpec:
     quality: MappingProxyType[str, QualitySetting]
     call_defaults: MappingProxyType[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     gpu_only: bool = False  # too large to be useful on CPU
+    # The largest size the model draws well in one pass (what it was trained up to); None: native_pixels.
+    max_pixels: int | None = None
+    # The noise level the refining pass starts from (0-1: how much of the enlarged image is redrawn).
+    refine_strength: float = 0.4
     params: str = ""
     description: str = ""
 
@@ -112,13 +121,15 @@ CATALOG: dict[str, ModelSpec] = {
             ),
             grid=16,
             native_pixels=1024 * 1024,
+            # FLUX.2 is trained up to about 4 MP: "high" and "auto" draw 2048x2048 and 2048x1152 as they are.
+            max_pixels=2048 * 2048,
             # Step- and guidance-distilled for 4 steps at guidance 1.0 (the pipeline defaults, 50 steps at
             # 4.0, are for the base model). More steps add little; "low" draws half the pixels.
             quality=_q(
-                low=QualitySetting(steps=4, guidance=1.0, pixel_scale=0.5),
+                low=QualitySetting(steps=4, guidance=1.0, pixel_scale=0.5, above_native="resize"),
                 medium=QualitySetting(steps=4, guidance=1.0),
-                high=QualitySetting(steps=6, guidance=1.0),
-                auto=QualitySetting(steps=4, guidance=1.0),
+                high=QualitySetting(steps=6, guidance=1.0, above_native="native"),
+                auto=QualitySetting(steps=4, guidance=1.0, above_native="native"),
             ),
             params="4B transformer + Qwen3-4B text encoder",
             description="Fast text-to-image and multi-reference editing in one pipeline.",
@@ -145,10 +156,10 @@ CATALOG: dict[str, ModelSpec] = {
             # The model card: 50 steps, true CFG 4.0 (it only runs with a negative prompt, hence " ").
             # "low" draws half the pixels in 16 steps: a 20B model's quick draft.
             quality=_q(
-                low=QualitySetting(steps=16, guidance=4.0, pixel_scale=0.5),
+                low=QualitySetting(steps=16, guidance=4.0, pixel_scale=0.5, above_native="resize"),
                 medium=QualitySetting(steps=30, guidance=4.0),
-                high=QualitySetting(steps=50, guidance=4.0),
-                auto=QualitySetting(steps=50, guidance=4.0),
+                high=QualitySetting(steps=50, guidance=4.0, above_native="native"),
+                auto=QualitySetting(steps=50, guidance=4.0, above_native="native"),
             ),
             call_defaults=MappingProxyType({"negative_prompt": " "}),
             gpu_only=True,
@@ -167,9 +178,9 @@ CATALOG: dict[str, ModelSpec] = {
             grid=16,
             native_pixels=1024 * 1024,
             quality=_q(
-                low=QualitySetting(steps=6, guidance=0.0, pixel_scale=0.5),
+                low=QualitySetting(steps=6, guidance=0.0, pixel_scale=0.5, above_native="resize"),
                 medium=QualitySetting(steps=8, guidance=0.0),
-                high=QualitySetting(steps=12, guidance=0.0),
+                high=QualitySetting(steps=12, guidance=0.0, above_native="native"),
                 auto=QualitySetting(steps=8, guidance=0.0),
             ),
             params="6B single-stream DiT + Qwen3-4B text encoder",

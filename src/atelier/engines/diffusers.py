@@ -27,7 +27,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +44,8 @@ from atelier.engines.base import (
     Result,
 )
 from atelier.engines.catalog import CATALOG, ModelSpec, QualitySetting, Variant, spec_for_pipeline
+from atelier.engines.tuning import Applied, Tuning
+from atelier.engines.warmstart import WarmStart
 from atelier.errors import EngineError, FieldProblem, ModelUnavailable, UnsupportedRequest
 from atelier.imaging import encode, matting, resize
 from atelier.imaging.fit import Fit, InputLimits, fit_image
@@ -102,6 +104,7 @@ class DiffusersEngine:
         max_batch_pixels: int | None = None,
         matting_name: str = "chroma",
         policy: Policy | None = None,
+        tuning: Tuning | None = None,
     ) -> None:
         if model_path is not None:
             self.spec, only = spec_for_local_folder(model_path)
@@ -135,6 +138,9 @@ class DiffusersEngine:
         self._inpainters: dict[str, Any] = {}  # by the loaded pipeline class they share modules with
         self._locks: dict[str, threading.Lock] = {v.pipeline: threading.Lock() for v in self.variants}
         self._load_lock = threading.Lock()
+        self.tuning = tuning or Tuning()
+        self.applied: dict[str, Applied] = {}  # per pipeline: how it was loaded and tuned
+        self.warm_start = WarmStart.since_process_start()
 
     # -- set-up -------------------------------------------------------------------------------------
 
@@ -142,14 +148,24 @@ class DiffusersEngine:
         """Load the text-to-image pipeline (or the only one) now; an edit-only variant loads on first use."""
         first = next((v for v in self.variants if v.generates), self.variants[0])
         self._pipeline(first)
+        self.warm_start.mark_ready(self.applied.get(first.pipeline))
 
     def _pipeline(self, variant: Variant) -> Any:
+        """The variant's pipeline, loaded (and tuned) once per engine: every worker thread shares it."""
         with self._load_lock:
             if variant.pipeline not in self._pipelines:
                 folder = self.model_path or download(variant, self.spec)
-                self._pipelines[variant.pipeline] = load_pipeline(
-                    folder, variant, device=self.device, dtype=self._dtype_name
+                pipe, applied = load_tuned(
+                    folder, variant, device=self.device, dtype=self._dtype_name, tuning=self.tuning
                 )
+                if self.tuning.compile != "off" and variant.generates:  # paid now, not in a caller's request
+                    started = time.perf_counter()
+                    self._warm_up(pipe, variant)
+                    applied.compile_seconds = time.perf_counter() - started
+                    log.info(
+                        "compiled %s (%s) in %.1fs", variant.pipeline, self.tuning.compile, applied.compile_seconds
+                    )
+                self._pipelines[variant.pipeline], self.applied[variant.pipeline] = pipe, applied
             return self._pipelines[variant.pipeline]
 
     def _inpainter(self, variant: Variant) -> Any:
@@ -163,6 +179,20 @@ class DiffusersEngine:
             if variant.pipeline not in self._inpainters:
                 self._inpainters[variant.pipeline] = inpainting.build_pipeline(pipe, variant.inpaint)
             return self._inpainters[variant.pipeline]
+
+    def _warm_up(self, pipe: Any, variant: Variant) -> None:
+        """One step at the native square size, stopping at the latents: what torch.compile traces."""
+        import torch
+
+        from atelier.sizes import size_for_aspect
+
+        width, height = size_for_aspect(1.0, self.spec.native_pixels, self.spec.grid)
+        kwargs: dict[str, Any] = dict(self.spec.call_defaults)
+        quality = self.spec.quality["auto"]
+        if quality.guidance is not None:
+            kwargs[GUIDANCE_KWARG.get(variant.pipeline, "guidance_scale")] = quality.guidance
+        with torch.inference_mode():
+            pipe(prompt="warm-up", height=height, width=width, num_inference_steps=1, output_type="latent", **kwargs)
 
     @property
     def device(self) -> str:
@@ -192,6 +222,8 @@ class DiffusersEngine:
             prompt=request.prompt,
             first_input=fits[0].canvas if fits else None,  # ``auto``: the shape the model is shown
             pixel_scale=quality.pixel_scale,
+            max_pixels=self.spec.max_pixels,
+            above_native=quality.above_native,
         )
         background = resolve_background(request.background, request.prompt, request.output_format)
         if masked:
@@ -248,9 +280,67 @@ class DiffusersEngine:
             first_seed = job.seed + len(images)
             with self._locks[plan.variant.pipeline]:  # an inpainter shares its pipeline's scheduler
                 images += self._call(pipe, plan, job, count, first_seed, progress, cancel, index, steps_total, masked)
+        if plan.size.refine is not None:
+            images = self._refine(pipe, plan, job, images, progress, cancel, steps_total)
         if masked is not None:
             images = masked.keep_outside(images, (plan.size.width, plan.size.height))
         return self._result(job, plan, images, render_seconds=time.perf_counter() - started)
+
+    def _refine(
+        self,
+        pipe: Any,
+        plan: RenderPlan,
+        job: Job,
+        images: list[Any],
+        progress: ProgressFn,
+        cancel: CancelToken,
+        steps_total: int,
+    ) -> list[Any]:
+        """The second pass of a ``refine`` plan, one image at a time, each with its own seed (``refine.py``)."""
+        import torch
+
+        from atelier.engines import refine
+
+        assert plan.size.refine is not None
+        width, height = plan.size.refine
+        strength, steps = self.spec.refine_strength, plan.quality.steps
+        refined: list[Any] = []
+        for i, image in enumerate(images):
+            with self._locks[plan.variant.pipeline]:
+                target = self._img2img(pipe, plan.variant.pipeline)
+                message = f"refining {i + 1} of {len(images)} at {width}x{height} (strength {strength:g})"
+                progress(ProgressEvent(steps_total, steps_total, message=message))  # the drawing's steps are done
+                kwargs = self._call_kwargs(plan, [job.seed + i], lambda p, s, t, tensors: _checked(cancel, tensors))
+                kwargs.update(prompt=plan.prompt)
+                generator = kwargs.pop("generator")[0]
+                with self.tuning.vae_mode(
+                    target, pixels=width * height, images=1, native_pixels=self.spec.native_pixels
+                ):
+                    try:
+                        with torch.inference_mode():
+                            refined.append(
+                                refine.refine(
+                                    target, image, size=(width, height), steps=steps, strength=strength,
+                                    generator=generator, kwargs=kwargs, own_pass=target is pipe,
+                                )
+                            )  # fmt: skip
+                    except (RuntimeError, ValueError) as exc:
+                        cancel.raise_if_cancelled()
+                        raise EngineError(
+                            f"{plan.variant.pipeline} failed refining at {width}x{height}: {exc}"
+                        ) from exc
+        return refined
+
+    def _img2img(self, pipe: Any, name: str) -> Any:
+        """The pipeline that runs a second pass: FLUX.2's own, or diffusers' image-to-image one (cached)."""
+        from atelier.engines import refine
+
+        if name in refine.OWN_PASS:
+            return pipe
+        key = f"{name}:img2img"
+        if key not in self._pipelines:
+            self._pipelines[key] = refine.img2img_pipeline(pipe, name)
+        return self._pipelines[key]
 
     def _result(self, job: Job, plan: RenderPlan, images: list[Image.Image], *, render_seconds: float) -> Result:
         """Finish (matting, upscaling), check and encode one job's rendered images."""
@@ -259,6 +349,7 @@ class DiffusersEngine:
         request = job.request
         self._policy.check_images(images, request.moderation, field="output")
         data = encode.encode_many(images, request.output_format, request.output_compression, background=plan.background)
+        self.warm_start.mark_first_image(self.model)
         return Result(
             images=[
                 OutputImage(d, request.output_format, plan.size.width, plan.size.height, seed=job.seed + i)
@@ -271,8 +362,11 @@ class DiffusersEngine:
             seed=job.seed,
             steps=plan.quality.steps,
             upscaled=plan.size.upscaled,
+            size_method=plan.size.method,
             background=plan.background,
-            quality=named_quality(self.spec, request.quality),
+            quality=named_quality(
+                self.spec, request.quality, above_native=plan.size.width * plan.size.height > self.spec.native_pixels
+            ),
             timings={"render": render_seconds, "encode": time.perf_counter() - began},
         )
 
@@ -313,7 +407,7 @@ class DiffusersEngine:
         where = f"call {batch_index + 1} of {calls}, " if calls > 1 else ""
         message = f"rendering {count} at {plan.size.rendered} ({where}{steps} steps)"
         progress(ProgressEvent(done_before, steps_total, message=message))
-        return run_pipeline(pipe, plan, kwargs, cancel.raise_if_cancelled)
+        return self._run(pipe, plan, kwargs, cancel.raise_if_cancelled)
 
     def _call_kwargs(self, plan: RenderPlan, seeds: list[int], on_step_end: Callable[..., Any]) -> dict[str, Any]:
         """What every call passes: size, steps, guidance, the step callback, one generator per image."""
@@ -341,6 +435,8 @@ class DiffusersEngine:
         if job.input_sizes or job.has_mask or job.previews:
             return None
         plan = self._plan(job)
+        if plan.size.refine is not None:  # a second pass per image: alone
+            return None
         pixels = plan.size.render_width * plan.size.render_height
         return BatchPlan(batch_key(plan), job.request.number_of_images, self._images_per_call(pixels))
 
@@ -389,7 +485,14 @@ class DiffusersEngine:
         others = f"with {len(jobs) - 1} other prediction{'s' if len(jobs) > 2 else ''} in one call"
         for report, count in zip(reporters, counts, strict=True):
             report(ProgressEvent(0, steps, message=f"rendering {count} at {plan.size.rendered} {others}"))
-        return run_pipeline(pipe, plan, kwargs, cancel)
+        return self._run(pipe, plan, kwargs, cancel)
+
+    def _run(self, pipe: Any, plan: RenderPlan, kwargs: dict[str, Any], cancel: Callable[[], None]) -> list[Any]:
+        """One pipeline call, with the VAE tiled or sliced as ``ATELIER_VAE_TILING`` asks for this size."""
+        pixels = plan.size.render_width * plan.size.render_height
+        images = len(kwargs["generator"])
+        with self.tuning.vae_mode(pipe, pixels=pixels, images=images, native_pixels=self.spec.native_pixels):
+            return run_pipeline(pipe, plan, kwargs, cancel)
 
     def _results(
         self,
@@ -416,7 +519,7 @@ class DiffusersEngine:
     def _finish(self, image: Image.Image, plan: RenderPlan) -> Image.Image:
         if plan.background == "transparent":
             image = self._matting.cut_out(image)
-        if plan.size.upscaled:
+        if image.size != (plan.size.width, plan.size.height):
             image = resize.fit_exact(image, plan.size.width, plan.size.height)
         return image
 
@@ -474,13 +577,23 @@ def resolve_background(background: str, prompt: str, output_format: str) -> str:
     return background
 
 
-def named_quality(spec: ModelSpec, quality: str) -> str:
+def named_quality(spec: ModelSpec, quality: str, *, above_native: bool = False) -> str:
     """The tier a render used: ``auto`` is reported as the named tier with the same setting, so a caller
-    (OpenAI's ``ImagesResponse.quality``) learns what ran; ``auto`` stays when no tier matches."""
+    (OpenAI's ``ImagesResponse.quality``) learns what ran; ``auto`` stays when no tier matches. How sizes
+    above the native budget are reached counts only when the render was one (``above_native``)."""
     if quality != "auto":
         return quality
-    setting = spec.quality["auto"]
-    return next((name for name in ("medium", "high", "low") if spec.quality.get(name) == setting), "auto")
+
+    def key(setting: QualitySetting | None) -> Any:
+        return setting if above_native or setting is None else replace(setting, above_native="")
+
+    setting = key(spec.quality["auto"])
+    return next((name for name in ("medium", "high", "low") if key(spec.quality.get(name)) == setting), "auto")
+
+
+def _checked(cancel: CancelToken, tensors: dict[str, Any]) -> dict[str, Any]:
+    cancel.raise_if_cancelled()
+    return tensors
 
 
 def preview_schedule(steps: int, previews: int) -> set[int]:
@@ -572,27 +685,52 @@ def missing_weights_message(spec: ModelSpec, variant: Variant, exc: Exception) -
 
 
 def load_pipeline(folder: Path, variant: Variant, *, device: str, dtype: str | None) -> Any:
+    """The pipeline in ``folder`` on ``device``, as diffusers loads it (no tuning)."""
+    return load_tuned(folder, variant, device=device, dtype=dtype, tuning=Tuning())[0]
+
+
+def pipeline_class(variant: Variant) -> Any:
     import diffusers
     from huggingface_hub.utils import are_progress_bars_disabled
 
     if are_progress_bars_disabled():  # diffusers has its own switch for its loading bar
         diffusers.utils.logging.disable_progress_bar()
-
     cls = getattr(diffusers, variant.pipeline, None)
     if cls is None:
         raise ModelUnavailable(
             f"{variant.pipeline} is not in diffusers {diffusers.__version__}; upgrade with "
             "`pip install -U diffusers` (Atelier is tested with the version in constraints.txt)"
         )
+    return cls
+
+
+def load_tuned(
+    folder: Path, variant: Variant, *, device: str, dtype: str | None, tuning: Tuning
+) -> tuple[Any, Applied]:
+    """The pipeline in ``folder`` on ``device``, quantized, offloaded and sped up as ``tuning`` says."""
     from atelier.engines.devices import check_device
 
     check_device(device)  # before gigabytes of weights are read for a device that is not there
+    tuning.check(device)  # the same for an option the device cannot honour
+    cls = pipeline_class(variant)
     started = time.perf_counter()
+    torch_dtype = pick_dtype(device, dtype)
+    options: dict[str, Any] = {}
+    quantization = tuning.quantization(components(folder), torch_dtype)
+    if quantization is not None:
+        options["quantization_config"] = quantization
     try:
-        pipe = cls.from_pretrained(folder, dtype=pick_dtype(device, dtype))
+        pipe = cls.from_pretrained(folder, dtype=torch_dtype, **options)
     except (OSError, ValueError) as exc:
         raise ModelUnavailable(f"could not load {variant.pipeline} from {folder}: {exc}") from exc
-    pipe.to(device)
+    applied = tuning.apply(pipe, device)
+    applied.load_seconds = time.perf_counter() - started
     pipe.set_progress_bar_config(disable=True)
-    log.info("loaded %s from %s on %s in %.1fs", variant.pipeline, folder, device, time.perf_counter() - started)
-    return pipe
+    log.info("loaded %s from %s %s in %.1fs", variant.pipeline, folder, applied.describe(), applied.load_seconds)
+    return pipe, applied
+
+
+def components(folder: Path) -> tuple[str, ...]:
+    """The component names a saved pipeline lists in its model_index.json."""
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    return tuple(name for name, value in index.items() if not name.startswith("_") and isinstance(value, list))

@@ -28,6 +28,7 @@ def register_engine(name: str, factory: EngineFactory) -> None:
 
 def _diffusers(settings: Settings, *, model: str | None = None, model_path: Path | None = None) -> Engine:
     from atelier.engines.diffusers import DiffusersEngine
+    from atelier.engines.tuning import Tuning
     from atelier.moderation import Policy, load_classifier
 
     try:
@@ -44,6 +45,7 @@ def _diffusers(settings: Settings, *, model: str | None = None, model_path: Path
         max_batch_pixels=settings.max_batch_pixels,
         matting_name=settings.matting,
         policy=Policy(classifier=classifier),
+        tuning=Tuning.from_settings(settings),
     )
     return wrap(engine, settings)
 

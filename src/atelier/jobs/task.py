@@ -318,6 +318,8 @@ def _result_metrics(result: Result) -> dict[str, Any]:
         "background": result.background,
         "quality": result.quality,
     }
+    if result.size_method is not None:  # native, refine (enlarged and redrawn) or resize (enlarged only)
+        metrics["size_method"] = result.size_method
     if result.usage:
         metrics["usage"] = dict(result.usage)
     if result.cost is not None:  # upstream usage x prices replaces the hardware-time estimate

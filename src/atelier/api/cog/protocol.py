@@ -68,3 +68,6 @@ class SetupResult(BaseModel):
 class HealthCheck(BaseModel):
     status: Health
     setup: SetupResult
+    # extension: seconds from the process start to the default model loaded and to its first image (a local
+    # model's ``WarmStart.report``); absent for an engine that does not keep one
+    warm_start: dict[str, float | str | None] | None = None

@@ -227,7 +227,8 @@ class CogDoor:
         setup = setup_result(record, ready=router.is_ready(engine))
         if router.notes():  # compat: Cog's setup logs are free text; a caveat of a working setup goes there
             setup.logs = "".join(f"{note}\n" for note in router.notes()) + (setup.logs or "")
-        return HealthCheck(status=status, setup=setup)
+        warm = getattr(engine, "warm_start", None)  # local engines: time to ready and to the first image
+        return HealthCheck(status=status, setup=setup, warm_start=warm.report() if warm is not None else None)
 
     def openapi(self) -> dict[str, Any]:
         if self._document is None:
