@@ -23,6 +23,11 @@ from atelier.cli.worker import worker
 from atelier.errors import AtelierError, InputError, SettingsError
 
 
+# Loggers that warn on every import about what is missing here (CUDA kernels, a deprecation of their own):
+# nothing an operator can act on, and they would bury the one line an error is. ``--debug`` shows them.
+IMPORT_CHATTER = ("torchao", "bitsandbytes", "diffusers.quantizers", "torch.utils._pytree")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="atelier")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
@@ -35,6 +40,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s%(request_note)s"
     )
+    if not debug:  # what the optional quantization libraries say at import about kernels this machine lacks
+        for name in IMPORT_CHATTER:
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 cli.add_command(generate)
