@@ -295,24 +295,6 @@ async def test_input_images_travel_to_the_replica_decoded(cluster, signals, tmp_
         assert image.size == (width // 16, height // 16) and width > height
 
 
-async def test_stopping_atelier_cancels_its_call_on_the_replica_and_the_job_runs_again_at_the_next_start(
-    cluster, signals, tmp_path
-) -> None:
-    async with served(tmp_path, signal_engines(signals)) as s:
-        id = await submit(s, "hold through shutdown")
-        await until(lambda: started_pids(signals, id), "the job to start on a replica")
-        s.services.runner.stop_timeout = 0.2  # do not wait for the held job to finish on its own
-    canceled = signals / f"canceled-{id}"
-    seen = await until(lambda: canceled.exists() and canceled.read_text(), "the engine on the replica to see it")
-    assert seen == "canceled by the caller"  # the stop canceled its call: the replica set its tokens
-    async with served(tmp_path, signal_engines(signals)) as again:  # the next start runs it again
-        (signals / f"release-{id}").touch()
-        done = await again.wait(id)
-        assert done["status"] == "succeeded", done
-        assert "Interrupted by server shutdown" in done["logs"]
-        assert len(started_pids(signals, id)) == 2 and len(done["output"]) == 1
-
-
 async def test_a_restarted_atelier_finds_its_replicas_running_and_does_not_redeploy(cluster, signals, tmp_path) -> None:
     from ray import serve
 

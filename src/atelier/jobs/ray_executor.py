@@ -213,13 +213,19 @@ class RayExecutor:
             raise EngineError(f"model {engine.model!r} is not deployed on Ray yet; call ready() first")
         response = handle.options(stream=True).run.remote([sendable(job) for job in jobs])
         watcher = asyncio.create_task(self._cancel_when_all_set(response, cancel_for.values()))
+        # The stream is read in a task of its own and waited for with asyncio.wait: a worker stopped mid-call
+        # (runner.stop cancels it) ends here at once, whatever Serve's iterator does with a cancellation,
+        # and whatever that call still returns is read by nobody.
+        receiver = asyncio.create_task(self._receive(engine, response, progress_for, cancel_for))
         try:
-            return await self._receive(engine, response, progress_for, cancel_for)
-        except asyncio.CancelledError:  # the worker itself was stopped: the replica must not run on for nobody
+            await asyncio.wait({receiver})
+        except asyncio.CancelledError:  # the worker was stopped: the replica must not run on for nobody
             response.cancel()
+            receiver.cancel()
             raise
         finally:
             watcher.cancel()
+        return receiver.result()
 
     # -- internals -------------------------------------------------------------------------------------
 
