@@ -17,6 +17,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import openai
@@ -38,7 +39,7 @@ from atelier.jobs.files import FileStore
 from atelier.jobs.store import Store
 
 settings = load_settings()
-store = Store(settings.database_path)
+store = Store(settings.database)
 store.open()
 files = FileStore.from_settings(settings, store)
 print(json.dumps({i: hashlib.sha256(files.read(i)).hexdigest() for i in sys.argv[1:]}))
@@ -52,9 +53,11 @@ def module_bucket(s3_server: S3Server) -> Bucket:
 
 @pytest.fixture(scope="module")
 def server(
-    standin_server: StandIn, module_bucket: Bucket, tmp_path_factory: pytest.TempPathFactory
+    standin_server: StandIn, module_bucket: Bucket, pg_cluster: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
+    # Several processes on one set of files: a bucket and PostgreSQL (one SQLite file has one owner process).
     env = {
+        "ATELIER_DATABASE_URL": pg_cluster.create_database(),
         "ATELIER_ENGINE": "openai",
         "OPENAI_API_KEY": f"sk-operator-{uuid.uuid4().hex}",
         "OPENAI_BASE_URL": standin_server.url,
