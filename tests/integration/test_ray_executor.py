@@ -67,7 +67,8 @@ class Served:
         return self.app.state.services
 
     async def record(self, prediction: Prediction, event: Event) -> None:
-        self.events.append((prediction.id, event.kind, dict(event.data or {})))
+        status = getattr(event, "status", None)  # StatusEvent and DoneEvent carry one
+        self.events.append((prediction.id, event.kind, {"status": status} if status is not None else {}))
 
     async def predict(self, prompt: str, **fields: Any) -> dict[str, Any]:
         body = {"input": {"prompt": prompt, **fields}}
@@ -167,15 +168,17 @@ def started_pids(signals: Path, id: str) -> list[int]:
 
 
 async def test_progress_and_previews_stream_back_from_the_replica(cluster, signals, tmp_path) -> None:
+    from atelier.jobs.submission import Submission
     from atelier.request import ImageRequest
 
     async with served(tmp_path, signal_engines(signals)) as s:
         runner = s.services.runner
-        prediction = await runner.submit(ImageRequest(prompt="show me"), model="signal", source="replicate", previews=2)
+        submission = Submission(ImageRequest(prompt="show me"), model="signal", source="replicate", previews=2)
+        prediction = await runner.submit(submission)
         steps = []
         async for event in runner.subscribe(prediction.id):
             if event.kind == "progress":
-                steps.append((event.data["step"], event.data["total"], event.data["preview"].size))
+                steps.append((event.step, event.total, event.preview.size))
         done = await s.wait(prediction.id)
         assert done["status"] == "succeeded", done
         assert steps == [(1, 4, (64, 64)), (2, 4, (64, 64)), (3, 4, (64, 64)), (4, 4, (64, 64))]
