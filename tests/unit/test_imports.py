@@ -45,7 +45,13 @@ def test_importing_has_no_side_effects_on_logging():
 
 SRC = Path(__file__).parents[2] / "src"
 # What atelier.config may import from Atelier: leaves that never import the settings back.
-CONFIG_IMPORTS = {"atelier.errors", "atelier.setting_parsers", "atelier.engines.catalog", "atelier.imaging.matting"}
+CONFIG_IMPORTS = {
+    "atelier.errors",
+    "atelier.setting_parsers",
+    "atelier.engines.catalog",
+    "atelier.engines.tuning",  # the names of the attention backends, to check ATELIER_ATTENTION
+    "atelier.imaging.matting",
+}
 
 
 def _atelier_imports(module: str) -> set[str]:

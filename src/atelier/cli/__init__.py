@@ -22,7 +22,6 @@ from atelier.cli.serve import serve
 from atelier.cli.worker import worker
 from atelier.errors import AtelierError, InputError, SettingsError
 
-
 # Loggers that warn on every import about what is missing here (CUDA kernels, a deprecation of their own):
 # nothing an operator can act on, and they would bury the one line an error is. ``--debug`` shows them.
 IMPORT_CHATTER = ("torchao", "bitsandbytes", "diffusers.quantizers", "torch.utils._pytree")
