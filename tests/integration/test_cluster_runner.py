@@ -27,6 +27,14 @@ from atelier.jobs.submission import Submission
 from atelier.request import parse_request
 from fakes import FakeEngine
 
+
+async def until(condition: Any, timeout: float = 10.0) -> None:
+    """Wait for what another task or process does (a notification, a worker letting go); fail, never hang."""
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
 pytest.importorskip("psycopg")
 
 KEY = "sk-test-never-stored-0123456789"
@@ -107,12 +115,10 @@ async def test_wait_and_cancel_from_the_api_reach_the_job_on_the_worker(cluster:
     canceled = await api.cancel(prediction.id)
     assert canceled.status == "canceled"
     entry = worker.queue.get(prediction.id)
-    while entry is not None and not entry.token.cancelled:  # the notification reaches the worker
-        await asyncio.sleep(0.01)
+    await until(lambda: entry is None or entry.token.cancelled)  # the notification reaches the worker
     assert (await api.wait(prediction.id, 5)).status == "canceled"
     gate.set()
-    while worker.queue.get(prediction.id) is not None:
-        await asyncio.sleep(0.01)
+    await until(lambda: worker.queue.get(prediction.id) is None)
     final = await api.get(prediction.id)
     assert final.status == "canceled" and final.output is None
     assert worker.files.for_prediction(prediction.id) == []
@@ -174,8 +180,7 @@ async def test_a_late_result_from_a_worker_whose_lease_was_taken_back_is_discard
     done = await api.wait(prediction.id, 20)
     assert done.status == "succeeded" and [j.seed for j in fresh.jobs] == [prediction.seed]
     gate.set()  # the first worker's engine goes on, and its result arrives late
-    while lost.queue.get(prediction.id) is not None:
-        await asyncio.sleep(0.01)
+    await until(lambda: lost.queue.get(prediction.id) is None)
     final = await api.get(prediction.id)
     assert final.output == done.output and final.status == "succeeded"
     outputs = [r for r in api.files.for_prediction(prediction.id) if r.kind == "output"]
@@ -212,10 +217,8 @@ async def test_a_caller_hanging_up_at_the_api_process_cancels_the_job_on_the_wor
     ended = await api.wait(prediction.id, 10)
     assert (ended.status, ended.error) == ("canceled", "the client hung up")
     entry = worker.queue.get(prediction.id)
-    while entry is not None and not entry.token.cancelled:  # the worker heard it and stops its engine
-        await asyncio.sleep(0.01)
-    while worker.queue.get(prediction.id) is not None:
-        await asyncio.sleep(0.01)
+    await until(lambda: entry is None or entry.token.cancelled)  # the worker heard it and stops its engine
+    await until(lambda: worker.queue.get(prediction.id) is None)
     assert engine.jobs[0].id == prediction.id and (await api.get(prediction.id)).output is None
 
 
