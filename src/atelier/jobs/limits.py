@@ -66,7 +66,7 @@ class RateLimiter:
 
     def __init__(self, rate: Rate, clock: Callable[[], float]) -> None:
         self.rate = rate
-        self._clock = clock
+        self.clock = clock
         self._per_second = rate.count / rate.seconds
         self._buckets: dict[Hashable, _Bucket] = {}
 
@@ -75,7 +75,7 @@ class RateLimiter:
         return max(0.0, (1.0 - self._level(key)) / self._per_second)
 
     def spend(self, key: Hashable) -> None:
-        now = self._clock()
+        now = self.clock()
         self._buckets[key] = _Bucket(self._level(key) - 1.0, now)
         if len(self._buckets) > PRUNE_AT:
             self._buckets = {k: b for k, b in self._buckets.items() if self._level(k) < self.rate.count}
@@ -97,7 +97,7 @@ class RateLimiter:
         bucket = self._buckets.get(key)
         if bucket is None:
             return float(self.rate.count)
-        refill = (self._clock() - bucket.stamp) * self._per_second
+        refill = (self.clock() - bucket.stamp) * self._per_second
         return min(float(self.rate.count), bucket.level + refill)
 
 
