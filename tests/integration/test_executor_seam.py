@@ -80,14 +80,22 @@ async def test_after_max_attempts_the_job_fails_with_the_reason(tmp_path) -> Non
 # -- atelier serve with the Ray executor misconfigured: one line, before anything loads -------------------
 
 
-def test_serve_says_in_one_line_when_nothing_answers_at_the_ray_address(tmp_path) -> None:
+@pytest.mark.parametrize(
+    ("command", "env"),
+    [
+        (["serve"], {}),
+        # A worker needs the shared database's address (not a database: the line comes before any connection).
+        (["worker"], {"ATELIER_DATABASE_URL": "postgresql+psycopg://atelier@127.0.0.1:9/atelier"}),
+    ],
+)
+def test_serve_and_worker_say_in_one_line_when_nothing_answers_at_the_ray_address(tmp_path, command, env) -> None:
     pytest.importorskip("ray")
     from test_cli import atelier
     from test_cli_errors import free_port, one_line
 
     port = free_port()
-    run = atelier("serve", env={"ATELIER_EXECUTOR": "ray", "ATELIER_RAY_ADDRESS": f"127.0.0.1:{port}",
-                                "ATELIER_DATA_DIR": str(tmp_path / "data")})  # fmt: skip
+    run = atelier(*command, env={"ATELIER_EXECUTOR": "ray", "ATELIER_RAY_ADDRESS": f"127.0.0.1:{port}",
+                                 "ATELIER_DATA_DIR": str(tmp_path / "data"), **env})  # fmt: skip
     line = one_line(run)
     assert line.startswith(f"error: ATELIER_RAY_ADDRESS: nothing answers at '127.0.0.1:{port}'")
     assert "ray start --head" in line

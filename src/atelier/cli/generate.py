@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from atelier.cli.problems import Problems, image_namer, problem_lines
-from atelier.cli.settings import choose_model, settings_for
+from atelier.cli.settings import MODEL_OPTIONS, choose_model, settings_for
 from atelier.engines.base import ProgressEvent
 from atelier.errors import FieldProblem, InputError
 from atelier.request import parse_request
@@ -48,11 +48,7 @@ def request_options(func: Any) -> Any:
             help="Like --openai-api-key, with the key read from this file ('-' reads it from stdin), so it "
             "never appears in the process list.",
         ),
-        click.option("--model", envvar="ATELIER_MODEL", help="Catalog model (see `atelier models`)."),
-        click.option(
-            "--model-path", envvar="ATELIER_MODEL_PATH", type=click.Path(path_type=Path),
-            help="A pipeline folder saved by diffusers, instead of a catalog model.",
-        ),
+        *MODEL_OPTIONS,
         click.option(
             "--seed", type=click.IntRange(-1, MAX_SEED),
             help="Seed of the first image (image i uses seed+i); random if unset or -1.",

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from atelier.cli.settings import choose_model, given_as, settings_for
+from atelier.cli.settings import choose_model, given_as, model_options, settings_for
 from atelier.engines.tuning import check_settings
 from atelier.errors import FieldProblem, SettingsError
 
@@ -30,11 +30,7 @@ log = logging.getLogger("atelier.serve")
 @click.command()
 @click.option("--host", envvar="ATELIER_HOST", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", envvar="ATELIER_PORT", type=int, default=5000, show_default=True, help="Port to listen on.")
-@click.option("--model", envvar="ATELIER_MODEL", help="Default catalog model (see `atelier models`).")
-@click.option(
-    "--model-path", envvar="ATELIER_MODEL_PATH", type=click.Path(path_type=Path),
-    help="A pipeline folder saved by diffusers, served instead of the catalog.",
-)  # fmt: skip
+@model_options
 @click.option(
     "--data-dir", envvar="ATELIER_DATA_DIR", type=click.Path(file_okay=False, path_type=Path),
     help="Where the database and files live (default: a per-user folder).",

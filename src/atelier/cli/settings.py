@@ -9,15 +9,33 @@ error that says which to drop.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 from click.core import ParameterSource
 
 from atelier.config import Settings, load_settings
 from atelier.errors import FieldProblem, SettingsError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+MODEL_OPTIONS = (
+    click.option("--model", envvar="ATELIER_MODEL", help="Catalog model (see `atelier models`)."),
+    click.option(
+        "--model-path", envvar="ATELIER_MODEL_PATH", type=click.Path(path_type=Path),
+        help="A pipeline folder saved by diffusers, served instead of a catalog model.",
+    ),
+)  # fmt: skip
+
+
+def model_options(command: F) -> F:
+    """``--model`` and ``--model-path``, the same on every command that runs a model (see ``choose_model``)."""
+    for option in reversed(MODEL_OPTIONS):
+        command = option(command)
+    return command
 
 
 def given_as(ctx: click.Context, param: str) -> str | None:

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 import click
 
-from atelier.cli.serve import check_data_dir, check_files, require_cluster
-from atelier.cli.settings import choose_model, given_as, settings_for
+from atelier.cli.serve import check_data_dir, check_executor, check_files, require_cluster
+from atelier.cli.settings import choose_model, given_as, model_options, settings_for
 from atelier.engines.tuning import check_settings
 
 if TYPE_CHECKING:
@@ -27,11 +27,7 @@ if TYPE_CHECKING:
 
 
 @click.command()
-@click.option("--model", envvar="ATELIER_MODEL", help="Default catalog model (see `atelier models`).")
-@click.option(
-    "--model-path", envvar="ATELIER_MODEL_PATH", type=click.Path(path_type=Path),
-    help="A pipeline folder saved by diffusers, served instead of the catalog.",
-)  # fmt: skip
+@model_options
 @click.option(
     "--data-dir", envvar="ATELIER_DATA_DIR", type=click.Path(file_okay=False, path_type=Path),
     help="Where files live (default: a per-user folder); the database is ATELIER_DATABASE_URL.",
@@ -46,6 +42,7 @@ def worker(ctx: click.Context, model: str | None, model_path: Path | None, data_
     check_files(settings)  # a bucket it cannot use is one line now, not a failed job later
     check_settings(settings)  # ATELIER_OFFLOAD, ATELIER_QUANTIZE...: refused now if the device cannot honour them
     check_data_dir(settings.data_dir, given_as(ctx, "data_dir") or "ATELIER_DATA_DIR")
+    check_executor(settings)  # ATELIER_EXECUTOR=ray: Ray installed and its cluster answering, in one line
     run(settings)
 
 
