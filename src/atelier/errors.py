@@ -13,11 +13,12 @@ them in their own shapes in exactly one place each; nothing else turns errors in
     │   └── ModelNotFound             404 model_not_found   a model this server does not serve
     ├── Conflict                      409 conflict          e.g. Cog: every slot busy
     ├── PayloadTooLarge               413 payload_too_large the request body is over ATELIER_MAX_BODY_BYTES
-    ├── TooManyRequests               429 rate_limited      carries retry_after seconds
+    ├── RetryLater                    (refused for now)     carries retry_after seconds (Retry-After)
+    │   ├── TooManyRequests           429 rate_limited
+    │   └── InsufficientStorage       507 insufficient_storage  the server's disk is full
     ├── ModelUnavailable              503 model_unavailable weights missing, offline, wrong folder
     │   └── SettingsError             503 model_unavailable a setting (ATELIER_*, a flag) cannot work as given
     ├── StorageUnavailable            503 storage_unavailable  the file bucket refused or could not be reached
-    ├── InsufficientStorage           507 insufficient_storage  the server's disk is full; carries retry_after
     ├── Canceled                      499 canceled          a job stopped on request
     ├── EngineError                   502 engine_error      the model or upstream failed
     └── FailedPrediction              (as recorded)         a stored failure, rebuilt (jobs/records.py Failure)
@@ -116,13 +117,21 @@ class PayloadTooLarge(AtelierError):
     code = "payload_too_large"
 
 
-class TooManyRequests(AtelierError):
+class RetryLater(AtelierError):
+    """Refused for now, not for good: ``retry_after`` seconds say when to come back (the class's default
+    unless given); every door sends it as ``Retry-After``."""
+
+    retry_after: float = 1.0
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        if retry_after is not None:
+            self.retry_after = retry_after
+
+
+class TooManyRequests(RetryLater):
     status = 429
     code = "rate_limited"
-
-    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 class ModelUnavailable(AtelierError):
@@ -137,15 +146,12 @@ class StorageUnavailable(AtelierError):
     code = "storage_unavailable"
 
 
-class InsufficientStorage(AtelierError):
+class InsufficientStorage(RetryLater):
     """The server's disk is full: nothing was written, and no new work is taken until space is freed."""
 
     status = 507
     code = "insufficient_storage"
-
-    def __init__(self, message: str, *, retry_after: float = 60.0) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
+    retry_after = 60.0
 
 
 class SettingsError(ModelUnavailable):
