@@ -70,9 +70,14 @@ def where() -> str:
     return "".join(f"  {f.filename.rsplit('/atelier/', 1)[1]}:{f.lineno} {f.name}\n" for f in frames[-6:])
 
 
+def hold_next(doors: Doors) -> Any:
+    """The next job the engine runs waits (between steps 1 and 2) until the returned gate is set."""
+    doors.engine.started.clear()  # set by the jobs before: ``engine_started`` waits for the held one
+    return doors.engine.block()
+
+
 async def engine_started(doors: Doors) -> None:
     assert await asyncio.to_thread(doors.engine.started.wait, 10.0), "the engine never started"
-    doors.engine.started.clear()
 
 
 async def replicate_mix(doors: Doors, receiver: Receiver) -> None:
@@ -88,7 +93,7 @@ async def replicate_mix(doors: Doors, receiver: Receiver) -> None:
     stream = await http.get(streamed.json()["urls"]["stream"])
     assert stream.status_code == 200 and "event: done" in stream.text, stream.text
 
-    gate = doors.engine.block()
+    gate = hold_next(doors)
     running = (await http.post(REPLICATE_CREATE, json={"input": {"prompt": "blue"}, **hook})).json()
     await engine_started(doors)
     queued = (await http.post(REPLICATE_CREATE, json={"input": {"prompt": "queued"}})).json()
@@ -168,3 +173,98 @@ def png() -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (64, 48), (10, 20, 30)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+# -- a slow database does not stall the loop -------------------------------------------------------------
+
+HOLD_BOUND = 30.0  # the holder lets go by itself after this long: a blocked loop fails the test, never hangs it
+
+
+class Holder:
+    """Another connection holding a lock (``lock_sql``, in a transaction, on its own thread) until ``release``."""
+
+    def __init__(self, url: str, lock_sql: str, **params: Any) -> None:
+        self.engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+        self.holding, self.released = threading.Event(), threading.Event()
+        self.let_go = threading.Event()  # the lock is free again (released, or HOLD_BOUND ran out)
+        self._thread = threading.Thread(target=self._hold, args=(lock_sql, params), daemon=True)
+
+    def __enter__(self) -> Holder:
+        self._thread.start()
+        assert self.holding.wait(10), "the lock was never taken"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.released.set()
+        self._thread.join(10)
+        self.engine.dispose()
+
+    def _hold(self, lock_sql: str, params: dict[str, Any]) -> None:
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(sa.text(lock_sql), params)
+                self.holding.set()
+                self.released.wait(HOLD_BOUND)
+        finally:
+            self.let_go.set()
+
+    def waiters(self) -> int:
+        """Backends of this database waiting for a lock right now (blocking: call it in a thread)."""
+        with self.engine.connect() as conn:
+            sql = (
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+            )
+            return int(conn.execute(sa.text(sql)).scalar_one())
+
+
+async def blocked_on(holder: Holder, request: asyncio.Task[Any]) -> None:
+    """Until ``request``'s statement waits for the holder's lock; fails if it finished first (its statement
+    never waited, or the loop was blocked while it did: nothing else ran until the holder let go)."""
+    for _ in range(2000):
+        if request.done():
+            break
+        if await asyncio.to_thread(holder.waiters):
+            return
+        await asyncio.sleep(0.01)  # a poll of the database's state, not a timing assumption
+    pytest.fail("the request was never seen waiting on the lock (or finished before anything else ran)")
+
+
+async def answered_meanwhile(doors: Doors, holder: Holder, waiting: asyncio.Task[Any], *paths: str) -> None:
+    """Other requests are answered while ``waiting`` still waits on the lock the holder has not let go."""
+    for path in paths:
+        response = await asyncio.wait_for(doors.client.get(path), HOLD_BOUND / 2)
+        assert response.status_code == 200, (path, response.text)
+    stalled = "the loop was blocked while the request waited: nothing else ran until the holder let go by itself"
+    assert not holder.let_go.is_set() and not waiting.done(), stalled
+
+
+async def test_a_create_waiting_on_admission_does_not_stall_other_requests(pg_database: str, tmp_path: Path) -> None:
+    from atelier.jobs.claims import ADMIT_LOCK
+
+    async with on_postgresql(pg_database, tmp_path) as doors:
+        made = (await doors.client.post(REPLICATE_CREATE, json={"input": {"prompt": "x"}}, headers=WAIT)).json()
+        with Holder(pg_database, "SELECT pg_advisory_xact_lock(:k)", k=ADMIT_LOCK) as holder:
+            creating = asyncio.create_task(doors.client.post(REPLICATE_CREATE, json={"input": {"prompt": "y"}}))
+            await blocked_on(holder, creating)
+            await answered_meanwhile(
+                doors, holder, creating, "/health-check", f"/v1/predictions/{made['id']}", "/v1/predictions"
+            )
+        created = await asyncio.wait_for(creating, HOLD_BOUND)
+        assert created.status_code == 201, created.text  # admitted once the lock was let go
+
+
+async def test_a_cancel_waiting_on_a_locked_row_does_not_stall_other_requests(pg_database: str, tmp_path: Path) -> None:
+    async with on_postgresql(pg_database, tmp_path) as doors:
+        made = (await doors.client.post(REPLICATE_CREATE, json={"input": {"prompt": "x"}}, headers=WAIT)).json()
+        gate = hold_next(doors)
+        running = (await doors.client.post(REPLICATE_CREATE, json={"input": {"prompt": "held"}})).json()
+        await engine_started(doors)
+        row = "SELECT id FROM predictions WHERE id = :id FOR UPDATE"
+        with Holder(pg_database, row, id=running["id"]) as holder:
+            canceling = asyncio.create_task(doors.client.post(f"/v1/predictions/{running['id']}/cancel"))
+            await blocked_on(holder, canceling)
+            paths = "/health-check", f"/v1/predictions/{made['id']}", f"/v1/predictions/{running['id']}"
+            await answered_meanwhile(doors, holder, canceling, *paths)
+        canceled = await asyncio.wait_for(canceling, HOLD_BOUND)
+        gate.set()
+        assert canceled.json()["status"] == "canceled", canceled.text
