@@ -20,9 +20,9 @@ How a call runs depends on the store, and is decided here alone:
   loop's default executor, so a slow write never holds a read up, and the loop is free meanwhile.
 * **On SQLite both run inline**, on the loop's thread, as they always have: the embedded store is a
   local file where a call takes well under a millisecond, and ``bench/store_calls.py`` measured moving
-  it to a thread as slower per call under load (SQLite ``update_prediction`` 1.5 ms on the loop against
-  2.9 ms through a single-thread executor on the shared 2-core machine; docs/benchmarks.md §6). An
-  awaited inline call never yields to the loop, so the embedded path keeps its behaviour exactly: no
+  it to a thread as slower per call under load (SQLite ``update_prediction`` 0.29 ms on the loop against
+  0.47 ms through a single-thread executor, ``get_prediction`` 0.30 against 0.53 ms, on the shared
+  2-core machine; docs/benchmarks.md §6). An awaited inline call never yields to the loop, so the embedded path keeps its behaviour exactly: no
   other request runs between a check and the write that follows it. On PostgreSQL (a network round trip
   per call, the cluster) nothing runs on the loop's thread: tests/integration/test_store_off_loop.py
   records every statement's thread and fails on any made there.
