@@ -21,11 +21,13 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
 
-from doors import REPLICATE_CREATE, Doors, serve
+from doors import BASE, REPLICATE_CREATE, Doors, serve
+from fakes import FakeEngine
 from receivers import Receiver
 
 pytest.importorskip("psycopg")
@@ -163,6 +165,73 @@ async def test_no_statement_runs_on_the_event_loop_thread(pg_database: str, tmp_
             assert arrived, [(r.path, r.text[:80]) for r in receiver.requests]
         sites = sorted({c.split("\n", 1)[1] for c in caught})
         assert caught == [], f"{len(caught)} statement(s) ran on the loop's thread, from:\n" + "\n".join(sites)
+
+
+TOKEN = "off-loop-token-0123456789"
+
+
+@asynccontextmanager
+async def api_and_worker(
+    database: str, tmp_path: Path
+) -> AsyncIterator[tuple[httpx.AsyncClient, FakeEngine, Any, Any]]:
+    """An API-only process and a worker process (two apps on one loop, one database, one files folder as on
+    one machine), with an API token: the API process answers for jobs the worker runs (the relay, remote
+    cancel, per-token secrets)."""
+    from atelier.app import create_app
+    from atelier.config import Settings
+
+    engine = FakeEngine()
+    apps = []
+    for work in (False, True):  # the API process, then the worker
+        settings = Settings(data_dir=tmp_path, database_url=database, api_tokens=[TOKEN], webhook_allow=["127.0.0.1"])
+        apps.append(create_app(settings, engines={"fake": engine}, default="fake", warm_up=False, work=work))
+    api, worker = apps
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with (
+        api.router.lifespan_context(api),
+        worker.router.lifespan_context(worker),
+        httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url=BASE, headers=headers, timeout=30) as http,
+    ):
+        yield http, engine, api, worker
+
+
+async def test_no_statement_runs_on_the_loop_thread_of_an_api_process_or_a_worker(
+    pg_database: str, tmp_path: Path, receiver: Receiver
+) -> None:
+    async with api_and_worker(pg_database, tmp_path) as (http, engine, api, worker):
+        engines = [app.state.services.store.engine for app in (api, worker)]
+        with statements_on_this_thread(engines[0]) as caught, statements_on_this_thread(engines[1]) as also:
+            hook = {"webhook": receiver.url(path="/hook")}
+            made = await http.post(REPLICATE_CREATE, json={"input": {"prompt": "x"}, **hook}, headers=WAIT)
+            assert made.json()["status"] == "succeeded", made.text  # run by the worker, waited for by the API
+            assert (await http.get(made.json()["output"][0])).status_code == 200
+
+            streamed = (await http.post(REPLICATE_CREATE, json={"input": {"prompt": "s"}})).json()
+            stream = await http.get(streamed["urls"]["stream"])  # followed through the relay
+            assert "event: done" in stream.text, stream.text
+
+            engine.started.clear()
+            gate = engine.block()
+            held = (await http.post(REPLICATE_CREATE, json={"input": {"prompt": "held"}, **hook})).json()
+            assert await asyncio.to_thread(engine.started.wait, 10.0), "the worker never started the job"
+            assert (await http.get(f"/v1/predictions/{held['id']}")).json()["status"] == "processing"
+            canceled = await http.post(f"/v1/predictions/{held['id']}/cancel")  # ends the row; tells the worker
+            assert canceled.json()["status"] == "canceled", canceled.text
+            gate.set()
+
+            generated = await http.post("/v1/images/generations", json={"prompt": "o", "model": "fake"})
+            assert generated.status_code == 200, generated.text
+
+            cog = await http.post("/predictions", json={"input": {"prompt": "c"}})
+            assert cog.json()["status"] == "succeeded", cog.text
+            assert (await http.get("/v1/webhooks/default/secret")).status_code == 200  # this token's, stored
+            assert (await http.get("/v1/predictions")).status_code == 200
+            arrived = await asyncio.to_thread(
+                receiver.wait_for, lambda r: {"succeeded", "canceled"} <= set(r.events("/hook"))
+            )
+            assert arrived, [(r.path, r.text[:80]) for r in receiver.requests]
+        sites = sorted({c.split("\n", 1)[1] for c in [*caught, *also]})
+        assert not caught and not also, "statement(s) ran on the loop's thread, from:\n" + "\n".join(sites)
 
 
 def png() -> bytes:
