@@ -312,3 +312,92 @@ async def test_a_reason_alone_fails_as_a_500_with_its_code(clock: Clock) -> None
     task, store, _ = make_task(clock)
     await task.fail("the server shut down", "interrupted")
     assert store.row["failure"] == Failure("interrupted", 500, "the server shut down")
+
+
+# -- transitions written off the loop (PostgreSQL): one at a time, in order ----------------------------------
+
+
+class HeldRows:
+    """A store on the ordered writer's thread whose status writes wait until the test lets them land."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.writes: list[dict[str, Any]] = []
+        self.arrived = threading.Semaphore(0)  # released as each status write reaches the "database"
+        self.land = threading.Semaphore(0)  # released by the test: one status write lands
+        self.fail_next = False
+
+    def update_prediction(self, id: str, **fields: Any) -> None:
+        if "status" in fields:
+            self.arrived.release()
+            if not self.land.acquire(timeout=10):  # a write the test never lets land fails it, never hangs it
+                raise AssertionError(f"a write the test did not expect: {fields}")
+            if self.fail_next:
+                self.fail_next = False
+                raise OSError("the database went away")
+        self.writes.append(fields)
+
+
+async def arrives(rows: HeldRows) -> None:
+    assert await asyncio.to_thread(rows.arrived.acquire, True, 10), "the write never reached the store"
+
+
+def held_task() -> tuple[Task, HeldRows, list[Event], Any]:
+    from atelier.jobs.store_calls import PredictionWrites, StoreCalls
+    from atelier.jobs.writer import OrderedWriter
+
+    rows = HeldRows()
+    calls = StoreCalls(None, OrderedWriter())  # type: ignore[arg-type]  # its thread; the store is ``rows``
+    heard: list[Event] = []
+    prediction = Prediction(id="p1", model="fake", source="python")
+    task = Task(prediction, PredictionWrites(calls, rows), notify=lambda p, e: heard.append(e))
+    return task, rows, heard, calls
+
+
+async def test_memory_and_listeners_change_only_once_the_write_has_landed() -> None:
+    task, rows, heard, calls = held_task()
+    starting = asyncio.create_task(task.start())
+    await arrives(rows)
+    assert task.status == Status.STARTING and heard == []  # written first; nothing changed or told yet
+    rows.land.release()
+    await starting
+    assert task.status == Status.PROCESSING and [e.kind for e in heard] == ["status"]
+    calls.close()
+
+
+async def test_a_cancel_while_the_outcome_is_written_waits_then_finds_it_ended() -> None:
+    from atelier.jobs.task import unless_ended
+
+    task, rows, heard, calls = held_task()
+    rows.land.release()
+    await task.start()
+    await arrives(rows)
+    succeeding = asyncio.create_task(task.succeed(result(), records()))
+    await arrives(rows)  # the outcome's write is under way
+    canceling = asyncio.create_task(task.cancel())
+    await asyncio.sleep(0)  # the cancel runs up to where it waits for the outcome's transition
+    assert not canceling.done() and task.status == Status.PROCESSING
+    rows.land.release()
+    await succeeding
+    with pytest.raises(InvalidTransition):
+        await canceling  # the outcome was recorded first: nothing to cancel, nothing written
+    await unless_ended(task.cancel())  # what the intake and the workers do: a no-op on an ended task
+    await calls.drain()
+    assert task.status == Status.SUCCEEDED
+    assert [w["status"] for w in rows.writes if "status" in w] == [Status.PROCESSING, Status.SUCCEEDED]
+    assert [e.kind for e in heard][-3:] == ["output", "status", "done"]
+    calls.close()
+
+
+async def test_a_failed_write_leaves_the_task_as_it_was_and_the_next_transition_works() -> None:
+    task, rows, heard, calls = held_task()
+    rows.fail_next = True
+    rows.land.release()
+    with pytest.raises(OSError):
+        await task.start()
+    assert task.status == Status.STARTING and heard == []
+    rows.land.release()
+    await task.cancel()
+    assert task.status == Status.CANCELED and rows.writes[-1]["status"] == Status.CANCELED
+    calls.close()
