@@ -286,11 +286,11 @@ class Holder:
             return int(conn.execute(sa.text(sql)).scalar_one())
 
 
-async def blocked_on(holder: Holder, request: asyncio.Task[Any]) -> None:
-    """Until ``request``'s statement waits for the holder's lock; fails if it finished first (its statement
-    never waited, or the loop was blocked while it did: nothing else ran until the holder let go)."""
+async def blocked_on(holder: Holder, request: asyncio.Task[Any] | None = None) -> None:
+    """Until a statement (``request``'s) waits for the holder's lock; fails if ``request`` finished first (its
+    statement never waited, or the loop was blocked while it did: nothing else ran until the holder let go)."""
     for _ in range(2000):
-        if request.done():
+        if request is not None and request.done():
             break
         if await asyncio.to_thread(holder.waiters):
             return
@@ -337,3 +337,30 @@ async def test_a_cancel_waiting_on_a_locked_row_does_not_stall_other_requests(pg
         canceled = await asyncio.wait_for(canceling, HOLD_BOUND)
         gate.set()
         assert canceled.json()["status"] == "canceled", canceled.text
+
+
+async def test_a_cancel_while_the_outcome_is_being_written_answers_the_outcome(
+    pg_database: str, tmp_path: Path
+) -> None:
+    async with on_postgresql(pg_database, tmp_path) as doors:
+        gate = hold_next(doors)
+        running = (await doors.client.post(REPLICATE_CREATE, json={"input": {"prompt": "held"}})).json()
+        await engine_started(doors)
+        row = "SELECT id FROM predictions WHERE id = :id FOR UPDATE"
+        live = doors.app.state.services.runner.queue.get(running["id"]).task
+        with Holder(pg_database, row, id=running["id"]) as holder:
+            gate.set()  # the job ends; the write of its outcome waits on the locked row
+            await blocked_on(holder)
+            for _ in range(2000):  # until its outcome (the only transition left) is being written
+                if live.changing:
+                    break
+                await asyncio.sleep(0.01)  # a poll of the task's state, not a timing assumption
+            assert live.changing and live.status == "processing", live.status
+            canceling = asyncio.create_task(doors.client.post(f"/v1/predictions/{running['id']}/cancel"))
+            await answered_meanwhile(doors, holder, canceling, "/health-check")
+        canceled = await asyncio.wait_for(canceling, HOLD_BOUND)
+        # The outcome was on its way first: the cancel waited for it and answers it, and nothing is undone.
+        assert canceled.json()["status"] == "succeeded", canceled.text
+        final = (await doors.client.get(f"/v1/predictions/{running['id']}")).json()
+        assert final["status"] == "succeeded" and final["output"], final
+        assert (await doors.client.get(final["output"][0])).status_code == 200

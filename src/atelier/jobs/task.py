@@ -125,6 +125,11 @@ class Task:
     def terminal(self) -> bool:
         return self.prediction.terminal
 
+    @property
+    def changing(self) -> bool:
+        """A transition is being written: the next one waits for it, then finds the state it left."""
+        return self._changing.locked()
+
     def subscribe(self, maxsize: int = DEFAULT_MAXSIZE) -> Subscription:
         """Events from now on; a subscription to a finished task gets its ``done`` at once."""
         if self.terminal:
