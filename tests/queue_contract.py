@@ -37,7 +37,10 @@ ENGINE = FakeEngine()
 
 
 class _Rows:
-    def update_prediction(self, id: str, **fields: Any) -> None:
+    async def update_prediction(self, id: str, **fields: Any) -> None:
+        pass
+
+    def post_update(self, id: str, **fields: Any) -> None:
         pass
 
 
@@ -77,7 +80,7 @@ async def live_jobs_are_counted_until_released_and_finished(make: QueueFactory) 
     assert len(queue) == 2 and queue.live(Caller("a", "u")) == (2, 1) and queue.get("j1") is first
     batch = await asyncio.wait_for(queue.next_batch(), 1.0)
     assert [e.id for e in batch] == ["j1"] and set(queue.active) == {"j1"} and len(queue) == 1
-    first.task.cancel()  # ends while running: forgotten once its worker lets go
+    await first.task.cancel()  # ends while running: forgotten once its worker lets go
     queue.release(batch)
     assert queue.get("j1") is None and queue.active == {} and queue.live(Caller("a", None)) == (1, 0)
 
@@ -87,7 +90,7 @@ async def a_canceled_queued_job_leaves_and_is_never_handed_out(make: QueueFactor
     gone, kept = entry("gone"), entry("kept")
     queue.push(gone)
     queue.push(kept)
-    gone.task.cancel()
+    await gone.task.cancel()
     assert queue.remove_queued(gone) is True
     queue.forget(gone)
     assert queue.remove_queued(gone) is False and queue.get("gone") is None
@@ -133,7 +136,7 @@ async def a_worker_waits_for_work_and_takes_nothing_after_close(make: QueueFacto
     await _settle()
     assert not late.done()  # closed: held back for the next start
     late.cancel()
-    batch[0].task.cancel()
+    await batch[0].task.cancel()
     queue.release(batch)
     await queue.wait_idle(time.monotonic() + 1.0)
     assert queue.active == {} and queue.busy_workers == 0 and [e.id for e in queue.queued()] == ["late"]

@@ -35,6 +35,7 @@ from atelier.jobs.retention import Retention
 from atelier.jobs.routing import EngineRouter
 from atelier.jobs.runner import Runner
 from atelier.jobs.store import Store
+from atelier.jobs.store_calls import StoreCalls
 from atelier.jobs.webhooks import WebhookEngine
 from atelier.request import ImageRequest
 
@@ -122,6 +123,11 @@ class Services:
     sweeper: asyncio.Task[None] | None = field(default=None, repr=False)
     doors: list[Door] = field(default_factory=list)  # added by create_app; started and stopped here
 
+    @property
+    def calls(self) -> StoreCalls:
+        """The one seam to the store from the loop (``atelier.jobs.store_calls``): the doors' reads go there."""
+        return self.runner.calls
+
     @classmethod
     def build(
         cls,
@@ -160,6 +166,7 @@ class Services:
             if strays:
                 log.warning("removed %d file(s) left behind by an interrupted write", strays)
         await self.runner.start()
+        await self.calls.read(self.files.load_keys)  # the signing key, read once: requests never wait on it
         self.webhooks.start()  # messages left in the outbox by a previous process go out now
         for door in self.doors:
             await door.start()
@@ -193,15 +200,16 @@ class Services:
             await door.flush_webhooks()
         await self.webhooks.stop()  # after the runner (its last messages), before the store
         await asyncio.to_thread(self.router.close)
+        await asyncio.to_thread(self.calls.close)  # the ordered writer's last writes, then its thread ends
         self.store.close()
         self.started = False
 
     # -- admission and input images ---------------------------------------------------------------------
 
-    def admit(self, owner: str | None, user: str | None = None) -> None:
+    async def admit(self, owner: str | None, user: str | None = None) -> None:
         """``TooManyRequests`` (429 with Retry-After) now if the queue or the caller's limits would refuse a
         prediction: every door calls it before it reads, fetches, decodes or stores an input image."""
-        self.runner.check_admission(Caller(owner, user))
+        await self.runner.check_admission(Caller(owner, user))
 
     @asynccontextmanager
     async def staged_inputs(
@@ -209,7 +217,7 @@ class Services:
     ) -> AsyncIterator[Staged]:
         """Admission first, then ``request``'s input images as files (``stage_inputs``, in a thread); if the
         ``with`` body raises (the runner refused the job), the files stored for it are deleted again."""
-        self.admit(owner, request.user_id)
+        await self.admit(owner, request.user_id)
         staged = await asyncio.to_thread(self.stage_inputs, request, owner, prediction_id)
         try:
             yield staged

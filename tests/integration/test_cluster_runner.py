@@ -88,7 +88,7 @@ async def test_a_job_accepted_by_an_api_process_runs_on_a_worker_and_its_events_
     engine = FakeEngine(steps=3)
     await cluster.runner(engine)
     prediction = await api.submit(Submission(request(), "replicate", previews=1))
-    subscription = api.subscribe(prediction.id)
+    subscription = await api.subscribe(prediction.id)
     events = [event async for event in subscription]
     kinds = [e.kind for e in events]
     assert kinds[0] == "status" and kinds[-3:] == ["output", "status", "done"]

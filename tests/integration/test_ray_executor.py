@@ -176,7 +176,7 @@ async def test_progress_and_previews_stream_back_from_the_replica(cluster, signa
         submission = Submission(ImageRequest(prompt="show me"), model="signal", source="replicate", previews=2)
         prediction = await runner.submit(submission)
         steps = []
-        async for event in runner.subscribe(prediction.id):
+        async for event in await runner.subscribe(prediction.id):
             if event.kind == "progress":
                 steps.append((event.step, event.total, event.preview.size))
         done = await s.wait(prediction.id)

@@ -769,8 +769,8 @@ async def test_stream_follows_a_live_prediction_without_auth_by_its_signature(
     runner, following = door.app.state.services.runner, asyncio.Event()
     subscribe = runner.subscribe
 
-    def subscribed(prediction_id: str) -> Any:
-        subscription = subscribe(prediction_id)
+    async def subscribed(prediction_id: str) -> Any:
+        subscription = await subscribe(prediction_id)
         following.set()  # the stream has its subscription: what happens from now on reaches it live
         return subscription
 

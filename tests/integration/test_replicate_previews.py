@@ -53,8 +53,8 @@ class Door:
         gate, runner, following = self.gate, self.app.state.services.runner, asyncio.Event()
         subscribe = runner.subscribe
 
-        def subscribed(prediction_id: str) -> Any:
-            subscription = subscribe(prediction_id)
+        async def subscribed(prediction_id: str) -> Any:
+            subscription = await subscribe(prediction_id)
             following.set()
             return subscription
 

@@ -190,13 +190,13 @@ async def test_every_worker_gets_its_own_engine_thread(harness: Harness) -> None
 async def test_subscribe_sees_status_progress_output_done_in_order(harness: Harness) -> None:
     runner = await harness.runner(FakeEngine(steps=3))
     p = await runner.submit(Submission(request(), source="openai", previews=2))
-    events = [e async for e in runner.subscribe(p.id)]
+    events = [e async for e in await runner.subscribe(p.id)]
     kinds = [e.kind for e in events if e.kind != "logs"]
     assert kinds == ["status", "progress", "progress", "progress", "output", "status", "done"]
     assert [e.status for e in events if isinstance(e, StatusEvent)] == ["processing", "succeeded"]
     assert all(e.preview is not None and e.preview.size == (64, 64) for e in events if isinstance(e, ProgressReport))
     assert events[-1].prediction is not None and events[-1].prediction.output
-    late = [e.kind async for e in runner.subscribe(p.id)]  # after the end: just "done"
+    late = [e.kind async for e in await runner.subscribe(p.id)]  # after the end: just "done"
     assert late == ["done"]
 
 
@@ -388,7 +388,7 @@ async def test_graceful_stop_leaves_queued_work_for_the_next_start(harness: Harn
     assert "Interrupted by server shutdown" in stored[running.id].logs  # type: ignore[union-attr]
     assert stored[keyed.id].status == "failed"  # type: ignore[union-attr]
     assert KEY_NOT_STORED in (stored[keyed.id].error or "")  # type: ignore[union-attr]
-    assert [e.kind async for e in first.subscribe(keyed.id)] == ["done"]  # no subscriber hangs
+    assert [e.kind async for e in await first.subscribe(keyed.id)] == ["done"]  # no subscriber hangs
     second = await harness.runner(FakeEngine())
     for p in (running, queued):
         assert (await second.wait(p.id, timeout=2)).status == "succeeded"

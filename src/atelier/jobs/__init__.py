@@ -9,7 +9,7 @@
     intake.py     Intake: submit / get / find / cancel / delete / wait / subscribe / list; admission
     worker.py     Workers: take a batch, run it (the one engine call), deliver outputs, settle
     runner.py     Runner: intake + queue + workers of one process; restart recovery; stop
-    store_calls.py StoreCalls: the one place the job system calls the store from the loop
+    store_calls.py StoreCalls: the one seam to the store from the loop (ordered writes, reads off the loop)
     routing.py    EngineRouter: which engine serves a request; one-time engine setup
     recovery.py   what a prediction records to run again after a restart, and whether it can
     store.py      Store: SQLite (WAL) or PostgreSQL (ATELIER_DATABASE_URL) through SQLAlchemy Core

@@ -47,7 +47,7 @@ from atelier.jobs.queue import Capacity, Entry
 from atelier.jobs.records import FileRecord, Prediction, utc_now
 from atelier.jobs.relay import Publisher, Relay
 from atelier.jobs.runner import Runner
-from atelier.jobs.task import USER_CANCEL, Task
+from atelier.jobs.task import USER_CANCEL, Task, unless_ended
 from atelier.jobs.worker import Workers
 
 if TYPE_CHECKING:
@@ -139,7 +139,7 @@ class ClusterRunner(Runner):
         await super().stop(timeout)
         released = self.cluster_workers.released
         if released and self.shared is not None:
-            await asyncio.to_thread(self.shared.release, list(released), RELEASED)
+            await self.calls.write(self.shared.release, list(released), RELEASED)  # after the jobs' own writes
             log.info("gave %d job(s) back to the queue", len(released))
         for task in self._background:
             task.cancel()
@@ -148,6 +148,7 @@ class ClusterRunner(Runner):
             await self.relay.stop()
         if self.publisher is not None:
             await asyncio.to_thread(self.publisher.close)
+        await self.calls.drain()
 
     def _capacity(self) -> Capacity:
         queue = self.queue
@@ -161,7 +162,12 @@ class ClusterRunner(Runner):
             self.store.engine, prediction.id, attempt, on_lost=lambda: token.cancel(LEASE_LOST), owner=self.name
         )
         self.writers[prediction.id] = writer
-        return Task(prediction, writer, cost_per_second=self.settings.cost_per_second, notify=self.dispatcher.notify)
+        return Task(
+            prediction,
+            self.calls.writes_to(writer),
+            cost_per_second=self.settings.cost_per_second,
+            notify=self.dispatcher.notify,
+        )
 
     def forward(self, entry: Entry) -> None:
         """Publish the job's events for the other processes, until it ends."""
@@ -179,7 +185,7 @@ class ClusterRunner(Runner):
 
     def announce_end(self, prediction: Prediction) -> None:
         """Listeners here (webhooks) hear that ``prediction`` ended: this process wrote its end."""
-        Task(prediction, self.store, notify=self.dispatcher.notify).announce_end()
+        Task(prediction, self.calls, notify=self.dispatcher.notify).announce_end()
 
     def shared_queue(self) -> SharedQueue:
         if self.shared is None:
@@ -206,7 +212,7 @@ class ClusterRunner(Runner):
             await asyncio.sleep(self.lease_seconds / 3)
             held = [id for id, writer in self.writers.items() if not writer.lost]
             try:
-                lost = await asyncio.to_thread(shared.renew, held)
+                lost = await self.calls.unordered(shared.renew, held)
             except Exception:
                 log.exception("renewing leases failed; retrying")
                 continue
@@ -221,7 +227,7 @@ class ClusterRunner(Runner):
         while True:
             await asyncio.sleep(self.lease_seconds / 3)
             try:
-                swept = await asyncio.to_thread(shared.sweep)
+                swept = await self.calls.unordered(shared.sweep)
             except Exception:
                 log.exception("sweeping expired leases failed; retrying")
                 continue
@@ -230,7 +236,7 @@ class ClusterRunner(Runner):
             for id in swept.requeued:
                 log.warning("prediction %s: its worker was lost; re-queued", id)
             for id in [*swept.failed, *swept.canceled]:
-                ended = await asyncio.to_thread(self.store.get_prediction, id)
+                ended = await self.calls.get_prediction(id)
                 if ended is not None:
                     self.announce_end(ended)
 
@@ -245,11 +251,11 @@ class ClusterIntake(Intake):
         self.runner = runner
         self._abandoning: set[asyncio.Task[None]] = set()
 
-    def accept(self, prediction: Prediction, job: Job, engine: Engine, batch: BatchPlan | None) -> None:
+    async def accept(self, prediction: Prediction, job: Job, engine: Engine, batch: BatchPlan | None) -> None:
         runner = self.runner
         pinned = job.request.openai_api_key is not None
-        route = prediction.model
-        runner.shared_queue().admit(prediction, route=route, batch=batch, pinned=pinned)  # bound, limits: everyone
+        admit = runner.shared_queue().admit  # the bound and limits over everyone, and the insert: one transaction
+        await self.store.write(admit, prediction, route=prediction.model, batch=batch, pinned=pinned)
         if pinned:  # run here, from memory: the key is never stored
             token = CancelToken()
             entry = Entry(runner.claimed_task(prediction, 1, token), job, engine, token, batch=batch)
@@ -260,15 +266,15 @@ class ClusterIntake(Intake):
             Task(prediction.snapshot(), self.store, notify=runner.dispatcher.notify).announce()
             runner.wake.set()  # this process's own idle claimers need not wait for the notification
 
-    def check_admission(self, caller: Caller) -> None:
+    async def check_admission(self, caller: Caller) -> None:
         self._check_accepting()
-        self.runner.shared_queue().check(caller)
+        await self.store.read(self.runner.shared_queue().check, caller)
         self.files.check_space()
 
     async def wait(self, id: str, timeout: float | None) -> Prediction:
         if self.queue.get(id) is not None:
             return await super().wait(id, timeout)
-        prediction = await asyncio.to_thread(self._require, id)
+        prediction = await self._require(id)
         if prediction.terminal:
             return prediction
         subscription = self.runner.relayed().subscribe(prediction)
@@ -277,13 +283,16 @@ class ClusterIntake(Intake):
                 await asyncio.wait_for(_until_done(subscription), timeout)
         finally:
             subscription.close()
-        return await asyncio.to_thread(self._require, id)
+        return await self._require(id)
 
-    def subscribe(self, id: str) -> Subscription:
+    async def subscribe(self, id: str) -> Subscription:
         entry = self.queue.get(id)
         if entry is not None:
             return entry.task.subscribe()
-        prediction = self._require(id)
+        prediction = await self._require(id)
+        entry = self.queue.get(id)  # claimed here meanwhile: follow it live
+        if entry is not None:
+            return entry.task.subscribe()
         return finished_subscription(prediction) if prediction.terminal else self.runner.relayed().subscribe(prediction)
 
     async def cancel(self, id: str, *, owner: str | None = None) -> Prediction:
@@ -293,7 +302,7 @@ class ClusterIntake(Intake):
         if prediction.terminal:
             return prediction
         await self._cancel_elsewhere(id, USER_CANCEL)
-        return await asyncio.to_thread(self._require, id)
+        return await self._require(id)
 
     def abandon(self, id: str, reason: str) -> None:
         if self.queue.get(id) is not None:
@@ -306,9 +315,9 @@ class ClusterIntake(Intake):
     async def _cancel_elsewhere(self, id: str, reason: str) -> None:
         line = "Prediction canceled" if reason == USER_CANCEL else f"Prediction canceled: {reason}"
         error = None if reason == USER_CANCEL else reason
-        if await asyncio.to_thread(self.runner.shared_queue().cancel, id, error, line):
+        if await self.store.write(self.runner.shared_queue().cancel, id, error, line):
             log.info("prediction %s canceled: %s", id, reason)
-            ended = await asyncio.to_thread(self._require, id)
+            ended = await self._require(id)
             self.runner.announce_end(ended)
 
 
@@ -335,12 +344,12 @@ class ClusterWorkers(Workers):
         shared = runner.shared_queue()
         while not self.stopping:
             try:
-                claims = await asyncio.to_thread(shared.claim, self.queue.max_batch_jobs)
+                claims = await runner.calls.unordered(shared.claim, self.queue.max_batch_jobs)
             except Exception:
                 log.exception("claiming from the queue failed; retrying")
                 claims = []
             if self.stopping:
-                await asyncio.to_thread(shared.release, [c.prediction.id for c in claims], RELEASED)
+                await runner.calls.write(shared.release, [c.prediction.id for c in claims], RELEASED)
                 return
             if not claims:
                 runner.wake.clear()
@@ -378,7 +387,7 @@ class ClusterWorkers(Workers):
                 if job.plan is None:  # an engine that cannot load a stored plan: checked again, here
                     job, _ = await asyncio.to_thread(runner.intake.check_job, engine, job)
             except Exception as exc:  # a model no longer served, an input no longer there
-                self._fail_unprepared(task, exc)
+                await self._fail_unprepared(task, exc)
                 continue
             entry = Entry(task, job, engine, token)
             entry.batch_size = len(claims)
@@ -388,28 +397,28 @@ class ClusterWorkers(Workers):
             batch.append(entry)
         return batch
 
-    def _fail_unprepared(self, task: Task, exc: Exception) -> None:
+    async def _fail_unprepared(self, task: Task, exc: Exception) -> None:
         self.runner.writers.pop(task.id, None)
         with contextlib.suppress(LeaseLost):
             if isinstance(exc, AtelierError):
-                task.fail(exc)
+                await unless_ended(task.fail(exc))
             else:
-                task.fail(f"the job could not be prepared to run ({exc}); resubmit", "interrupted")
+                await unless_ended(task.fail(f"the job could not be prepared to run ({exc}); resubmit", "interrupted"))
 
     def _arm_deadline(self, entry: Entry) -> None:
         deadline = entry.task.prediction.deadline
         if deadline is not None:
             delay = max(0.0, (deadline - utc_now()).total_seconds())
             loop = asyncio.get_running_loop()
-            entry.deadline_timer = loop.call_later(delay, self.runner.intake.cancel_entry, entry, DEADLINE_EXCEEDED)
+            entry.deadline_timer = loop.call_later(delay, self.runner.intake.cancel_soon, entry, DEADLINE_EXCEEDED)
 
     # -- outcomes, fenced ----------------------------------------------------------------------------------
 
-    def _settle(self, entry: Entry, exc: Exception) -> None:
+    async def _settle(self, entry: Entry, exc: Exception) -> None:
         try:
-            super()._settle(entry, exc)
+            await super()._settle(entry, exc)
         except LeaseLost:
-            self._ended_elsewhere(entry)
+            await self._ended_elsewhere(entry)
         if entry.task.terminal:
             self.runner.writers.pop(entry.id, None)
 
@@ -430,34 +439,34 @@ class ClusterWorkers(Workers):
         self._kept[entry.id] = records  # deleted again if the fenced succeed is refused (_ended_elsewhere)
         return records
 
-    def _ended_elsewhere(self, entry: Entry) -> None:
+    async def _ended_elsewhere(self, entry: Entry) -> None:
         """The row was ended (or taken back) by another process: keep nothing, write nothing."""
         entry.interrupted = True
         entry.token.cancel(LEASE_LOST)
         kept = self._kept.pop(entry.id, [])
         if kept:  # written before the refused write: the images of a result that does not count
-            self.files.delete_many([r.id for r in kept])
-        row = self.runner.store.get_prediction(entry.id)
+            await asyncio.to_thread(self.files.delete_many, [r.id for r in kept])
+        row = await self.runner.calls.get_prediction(entry.id)
         if row is not None and not entry.task.terminal:
             entry.task.ended_elsewhere(row)
         self.runner.writers.pop(entry.id, None)
         log.info("prediction %s: ended elsewhere; this worker's result is discarded", entry.id)
 
-    def interrupt(self, entry: Entry) -> None:
+    async def interrupt(self, entry: Entry) -> None:
         writer = self.runner.writers.get(entry.id)
         pinned = entry.job.request.openai_api_key is not None
         if writer is None or pinned or entry.task.terminal:
-            super().interrupt(entry)
+            await super().interrupt(entry)
             return
         entry.interrupted = True  # stop: handed back to the queue for another process
         writer.lost = True  # nothing more is written for it from here (a pending log flush included)
         self.released[entry.id] = None
 
-    def _on_canceled(self, entry: Entry, reason: str) -> None:
+    async def _on_canceled(self, entry: Entry, reason: str) -> None:
         if reason == LEASE_LOST:
-            self._ended_elsewhere(entry)
+            await self._ended_elsewhere(entry)
         else:
-            super()._on_canceled(entry, reason)
+            await super()._on_canceled(entry, reason)
 
 
 async def _until_done(subscription: Subscription) -> None:

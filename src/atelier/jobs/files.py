@@ -203,13 +203,16 @@ class FileStore:
 
     def path(self, file_id: str) -> Path:
         """The file's absolute path; always inside the files folder (a folder-backed store only)."""
-        record = self.get(file_id)
+        return self.folder_path(self.get(file_id))
+
+    def folder_path(self, record: FileRecord) -> Path:
+        """``record``'s absolute path, read from no store; always inside the files folder (a folder only)."""
         if not isinstance(self.blobs, LocalBlobs):
             raise TypeError(f"files are in {self.blobs.location}, not on disk; use read() or stream()")
         try:
             return self.blobs.path(record.path)
         except BlobMissing:
-            raise NotFound(f"file {file_id!r} does not exist") from None
+            raise NotFound(f"file {record.id!r} does not exist") from None
 
     def open(self, file_id: str) -> IO[bytes]:
         if not self.in_folder:  # an object is read whole (files are at most 100 MiB)
@@ -314,6 +317,11 @@ class FileStore:
         if owner not in self._webhook_secrets:  # a secret never changes once stored: remember it
             self._webhook_secrets[owner] = self.store.webhook_secret(owner, lambda: "whsec_" + _b64(32).decode())
         return self._webhook_secrets[owner]
+
+    def load_keys(self) -> None:
+        """Blocking: read (or make) the URL-signing key now, so that ``sign`` and ``verify`` never call the store
+        from the event loop (``Services.start`` calls it in a thread)."""
+        self._key()
 
     def _key(self) -> bytes:
         if self._signing_key is None:

@@ -4,9 +4,11 @@ Design:
 
 * **Accept or refuse at once.** ``submit`` routes the request and has the engine check the job
   (capabilities, moderation, size planning) before anything is stored: a bad request costs no model
-  time and leaves no trace. Then, with no ``await`` in between, it checks the queue bound and the
-  caller's share of it (``TooManyRequests`` with ``retry_after``), inserts the prediction and queues it:
-  whatever was accepted is in the database, and nothing refused is. The caller's limits
+  time and leaves no trace. Then, one admission at a time, it checks the queue bound and the caller's
+  share of it (``TooManyRequests`` with ``retry_after``), awaits the prediction's insert and only then
+  queues it: whatever was accepted is in the database, and nothing refused is. (Store calls go through
+  ``atelier.jobs.store_calls``: off the loop on PostgreSQL; inline on SQLite, where nothing else runs
+  between the check and the insert.) The caller's limits
   (``atelier.jobs.limits``) are checked with the bound, and once before the engine. A door calls
   ``check_admission`` itself before it reads, fetches or stores any input image.
 * **No pixels in the queue.** A job's input images wait as files (``Submission.stored_images``); a
@@ -40,7 +42,7 @@ from atelier.jobs.records import Prediction, utc_now
 from atelier.jobs.routing import EngineRouter
 from atelier.jobs.store_calls import StoreCalls
 from atelier.jobs.submission import Submission
-from atelier.jobs.task import USER_CANCEL, Task
+from atelier.jobs.task import USER_CANCEL, Task, unless_ended
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,8 @@ class Intake:
         self.queue = queue
         self.limits = limits
         self._new_task = new_task
+        self._admitting = asyncio.Lock()  # the bound is checked and the row inserted by one admission at a time
+        self._canceling: set[asyncio.Task[None]] = set()  # cancels started by timers and hang-ups
         self.accepting = False  # ``open`` once restart recovery is done, ``close`` at stop
 
     def open(self) -> None:
@@ -87,9 +91,9 @@ class Intake:
         """
         s = submission
         self._check_accepting()
-        if s.client_id is not None and (existing := self._existing(s.client_id, s.owner)):
+        if s.client_id is not None and (existing := await self._existing(s.client_id, s.owner)):
             return existing
-        self.check_admission(s.caller)
+        await self.check_admission(s.caller)
         key, engine = self.engines.route(s.request, s.model)
         job = Job(
             s.prediction_id or stored_id(s.client_id, s.owner), s.request, chosen_seed(s), previews=s.previews,
@@ -98,28 +102,28 @@ class Intake:
         job, batch = await asyncio.to_thread(self.check_job, engine, job)
         if len(job.stored_images) != len(s.request.input_images or ()):  # a door's mistake, never a client's
             raise ValueError("stored_images must hold the request's input_images (atelier.jobs.inputs.stage)")
-        # No await from here on: the bound and limit checks, the insert and the enqueue are one step.
-        self._check_accepting()
-        if s.client_id is not None and (existing := self._existing(s.client_id, s.owner)):
-            return existing
-        prediction = recovery.new_prediction(job, key=key, engine=engine, submission=s)
-        prediction.client_id = s.client_id or job.id
-        self.accept(prediction, job, engine, batch)
+        async with self._admitting:  # the bound and limit checks, the insert and the enqueue are one step
+            self._check_accepting()
+            if s.client_id is not None and (existing := await self._existing(s.client_id, s.owner)):
+                return existing
+            prediction = recovery.new_prediction(job, key=key, engine=engine, submission=s)
+            prediction.client_id = s.client_id or job.id
+            await self.accept(prediction, job, engine, batch)
         log.info("prediction %s accepted from %s for model %s (queue %d)", job.id, s.source, key, len(self.queue))
         return prediction.snapshot()
 
-    def accept(self, prediction: Prediction, job: Job, engine: Engine, batch: BatchPlan | None) -> None:
-        """Check the bound and limits, spend, store and queue, at once (no ``await``; ``TooManyRequests``).
-        A queue shared by processes admits in its own transaction instead (``atelier.jobs.cluster``)."""
+    async def accept(self, prediction: Prediction, job: Job, engine: Engine, batch: BatchPlan | None) -> None:
+        """Check the bound and limits, spend, store (awaited) and queue (``TooManyRequests``); the caller holds
+        the admission lock. A queue shared by processes admits in its own transaction (``atelier.jobs.cluster``)."""
         caller = Caller(prediction.owner, job.request.user_id)
-        self.check_admission(caller)
+        await self.check_admission(caller)
         self.limits.spend(caller)
-        self.store.insert_prediction(prediction)
+        await self.store.insert_prediction(prediction)
         entry = Entry(self._new_task(prediction), job, engine, CancelToken(), batch=batch)
         self.enqueue(entry)
         entry.task.announce()
 
-    def check_admission(self, caller: Caller) -> None:
+    async def check_admission(self, caller: Caller) -> None:
         """``TooManyRequests`` when the queue is full, ``caller`` holds its share of it or is over a limit,
         ``InsufficientStorage`` when the disk is full; spends nothing (and ``ModelUnavailable`` while not
         accepting).
@@ -149,20 +153,20 @@ class Intake:
         if deadline is not None:
             delay = max(0.0, (deadline - utc_now()).total_seconds())
             loop = asyncio.get_running_loop()
-            entry.deadline_timer = loop.call_later(delay, self.cancel_entry, entry, DEADLINE_EXCEEDED)
+            entry.deadline_timer = loop.call_later(delay, self.cancel_soon, entry, DEADLINE_EXCEEDED)
 
     # -- answers ---------------------------------------------------------------------------------------
 
     async def get(self, id: str, *, owner: str | None = None) -> Prediction:
         """The prediction, if it exists and belongs to ``owner``; ``NotFound`` otherwise (the same answer)."""
-        prediction = self._require(id)
+        prediction = await self._require(id)
         if prediction.owner != owner:
             raise NotFound(f"prediction {id[:64]!r} was not found")
         return prediction
 
     async def find(self, client_id: str, *, owner: str | None) -> Prediction:
         """``owner``'s prediction known to its caller as ``client_id``; ``NotFound`` otherwise, whoever else uses it."""
-        prediction = self._existing(client_id, owner)
+        prediction = await self._existing(client_id, owner)
         if prediction is None:
             raise NotFound(f"prediction {client_id[:64]!r} was not found")
         return prediction
@@ -173,7 +177,7 @@ class Intake:
         entry = self.queue.get(id)
         if entry is None or entry.task.terminal:
             return prediction
-        self.cancel_entry(entry, USER_CANCEL)
+        await self.cancel_entry(entry, USER_CANCEL)
         return entry.task.prediction.snapshot()
 
     async def delete(self, id: str, *, owner: str | None = None) -> None:
@@ -182,49 +186,60 @@ class Intake:
         prediction = await self.get(id, owner=owner)
         if not prediction.terminal:
             raise Conflict(f"prediction {id[:64]!r} is {prediction.status}; cancel it first, then delete it")
-        outputs = [record.id for record in self.files.for_prediction(id) if record.kind == "output"]
+        records = await self.store.read(self.files.for_prediction, id)
+        outputs = [record.id for record in records if record.kind == "output"]
         await asyncio.to_thread(self.files.delete_many, outputs)  # files first: never a row pointing at nothing
-        self.store.delete_prediction(id)
+        await self.store.delete_prediction(id)
         log.info("prediction %s deleted by its owner", id)
 
     async def wait(self, id: str, timeout: float | None) -> Prediction:
         """The prediction once it is terminal, or as it is when ``timeout`` seconds have passed."""
         entry = self.queue.get(id)
         if entry is None:
-            return self._require(id)
+            return await self._require(id)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(entry.task.done.wait(), timeout)
         return entry.task.prediction.snapshot()
 
-    def subscribe(self, id: str) -> Subscription:
-        """Events from now on (subscribed at call time, not at first iteration); ends after ``done``."""
+    async def subscribe(self, id: str) -> Subscription:
+        """Events from now on (subscribed when the call returns, not at first iteration); ends after ``done``."""
         entry = self.queue.get(id)
-        return entry.task.subscribe() if entry is not None else finished_subscription(self._require(id))
+        if entry is not None:
+            return entry.task.subscribe()
+        prediction = await self._require(id)
+        entry = self.queue.get(id)  # queued meanwhile (restart recovery): follow it live
+        return entry.task.subscribe() if entry is not None else finished_subscription(prediction)
 
     def abandon(self, id: str, reason: str) -> None:
         """Cancel ``id`` because the one waiting for it went away (no owner check: the door already did)."""
         entry = self.queue.get(id)
         if entry is not None:
-            self.cancel_entry(entry, reason)
+            self.cancel_soon(entry, reason)
 
     async def list(
         self, *, owner: str | None, cursor: str | None, limit: int
     ) -> tuple[builtins.list[Prediction], str | None]:
         """``owner``'s predictions, newest first, and the cursor of the next page (None at the end)."""
-        page, next_cursor = self.store.list_predictions(owner, cursor, limit)
+        page, next_cursor = await self.store.list_predictions(owner, cursor, limit)
         return [self._live(p.id) or p for p in page], next_cursor
 
     # -- cancel ----------------------------------------------------------------------------------------
 
-    def cancel_entry(self, entry: Entry, reason: str) -> None:
+    async def cancel_entry(self, entry: Entry, reason: str) -> None:
         if entry.task.terminal:
             return
         entry.token.cancel(reason)
-        entry.task.cancel(reason)
+        await unless_ended(entry.task.cancel(reason))  # a worker may have recorded its outcome meanwhile
         if self.queue.remove_queued(entry):
             self.queue.forget(entry)
         # Otherwise a worker holds it: the engine sees the token; the worker discards what the call returns
         # and releases the slot when the call is over (atelier.jobs.worker).
+
+    def cancel_soon(self, entry: Entry, reason: str) -> None:
+        """``cancel_entry`` from a callback (a deadline timer, a caller who hung up): run as a task, kept."""
+        task = asyncio.get_running_loop().create_task(self.cancel_entry(entry, reason))
+        self._canceling.add(task)  # the loop holds only weak references to its tasks
+        task.add_done_callback(self._canceling.discard)
 
     # -- internals -------------------------------------------------------------------------------------
 
@@ -232,24 +247,24 @@ class Intake:
         if not self.accepting:
             raise ModelUnavailable("the server is not accepting predictions (starting up or shutting down); retry")
 
-    def _existing(self, client_id: str, owner: str | None) -> Prediction | None:
-        stored = self.store.find_prediction(owner, client_id)
+    async def _existing(self, client_id: str, owner: str | None) -> Prediction | None:
+        stored = await self.store.find_prediction(owner, client_id)
         if stored is not None:
             return self._live(stored.id) or stored
-        if owner is None and self._load(client_id) is not None:
+        if owner is None and await self._load(client_id) is not None:
             # Without tokens the caller's id is the stored id, and a prediction made while the server had
             # tokens holds this one; the caller is the operator, so say so rather than fail to insert.
             raise Conflict(f"prediction id {client_id[:64]!r} is taken; choose another id")
         return None
 
-    def _require(self, id: str) -> Prediction:
-        prediction = self._load(id)
+    async def _require(self, id: str) -> Prediction:
+        prediction = await self._load(id)
         if prediction is None:
             raise NotFound(f"prediction {id[:64]!r} was not found")
         return prediction
 
-    def _load(self, id: str) -> Prediction | None:
-        return self._live(id) or self.store.get_prediction(id)
+    async def _load(self, id: str) -> Prediction | None:
+        return self._live(id) or await self.store.get_prediction(id)
 
     def _live(self, id: str) -> Prediction | None:
         entry = self.queue.get(id)

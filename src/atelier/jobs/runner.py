@@ -152,6 +152,7 @@ class Runner:
         until = time.monotonic() + (self.stop_timeout if timeout is None else timeout)
         await self.workers.stop(until, self.cancel_grace)
         await self.dispatcher.drain(max(0.1, until - time.monotonic()))
+        await self.calls.drain()  # every write made so far has landed: whoever closes the store may
         log.info("runner stopped")
 
     # -- the doors' interface: the intake's, handed on -------------------------------------------------
@@ -159,8 +160,8 @@ class Runner:
     async def submit(self, submission: Submission) -> Prediction:
         return await self.intake.submit(submission)
 
-    def check_admission(self, caller: Caller) -> None:
-        self.intake.check_admission(caller)
+    async def check_admission(self, caller: Caller) -> None:
+        await self.intake.check_admission(caller)
 
     async def get(self, id: str, *, owner: str | None = None) -> Prediction:
         return await self.intake.get(id, owner=owner)
@@ -177,8 +178,8 @@ class Runner:
     async def wait(self, id: str, timeout: float | None) -> Prediction:
         return await self.intake.wait(id, timeout)
 
-    def subscribe(self, id: str) -> Subscription:
-        return self.intake.subscribe(id)
+    async def subscribe(self, id: str) -> Subscription:
+        return await self.intake.subscribe(id)
 
     def abandon(self, id: str, reason: str) -> None:
         self.intake.abandon(id, reason)
@@ -191,24 +192,26 @@ class Runner:
     # -- restart recovery ------------------------------------------------------------------------------
 
     async def _recover(self) -> None:
-        for prediction in self.calls.unfinished_predictions():
-            if self.files.discard_outputs(prediction.id):  # a crash between writing outputs and succeeding
+        for prediction in await self.calls.unfinished_predictions():
+            if await self.calls.read(
+                self.files.discard_outputs, prediction.id
+            ):  # a crash between writing outputs and succeeding
                 log.warning("prediction %s: discarded the outputs of its interrupted run", prediction.id)
             task = self._new_task(prediction)
             reason = recovery.why_not_rerunnable(prediction, can_load_images=self._stage_inputs is not None)
             if reason:
                 log.warning("prediction %s was interrupted and cannot run again: %s", prediction.id, reason)
-                task.fail(reason, "interrupted")
+                await task.fail(reason, "interrupted")
                 continue
             try:
                 entry = await self.entry_for(task)
             except AtelierError as exc:
-                task.fail(exc)
+                await task.fail(exc)
                 continue
             except Exception as exc:  # e.g. an input image URL that no longer answers
-                task.fail(f"the job could not be prepared again after a restart ({exc}); resubmit", "interrupted")
+                await task.fail(f"the job could not be prepared again after a restart ({exc}); resubmit", "interrupted")
                 continue
-            task.requeue(RESTARTED)
+            await task.requeue(RESTARTED)
             self.intake.enqueue(entry, first=True)
             log.info("prediction %s re-queued after restart", prediction.id)
 

@@ -7,15 +7,20 @@ One ``Task`` per live prediction (after cog's ``PredictTask``). Transitions are 
         ├──fail()/cancel()──> │────────cancel()───> canceled
         └──────────────────── requeue() (restart recovery only) ──> starting
 
-Each transition checks it is legal (``InvalidTransition``, a 409, otherwise), stamps its time,
-persists, and only then tells anyone: subscribers (``subscribe()``) and the runner's ``notify``
-callback (which feeds the webhook listeners). Everything runs on the event loop's thread; the runner
-hops engine-thread progress callbacks onto the loop, so there is one writer and no locks.
+Each transition is awaited: it checks it is legal (``InvalidTransition``, a 409, otherwise), stamps
+its time, persists (awaited: ``atelier.jobs.store_calls``, off the loop on PostgreSQL, in the order of
+the calls), then changes the live record, and only then tells anyone: subscribers (``subscribe()``)
+and the runner's ``notify`` callback (which feeds the webhook listeners). The task lives on the event
+loop's thread (the runner hops engine-thread progress callbacks onto it); one transition at a time: a
+second one (a cancel while ``succeed`` is being written) waits for the first and then finds the state
+it left, so ``cancel`` and ``fail`` of a task that ended meanwhile raise ``InvalidTransition``
+(``unless_ended`` ignores that).
 
 Logs follow Replicate: plain text, one line per event ("Using seed: 123", a tqdm-style progress line
 per step). New lines reach live subscribers at once; they are persisted at most every
-``log_interval`` seconds (a timer flushes the tail) and always with the final status, so a 50-step run
-writes a handful of rows, not fifty. Webhook listeners hear of logs when they are persisted.
+``log_interval`` seconds (a timer flushes the tail) and always before the final status, so a 50-step run
+writes a handful of rows, not fifty. A log flush is posted, not awaited: it keeps its place before the
+writes that follow. Webhook listeners hear of logs when they are flushed.
 
 Metrics on finish: ``predict_time`` (completed − started), ``total_time`` (completed − created),
 ``estimated_cost`` (predict_time × cost_per_second) and, on success, ``image_count``,
@@ -30,11 +35,12 @@ is also the prediction's ``error`` (e.g. "deadline exceeded"), so a caller can t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -54,7 +60,7 @@ from atelier.jobs.events import (
 )
 from atelier.jobs.records import Failure, FileRecord, Prediction, Status, utc_now
 
-__all__ = ["InvalidTransition", "Prediction", "Task", "progress_line"]
+__all__ = ["InvalidTransition", "Prediction", "Task", "progress_line", "unless_ended"]
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +76,11 @@ class InvalidTransition(Conflict):
 
 
 class PredictionWriter(Protocol):
-    def update_prediction(self, id: str, **fields: Any) -> None: ...
+    """Where a task persists (``atelier.jobs.store_calls``): awaited writes, and posted ones kept in order."""
+
+    async def update_prediction(self, id: str, **fields: Any) -> None: ...
+
+    def post_update(self, id: str, **fields: Any) -> None: ...
 
 
 Notify = Callable[[Prediction, Event], None]
@@ -101,6 +111,7 @@ class Task:
         self._last_save = -math.inf
         self._flush_timer: asyncio.TimerHandle | None = None
         self._started_mono: float | None = None
+        self._changing = asyncio.Lock()  # one transition at a time (see the module docstring)
 
     @property
     def id(self) -> str:
@@ -113,6 +124,11 @@ class Task:
     @property
     def terminal(self) -> bool:
         return self.prediction.terminal
+
+    @property
+    def changing(self) -> bool:
+        """A transition is being written: the next one waits for it, then finds the state it left."""
+        return self._changing.locked()
 
     def subscribe(self, maxsize: int = DEFAULT_MAXSIZE) -> Subscription:
         """Events from now on; a subscription to a finished task gets its ``done`` at once."""
@@ -128,32 +144,38 @@ class Task:
         """Tell listeners the prediction exists (status ``starting``); the caller has persisted it."""
         self._emit(StatusEvent(self.status))
 
-    def start(self) -> None:
-        self._check(Status.PROCESSING)
-        self._started_mono = self._monotonic()
-        self._set(status=Status.PROCESSING, started_at=self._clock())
-        self._emit(StatusEvent(Status.PROCESSING))
+    async def start(self) -> None:
+        async with self._changing:
+            self._check(Status.PROCESSING)
+            await self._set(status=Status.PROCESSING, started_at=self._clock())
+            self._started_mono = self._monotonic()
+            self._emit(StatusEvent(Status.PROCESSING))
 
-    def succeed(self, result: Result, outputs: list[FileRecord]) -> None:
-        self._check(Status.SUCCEEDED)
-        self.flush_logs()
-        completed = self._clock()
-        metrics = {**self._timing(completed), **_result_metrics(result)}
-        output = [record.id for record in outputs]
-        self._set(
-            status=Status.SUCCEEDED,
-            completed_at=completed,
-            output=output,
-            metrics=metrics,
-            engine=result.engine,
-            served_model=result.model,
-        )
-        self._emit(OutputEvent(output))
-        self._finished()
+    async def succeed(self, result: Result, outputs: list[FileRecord]) -> None:
+        async with self._changing:
+            self._check(Status.SUCCEEDED)
+            self.flush_logs()
+            completed = self._clock()
+            metrics = {**self._timing(completed), **_result_metrics(result)}
+            output = [record.id for record in outputs]
+            await self._set(
+                status=Status.SUCCEEDED,
+                completed_at=completed,
+                output=output,
+                metrics=metrics,
+                engine=result.engine,
+                served_model=result.model,
+            )
+            self._emit(OutputEvent(output))
+            self._finished()
 
-    def fail(self, error: AtelierError | str, code: str | None = None) -> None:
+    async def fail(self, error: AtelierError | str, code: str | None = None) -> None:
         """Failed with ``error``; a typed error is stored as its ``Failure`` record (a door answers it again
         after a restart or from another process); a reason alone is a 500 with ``code``."""
+        async with self._changing:
+            await self._fail(error, code)
+
+    async def _fail(self, error: AtelierError | str, code: str | None) -> None:
         self._check(Status.FAILED)
         failure = Failure.of(error) if isinstance(error, AtelierError) else Failure("internal_error", 500, str(error))
         if code is not None:
@@ -162,7 +184,7 @@ class Task:
         self.log(f"Error: {failure.message}")
         self.flush_logs()
         completed = self._clock()
-        self._set(
+        await self._set(
             status=Status.FAILED,
             completed_at=completed,
             error=failure.message,
@@ -172,30 +194,32 @@ class Task:
         )
         self._finished()
 
-    def cancel(self, reason: str = USER_CANCEL) -> None:
-        self._check(Status.CANCELED)
-        log.info("prediction %s canceled: %s", self.id, reason)
-        self.log("Prediction canceled" if reason == USER_CANCEL else f"Prediction canceled: {reason}")
-        self.flush_logs()
-        completed = self._clock()
-        error = None if reason == USER_CANCEL else reason
-        self._set(
-            status=Status.CANCELED,
-            completed_at=completed,
-            error=error,
-            error_code="canceled",
-            metrics=self._timing(completed),
-        )
-        self._finished()
+    async def cancel(self, reason: str = USER_CANCEL) -> None:
+        async with self._changing:
+            self._check(Status.CANCELED)
+            log.info("prediction %s canceled: %s", self.id, reason)
+            self.log("Prediction canceled" if reason == USER_CANCEL else f"Prediction canceled: {reason}")
+            self.flush_logs()
+            completed = self._clock()
+            error = None if reason == USER_CANCEL else reason
+            await self._set(
+                status=Status.CANCELED,
+                completed_at=completed,
+                error=error,
+                error_code="canceled",
+                metrics=self._timing(completed),
+            )
+            self._finished()
 
-    def requeue(self, line: str) -> None:
+    async def requeue(self, line: str) -> None:
         """Back to ``starting`` to be run again (restart recovery); keeps the logs so far."""
-        self._check(Status.STARTING)
-        self.log(line)
-        self.flush_logs()
-        self._started_mono = None
-        self._set(status=Status.STARTING, started_at=None)
-        self._emit(StatusEvent(Status.STARTING))
+        async with self._changing:
+            self._check(Status.STARTING)
+            self.log(line)
+            self.flush_logs()
+            await self._set(status=Status.STARTING, started_at=None)
+            self._started_mono = None
+            self._emit(StatusEvent(Status.STARTING))
 
     def announce_end(self) -> None:
         """Tell listeners the stored prediction ended; another process wrote the end (a cancel received
@@ -253,7 +277,7 @@ class Task:
             return
         text, self._unsaved = self._unsaved, ""
         self._last_save = self._monotonic()
-        self._store.update_prediction(self.id, logs=self.prediction.logs)
+        self._store.post_update(self.id, logs=self.prediction.logs)  # in order before the writes that follow
         if self._notify is not None:
             snapshot = self.prediction.snapshot()
             self._notify(snapshot, LogsEvent(text, snapshot))
@@ -264,9 +288,9 @@ class Task:
         if target not in _ALLOWED.get(self.status, frozenset()):
             raise InvalidTransition(f"prediction {self.id} is {self.status} and cannot become {target}")
 
-    def _set(self, **fields: Any) -> None:
+    async def _set(self, **fields: Any) -> None:
         """Persist first, then change the live record: a failed write leaves memory as it was."""
-        self._store.update_prediction(self.id, **fields)
+        await self._store.update_prediction(self.id, **fields)
         for name, value in fields.items():
             setattr(self.prediction, name, value)
 
@@ -302,6 +326,14 @@ class Task:
             return
         delay = max(0.0, self._log_interval - (self._monotonic() - self._last_save))
         self._flush_timer = loop.call_later(delay, self.flush_logs)
+
+
+async def unless_ended(transition: Awaitable[None]) -> None:
+    """Await ``cancel(...)`` or ``fail(...)`` of a task that may end meanwhile: another transition held it
+    while this one waited (a cancel racing the worker's outcome). Both are legal from every live state,
+    so ``InvalidTransition`` here means only "it had ended"; nothing was written."""
+    with contextlib.suppress(InvalidTransition):
+        await transition
 
 
 def _result_metrics(result: Result) -> dict[str, Any]:

@@ -39,8 +39,9 @@ from atelier.jobs.executors import Executor, ReplicaLost
 from atelier.jobs.files import FileStore
 from atelier.jobs.inputs import InputLimits, decode
 from atelier.jobs.queue import Entry, Queue
-from atelier.jobs.records import FileRecord
+from atelier.jobs.records import FileRecord, Status
 from atelier.jobs.routing import EngineRouter
+from atelier.jobs.task import InvalidTransition, unless_ended
 
 if TYPE_CHECKING:
     from atelier.config import Settings
@@ -86,14 +87,14 @@ class Workers:
             entry.token.cancel(SHUTDOWN)
         await self.queue.wait_idle(time.monotonic() + grace)
         for entry in [*self.queue.active.values(), *self.queue.queued()]:
-            self.interrupt(entry)
+            await self.interrupt(entry)
         self.queue.disarm()  # nothing fires after stop: no deadline, no log flush
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.executor.stop()  # engine calls still running end on their cancel token
 
-    def interrupt(self, entry: Entry) -> None:
+    async def interrupt(self, entry: Entry) -> None:
         """Stop: leave a re-runnable job for the next start, fail one that cannot run again."""
         task = entry.task
         entry.interrupted = True
@@ -101,7 +102,7 @@ class Workers:
             return
         reason = recovery.why_not_rerunnable(task.prediction, can_load_images=self.can_load_images)
         if reason:
-            task.fail(f"the server shut down before this job finished, and {reason}", "interrupted")
+            await unless_ended(task.fail(f"the server shut down before this job finished, and {reason}", "interrupted"))
         else:
             task.log("Interrupted by server shutdown; it will run again when the server restarts")
             task.flush_logs()
@@ -125,22 +126,24 @@ class Workers:
                 error = errors.get(entry.id)
                 if entry.id in results:
                     await self._deliver(entry, results[entry.id])
-                elif isinstance(error, ReplicaLost) and self._may_retry(entry, error):
+                elif isinstance(error, ReplicaLost) and await self._may_retry(entry, error):
                     again.append(entry)
                 else:
-                    self._settle(entry, error or EngineError("the engine returned nothing for it"))
+                    await self._settle(entry, error or EngineError("the engine returned nothing for it"))
         finally:
             self.queue.release(batch)
             for entry in again:  # after the release: another worker may take it at once
                 self.queue.requeue(entry)
 
-    def _may_retry(self, entry: Entry, error: ReplicaLost) -> bool:
+    async def _may_retry(self, entry: Entry, error: ReplicaLost) -> bool:
         """A job whose replica died runs again, with the same seed, until ``max_attempts`` runs."""
         task = entry.task
         if task.terminal or entry.token.cancelled or entry.attempt >= self.settings.max_attempts:
             return False
         entry.attempt += 1
-        task.requeue(f"{error.message}; running it again (attempt {entry.attempt} of {self.settings.max_attempts})")
+        await task.requeue(
+            f"{error.message}; running it again (attempt {entry.attempt} of {self.settings.max_attempts})"
+        )
         log.warning("prediction %s re-queued after its replica died (attempt %d)", entry.id, entry.attempt)
         return True
 
@@ -180,20 +183,26 @@ class Workers:
 
     async def _begin(self, batch: builtins.list[Entry]) -> builtins.list[Entry]:
         """The batch's jobs not canceled meanwhile, marked ``processing`` once their engine is ready."""
-        waiting = self._uncanceled(batch)
+        waiting = await self._uncanceled(batch)
         if waiting:
             await self._ready(waiting[0].engine)
-        running = self._uncanceled(waiting)
-        for entry in running:
-            entry.task.start()
+        running: builtins.list[Entry] = []
+        for entry in await self._uncanceled(waiting):
+            try:
+                await entry.task.start()
+            except InvalidTransition:  # canceled while its start waited for the cancel's write
+                if not entry.task.terminal:
+                    raise
+                continue
             if entry.engine.capabilities.can_seed:  # an upstream has no seed to report: no line that claims one
                 entry.task.log(f"Using seed: {entry.job.seed}")
+            running.append(entry)
         return running
 
-    def _uncanceled(self, batch: builtins.list[Entry]) -> builtins.list[Entry]:
+    async def _uncanceled(self, batch: builtins.list[Entry]) -> builtins.list[Entry]:
         for entry in batch:
             if entry.token.cancelled and not entry.task.terminal:
-                self._on_canceled(entry, entry.token.reason)
+                await self._on_canceled(entry, entry.token.reason)
         return [entry for entry in batch if not entry.token.cancelled]
 
     async def _ready(self, engine: Engine) -> None:
@@ -209,17 +218,18 @@ class Workers:
     async def _deliver(self, entry: Entry, result: Result) -> None:
         """Write the outputs durably, then mark the task succeeded; a job canceled meanwhile keeps none."""
         task, token = entry.task, entry.token
+        records: builtins.list[FileRecord] = []
         try:
             if task.terminal:  # canceled while its batch ran: its images are discarded
                 return
             token.raise_if_cancelled()  # canceled while the engine finished: honour it
             records = await asyncio.to_thread(self._keep, entry, result)
-            if token.cancelled:
-                await asyncio.to_thread(self.files.delete_many, [r.id for r in records])
-                token.raise_if_cancelled()
-            task.succeed(result, records)
+            token.raise_if_cancelled()
+            await task.succeed(result, records)  # refused when a cancel was recorded while it waited
         except Exception as exc:
-            self._settle(entry, exc)
+            if records and task.status != Status.SUCCEEDED:  # it ended otherwise: it keeps none of them
+                await asyncio.to_thread(self.files.delete_many, [r.id for r in records])
+            await self._settle(entry, exc)
 
     def _keep(self, entry: Entry, result: Result) -> builtins.list[FileRecord]:
         """Blocking: the parameters written into the images (unless ``settings.metadata`` is off), then the
@@ -230,21 +240,21 @@ class Workers:
         prediction = entry.task.prediction
         return self.files.put_outputs(result.images, owner=prediction.owner, prediction_id=prediction.id)
 
-    def _settle(self, entry: Entry, exc: Exception) -> None:
+    async def _settle(self, entry: Entry, exc: Exception) -> None:
         """A job ended with an exception: canceled if its token was set, else failed with the error."""
         task, token = entry.task, entry.token
         if task.terminal:
             return
         if token.cancelled or isinstance(exc, Canceled):  # an engine may surface a cancel as its own error
-            self._on_canceled(entry, token.reason if token.cancelled else str(exc))
+            await self._on_canceled(entry, token.reason if token.cancelled else str(exc))
         elif isinstance(exc, AtelierError):
-            task.fail(exc)
+            await unless_ended(task.fail(exc))
         else:
             log.error("prediction %s: the engine raised unexpectedly", task.id, exc_info=exc)
-            task.fail(EngineError(f"the engine failed unexpectedly ({type(exc).__name__}: {exc})"))
+            await unless_ended(task.fail(EngineError(f"the engine failed unexpectedly ({type(exc).__name__}: {exc})")))
 
-    def _on_canceled(self, entry: Entry, reason: str) -> None:
+    async def _on_canceled(self, entry: Entry, reason: str) -> None:
         if self.stopping and reason == SHUTDOWN:
-            self.interrupt(entry)
+            await self.interrupt(entry)
         else:
-            entry.task.cancel(reason)
+            await unless_ended(entry.task.cancel(reason))  # the intake's cancel may be recording it

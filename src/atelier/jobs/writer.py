@@ -1,9 +1,11 @@
 """The ordered writer: store calls off the event loop, one at a time, in the order they were made.
 
-On SQLite a write is ~0.2 ms and the store is called on the loop thread (store.py says why). On
+The job system's writes go through one of these, held by ``atelier.jobs.store_calls.StoreCalls`` (the
+seam every store call of the running service takes; its docstring says why SQLite stays inline). On
 PostgreSQL every call is a network round trip, so the loop must not wait on it; but the job system
 relies on its writes landing in order (``processing`` before ``succeeded``, a log line before the
-final status). A thread pool would reorder them; one thread per process does not::
+final status). A thread pool would reorder them; one thread per process does not (the webhook outbox,
+``atelier.jobs.webhooks``, has one of its own)::
 
     writer = OrderedWriter.for_store(store)
     await writer.call(store.update_prediction, id, status="processing")   # awaited: its result or error

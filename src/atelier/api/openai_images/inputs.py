@@ -202,13 +202,13 @@ def file_url(base_url: str, file_id: str) -> str:
     return f"{base_url}/v1/files/{file_id}"
 
 
-def reference(services: Services, ref: ImageRef, field: str, *, owner: str | None, base_url: str) -> str:
+async def reference(services: Services, ref: ImageRef, field: str, *, owner: str | None, base_url: str) -> str:
     """An ``input_images`` entry for ``ref``: its URL as given, or this server's URL of the caller's file."""
     if ref.image_url is not None:
         return ref.image_url
     file_id = ref.file_id or ""
     try:
-        record: FileRecord | None = services.files.get(file_id)
+        record: FileRecord | None = await services.calls.read(services.files.get, file_id)
     except NotFound:
         record = None
     if record is None or record.owner != owner:

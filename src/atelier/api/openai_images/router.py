@@ -23,7 +23,7 @@ async def create_image(request: Request, services: ServicesDep, owner: Owner) ->
 
 @router.post("/v1/images/edits", response_model=None)
 async def create_image_edit(request: Request, services: ServicesDep, owner: Owner, base_url: BaseURL) -> Response:
-    services.admit(owner)  # before the body: a full queue answers 429 before any upload is read
+    await services.admit(owner)  # before the body: a full queue answers 429 before any upload is read
     edit = await inputs.read_edit(request)
     return await service.edit(services, edit, owner=owner, base_url=base_url, receive=request.receive)
 

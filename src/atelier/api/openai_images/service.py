@@ -252,7 +252,7 @@ async def _edit_uploads(
 ) -> Response:
     params = edit.params
     _check(params, services)
-    services.admit(owner, user_id(params))  # again, now that the user is known: before anything is stored
+    await services.admit(owner, user_id(params))  # again, now that the user is known: before anything is stored
     keeper = Keeper(services.files, owner, new_id())
     staged = await asyncio.to_thread(inputs.stage_uploads, services, edit, keeper)
     try:
@@ -275,10 +275,12 @@ async def _edit_references(
 ) -> Response:
     _check(params, services, inputs.reference_problems(params))
     refs = [
-        inputs.reference(services, ref, f"images[{i}]", owner=owner, base_url=base_url)
+        await inputs.reference(services, ref, f"images[{i}]", owner=owner, base_url=base_url)
         for i, ref in enumerate(params.images)
     ]
-    mask = inputs.reference(services, params.mask, "mask", owner=owner, base_url=base_url) if params.mask else None
+    mask = (
+        await inputs.reference(services, params.mask, "mask", owner=owner, base_url=base_url) if params.mask else None
+    )
     request = to_request(params, refs, images="images")
     reply = reply_for("image_edit", params, request)
     names = param_names(params, "images")
@@ -326,8 +328,9 @@ async def answer(services: Services, prediction: Prediction, reply: Reply, recei
     """
     runner = services.runner
     if reply.stream:
-        # Subscribed before this coroutine yields to the loop: the job cannot have emitted anything yet.
-        subscription = runner.subscribe(prediction.id)
+        # Subscribed before the job can have emitted anything: it is live here (memory; no suspension) or
+        # followed from its row (another process runs it).
+        subscription = await runner.subscribe(prediction.id)
         return streaming.response(services.files, subscription, reply, partial(hung_up, runner, prediction.id))
     done = await wait_or_cancel(runner, prediction.id, receive)
     images = await asyncio.to_thread(read_base64, services.files, outputs_of(done))

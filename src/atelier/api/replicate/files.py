@@ -42,6 +42,7 @@ from atelier.errors import FieldProblem, InputError, NotFound
 from atelier.imaging.inputs import sniff
 from atelier.jobs.files import FileStore
 from atelier.jobs.records import FileRecord, format_time, utc_now
+from atelier.jobs.store_calls import StoreCalls
 
 MAX_UPLOAD_BYTES = 100 * 1024 * 1024
 MAX_FIELD_BYTES = 1024 * 1024  # a text field sent as a file part: Starlette's bound on a text part
@@ -61,8 +62,11 @@ Field = str | Part | None  # a text field, sent as a text part or as a file part
 
 
 class FilesAPI:
-    def __init__(self, files: FileStore, retention: timedelta | None = None, *, page_size: int = 100) -> None:
+    def __init__(
+        self, files: FileStore, calls: StoreCalls, retention: timedelta | None = None, *, page_size: int = 100
+    ) -> None:
         self.files = files
+        self.calls = calls  # file records are read through the store seam (off the loop on PostgreSQL)
         self.retention = retention  # uploads expire this long after they were made (ATELIER_RETENTION)
         self.page_size = page_size
 
@@ -105,30 +109,35 @@ class FilesAPI:
         )
         return self.describe(record, base)
 
-    def page(self, owner: str | None, cursor: str | None, base: str) -> wire.FilePage:
-        """``owner``'s uploads, newest first, paged like ``GET /v1/predictions`` (indexed reads: on the loop)."""
+    async def page(self, owner: str | None, cursor: str | None, base: str) -> wire.FilePage:
+        """``owner``'s uploads, newest first, paged like ``GET /v1/predictions``."""
         store = self.files.store
-        page, next_cursor = store.list_uploads(owner, cursor, self.page_size)
+        page, next_cursor = await self.calls.read(store.list_uploads, owner, cursor, self.page_size)
         newer = partial(store.newer_uploads, owner)
-        around = links(f"{base}/v1/files", page, next_cursor, cursor=cursor, size=self.page_size, newer=newer)
+        around = await self.calls.read(
+            links, f"{base}/v1/files", page, next_cursor, cursor=cursor, size=self.page_size, newer=newer
+        )
         return wire.FilePage(next=around.next, previous=around.previous, results=[self.describe(r, base) for r in page])
 
-    def info(self, file_id: str, owner: str | None, base: str) -> wire.File:
-        return self.describe(self._owned(file_id, owner), base)
+    async def info(self, file_id: str, owner: str | None, base: str) -> wire.File:
+        return self.describe(await self._owned(file_id, owner), base)
 
     async def delete(self, file_id: str, owner: str | None) -> None:
-        self._owned(file_id, owner)
+        await self._owned(file_id, owner)
         await asyncio.to_thread(self.files.delete, file_id)
 
-    def download(self, file_id: str, sig: str | None, caller: Caller) -> Response:
+    async def download(self, file_id: str, sig: str | None, caller: Caller) -> Response:
         """The file's bytes for a valid signature, else for its owner (``caller`` authenticates, or raises 401):
         from the data folder, or streamed from the bucket (``api/replicate/downloads.py``)."""
-        record = self.files.get(file_id) if sig and self.files.verify(file_id, sig) else self._owned(file_id, caller())
+        if sig and self.files.verify(file_id, sig):
+            record = await self.calls.read(self.files.get, file_id)
+        else:
+            record = await self._owned(file_id, caller())
         disposition = "inline" if record.content_type in INLINE_TYPES else "attachment"
         if not self.files.in_folder:
             opener = partial(self.files.stream, record)
             return ObjectResponse(record, opener, headers=DOWNLOAD_HEADERS, content_disposition_type=disposition)
-        path = self.files.path(record.id)
+        path = self.files.folder_path(record)
         if not path.is_file():
             raise NotFound(f"file {file_id!r} is recorded but missing from disk")
         return FileResponse(
@@ -153,8 +162,8 @@ class FilesAPI:
             urls=wire.FileURLs(get=f"{base}/v1/files/{record.id}"),
         )
 
-    def _owned(self, file_id: str, owner: str | None) -> FileRecord:
-        record = self.files.get(file_id)
+    async def _owned(self, file_id: str, owner: str | None) -> FileRecord:
+        record = await self.calls.read(self.files.get, file_id)
         if record.owner != owner:
             raise NotFound(f"file {file_id[:40]!r} does not exist (or was deleted after its retention period)")
         return record

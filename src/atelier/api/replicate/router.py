@@ -138,12 +138,12 @@ async def create_file(
 
 @router.get("/files")
 async def list_files(door: Door, owner: Owner, base: BaseURL, cursor: str | None = None) -> wire.FilePage:
-    return door.files.page(owner, cursor, base)
+    return await door.files.page(owner, cursor, base)
 
 
 @router.get("/files/{file_id}")
 async def get_file(file_id: str, door: Door, owner: Owner, base: BaseURL) -> wire.File:
-    return door.files.info(file_id, owner, base)
+    return await door.files.info(file_id, owner, base)
 
 
 @router.delete("/files/{file_id}", status_code=204)
@@ -158,7 +158,7 @@ async def delete_file(file_id: str, door: Door, owner: Owner) -> Response:
 async def download_file(
     file_id: str, door: Door, services: ServicesDep, request: Request, sig: str | None = None
 ) -> Response:
-    return door.files.download(file_id, sig, lambda: authenticate(request, services))
+    return await door.files.download(file_id, sig, lambda: authenticate(request, services))
 
 
 # -- webhooks ------------------------------------------------------------------------------------------
@@ -166,4 +166,4 @@ async def download_file(
 
 @router.get("/webhooks/default/secret")
 async def get_webhook_secret(door: Door, owner: Owner) -> wire.WebhookSecret:
-    return door.secret(owner)
+    return await door.secret(owner)

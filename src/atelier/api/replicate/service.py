@@ -66,7 +66,7 @@ class ReplicateDoor:
     def __init__(self, services: Services) -> None:
         self.services = services
         self.models = ModelIndex(services.router)
-        self.files = FilesAPI(services.files, services.settings.retention, page_size=PAGE_SIZE)
+        self.files = FilesAPI(services.files, services.calls, services.settings.retention, page_size=PAGE_SIZE)
         settings = services.settings
         fallback = (settings.public_url or f"http://{settings.host}:{settings.port}").rstrip("/")
         self.delivery_policy = delivery_policy(
@@ -80,7 +80,8 @@ class ReplicateDoor:
 
     async def start(self) -> None:
         self.services.runner.listeners.append(self.webhooks.on_event)
-        self.webhooks.reconcile()  # after the listener: a message is better sent twice than lost
+        lost = await self.services.calls.read(self.webhooks.lost)
+        self.webhooks.reconcile(lost=lost)  # after the listener: a message is better sent twice than lost
         self.webhooks.start()
 
     async def flush_webhooks(self) -> None:
@@ -134,7 +135,9 @@ class ReplicateDoor:
     async def page(self, owner: str | None, cursor: str | None, base: str) -> wire.PredictionPage:
         page, next_cursor = await self.services.runner.list(owner=owner, cursor=cursor, limit=self.page_size)
         newer = partial(self.services.store.newer_predictions, owner)
-        around = links(f"{base}/v1/predictions", page, next_cursor, cursor=cursor, size=self.page_size, newer=newer)
+        around = await self.services.calls.read(
+            links, f"{base}/v1/predictions", page, next_cursor, cursor=cursor, size=self.page_size, newer=newer
+        )
         return wire.PredictionPage(
             next=around.next, previous=around.previous, results=[self.render(p, base) for p in page]
         )
@@ -145,17 +148,18 @@ class ReplicateDoor:
         """SSE text for ``urls.stream``; access by the URL's signature or the caller's token. ``previews``
         adds the ``preview`` events (an extension the official clients would raise on)."""
         runner = self.services.runner
-        owner = self._stream_owner(prediction_id, sig) if sig else caller()
+        owner = await self._stream_owner(prediction_id, sig) if sig else caller()
         await runner.get(prediction_id, owner=owner)  # NotFound for anyone else's
-        # No await between subscribing and the snapshot: nothing is missed, nothing repeated.
-        subscription = runner.subscribe(prediction_id)
-        snapshot = await runner.get(prediction_id, owner=owner)  # never suspends: a plain read
+        # Subscribed, then the snapshot: for a job live in this process both answer from memory and never
+        # suspend, so nothing is missed or repeated; a finished one is read from the store and replayed.
+        subscription = await runner.subscribe(prediction_id)
+        snapshot = await runner.get(prediction_id, owner=owner)
         files = self.services.files
         urls = lambda ids: [download_url(base, files, i) for i in ids]  # noqa: E731
         return events(snapshot, subscription, urls, previews=previews)
 
-    def _stream_owner(self, prediction_id: str, sig: str) -> str | None:
-        record = self.services.store.get_prediction(prediction_id)
+    async def _stream_owner(self, prediction_id: str, sig: str) -> str | None:
+        record = await self.services.calls.get_prediction(prediction_id)
         if record is None or not self.services.files.verify(stream_token(prediction_id), sig):
             raise NotFound(f"prediction {prediction_id[:64]!r} was not found (or the stream URL's signature is wrong)")
         return record.owner
@@ -204,9 +208,9 @@ class ReplicateDoor:
         assert latest is not None
         return latest
 
-    def secret(self, owner: str | None) -> wire.WebhookSecret:
+    async def secret(self, owner: str | None) -> wire.WebhookSecret:
         """The caller's own signing secret: it verifies the webhooks of their predictions, and nobody else's."""
-        return wire.WebhookSecret(key=self.services.files.webhook_secret(owner))
+        return wire.WebhookSecret(key=await self.services.calls.read(self.services.files.webhook_secret, owner))
 
 
 # -- request bodies ------------------------------------------------------------------------------------

@@ -153,9 +153,14 @@ class WebhookSender:
     def remember(self, prediction_id: str, base: str) -> None:
         self.base_urls[prediction_id] = base
 
-    def reconcile(self, *, within: timedelta = RECONCILE_WINDOW) -> int:
-        """Enqueue the ``completed`` message of predictions that finished just before a crash lost it."""
-        lost = self.store.finished_without_message("completed", source=SOURCE, since=utc_now() - within)
+    def lost(self, within: timedelta = RECONCILE_WINDOW) -> list[Prediction]:
+        """Blocking (a store read): predictions that finished within ``within`` with no ``completed`` message."""
+        return self.store.finished_without_message("completed", source=SOURCE, since=utc_now() - within)
+
+    def reconcile(self, *, within: timedelta = RECONCILE_WINDOW, lost: list[Prediction] | None = None) -> int:
+        """Enqueue the ``completed`` message of predictions that finished just before a crash lost it (``lost``:
+        what ``lost()`` read, off the loop)."""
+        lost = self.lost(within) if lost is None else lost
         count = 0
         for prediction in lost:
             if "completed" in set(prediction.webhook_events_filter or WEBHOOK_EVENTS):
