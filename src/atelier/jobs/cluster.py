@@ -148,6 +148,8 @@ class ClusterRunner(Runner):
             await self.relay.stop()
         if self.publisher is not None:
             await asyncio.to_thread(self.publisher.close)
+        if self.shared is not None:
+            await asyncio.to_thread(self.shared.close)
 
     def _capacity(self) -> Capacity:
         queue = self.queue
@@ -158,8 +160,9 @@ class ClusterRunner(Runner):
     def claimed_task(self, prediction: Prediction, attempt: int, token: CancelToken) -> Task:
         """The task of a job this process holds a lease on: every write fenced on ``attempt``."""
         writer = FencedWriter(
-            self.store.engine, prediction.id, attempt, on_lost=lambda: token.cancel(LEASE_LOST), owner=self.name
-        )
+            self.shared_queue().statements, prediction.id, attempt, on_lost=lambda: token.cancel(LEASE_LOST),
+            owner=self.name,
+        )  # fmt: skip
         self.writers[prediction.id] = writer
         return Task(prediction, writer, cost_per_second=self.settings.cost_per_second, notify=self.dispatcher.notify)
 

@@ -309,3 +309,139 @@ def m009_claims_and_leases(conn: Connection) -> None:
     )
     Index("previews_prediction", previews.c.prediction_id)
     metadata.create_all(conn, tables=[metadata.tables[n] for n in ("queue_turns", "rate_buckets", "previews")])
+
+
+@migration
+def m010_claim_in_one_statement(conn: Connection) -> None:
+    """The fair claim as one PostgreSQL function (``atelier_claim``), and ``pinned`` on predictions.
+
+    ``pinned``: the job is run by the process that accepted it (its request holds a secret that is not
+    stored); it waits in that process's memory while its row is leased to it, and counts as waiting in
+    the shared queue's bound until it starts. The function (PostgreSQL only; SQLite has no shared
+    queue) is ``SharedQueue.claim`` of ``atelier.jobs.claims`` in one statement, so a claim is one round
+    trip: under the claim lock it reads the fair head (and its batch companions) through the
+    ``predictions_queued`` index, leases them ``FOR UPDATE SKIP LOCKED`` and moves the turns; it returns
+    the claimed rows in fair order. Its SQL is frozen here: a change is a new migration that replaces it.
+    """
+    conn.exec_driver_sql("ALTER TABLE predictions ADD COLUMN pinned BOOLEAN NOT NULL DEFAULT FALSE")
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(_CLAIM_FUNCTION_V1)
+
+
+# The head of the queue, in fair order: re-queued jobs first (oldest first), then each token's queued jobs
+# in ``turn`` order taking the token's next turns (``GREATEST(now, finish of the token) + k``), lowest
+# first; the tokens are found by a skip scan of ``predictions_queued`` (one probe per token, not a scan of
+# every queued row). ``%(limit)s`` is the number of candidates (1, or the look-ahead for a batch).
+_CANDIDATES_V1 = """
+    WITH RECURSIVE owners(okey) AS (
+        (SELECT COALESCE(p.owner, '') FROM predictions p
+         WHERE p.status = 'starting' AND p.lease_owner IS NULL AND NOT p.requeued
+         ORDER BY COALESCE(p.owner, '') LIMIT 1)
+        UNION ALL
+        SELECT (SELECT COALESCE(p.owner, '') FROM predictions p
+                WHERE p.status = 'starting' AND p.lease_owner IS NULL AND NOT p.requeued
+                  AND COALESCE(p.owner, '') > o.okey
+                ORDER BY COALESCE(p.owner, '') LIMIT 1)
+        FROM owners o WHERE o.okey IS NOT NULL
+    ), firsts AS (
+        SELECT q.*, GREATEST(v_now, COALESCE(t.value, 0))
+                    + row_number() OVER (PARTITION BY o.okey ORDER BY q.turn, q.created_at, q.id) - 1 AS otag
+        FROM owners o
+        LEFT JOIN queue_turns t ON t.key = 'o:' || o.okey
+        CROSS JOIN LATERAL (
+            SELECT p.id, p.owner, p.user_id, p.created_at, p.turn, p.requeued, p.batch_key, p.batch_images,
+                   p.batch_budget
+            FROM predictions p
+            WHERE p.status = 'starting' AND p.lease_owner IS NULL AND NOT p.requeued
+              AND COALESCE(p.owner, '') = o.okey
+            ORDER BY COALESCE(p.owner, ''), p.turn, p.created_at, p.id
+            LIMIT %(limit)s
+        ) q
+        WHERE o.okey IS NOT NULL
+    ), requeued AS (
+        SELECT p.id, p.owner, p.user_id, p.created_at, p.turn, p.requeued, p.batch_key, p.batch_images,
+               p.batch_budget, 0::bigint AS otag
+        FROM predictions p WHERE p.status = 'starting' AND p.lease_owner IS NULL AND p.requeued
+        ORDER BY p.created_at, p.id LIMIT %(limit)s
+    )
+    SELECT * FROM (SELECT * FROM requeued UNION ALL SELECT * FROM firsts) c
+    ORDER BY c.requeued DESC, c.otag, c.created_at, c.id
+    LIMIT %(limit)s
+"""
+
+# atelier_claim(owner, lease expiry, max jobs, look-ahead): the head, and when it has a batch key and
+# max jobs > 1 the compatible candidates after it (equal key, images within the head's budget, each the
+# oldest of its caller's lane not passed over: FIFO within a caller; re-queued jobs are one lane).
+_CLAIM_FUNCTION_V1 = (
+    """
+CREATE OR REPLACE FUNCTION atelier_claim(p_me TEXT, p_expires TEXT, p_max_jobs INTEGER, p_look INTEGER)
+RETURNS SETOF predictions LANGUAGE plpgsql AS $fn$
+DECLARE
+    v_now BIGINT;
+    v_limit INTEGER := 1;
+    v_row RECORD;
+    v_ids TEXT[] := '{}';
+    v_owners TEXT[] := '{}';
+    v_otags BIGINT[] := '{}';
+    v_turns BIGINT[] := '{}';
+    v_requeued BOOLEAN[] := '{}';
+    v_passed TEXT[] := '{}';
+    v_key TEXT;
+    v_images INTEGER;
+    v_budget INTEGER;
+    v_lane TEXT;
+    v_claimed TEXT[];
+BEGIN
+    PERFORM pg_advisory_xact_lock(1635019778);  -- claims.CLAIM_LOCK: one claim at a time, turns exact
+    SELECT COALESCE(max(value), 0) INTO v_now FROM queue_turns WHERE key = 'now';
+    LOOP  -- once with the head alone; again with the look-ahead when the head may take companions
+        v_ids := '{}'; v_owners := '{}'; v_otags := '{}'; v_turns := '{}'; v_requeued := '{}'; v_passed := '{}';
+        FOR v_row IN """
+    + _CANDIDATES_V1 % {"limit": "v_limit"}
+    + """ LOOP
+            IF cardinality(v_ids) = 0 THEN
+                v_key := v_row.batch_key; v_images := v_row.batch_images; v_budget := v_row.batch_budget;
+            ELSE
+                EXIT WHEN cardinality(v_ids) >= p_max_jobs;
+                v_lane := CASE WHEN v_row.requeued THEN 'r' ELSE json_build_array(v_row.owner, v_row.user_id)::text END;
+                CONTINUE WHEN v_lane = ANY(v_passed);
+                IF v_row.batch_key = v_key AND v_images + v_row.batch_images <= v_budget THEN
+                    v_images := v_images + v_row.batch_images;
+                ELSE
+                    v_passed := v_passed || v_lane;
+                    CONTINUE;
+                END IF;
+            END IF;
+            v_ids := v_ids || v_row.id::text; v_owners := v_owners || v_row.owner::text; v_otags := v_otags || v_row.otag;
+            v_turns := v_turns || v_row.turn; v_requeued := v_requeued || v_row.requeued;
+        END LOOP;
+        EXIT WHEN v_limit > 1 OR cardinality(v_ids) = 0 OR v_key IS NULL OR p_max_jobs <= 1;
+        v_limit := p_look;
+    END LOOP;
+    IF cardinality(v_ids) = 0 THEN
+        RETURN;
+    END IF;
+    WITH claimed AS (
+        UPDATE predictions p SET lease_owner = p_me, lease_expires_at = p_expires, attempt = p.attempt + 1,
+                                 requeued = FALSE
+        WHERE p.id IN (SELECT l.id FROM predictions l WHERE l.id = ANY(v_ids) AND l.status = 'starting'
+                       AND l.lease_owner IS NULL FOR UPDATE SKIP LOCKED)
+        RETURNING p.id
+    )
+    SELECT array_agg(claimed.id::text) INTO v_claimed FROM claimed;
+    IF v_claimed IS NULL THEN  -- each being canceled right now
+        RETURN;
+    END IF;
+    INSERT INTO queue_turns (key, value)
+    SELECT k.key, max(k.value) FROM unnest(v_ids, v_owners, v_otags, v_turns, v_requeued) AS t(id, owner, otag, turn, rq)
+    CROSS JOIN LATERAL (VALUES ('now', t.otag), ('o:' || COALESCE(t.owner, ''), t.otag + 1),
+                               ('n:' || COALESCE(t.owner, ''), t.turn)) AS k(key, value)
+    WHERE NOT t.rq AND t.id = ANY(v_claimed)
+    GROUP BY k.key
+    ON CONFLICT (key) DO UPDATE SET value = GREATEST(queue_turns.value, excluded.value);
+    RETURN QUERY SELECT p.* FROM unnest(v_ids) WITH ORDINALITY AS u(id, n) JOIN predictions p ON p.id = u.id
+                 WHERE u.id = ANY(v_claimed) ORDER BY u.n;
+END
+$fn$
+"""
+)
