@@ -43,7 +43,6 @@ from bench.common import REPO, emit, free_port, log, machine, ratio, spawn, stop
 
 LAUNCHER = [sys.executable, str(REPO / "tests" / "e2e" / "fake_atelier.py")]
 SEED = "openai/gpt-image-2"
-THREADS = 4  # claimers at once
 
 
 def parser() -> argparse.ArgumentParser:
@@ -53,7 +52,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--work-seconds", type=float, default=0.5, help="the engine's fixed wait per prediction")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--claims", type=int, default=2000)
+    p.add_argument("--claimers", type=int, nargs="+", default=[4, 1], help="claimers at once, per level")
     p.add_argument("--overhead-predictions", type=int, default=60)
+    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="what to measure")
     return p
 
 
@@ -173,56 +174,93 @@ def _count(engine: Any, query: str) -> int:
         return int(conn.execute(text(query)).scalar() or 0)
 
 
+VARIANTS = ("fair", "fair_stepwise", "plain")
+PARTS = ("workers", "claims", "overhead")
+
+
 def claims(cluster: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """Claims/s of the fair claim and of the plain SKIP LOCKED claim, each draining the same rows."""
+    """Claims/s of the fair claim (one statement), the fair claim as it was (stepwise) and the plain SKIP
+    LOCKED claim, each draining the same rows, by 4 claimers at once and by 1."""
+    results: dict[str, Any] = {}
+    for claimers in args.claimers:
+        level: dict[str, Any] = {}
+        for variant in VARIANTS:
+            level[variant] = _drain_all(cluster, args.claims, variant, claimers)
+            log(f"claims ({variant}, {claimers} claimer(s)): {level[variant]}")
+        level["fair_over_stepwise"] = ratio(level["fair"]["per_second"], level["fair_stepwise"]["per_second"])
+        level["fair_over_plain"] = ratio(level["fair"]["per_second"], level["plain"]["per_second"])
+        results[f"claimers_{claimers}"] = level
+    results["select_1_ms"] = _round_trip_ms(cluster)  # how busy the machine was: one round trip to the server
+    return results
+
+
+def _drain_all(cluster: Any, count: int, variant: str, claimers: int) -> dict[str, Any]:
+    """``claimers`` threads (each a process's claimer: its own SharedQueue and connections) drain ``count``
+    queued rows with ``variant``; every row must be claimed exactly once."""
     from sqlalchemy import create_engine, text
 
+    from atelier.jobs.store import Store
+
+    url = cluster.create_database()
+    store = Store(url).open()
+    try:
+        _fill(store, count)
+        with store.engine.connect() as conn:  # time spent inside the server by atelier_claim
+            conn.execute(text(f"ALTER DATABASE {store.engine.url.database} SET track_functions = 'pl'"))
+            conn.commit()
+        taken: list[int] = []
+        threads = [threading.Thread(target=_drain, args=(store, f"c{i}", variant, taken)) for i in range(claimers)]
+        began = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        seconds = time.perf_counter() - began
+        engine = create_engine(url)
+        with engine.connect() as conn:
+            claimed = conn.execute(text("SELECT count(*) FROM predictions WHERE lease_owner IS NOT NULL")).scalar()
+        engine.dispose()
+        result = {
+            "claims": sum(taken), "distinct_rows_claimed": claimed, "seconds": round(seconds, 3),
+            "per_second": round(sum(taken) / seconds, 1),
+        }  # fmt: skip
+        if variant == "fair":
+            result |= _function_time(store)
+        return result
+    finally:
+        store.close()
+
+
+def _drain(store: Any, name: str, variant: str, taken: list[int]) -> None:
     from atelier.jobs.claims import SharedQueue
     from atelier.jobs.limits import Limits
     from atelier.jobs.queue import Capacity
-    from atelier.jobs.store import Store
+    from claims_reference import stepwise_claim
 
-    results: dict[str, Any] = {}
-    for variant in ("fair", "plain"):
-        url = cluster.create_database()
-        store = Store(url).open()
-        try:
-            _fill(store, args.claims)
-            taken: list[int] = []
+    queue = SharedQueue(store.engine, owner=name, capacity=lambda: Capacity(10**6, 1.0, 1, 1.0), limits=Limits())
+    claim = {"fair": queue.claim, "fair_stepwise": lambda: stepwise_claim(queue), "plain": lambda: _plain(queue)}
+    count = 0
+    try:
+        while got := claim[variant]():
+            count += len(got)
+    finally:
+        queue.close()
+    taken.append(count)
 
-            def drain(name: str, variant: str = variant, store: Store = store, taken: list[int] = taken) -> None:
-                queue = SharedQueue(
-                    store.engine, owner=name, capacity=lambda: Capacity(10**6, 1.0, 1, 1.0), limits=Limits()
-                )
-                count = 0
-                while True:
-                    got = queue.claim() if variant == "fair" else _plain_claim(store, name)
-                    if not got:
-                        break
-                    count += len(got) if isinstance(got, list) else 1
-                taken.append(count)
 
-            threads = [threading.Thread(target=drain, args=(f"c{i}",)) for i in range(THREADS)]
-            began = time.perf_counter()
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            seconds = time.perf_counter() - began
-            engine = create_engine(url)
-            with engine.connect() as conn:
-                claimed = conn.execute(text("SELECT count(*) FROM predictions WHERE lease_owner IS NOT NULL")).scalar()
-            engine.dispose()
-            results[variant] = {
-                "claims": sum(taken), "distinct_rows_claimed": claimed, "seconds": round(seconds, 3),
-                "per_second": round(sum(taken) / seconds, 1),
-            }  # fmt: skip
-            log(f"claims ({variant}): {results[variant]}")
-        finally:
-            store.close()
-    results["fair_over_plain"] = ratio(results["fair"]["per_second"], results["plain"]["per_second"])
-    results["select_1_ms"] = _round_trip_ms(cluster)  # how busy the machine was: one round trip to the server
-    return results
+def _function_time(store: Any) -> dict[str, Any]:
+    """Milliseconds per ``atelier_claim`` call inside PostgreSQL (``pg_stat_user_functions``; its waits for
+    the claim lock included), as the server counted them."""
+    from sqlalchemy import text
+
+    time.sleep(1.5)  # backends report function statistics at most once a second
+    with store.engine.connect() as conn:
+        row = conn.execute(
+            text("SELECT calls, total_time, self_time FROM pg_stat_user_functions WHERE funcname = 'atelier_claim'")
+        ).first()
+    if row is None or not row[0]:
+        return {}
+    return {"server_calls": row[0], "server_ms_per_call": round(row[1] / row[0], 4)}
 
 
 def _round_trip_ms(cluster: Any) -> float:
@@ -266,18 +304,18 @@ def _fill(store: Any, count: int) -> None:
         conn.commit()
 
 
-def _plain_claim(store: Any, name: str) -> str | None:
+_PLAIN = (
+    "UPDATE predictions SET lease_owner = :me, attempt = attempt + 1 WHERE id = (SELECT id FROM predictions "
+    "WHERE status = 'starting' AND lease_owner IS NULL ORDER BY created_at, id FOR UPDATE SKIP LOCKED "
+    "LIMIT 1) RETURNING id"
+)
+
+
+def _plain(queue: Any) -> list[Any]:
+    """SCALING.md's plain claim (oldest first, no fairness), sent as one statement like the fair one."""
     from sqlalchemy import text
 
-    with store.engine.begin() as conn:
-        return conn.execute(
-            text(
-                "UPDATE predictions SET lease_owner = :me, attempt = attempt + 1 WHERE id = (SELECT id FROM predictions "
-                "WHERE status = 'starting' AND lease_owner IS NULL ORDER BY created_at, id FOR UPDATE SKIP LOCKED "
-                "LIMIT 1) RETURNING id"
-            ),
-            {"me": name},
-        ).scalar()
+    return queue.statements.rows(text(_PLAIN), {"me": queue.owner})
 
 
 def overhead(cluster: Any, args: argparse.Namespace, root: Path) -> dict[str, Any]:
@@ -320,17 +358,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     document["load_average_before"] = [round(x, 2) for x in os.getloadavg()]
     with postgres() as cluster, tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
-        levels = [workers_level(cluster, n, args, root) for n in args.workers]
-        one = levels[0]["per_second"]
-        for level in levels:
-            level["speedup"] = ratio(level["per_second"], one)
-            level["goal"] = round(0.9 * level["workers"], 2)
-            level["meets_goal"] = (level["speedup"] or 0) >= level["goal"]
-        document["workers"] = {"work_seconds": args.work_seconds, "levels": levels}
-        document["claims"] = claims(cluster, args)
-        document["overhead"] = overhead(cluster, args, root)
+        if "workers" in args.parts:
+            document["workers"] = workers(cluster, args, root)
+        if "claims" in args.parts:
+            document["claims"] = claims(cluster, args)
+        if "overhead" in args.parts:
+            document["overhead"] = overhead(cluster, args, root)
     document["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     return document
+
+
+def workers(cluster: Any, args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    levels = [workers_level(cluster, n, args, root) for n in args.workers]
+    one = levels[0]["per_second"]
+    for level in levels:
+        level["speedup"] = ratio(level["per_second"], one)
+        level["goal"] = round(0.9 * level["workers"], 2)
+        level["meets_goal"] = (level["speedup"] or 0) >= level["goal"]
+    return {"work_seconds": args.work_seconds, "levels": levels}
 
 
 if __name__ == "__main__":

@@ -343,11 +343,13 @@ _CANDIDATES_V1 = """
                   AND COALESCE(p.owner, '') > o.okey
                 ORDER BY COALESCE(p.owner, '') LIMIT 1)
         FROM owners o WHERE o.okey IS NOT NULL
+    ), tokens AS MATERIALIZED (  -- each token's finish, looked up once per token (not per candidate)
+        SELECT w.okey, COALESCE((SELECT t.value FROM queue_turns t WHERE t.key = 'o:' || w.okey), 0) AS finish
+        FROM owners w WHERE w.okey IS NOT NULL
     ), firsts AS (
-        SELECT q.*, GREATEST(v_now, COALESCE(t.value, 0))
+        SELECT q.*, GREATEST(v_now, o.finish)
                     + row_number() OVER (PARTITION BY o.okey ORDER BY q.turn, q.created_at, q.id) - 1 AS otag
-        FROM owners o
-        LEFT JOIN queue_turns t ON t.key = 'o:' || o.okey
+        FROM tokens o
         CROSS JOIN LATERAL (
             SELECT p.id, p.owner, p.user_id, p.created_at, p.turn, p.requeued, p.batch_key, p.batch_images,
                    p.batch_budget
@@ -357,7 +359,6 @@ _CANDIDATES_V1 = """
             ORDER BY COALESCE(p.owner, ''), p.turn, p.created_at, p.id
             LIMIT %(limit)s
         ) q
-        WHERE o.okey IS NOT NULL
     ), requeued AS (
         SELECT p.id, p.owner, p.user_id, p.created_at, p.turn, p.requeued, p.batch_key, p.batch_images,
                p.batch_budget, 0::bigint AS otag
@@ -369,78 +370,120 @@ _CANDIDATES_V1 = """
     LIMIT %(limit)s
 """
 
+# The head when no job is re-queued: each token's first queued job (one probe of ``predictions_queued``
+# per token: the first entry past the previous token is the next token's head) at its token's next turn;
+# the lowest turn, then the oldest.
+_HEADS_V1 = """
+    WITH RECURSIVE heads AS (
+        (SELECT COALESCE(p.owner, '') AS okey, p.id, p.owner, p.user_id, p.created_at, p.turn, p.requeued,
+                p.batch_key, p.batch_images, p.batch_budget
+         FROM predictions p
+         WHERE p.status = 'starting' AND p.lease_owner IS NULL AND NOT p.requeued
+         ORDER BY COALESCE(p.owner, ''), p.turn, p.created_at, p.id LIMIT 1)
+        UNION ALL
+        SELECT n.* FROM heads h CROSS JOIN LATERAL (
+            SELECT COALESCE(p.owner, '') AS okey, p.id, p.owner, p.user_id, p.created_at, p.turn, p.requeued,
+                   p.batch_key, p.batch_images, p.batch_budget
+            FROM predictions p
+            WHERE p.status = 'starting' AND p.lease_owner IS NULL AND NOT p.requeued
+              AND COALESCE(p.owner, '') > h.okey
+            ORDER BY COALESCE(p.owner, ''), p.turn, p.created_at, p.id LIMIT 1
+        ) n
+    )
+    SELECT h.id, h.owner, h.user_id, h.created_at, h.turn, h.requeued, h.batch_key, h.batch_images,
+           h.batch_budget,
+           GREATEST(v_now, COALESCE((SELECT t.value FROM queue_turns t WHERE t.key = 'o:' || h.okey), 0)) AS otag
+    FROM heads h
+    ORDER BY otag, h.created_at, h.id
+    LIMIT 1
+"""
+
 # atelier_claim(owner, lease expiry, max jobs, look-ahead): the head, and when it has a batch key and
 # max jobs > 1 the compatible candidates after it (equal key, images within the head's budget, each the
-# oldest of its caller's lane not passed over: FIFO within a caller; re-queued jobs are one lane).
+# oldest of its caller's lane not passed over: FIFO within a caller; re-queued jobs are one lane). The
+# lease and the turns are one statement.
 _CLAIM_FUNCTION_V1 = (
     """
 CREATE OR REPLACE FUNCTION atelier_claim(p_me TEXT, p_expires TEXT, p_max_jobs INTEGER, p_look INTEGER)
-RETURNS SETOF predictions LANGUAGE plpgsql AS $fn$
+RETURNS SETOF predictions LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $fn$
 DECLARE
     v_now BIGINT;
-    v_limit INTEGER := 1;
+    v_limit INTEGER;
+    v_head RECORD;
     v_row RECORD;
-    v_ids TEXT[] := '{}';
-    v_owners TEXT[] := '{}';
-    v_otags BIGINT[] := '{}';
-    v_turns BIGINT[] := '{}';
-    v_requeued BOOLEAN[] := '{}';
+    v_ids TEXT[];
+    v_owners TEXT[];
+    v_otags BIGINT[];
+    v_turns BIGINT[];
+    v_requeued BOOLEAN[];
     v_passed TEXT[] := '{}';
-    v_key TEXT;
     v_images INTEGER;
-    v_budget INTEGER;
     v_lane TEXT;
-    v_claimed TEXT[];
+    v_locked TEXT[];
 BEGIN
     PERFORM pg_advisory_xact_lock(1635019778);  -- claims.CLAIM_LOCK: one claim at a time, turns exact
-    SELECT COALESCE(max(value), 0) INTO v_now FROM queue_turns WHERE key = 'now';
-    LOOP  -- once with the head alone; again with the look-ahead when the head may take companions
-        v_ids := '{}'; v_owners := '{}'; v_otags := '{}'; v_turns := '{}'; v_requeued := '{}'; v_passed := '{}';
+    SELECT p.id, p.owner, p.user_id, p.created_at, p.turn, p.requeued, p.batch_key, p.batch_images,
+           p.batch_budget, 0::bigint AS otag
+    INTO v_head FROM predictions p WHERE p.status = 'starting' AND p.lease_owner IS NULL AND p.requeued
+    ORDER BY p.created_at, p.id LIMIT 1;
+    IF NOT FOUND THEN
+        SELECT COALESCE(max(value), 0) INTO v_now FROM queue_turns WHERE key = 'now';
+        """
+    + _HEADS_V1.strip()
+    + """
+        INTO v_head;
+        IF NOT FOUND THEN
+            RETURN;
+        END IF;
+    END IF;
+    v_ids := ARRAY[v_head.id::text]; v_owners := ARRAY[v_head.owner::text]; v_otags := ARRAY[v_head.otag];
+    v_turns := ARRAY[v_head.turn]; v_requeued := ARRAY[v_head.requeued]; v_images := v_head.batch_images;
+    IF v_head.batch_key IS NOT NULL AND p_max_jobs > 1 THEN  -- companions, in fair order after the head
+        SELECT COALESCE(max(value), 0) INTO v_now FROM queue_turns WHERE key = 'now';
+        v_limit := p_look;
         FOR v_row IN """
     + _CANDIDATES_V1 % {"limit": "v_limit"}
     + """ LOOP
-            IF cardinality(v_ids) = 0 THEN
-                v_key := v_row.batch_key; v_images := v_row.batch_images; v_budget := v_row.batch_budget;
+            CONTINUE WHEN v_row.id = v_head.id;
+            EXIT WHEN cardinality(v_ids) >= p_max_jobs;
+            v_lane := CASE WHEN v_row.requeued THEN 'r' ELSE json_build_array(v_row.owner, v_row.user_id)::text END;
+            CONTINUE WHEN v_lane = ANY(v_passed);
+            IF v_row.batch_key = v_head.batch_key AND v_images + v_row.batch_images <= v_head.batch_budget THEN
+                v_images := v_images + v_row.batch_images;
+                v_ids := v_ids || v_row.id::text; v_owners := v_owners || v_row.owner::text;
+                v_otags := v_otags || v_row.otag; v_turns := v_turns || v_row.turn;
+                v_requeued := v_requeued || v_row.requeued;
             ELSE
-                EXIT WHEN cardinality(v_ids) >= p_max_jobs;
-                v_lane := CASE WHEN v_row.requeued THEN 'r' ELSE json_build_array(v_row.owner, v_row.user_id)::text END;
-                CONTINUE WHEN v_lane = ANY(v_passed);
-                IF v_row.batch_key = v_key AND v_images + v_row.batch_images <= v_budget THEN
-                    v_images := v_images + v_row.batch_images;
-                ELSE
-                    v_passed := v_passed || v_lane;
-                    CONTINUE;
-                END IF;
+                v_passed := v_passed || v_lane;
             END IF;
-            v_ids := v_ids || v_row.id::text; v_owners := v_owners || v_row.owner::text; v_otags := v_otags || v_row.otag;
-            v_turns := v_turns || v_row.turn; v_requeued := v_requeued || v_row.requeued;
         END LOOP;
-        EXIT WHEN v_limit > 1 OR cardinality(v_ids) = 0 OR v_key IS NULL OR p_max_jobs <= 1;
-        v_limit := p_look;
-    END LOOP;
-    IF cardinality(v_ids) = 0 THEN
+    END IF;
+    WITH locked AS (  -- one being canceled right now (locked) stays out
+        SELECT l.id FROM predictions l WHERE l.id = ANY(v_ids) AND l.status = 'starting' AND l.lease_owner IS NULL
+        FOR UPDATE SKIP LOCKED
+    )
+    SELECT array_agg(locked.id::text) INTO v_locked FROM locked;
+    IF v_locked IS NULL THEN
         RETURN;
     END IF;
-    WITH claimed AS (
+    RETURN QUERY
+    WITH claimed AS (  -- by the primary key: the plan is cached generic, and must never scan the table
         UPDATE predictions p SET lease_owner = p_me, lease_expires_at = p_expires, attempt = p.attempt + 1,
                                  requeued = FALSE
-        WHERE p.id IN (SELECT l.id FROM predictions l WHERE l.id = ANY(v_ids) AND l.status = 'starting'
-                       AND l.lease_owner IS NULL FOR UPDATE SKIP LOCKED)
-        RETURNING p.id
+        WHERE p.id = ANY(v_locked)
+        RETURNING p.*
+    ), turns AS (
+        INSERT INTO queue_turns (key, value)
+        SELECT k.key, max(k.value)
+        FROM unnest(v_ids, v_owners, v_otags, v_turns, v_requeued) AS t(id, okey, otag, turn, rq)
+        JOIN claimed c ON c.id = t.id
+        CROSS JOIN LATERAL (VALUES ('now', t.otag), ('o:' || COALESCE(t.okey, ''), t.otag + 1),
+                                   ('n:' || COALESCE(t.okey, ''), t.turn)) AS k(key, value)
+        WHERE NOT t.rq
+        GROUP BY k.key
+        ON CONFLICT (key) DO UPDATE SET value = GREATEST(queue_turns.value, excluded.value)
     )
-    SELECT array_agg(claimed.id::text) INTO v_claimed FROM claimed;
-    IF v_claimed IS NULL THEN  -- each being canceled right now
-        RETURN;
-    END IF;
-    INSERT INTO queue_turns (key, value)
-    SELECT k.key, max(k.value) FROM unnest(v_ids, v_owners, v_otags, v_turns, v_requeued) AS t(id, owner, otag, turn, rq)
-    CROSS JOIN LATERAL (VALUES ('now', t.otag), ('o:' || COALESCE(t.owner, ''), t.otag + 1),
-                               ('n:' || COALESCE(t.owner, ''), t.turn)) AS k(key, value)
-    WHERE NOT t.rq AND t.id = ANY(v_claimed)
-    GROUP BY k.key
-    ON CONFLICT (key) DO UPDATE SET value = GREATEST(queue_turns.value, excluded.value);
-    RETURN QUERY SELECT p.* FROM unnest(v_ids) WITH ORDINALITY AS u(id, n) JOIN predictions p ON p.id = u.id
-                 WHERE u.id = ANY(v_claimed) ORDER BY u.n;
+    SELECT c.* FROM unnest(v_ids) WITH ORDINALITY AS u(id, n) JOIN claimed c ON c.id = u.id ORDER BY u.n;
 END
 $fn$
 """
