@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -103,6 +104,7 @@ class ClusterRunner(Runner):
         self.workers = self.cluster_workers
         self._background: list[asyncio.Task[None]] = []
         self._forwarding: set[asyncio.Task[None]] = set()
+        self._shared_depth: int | None = None  # the shared queue's depth as last counted (_count_queue)
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -128,6 +130,7 @@ class ClusterRunner(Runner):
         self._background = [
             asyncio.create_task(self._keep_leases(), name="atelier-leases"),
             asyncio.create_task(self._sweep(), name="atelier-sweeper"),
+            asyncio.create_task(self._count_queue(), name="atelier-queue-depth"),
         ]
         role = "API and worker" if self.work else "API only"
         log.info("cluster process %s started (%s): %d worker(s)", self.name, role, count if self.work else 0)
@@ -150,6 +153,21 @@ class ClusterRunner(Runner):
             await asyncio.to_thread(self.publisher.close)
         if self.shared is not None:
             await asyncio.to_thread(self.shared.close)
+
+    @property
+    def queue_depth(self) -> int:
+        """Jobs waiting in the shared queue, every process's (health checks: ``/health-check``'s BUSY), as
+        counted every ``poll_interval``; this process's own until the first count."""
+        return len(self.queue) if self._shared_depth is None else self._shared_depth
+
+    async def _count_queue(self) -> None:
+        shared = self.shared_queue()
+        while True:
+            try:
+                self._shared_depth = await asyncio.to_thread(shared.depth)
+            except Exception as exc:  # the next count may work; health reads the last one meanwhile
+                log.warning("counting the shared queue failed (%s); retrying", exc)
+            await asyncio.sleep(self.poll_interval)
 
     def _capacity(self) -> Capacity:
         queue = self.queue
@@ -442,9 +460,22 @@ class ClusterWorkers(Workers):
             self.files.delete_many([r.id for r in kept])
         row = self.runner.store.get_prediction(entry.id)
         if row is not None and not entry.task.terminal:
+            if not row.terminal:  # re-queued (or running on another worker): its readers follow it there
+                self._follow_elsewhere(entry, row)
             entry.task.ended_elsewhere(row)
         self.runner.writers.pop(entry.id, None)
         log.info("prediction %s: ended elsewhere; this worker's result is discarded", entry.id)
+
+    def _follow_elsewhere(self, entry: Entry, row: Prediction) -> None:
+        """Hand the local task's subscribers (an SSE stream served here) to the relay, from what they have
+        seen: the status they last got and the logs both they and the row have."""
+        relay = self.runner.relay
+        if relay is None:
+            return
+        seen = entry.task.prediction.snapshot()
+        seen = dataclasses.replace(seen, logs=_common_start(seen.logs, row.logs))
+        for subscription in entry.task.hand_over():
+            relay.follow(subscription, seen)
 
     def interrupt(self, entry: Entry) -> None:
         writer = self.runner.writers.get(entry.id)
@@ -461,6 +492,13 @@ class ClusterWorkers(Workers):
             self._ended_elsewhere(entry)
         else:
             super()._on_canceled(entry, reason)
+
+
+def _common_start(a: str, b: str) -> str:
+    """The text ``a`` and ``b`` both begin with (log text seen here and what the row holds)."""
+    n = min(len(a), len(b))
+    differs = next((i for i in range(n) if a[i] != b[i]), n)
+    return a[:differs]
 
 
 async def _until_done(subscription: Subscription) -> None:

@@ -134,6 +134,8 @@ class _Follower:
             self.logs += len(new)
 
     def put(self, event: Event) -> None:
+        if self.ended:  # a notification handled after a poll already read the row's end: nothing follows done
+            return
         self.subscription.put(event)
 
 
@@ -175,20 +177,26 @@ class Relay:
 
     def subscribe(self, prediction: Prediction) -> Subscription:
         """Events of ``prediction`` (running elsewhere) from now on; ends after ``done``."""
-        follower: _Follower
+        subscription = Subscription()
+        self.follow(subscription, prediction)
+        return subscription
+
+    def follow(self, subscription: Subscription, seen: Prediction) -> None:
+        """Feed ``subscription`` the events of ``seen``'s job from the state its reader has seen on: a
+        local task's subscriber whose job went on in another process (its lease was taken back)."""
+        follower = _Follower(subscription, seen)
+        id = seen.id
 
         def forget(_: Subscription) -> None:
-            followers = self._followers.get(prediction.id, [])
+            followers = self._followers.get(id, [])
             if follower in followers:
                 followers.remove(follower)
             if not followers:
-                self._followers.pop(prediction.id, None)
+                self._followers.pop(id, None)
 
-        subscription = Subscription(on_close=forget)
-        follower = _Follower(subscription, prediction)
-        self._followers.setdefault(prediction.id, []).append(follower)
-        self._inbox.put_nowait((SYNC, prediction.id))  # what changed between the caller's read and now
-        return subscription
+        subscription.rehome(forget)
+        self._followers.setdefault(id, []).append(follower)
+        self._inbox.put_nowait((SYNC, id))  # what changed between the reader's view and now
 
     # -- internals ---------------------------------------------------------------------------------------
 
