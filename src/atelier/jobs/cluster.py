@@ -117,7 +117,7 @@ class ClusterRunner(Runner):
             self.store.engine, owner=self.name, capacity=self._capacity, limits=self.limits,
             lease_seconds=self.lease_seconds, max_attempts=self.settings.max_attempts,
         )  # fmt: skip
-        self.publisher = Publisher(self.store.engine)
+        self.publisher = Publisher(self.shared.statements.engine)  # one round trip an event
         self.relay = Relay(
             self.store, on_cancel=self._on_remote_cancel, on_queue=self.wake.set, poll_interval=self.poll_interval
         )

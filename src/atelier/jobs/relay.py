@@ -29,7 +29,7 @@ from typing import Any
 from sqlalchemy import Engine, select, text
 
 from atelier.ids import new_id
-from atelier.jobs.claims import CANCELS, EVENTS, QUEUE, notify
+from atelier.jobs.claims import CANCELS, EVENTS, QUEUE
 from atelier.jobs.events import DoneEvent, Event, LogsEvent, OutputEvent, ProgressReport, StatusEvent, Subscription
 from atelier.jobs.records import Prediction, Status, format_time, utc_now
 from atelier.jobs.store import PREDICTIONS, Store, _prediction
@@ -49,7 +49,11 @@ def listen_dsn(url: str) -> str:
 
 
 class Publisher:
-    """Sends one process's events in order, from one thread (never on the event loop)."""
+    """Sends one process's events in order, from one thread (never on the event loop).
+
+    Each event is one statement (the notification, with the preview's insert or the previews' delete
+    in the same statement), sent in autocommit on an engine that does not ping at checkout
+    (``claims.Statements``): one round trip an event."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -69,28 +73,27 @@ class Publisher:
 
     def _send(self, prediction: Prediction, event: Event) -> None:
         payload: dict[str, Any] = {"id": prediction.id, "k": event.kind}
+        before, params = "", {"c": EVENTS, "pid": prediction.id}
+        if isinstance(event, LogsEvent):
+            if len(event.text) <= MAX_LOG_TEXT:
+                payload |= {"t": event.text, "at": len(prediction.logs) - len(event.text)}
+        elif isinstance(event, ProgressReport):
+            payload |= {"step": event.step, "total": event.total, "message": event.message}
+            if event.preview is not None:
+                payload["p"] = preview = new_id()
+                params |= {"preview": preview, "d": _jpeg(event.preview), "t": format_time(utc_now())}
+                before = "WITH stored AS (INSERT INTO previews (id, prediction_id, data, created_at) VALUES (:preview, :pid, :d, :t)) "
+        elif isinstance(event, DoneEvent):
+            before = "WITH gone AS (DELETE FROM previews WHERE prediction_id = :pid) "
+        params["p"] = json.dumps(payload, separators=(",", ":"))
         with self.engine.begin() as conn:
-            if isinstance(event, LogsEvent):
-                if len(event.text) <= MAX_LOG_TEXT:
-                    payload |= {"t": event.text, "at": len(prediction.logs) - len(event.text)}
-            elif isinstance(event, ProgressReport):
-                payload |= {"step": event.step, "total": event.total, "message": event.message}
-                if event.preview is not None:
-                    payload["p"] = _store_preview(conn, prediction.id, event.preview)
-            elif isinstance(event, DoneEvent):
-                conn.execute(text("DELETE FROM previews WHERE prediction_id = :id"), {"id": prediction.id})
-            notify(conn, EVENTS, payload)
+            conn.execute(text(before + "SELECT pg_notify(:c, :p)"), params)
 
 
-def _store_preview(conn: Any, prediction_id: str, image: Any) -> str:
+def _jpeg(image: Any) -> bytes:
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, format="JPEG", quality=80)
-    id = new_id()
-    conn.execute(
-        text("INSERT INTO previews (id, prediction_id, data, created_at) VALUES (:id, :p, :d, :t)"),
-        {"id": id, "p": prediction_id, "d": buffer.getvalue(), "t": format_time(utc_now())},
-    )
-    return id
+    return buffer.getvalue()
 
 
 class _Follower:
