@@ -54,6 +54,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--claims", type=int, default=2000)
     p.add_argument("--claimers", type=int, nargs="+", default=[4, 1], help="claimers at once, per level")
     p.add_argument("--overhead-predictions", type=int, default=60)
+    p.add_argument("--round-trip-predictions", type=int, default=10)
     p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="what to measure")
     return p
 
@@ -151,6 +152,48 @@ def workers_level(cluster: Any, n: int, args: argparse.Namespace, root: Path) ->
     }  # fmt: skip
 
 
+def round_trips(cluster: Any, args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """Statements each process sends PostgreSQL per prediction (one API process, one worker): the
+    server logs every statement (``log_statement``) with the connection's application name, which each
+    process sets (``PGAPPNAME``). ``BEGIN``, ``COMMIT`` and the pool's ping count: each is a round trip.
+    Periodic work (lease renewals, the sweeper, the queue count) during the run is included."""
+    import psycopg
+
+    url = cluster.create_database()
+    from sqlalchemy.engine import make_url
+
+    database = make_url(url).database
+    with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
+        conn.execute("ALTER SYSTEM SET log_line_prefix = '%a|'")
+        conn.execute(f"ALTER DATABASE \"{database}\" SET log_statement = 'all'")
+        conn.execute("SELECT pg_reload_conf()")
+    data_dir = root / "round-trips" / "data"
+    env = _env(url, data_dir, ATELIER_MAX_CONCURRENCY="1", FAKE_STEPS="1", FAKE_STEP_SECONDS="0")
+    api = _serve({**env, "PGAPPNAME": "api"}, data_dir.parent, "--no-worker")
+    worker = _worker({**env, "PGAPPNAME": "worker"}, data_dir.parent, "worker")
+    count = args.round_trip_predictions
+    with stopping(api, worker):
+        offset = cluster.log.stat().st_size
+        for i in range(count):  # one at a time, each to its end: nothing else is going on
+            _submit(api.url, i, wait=True)
+        lines = cluster.log.read_text(errors="replace")[offset:].splitlines()
+    by_role: dict[str, dict[str, int]] = {"api": {}, "worker": {}}
+    for line in lines:
+        role, _, rest = line.partition("|")
+        if role in by_role and ("LOG:  statement: " in rest or "LOG:  execute " in rest):
+            what = rest.split(": ", 2)[-1].strip()[:60]
+            by_role[role][what] = by_role[role].get(what, 0) + 1
+    result: dict[str, Any] = {"predictions": count}
+    for role, statements in by_role.items():
+        top = sorted(statements.items(), key=lambda kv: -kv[1])[:12]
+        result[role] = {
+            "statements_per_prediction": round(sum(statements.values()) / count, 2),
+            "most_sent": {what: round(n / count, 2) for what, n in top},
+        }
+    log(f"round trips: {result}")
+    return result
+
+
 def _cpu_seconds(pid: int) -> float:
     """User + system CPU seconds a process has used (Linux /proc; 0 elsewhere)."""
     try:
@@ -160,11 +203,16 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _submit(url: str, i: int) -> None:
+def _submit(url: str, i: int, *, wait: bool = False) -> None:
     import httpx
 
-    response = httpx.post(f"{url}/v1/models/{SEED}/predictions", json={"input": {"prompt": f"bench {i}"}}, timeout=60)
+    response = httpx.post(
+        f"{url}/v1/models/{SEED}/predictions", json={"input": {"prompt": f"bench {i}"}}, timeout=60,
+        headers={"Prefer": "wait"} if wait else {},
+    )  # fmt: skip
     response.raise_for_status()
+    if wait:
+        assert response.json()["status"] == "succeeded", response.text
 
 
 def _count(engine: Any, query: str) -> int:
@@ -175,7 +223,7 @@ def _count(engine: Any, query: str) -> int:
 
 
 VARIANTS = ("fair", "fair_stepwise", "plain")
-PARTS = ("workers", "claims", "overhead")
+PARTS = ("workers", "round_trips", "claims", "overhead")
 
 
 def claims(cluster: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -360,6 +408,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         root = Path(folder)
         if "workers" in args.parts:
             document["workers"] = workers(cluster, args, root)
+        if "round_trips" in args.parts:
+            document["round_trips"] = round_trips(cluster, args, root)
         if "claims" in args.parts:
             document["claims"] = claims(cluster, args)
         if "overhead" in args.parts:

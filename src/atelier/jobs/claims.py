@@ -68,10 +68,6 @@ WORKER_LOST = "the worker running it was lost"
 # a queued job: not yet claimed, or pinned to the process that accepted it and not yet started there
 WAITING = "(status = 'starting' AND (lease_owner IS NULL OR pinned))"
 _CLAIM = text("SELECT * FROM atelier_claim(:me, :exp, :max_jobs, :look)")  # migrations.m010_claim_in_one_statement
-_TURN_UP = text(
-    "INSERT INTO queue_turns (key, value) VALUES (:key, :value) "
-    "ON CONFLICT (key) DO UPDATE SET value = GREATEST(queue_turns.value, excluded.value)"
-)
 
 
 class Statements:
@@ -186,14 +182,21 @@ class SharedQueue:
             self._check(conn, caller)
             self._spend(conn, caller)
             row = _prediction_row(prediction.__dict__, prediction.id)
-            row |= {"turn": self._turn(conn, caller), "batch_key": batch_key(route, batch)}
+            turn, finish_key = self._turn(conn, caller)
+            row |= {"turn": turn, "batch_key": batch_key(route, batch)}
             row |= {"batch_images": batch.images, "batch_budget": batch.budget} if batch else {}
             if pinned:
                 row |= {"lease_owner": self.owner, "lease_expires_at": self._expiry(), "attempt": 1, "pinned": True}
-            columns = ", ".join(row)
-            conn.execute(text(f"INSERT INTO predictions ({columns}) VALUES ({', '.join(':' + c for c in row)})"), row)
-            if notify and not pinned:
-                conn.execute(text("SELECT pg_notify(:c, '')"), {"c": QUEUE})
+            columns, values = ", ".join(row), ", ".join(":" + c for c in row)
+            tell = "SELECT pg_notify(:channel_, '') FROM added" if notify and not pinned else "SELECT 1 FROM added"
+            conn.execute(  # the user's finish, the row and the wake-up: one statement
+                text(
+                    "WITH turned AS (INSERT INTO queue_turns (key, value) VALUES (:finish_key_, :finish_) "
+                    "ON CONFLICT (key) DO UPDATE SET value = GREATEST(queue_turns.value, excluded.value)), "
+                    f"added AS (INSERT INTO predictions ({columns}) VALUES ({values}) RETURNING id) {tell}"
+                ),
+                row | {"finish_key_": finish_key, "finish_": turn + 1, "channel_": QUEUE},
+            )
 
     def _check(self, conn: Connection, caller: Caller) -> None:
         counts = _counts(conn, caller)
@@ -230,12 +233,15 @@ class SharedQueue:
         if caller.user is not None and self.limits.per_user is not None:
             yield self.limits.per_user, caller, "u:" + _user_key(caller)
 
-    def _turn(self, conn: Connection, caller: Caller) -> int:
-        """The new job's start tag among its token's users; its user's finish moves one past it."""
-        now = _value(conn, "n:" + _owner_key(caller.owner))
-        turn = max(now, _value(conn, "f:" + _user_key(caller)))
-        conn.execute(_TURN_UP, {"key": "f:" + _user_key(caller), "value": turn + 1})
-        return turn
+    def _turn(self, conn: Connection, caller: Caller) -> tuple[int, str]:
+        """The new job's start tag among its token's users, and the key of its user's finish (which the
+        insert moves one past it): ``max(now of its token, finish of its user)``."""
+        now_key, finish_key = "n:" + _owner_key(caller.owner), "f:" + _user_key(caller)
+        found = conn.execute(
+            text("SELECT key, value FROM queue_turns WHERE key IN (:n, :f)"), {"n": now_key, "f": finish_key}
+        )
+        values = {key: int(value) for key, value in found}
+        return max(values.get(now_key, 0), values.get(finish_key, 0)), finish_key
 
     def depth(self) -> int:
         """Jobs waiting in the shared queue, every process's (pinned ones not yet started included)."""
@@ -364,11 +370,6 @@ class SharedQueue:
 
 def notify(conn: Connection, channel: str, payload: dict[str, Any]) -> None:
     conn.execute(text("SELECT pg_notify(:c, :p)"), {"c": channel, "p": json.dumps(payload, separators=(",", ":"))})
-
-
-def _value(conn: Connection, key: str) -> int:
-    found = conn.execute(text("SELECT value FROM queue_turns WHERE key = :k"), {"k": key}).scalar()
-    return int(found or 0)
 
 
 def _counts(conn: Connection, caller: Caller) -> dict[str, int]:

@@ -119,8 +119,9 @@ class ClusterRunner(Runner):
         )  # fmt: skip
         self.publisher = Publisher(self.shared.statements.engine)  # one round trip an event
         self.relay = Relay(
-            self.store, on_cancel=self._on_remote_cancel, on_queue=self.wake.set, poll_interval=self.poll_interval
-        )
+            self.store, on_cancel=self._on_remote_cancel, on_queue=self.wake.set, poll_interval=self.poll_interval,
+            reads=self.shared.statements.engine,
+        )  # fmt: skip
         await self.relay.start()
         self.dispatcher.start()
         self.intake.accepting = True

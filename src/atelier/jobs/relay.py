@@ -152,8 +152,10 @@ class Relay:
         on_cancel: Callable[[str, str, str], None],
         on_queue: Callable[[], None],
         poll_interval: float = 1.0,
+        reads: Engine | None = None,
     ) -> None:
         self.store = store
+        self.reads = reads or store.engine  # rows and previews: an autocommit engine makes each read one round trip
         self.on_cancel = on_cancel  # (id, reason, lease owner)
         self.on_queue = on_queue
         self.poll_interval = poll_interval
@@ -272,14 +274,14 @@ class Relay:
                     follower.sync(row)
 
     def _rows(self, ids: list[str]) -> dict[str, Prediction]:
-        with self.store.engine.connect() as conn:
+        with self.reads.connect() as conn:
             found = conn.execute(select(PREDICTIONS).where(PREDICTIONS.c.id.in_(ids))).mappings()
             return {row["id"]: _prediction(row) for row in found}
 
     def _preview(self, id: str) -> Any:
         from PIL import Image
 
-        with self.store.engine.connect() as conn:
+        with self.reads.connect() as conn:
             data = conn.execute(text("SELECT data FROM previews WHERE id = :id"), {"id": id}).scalar()
         if data is None:
             return None
