@@ -1,6 +1,6 @@
 """The cluster on PostgreSQL: worker scaling, claim throughput, and the per-prediction cost of the database.
 
-    python bench/cluster.py [--quick] [--predictions N] [--work-seconds S]
+    python bench/cluster.py [--quick] [--parts ...] [--predictions N] [--work-seconds S] [--claimers N ...]
 
 A throwaway PostgreSQL cluster is started from the installed binaries (tests/pg.py) for the run.
 
@@ -11,10 +11,16 @@ A throwaway PostgreSQL cluster is started from the installed binaries (tests/pg.
   than the workers take them), and the workers' rate is timed from the stored times: from the first
   prediction's start to the last one's end. Reported: predictions/s per N and ``speedup`` = rate(N) /
   rate(1), against the goal ``0.9 x N``. The baseline is the 1-worker level of the same run.
-* **claims**: ``SharedQueue.claim`` (fair order, leases, one transaction each) by 4 threads draining
-  2,000 queued rows of 20 tokens (inserted at once, then ``ANALYZE``d as autovacuum would); claims/s. Baseline in the same run: the plain claim of SCALING.md
-  (``UPDATE ... WHERE id = (SELECT id ... ORDER BY created_at FOR UPDATE SKIP LOCKED LIMIT 1)``) on the
-  same rows.
+* **round_trips**: one API process and one worker, sequential ``Prefer: wait`` predictions (engine work
+  0); the server logs every statement with the connection's application name (``PGAPPNAME`` per
+  process): statements per prediction for each, and the most sent.
+* **claims**: 2,000 queued rows of 20 tokens (inserted at once, then ``ANALYZE``d as autovacuum would),
+  drained by 4 claimers at once, then by 1 (``--claimers``), each with its own ``SharedQueue``:
+  claims/s of ``SharedQueue.claim`` (fair order, batches, leases: one statement, ``atelier_claim``), of
+  the same rules as they were before (the stepwise claim of tests/claims_reference.py: the baseline) and
+  of the plain claim of SCALING.md (``UPDATE ... WHERE id = (SELECT id ... ORDER BY created_at FOR UPDATE
+  SKIP LOCKED LIMIT 1)``, no fairness); for the fair claim also the milliseconds per call inside
+  PostgreSQL (``pg_stat_user_functions``).
 * **overhead**: one ``atelier serve`` (API and worker in one process, engine work 0) answering sequential
   ``Prefer: wait`` predictions, with PostgreSQL (a cluster of one) against the default SQLite file and
   data folder: median seconds per prediction and the ratio. Files stay in the data folder in both (the
