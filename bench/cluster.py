@@ -1,6 +1,6 @@
 """The cluster on PostgreSQL: worker scaling, claim throughput, and the per-prediction cost of the database.
 
-    python bench/cluster.py [--quick] [--predictions N] [--work-seconds S]
+    python bench/cluster.py [--quick] [--parts ...] [--predictions N] [--work-seconds S] [--claimers N ...]
 
 A throwaway PostgreSQL cluster is started from the installed binaries (tests/pg.py) for the run.
 
@@ -11,10 +11,16 @@ A throwaway PostgreSQL cluster is started from the installed binaries (tests/pg.
   than the workers take them), and the workers' rate is timed from the stored times: from the first
   prediction's start to the last one's end. Reported: predictions/s per N and ``speedup`` = rate(N) /
   rate(1), against the goal ``0.9 x N``. The baseline is the 1-worker level of the same run.
-* **claims**: ``SharedQueue.claim`` (fair order, leases, one transaction each) by 4 threads draining
-  2,000 queued rows of 20 tokens (inserted at once, then ``ANALYZE``d as autovacuum would); claims/s. Baseline in the same run: the plain claim of SCALING.md
-  (``UPDATE ... WHERE id = (SELECT id ... ORDER BY created_at FOR UPDATE SKIP LOCKED LIMIT 1)``) on the
-  same rows.
+* **round_trips**: one API process and one worker, sequential ``Prefer: wait`` predictions (engine work
+  0); the server logs every statement with the connection's application name (``PGAPPNAME`` per
+  process): statements per prediction for each, and the most sent.
+* **claims**: 2,000 queued rows of 20 tokens (inserted at once, then ``ANALYZE``d as autovacuum would),
+  drained by 4 claimers at once, then by 1 (``--claimers``), each with its own ``SharedQueue``:
+  claims/s of ``SharedQueue.claim`` (fair order, batches, leases: one statement, ``atelier_claim``), of
+  the same rules as they were before (the stepwise claim of tests/claims_reference.py: the baseline) and
+  of the plain claim of SCALING.md (``UPDATE ... WHERE id = (SELECT id ... ORDER BY created_at FOR UPDATE
+  SKIP LOCKED LIMIT 1)``, no fairness); for the fair claim also the milliseconds per call inside
+  PostgreSQL (``pg_stat_user_functions``).
 * **overhead**: one ``atelier serve`` (API and worker in one process, engine work 0) answering sequential
   ``Prefer: wait`` predictions, with PostgreSQL (a cluster of one) against the default SQLite file and
   data folder: median seconds per prediction and the ratio. Files stay in the data folder in both (the
@@ -43,7 +49,6 @@ from bench.common import REPO, emit, free_port, log, machine, ratio, spawn, stop
 
 LAUNCHER = [sys.executable, str(REPO / "tests" / "e2e" / "fake_atelier.py")]
 SEED = "openai/gpt-image-2"
-THREADS = 4  # claimers at once
 
 
 def parser() -> argparse.ArgumentParser:
@@ -53,7 +58,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--work-seconds", type=float, default=0.5, help="the engine's fixed wait per prediction")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--claims", type=int, default=2000)
+    p.add_argument("--claimers", type=int, nargs="+", default=[4, 1], help="claimers at once, per level")
     p.add_argument("--overhead-predictions", type=int, default=60)
+    p.add_argument("--round-trip-predictions", type=int, default=10)
+    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="what to measure")
     return p
 
 
@@ -150,6 +158,48 @@ def workers_level(cluster: Any, n: int, args: argparse.Namespace, root: Path) ->
     }  # fmt: skip
 
 
+def round_trips(cluster: Any, args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """Statements each process sends PostgreSQL per prediction (one API process, one worker): the
+    server logs every statement (``log_statement``) with the connection's application name, which each
+    process sets (``PGAPPNAME``). ``BEGIN``, ``COMMIT`` and the pool's ping count: each is a round trip.
+    Periodic work (lease renewals, the sweeper, the queue count) during the run is included."""
+    import psycopg
+
+    url = cluster.create_database()
+    from sqlalchemy.engine import make_url
+
+    database = make_url(url).database
+    with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
+        conn.execute("ALTER SYSTEM SET log_line_prefix = '%a|'")
+        conn.execute(f"ALTER DATABASE \"{database}\" SET log_statement = 'all'")
+        conn.execute("SELECT pg_reload_conf()")
+    data_dir = root / "round-trips" / "data"
+    env = _env(url, data_dir, ATELIER_MAX_CONCURRENCY="1", FAKE_STEPS="1", FAKE_STEP_SECONDS="0")
+    api = _serve({**env, "PGAPPNAME": "api"}, data_dir.parent, "--no-worker")
+    worker = _worker({**env, "PGAPPNAME": "worker"}, data_dir.parent, "worker")
+    count = args.round_trip_predictions
+    with stopping(api, worker):
+        offset = cluster.log.stat().st_size
+        for i in range(count):  # one at a time, each to its end: nothing else is going on
+            _submit(api.url, i, wait=True)
+        lines = cluster.log.read_text(errors="replace")[offset:].splitlines()
+    by_role: dict[str, dict[str, int]] = {"api": {}, "worker": {}}
+    for line in lines:
+        role, _, rest = line.partition("|")
+        if role in by_role and ("LOG:  statement: " in rest or "LOG:  execute " in rest):
+            what = rest.split(": ", 2)[-1].strip()[:60]
+            by_role[role][what] = by_role[role].get(what, 0) + 1
+    result: dict[str, Any] = {"predictions": count}
+    for role, statements in by_role.items():
+        top = sorted(statements.items(), key=lambda kv: -kv[1])[:12]
+        result[role] = {
+            "statements_per_prediction": round(sum(statements.values()) / count, 2),
+            "most_sent": {what: round(n / count, 2) for what, n in top},
+        }
+    log(f"round trips: {result}")
+    return result
+
+
 def _cpu_seconds(pid: int) -> float:
     """User + system CPU seconds a process has used (Linux /proc; 0 elsewhere)."""
     try:
@@ -159,11 +209,16 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _submit(url: str, i: int) -> None:
+def _submit(url: str, i: int, *, wait: bool = False) -> None:
     import httpx
 
-    response = httpx.post(f"{url}/v1/models/{SEED}/predictions", json={"input": {"prompt": f"bench {i}"}}, timeout=60)
+    response = httpx.post(
+        f"{url}/v1/models/{SEED}/predictions", json={"input": {"prompt": f"bench {i}"}}, timeout=60,
+        headers={"Prefer": "wait"} if wait else {},
+    )  # fmt: skip
     response.raise_for_status()
+    if wait:
+        assert response.json()["status"] == "succeeded", response.text
 
 
 def _count(engine: Any, query: str) -> int:
@@ -173,56 +228,93 @@ def _count(engine: Any, query: str) -> int:
         return int(conn.execute(text(query)).scalar() or 0)
 
 
+VARIANTS = ("fair", "fair_stepwise", "plain")
+PARTS = ("workers", "round_trips", "claims", "overhead")
+
+
 def claims(cluster: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """Claims/s of the fair claim and of the plain SKIP LOCKED claim, each draining the same rows."""
+    """Claims/s of the fair claim (one statement), the fair claim as it was (stepwise) and the plain SKIP
+    LOCKED claim, each draining the same rows, by 4 claimers at once and by 1."""
+    results: dict[str, Any] = {}
+    for claimers in args.claimers:
+        level: dict[str, Any] = {}
+        for variant in VARIANTS:
+            level[variant] = _drain_all(cluster, args.claims, variant, claimers)
+            log(f"claims ({variant}, {claimers} claimer(s)): {level[variant]}")
+        level["fair_over_stepwise"] = ratio(level["fair"]["per_second"], level["fair_stepwise"]["per_second"])
+        level["fair_over_plain"] = ratio(level["fair"]["per_second"], level["plain"]["per_second"])
+        results[f"claimers_{claimers}"] = level
+    results["select_1_ms"] = _round_trip_ms(cluster)  # how busy the machine was: one round trip to the server
+    return results
+
+
+def _drain_all(cluster: Any, count: int, variant: str, claimers: int) -> dict[str, Any]:
+    """``claimers`` threads (each a process's claimer: its own SharedQueue and connections) drain ``count``
+    queued rows with ``variant``; every row must be claimed exactly once."""
     from sqlalchemy import create_engine, text
 
+    from atelier.jobs.store import Store
+
+    url = cluster.create_database()
+    store = Store(url).open()
+    try:
+        _fill(store, count)
+        with store.engine.connect() as conn:  # time spent inside the server by atelier_claim
+            conn.execute(text(f"ALTER DATABASE {store.engine.url.database} SET track_functions = 'pl'"))
+            conn.commit()
+        taken: list[int] = []
+        threads = [threading.Thread(target=_drain, args=(store, f"c{i}", variant, taken)) for i in range(claimers)]
+        began = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        seconds = time.perf_counter() - began
+        engine = create_engine(url)
+        with engine.connect() as conn:
+            claimed = conn.execute(text("SELECT count(*) FROM predictions WHERE lease_owner IS NOT NULL")).scalar()
+        engine.dispose()
+        result = {
+            "claims": sum(taken), "distinct_rows_claimed": claimed, "seconds": round(seconds, 3),
+            "per_second": round(sum(taken) / seconds, 1),
+        }  # fmt: skip
+        if variant == "fair":
+            result |= _function_time(store)
+        return result
+    finally:
+        store.close()
+
+
+def _drain(store: Any, name: str, variant: str, taken: list[int]) -> None:
     from atelier.jobs.claims import SharedQueue
     from atelier.jobs.limits import Limits
     from atelier.jobs.queue import Capacity
-    from atelier.jobs.store import Store
+    from claims_reference import stepwise_claim
 
-    results: dict[str, Any] = {}
-    for variant in ("fair", "plain"):
-        url = cluster.create_database()
-        store = Store(url).open()
-        try:
-            _fill(store, args.claims)
-            taken: list[int] = []
+    queue = SharedQueue(store.engine, owner=name, capacity=lambda: Capacity(10**6, 1.0, 1, 1.0), limits=Limits())
+    claim = {"fair": queue.claim, "fair_stepwise": lambda: stepwise_claim(queue), "plain": lambda: _plain(queue)}
+    count = 0
+    try:
+        while got := claim[variant]():
+            count += len(got)
+    finally:
+        queue.close()
+    taken.append(count)
 
-            def drain(name: str, variant: str = variant, store: Store = store, taken: list[int] = taken) -> None:
-                queue = SharedQueue(
-                    store.engine, owner=name, capacity=lambda: Capacity(10**6, 1.0, 1, 1.0), limits=Limits()
-                )
-                count = 0
-                while True:
-                    got = queue.claim() if variant == "fair" else _plain_claim(store, name)
-                    if not got:
-                        break
-                    count += len(got) if isinstance(got, list) else 1
-                taken.append(count)
 
-            threads = [threading.Thread(target=drain, args=(f"c{i}",)) for i in range(THREADS)]
-            began = time.perf_counter()
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            seconds = time.perf_counter() - began
-            engine = create_engine(url)
-            with engine.connect() as conn:
-                claimed = conn.execute(text("SELECT count(*) FROM predictions WHERE lease_owner IS NOT NULL")).scalar()
-            engine.dispose()
-            results[variant] = {
-                "claims": sum(taken), "distinct_rows_claimed": claimed, "seconds": round(seconds, 3),
-                "per_second": round(sum(taken) / seconds, 1),
-            }  # fmt: skip
-            log(f"claims ({variant}): {results[variant]}")
-        finally:
-            store.close()
-    results["fair_over_plain"] = ratio(results["fair"]["per_second"], results["plain"]["per_second"])
-    results["select_1_ms"] = _round_trip_ms(cluster)  # how busy the machine was: one round trip to the server
-    return results
+def _function_time(store: Any) -> dict[str, Any]:
+    """Milliseconds per ``atelier_claim`` call inside PostgreSQL (``pg_stat_user_functions``; its waits for
+    the claim lock included), as the server counted them."""
+    from sqlalchemy import text
+
+    time.sleep(1.5)  # backends report function statistics at most once a second
+    with store.engine.connect() as conn:
+        row = conn.execute(
+            text("SELECT calls, total_time, self_time FROM pg_stat_user_functions WHERE funcname = 'atelier_claim'")
+        ).first()
+    if row is None or not row[0]:
+        return {}
+    return {"server_calls": row[0], "server_ms_per_call": round(row[1] / row[0], 4)}
 
 
 def _round_trip_ms(cluster: Any) -> float:
@@ -266,18 +358,18 @@ def _fill(store: Any, count: int) -> None:
         conn.commit()
 
 
-def _plain_claim(store: Any, name: str) -> str | None:
+_PLAIN = (
+    "UPDATE predictions SET lease_owner = :me, attempt = attempt + 1 WHERE id = (SELECT id FROM predictions "
+    "WHERE status = 'starting' AND lease_owner IS NULL ORDER BY created_at, id FOR UPDATE SKIP LOCKED "
+    "LIMIT 1) RETURNING id"
+)
+
+
+def _plain(queue: Any) -> list[Any]:
+    """SCALING.md's plain claim (oldest first, no fairness), sent as one statement like the fair one."""
     from sqlalchemy import text
 
-    with store.engine.begin() as conn:
-        return conn.execute(
-            text(
-                "UPDATE predictions SET lease_owner = :me, attempt = attempt + 1 WHERE id = (SELECT id FROM predictions "
-                "WHERE status = 'starting' AND lease_owner IS NULL ORDER BY created_at, id FOR UPDATE SKIP LOCKED "
-                "LIMIT 1) RETURNING id"
-            ),
-            {"me": name},
-        ).scalar()
+    return queue.statements.rows(text(_PLAIN), {"me": queue.owner})
 
 
 def overhead(cluster: Any, args: argparse.Namespace, root: Path) -> dict[str, Any]:
@@ -320,17 +412,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     document["load_average_before"] = [round(x, 2) for x in os.getloadavg()]
     with postgres() as cluster, tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
-        levels = [workers_level(cluster, n, args, root) for n in args.workers]
-        one = levels[0]["per_second"]
-        for level in levels:
-            level["speedup"] = ratio(level["per_second"], one)
-            level["goal"] = round(0.9 * level["workers"], 2)
-            level["meets_goal"] = (level["speedup"] or 0) >= level["goal"]
-        document["workers"] = {"work_seconds": args.work_seconds, "levels": levels}
-        document["claims"] = claims(cluster, args)
-        document["overhead"] = overhead(cluster, args, root)
+        if "workers" in args.parts:
+            document["workers"] = workers(cluster, args, root)
+        if "round_trips" in args.parts:
+            document["round_trips"] = round_trips(cluster, args, root)
+        if "claims" in args.parts:
+            document["claims"] = claims(cluster, args)
+        if "overhead" in args.parts:
+            document["overhead"] = overhead(cluster, args, root)
     document["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     return document
+
+
+def workers(cluster: Any, args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    levels = [workers_level(cluster, n, args, root) for n in args.workers]
+    one = levels[0]["per_second"]
+    for level in levels:
+        level["speedup"] = ratio(level["per_second"], one)
+        level["goal"] = round(0.9 * level["workers"], 2)
+        level["meets_goal"] = (level["speedup"] or 0) >= level["goal"]
+    return {"work_seconds": args.work_seconds, "levels": levels}
 
 
 if __name__ == "__main__":

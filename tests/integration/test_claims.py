@@ -3,6 +3,7 @@ bounds and limits counted over everyone, leases, the sweeper and fenced outcome 
 
 from __future__ import annotations
 
+import random
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
@@ -17,6 +18,7 @@ from atelier.jobs.queue import Capacity
 from atelier.jobs.records import Prediction, utc_now
 from atelier.jobs.recovery import KEY_NOT_STORED
 from atelier.jobs.store import Store
+from claims_reference import stepwise_claim
 
 pytest.importorskip("psycopg")
 
@@ -25,7 +27,12 @@ pytest.importorskip("psycopg")
 def store(pg_database: str) -> Iterator[Store]:
     opened = Store(pg_database).open()
     yield opened
+    while _made:  # each queue's own connections (SharedQueue.statements)
+        _made.pop().close()
     opened.close()
+
+
+_made: list[SharedQueue] = []
 
 
 class Clock:
@@ -38,10 +45,12 @@ class Clock:
 
 def shared(store: Store, name: str = "w1", *, max_queue: int = 100, share: float = 1.0, limits: Limits | None = None,
            clock: Clock | None = None, max_attempts: int = 3) -> SharedQueue:  # fmt: skip
-    return SharedQueue(
+    queue = SharedQueue(
         store.engine, owner=name, capacity=lambda: Capacity(max_queue, share, 1, 1.0), limits=limits or Limits(),
         lease_seconds=30, max_attempts=max_attempts, clock=clock or utc_now,
     )  # fmt: skip
+    _made.append(queue)
+    return queue
 
 
 _counter = iter(range(10**9))
@@ -167,7 +176,7 @@ def test_an_expired_lease_is_requeued_first_with_its_seed_then_fails_after_max_a
     (again,) = other.claim()  # re-queued work first
     assert again.prediction.id == job and again.attempt == 2 and again.prediction.seed == claim.prediction.seed
     # the lost worker's late outcome is refused
-    late = FencedWriter(store.engine, job, claim.attempt, on_lost=lambda: None)
+    late = FencedWriter(lost.statements, job, claim.attempt, on_lost=lambda: None)
     with pytest.raises(LeaseLost):
         late.update_prediction(job, status="processing", started_at=utc_now())
     assert other.renew([job]) == set() and lost.renew([job]) == {job}
@@ -184,7 +193,7 @@ def test_a_fenced_writer_writes_while_it_holds_the_job_and_a_cancel_elsewhere_fe
     job = admit(queue, "A")
     (claim,) = queue.claim()
     lost = []
-    writer = FencedWriter(store.engine, job, claim.attempt, on_lost=lambda: lost.append(True))
+    writer = FencedWriter(queue.statements, job, claim.attempt, on_lost=lambda: lost.append(True))
     writer.update_prediction(job, status="processing", started_at=utc_now())
     writer.update_prediction(job, logs="step 1\n")
     assert queue.cancel(job, None, "Prediction canceled")
@@ -237,3 +246,80 @@ def test_a_job_left_processing_without_a_lease_by_an_older_process_is_taken_back
     swept = queue.sweep()
     assert swept is not None and swept.requeued == [id]
     assert ids(queue.claim()) == [id]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_one_statement_claim_takes_exactly_what_the_stepwise_claim_took(pg_cluster, seed: int) -> None:  # type: ignore[no-untyped-def]
+    """``atelier_claim`` (one PostgreSQL function) against the claim it replaced (tests/claims_reference.py),
+    on two databases fed the same admissions, claims of 1 to 4 jobs and hand-backs, in a random order."""
+    rng = random.Random(seed)
+    stores = [Store(pg_cluster.create_database()).open() for _ in range(2)]
+    try:
+        function, stepwise = (shared(s, max_queue=1000) for s in stores)
+        plans = [None, BatchPlan("512x512", 1, 4), BatchPlan("512x512", 2, 4), BatchPlan("1024x1024", 1, 2)]
+        held: list[str] = []
+        batches = handed_back = 0
+        for step in range(160):
+            roll = rng.random()
+            if roll < 0.55:
+                owner = rng.choice(["A", "B", "C", None])
+                user = rng.choice([None, "x", "y"])
+                spec = {"version": 1, "input": {"prompt": "x"}, "model": None, "seed": step, "previews": 0,
+                        "has_key": False, "has_mask": False, "image_count": 0, "inputs": [], "mask": None}  # fmt: skip
+                p = Prediction(id=f"r{step:04d}", model="fake", source="replicate", owner=owner, user_id=user,
+                               seed=step, request=spec)  # fmt: skip
+                plan = rng.choice(plans)
+                for queue in (function, stepwise):
+                    queue.admit(p, route="fake", batch=plan)
+            elif roll < 0.9:
+                max_jobs = rng.randint(1, 4)
+                took = ids(function.claim(max_jobs))
+                assert took == ids(stepwise_claim(stepwise, max_jobs)), f"step {step}"
+                held += took
+                batches += len(took) > 1
+            elif held:
+                back = rng.sample(held, k=min(len(held), rng.randint(1, 2)))
+                held = [h for h in held if h not in back]
+                handed_back += len(back)
+                for queue in (function, stepwise):
+                    queue.release(back, "handed back")
+        assert drain(function) == _drain_stepwise(stepwise)
+        turns = [_turns(s) for s in stores]
+        assert turns[0] == turns[1] and turns[0]
+        assert batches and handed_back  # the run met batches and re-queued jobs
+    finally:
+        while _made:
+            _made.pop().close()
+        for s in stores:
+            s.close()
+
+
+def _drain_stepwise(queue: SharedQueue) -> list[str]:
+    order = []
+    while claims := stepwise_claim(queue):
+        order += ids(claims)
+    return order
+
+
+def _turns(store: Store) -> dict[str, int]:
+    from sqlalchemy import text
+
+    with store.engine.connect() as conn:
+        return {k: v for k, v in conn.execute(text("SELECT key, value FROM queue_turns"))}
+
+
+def test_a_job_pinned_to_its_process_counts_in_the_bound_while_it_waits(store: Store) -> None:
+    queue = shared(store, "api", max_queue=2, share=1.0)
+    spec = {"version": 1, "input": {"prompt": "x"}, "model": None, "seed": 1, "previews": 0, "has_key": True,
+            "has_mask": False, "image_count": 0, "inputs": [], "mask": None}  # fmt: skip
+    for n in (1, 2):
+        keyed = Prediction(id=f"keyed{n}", model="openai", source="openai", owner="A", seed=1, request=spec)
+        queue.admit(keyed, route="openai", batch=None, pinned=True)
+    assert queue.depth() == 2
+    with pytest.raises(TooManyRequests, match="queue is full"):
+        admit(queue, "B")
+    started = FencedWriter(queue.statements, "keyed1", 1, on_lost=lambda: None, owner="api")
+    started.update_prediction("keyed1", status="processing", started_at=utc_now())  # it runs: no longer waits
+    assert queue.depth() == 1
+    admit(queue, "B")
+    assert queue.depth() == 2

@@ -14,6 +14,7 @@ import pytest
 from pydantic import SecretStr
 
 from atelier.config import Settings
+from atelier.errors import TooManyRequests
 from atelier.jobs.claims import SharedQueue
 from atelier.jobs.cluster import ClusterRunner
 from atelier.jobs.events import LogsEvent, ProgressReport
@@ -233,3 +234,73 @@ async def test_a_deadline_ends_a_job_running_on_a_worker(cluster: Cluster) -> No
     ended = await api.wait(prediction.id, 20)
     assert (ended.status, ended.error) == ("canceled", "deadline exceeded")
     assert ended.output is None and engine.jobs[0].id == prediction.id
+
+
+async def test_the_queue_depth_health_checks_read_is_the_shared_queue_seen_from_every_process(
+    cluster: Cluster,
+) -> None:
+    one, two = await cluster.runner(work=False), await cluster.runner(work=False)
+    for _ in range(3):
+        await one.submit(Submission(request(), "replicate"))
+    await until(lambda: one.queue_depth == 3 and two.queue_depth == 3)  # not one's local queue: it holds none
+    assert len(one.queue) == 0
+    engine = FakeEngine()
+    gate = engine.block()
+    cluster.gates.append(gate)
+    await cluster.runner(engine)  # claims one and holds it: two wait
+    await until(lambda: two.queue_depth == 2)
+
+
+async def test_jobs_pinned_to_their_process_count_in_the_shared_queue_bound(cluster: Cluster) -> None:
+    engine = FakeEngine(model="gpt-image-2", name="openai")
+    gate = engine.block()
+    cluster.gates.append(gate)
+    api = await cluster.runner(FakeEngine(), engine, work=False, max_queue=2, queue_share=1.0)
+    keyed = Submission(request(openai_api_key=KEY), "openai", model="openai/gpt-image-2")
+    await api.submit(keyed)  # runs (held by the gate)
+    await asyncio.to_thread(engine.started.wait, 10)
+    await api.submit(keyed)  # waits in this process's memory: its row is leased to it, not claimable
+    await api.submit(Submission(request(), "replicate"))
+    with pytest.raises(TooManyRequests, match="queue is full"):
+        await api.submit(Submission(request(), "replicate"))
+    other = await cluster.runner(work=False, max_queue=2, queue_share=1.0)  # counted over every process
+    with pytest.raises(TooManyRequests, match="queue is full"):
+        await other.submit(Submission(request(), "replicate"))
+
+
+async def test_a_stream_served_by_a_worker_that_loses_its_lease_follows_the_re_run_to_its_end(
+    cluster: Cluster,
+) -> None:
+    await cluster.runner(work=False)
+    slow = FakeEngine(steps=2)
+    gate = slow.block()
+    cluster.gates.append(gate)
+    lost = await cluster.runner(slow, lease_seconds=600)  # renews rarely: the test takes its lease back
+    prediction = await lost.submit(Submission(request(), "replicate"))
+    await asyncio.to_thread(slow.started.wait, 10)
+    stream = lost.subscribe(prediction.id)  # served from the worker's own task, as its SSE door would
+    later = SharedQueue(
+        lost.store.engine, owner="sweeper", capacity=lambda: Capacity(50, 1.0, 1, 1.0), limits=Limits(),
+        clock=lambda: utc_now() + timedelta(hours=1),
+    )  # fmt: skip
+    try:
+        swept = await asyncio.to_thread(later.sweep)
+    finally:
+        later.close()
+    assert swept is not None and swept.requeued == [prediction.id]
+    gate.set()  # the lost worker goes on, its writes are refused: it learns the job is not its own
+    await until(lambda: lost.queue.get(prediction.id) is None)
+    rerun = FakeEngine(color=(0, 200, 0))
+    await cluster.runner(rerun)
+    events = await asyncio.wait_for(_collect(stream), 20)
+    kinds = [e.kind for e in events]
+    assert kinds[-1] == "done" and events[-1].status == "succeeded", kinds  # not ended when the lease was lost
+    statuses = [e.status for e in events if e.kind == "status"]
+    # re-queued, then (processing: coalesced when the row is read after the re-run ended) done
+    assert statuses[0] == "starting" and statuses[-1] == "succeeded"
+    assert set(statuses) <= {"starting", "processing", "succeeded"}
+    done = await lost.get(prediction.id)
+    assert [e.output for e in events if e.kind == "output"] == [done.output]
+    logs = "".join(e.text for e in events if isinstance(e, LogsEvent))
+    assert "re-queued" in logs and logs.endswith(done.logs[-20:])
+    assert [j.seed for j in slow.jobs + rerun.jobs] == [prediction.seed] * 2  # run again (by either worker)

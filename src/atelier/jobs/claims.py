@@ -17,7 +17,12 @@ The same semantics as the in-memory queue (``atelier.jobs.queue``; read its docs
   consistent, as on the event loop of one process), take the head job and, when it has a batch key,
   the compatible jobs after it in fair order (equal key, images within the budget, at most
   ``max_jobs``, each at the head of its caller's FIFO), lock them ``FOR UPDATE SKIP LOCKED`` and mark
-  them leased: ``lease_owner``, ``lease_expires_at``, ``attempt + 1``.
+  them leased: ``lease_owner``, ``lease_expires_at``, ``attempt + 1``. All of it is one PostgreSQL
+  function, ``atelier_claim`` (created by migration m010), called in autocommit: a claim is one round
+  trip, and the lock is held only while the function runs inside the server.
+* **Pinned jobs** (the request holds the caller's ``openai_api_key``, which is never stored) are
+  inserted leased to the accepting process with ``pinned``; until they start there they count as
+  waiting (``WAITING``) in the bound and shares like any queued job.
 * **Leases.** The worker renews its leases (``renew``); ``sweep`` (one process at a time, under
   ``pg_try_advisory_xact_lock``) re-queues jobs whose lease expired, with the same seed, up to
   ``max_attempts`` claims, then fails them with a reason; a job whose request cannot be run again (it
@@ -29,6 +34,7 @@ The same semantics as the in-memory queue (``atelier.jobs.queue``; read its docs
   refused with ``LeaseLost``.
 
 Everything here is blocking: callers run it in a thread. PostgreSQL only (the SQL is PostgreSQL's).
+Single statements (claims, renewals, fenced writes) go through ``Statements``: one round trip each.
 """
 
 from __future__ import annotations
@@ -59,38 +65,42 @@ CANCELS = "atelier_cancel"
 QUEUE = "atelier_queue"
 WORKER_LOST = "the worker running it was lost"
 
-_CANDIDATES = text(
-    """
-    WITH owners AS (
-        SELECT DISTINCT COALESCE(owner, '') AS okey FROM predictions
-        WHERE status = 'starting' AND lease_owner IS NULL AND NOT requeued
-    ), firsts AS (
-        SELECT q.*, GREATEST((SELECT COALESCE(max(value), 0) FROM queue_turns WHERE key = 'now'), COALESCE(t.value, 0))
-                    + row_number() OVER (PARTITION BY owners.okey ORDER BY q.turn, q.created_at, q.id) - 1 AS otag
-        FROM owners
-        LEFT JOIN queue_turns t ON t.key = 'o:' || owners.okey
-        CROSS JOIN LATERAL (
-            SELECT id, owner, user_id, created_at, turn, requeued, batch_key, batch_images, batch_budget
-            FROM predictions p
-            WHERE p.status = 'starting' AND p.lease_owner IS NULL AND NOT p.requeued
-              AND COALESCE(p.owner, '') = owners.okey
-            ORDER BY COALESCE(p.owner, ''), p.turn, p.created_at, p.id
-            LIMIT :limit
-        ) q
-    ), requeued AS (
-        SELECT id, owner, user_id, created_at, turn, requeued, batch_key, batch_images, batch_budget, 0 AS otag
-        FROM predictions WHERE status = 'starting' AND lease_owner IS NULL AND requeued
-        ORDER BY created_at, id LIMIT :limit
-    )
-    SELECT * FROM (SELECT * FROM requeued UNION ALL SELECT * FROM firsts) c
-    ORDER BY requeued DESC, otag, created_at, id
-    LIMIT :limit
-    """
-)
-_TURN_UP = text(
-    "INSERT INTO queue_turns (key, value) VALUES (:key, :value) "
-    "ON CONFLICT (key) DO UPDATE SET value = GREATEST(queue_turns.value, excluded.value)"
-)
+# a queued job: not yet claimed, or pinned to the process that accepted it and not yet started there
+WAITING = "(status = 'starting' AND (lease_owner IS NULL OR pinned))"
+_CLAIM = text("SELECT * FROM atelier_claim(:me, :exp, :max_jobs, :look)")  # migrations.m010_claim_in_one_statement
+
+
+class Statements:
+    """Single statements, each one round trip: connections in autocommit (no ``BEGIN``/``COMMIT`` around
+    a statement that is atomic by itself) and no ping at checkout; a connection found broken when used
+    (the server restarted) is dropped with the rest of the pool and the statement sent once more."""
+
+    def __init__(self, engine: Engine) -> None:
+        from sqlalchemy import create_engine
+
+        self.engine = create_engine(engine.url, isolation_level="AUTOCOMMIT", pool_pre_ping=False)
+
+    def rows(self, statement: Any, params: dict[str, Any]) -> list[Any]:
+        return self._run(lambda conn: conn.execute(statement, params).mappings().all())
+
+    def count(self, statement: Any, params: dict[str, Any]) -> int:
+        """The rows ``statement`` touched."""
+        return self._run(lambda conn: conn.execute(statement, params).rowcount)
+
+    def _run(self, send: Callable[[Connection], Any]) -> Any:
+        from sqlalchemy.exc import DBAPIError
+
+        for last in (False, True):
+            try:
+                with self.engine.connect() as conn:
+                    return send(conn)
+            except DBAPIError as exc:
+                if last or not exc.connection_invalidated:
+                    raise
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        self.engine.dispose()
 
 
 class LeaseLost(Conflict):
@@ -146,6 +156,10 @@ class SharedQueue:
         self.lease = timedelta(seconds=lease_seconds)
         self.max_attempts = max_attempts
         self.clock = clock
+        self.statements = Statements(engine)  # claims, renewals and fenced writes: one round trip each
+
+    def close(self) -> None:
+        self.statements.close()
 
     # -- admission --------------------------------------------------------------------------------------
 
@@ -168,14 +182,21 @@ class SharedQueue:
             self._check(conn, caller)
             self._spend(conn, caller)
             row = _prediction_row(prediction.__dict__, prediction.id)
-            row |= {"turn": self._turn(conn, caller), "batch_key": batch_key(route, batch)}
+            turn, finish_key = self._turn(conn, caller)
+            row |= {"turn": turn, "batch_key": batch_key(route, batch)}
             row |= {"batch_images": batch.images, "batch_budget": batch.budget} if batch else {}
             if pinned:
-                row |= {"lease_owner": self.owner, "lease_expires_at": self._expiry(), "attempt": 1}
-            columns = ", ".join(row)
-            conn.execute(text(f"INSERT INTO predictions ({columns}) VALUES ({', '.join(':' + c for c in row)})"), row)
-            if notify and not pinned:
-                conn.execute(text("SELECT pg_notify(:c, '')"), {"c": QUEUE})
+                row |= {"lease_owner": self.owner, "lease_expires_at": self._expiry(), "attempt": 1, "pinned": True}
+            columns, values = ", ".join(row), ", ".join(":" + c for c in row)
+            tell = "SELECT pg_notify(:channel_, '') FROM added" if notify and not pinned else "SELECT 1 FROM added"
+            conn.execute(  # the user's finish, the row and the wake-up: one statement
+                text(
+                    "WITH turned AS (INSERT INTO queue_turns (key, value) VALUES (:finish_key_, :finish_) "
+                    "ON CONFLICT (key) DO UPDATE SET value = GREATEST(queue_turns.value, excluded.value)), "
+                    f"added AS (INSERT INTO predictions ({columns}) VALUES ({values}) RETURNING id) {tell}"
+                ),
+                row | {"finish_key_": finish_key, "finish_": turn + 1, "channel_": QUEUE},
+            )
 
     def _check(self, conn: Connection, caller: Caller) -> None:
         counts = _counts(conn, caller)
@@ -212,59 +233,31 @@ class SharedQueue:
         if caller.user is not None and self.limits.per_user is not None:
             yield self.limits.per_user, caller, "u:" + _user_key(caller)
 
-    def _turn(self, conn: Connection, caller: Caller) -> int:
-        """The new job's start tag among its token's users; its user's finish moves one past it."""
-        now = _value(conn, "n:" + _owner_key(caller.owner))
-        turn = max(now, _value(conn, "f:" + _user_key(caller)))
-        conn.execute(_TURN_UP, {"key": "f:" + _user_key(caller), "value": turn + 1})
-        return turn
+    def _turn(self, conn: Connection, caller: Caller) -> tuple[int, str]:
+        """The new job's start tag among its token's users, and the key of its user's finish (which the
+        insert moves one past it): ``max(now of its token, finish of its user)``."""
+        now_key, finish_key = "n:" + _owner_key(caller.owner), "f:" + _user_key(caller)
+        found = conn.execute(
+            text("SELECT key, value FROM queue_turns WHERE key IN (:n, :f)"), {"n": now_key, "f": finish_key}
+        )
+        values = {key: int(value) for key, value in found}
+        return max(values.get(now_key, 0), values.get(finish_key, 0)), finish_key
+
+    def depth(self) -> int:
+        """Jobs waiting in the shared queue, every process's (pinned ones not yet started included)."""
+        return self.statements.rows(text(f"SELECT count(*) AS n FROM predictions WHERE {WAITING}"), {})[0]["n"]
 
     # -- claims -----------------------------------------------------------------------------------------
 
     def claim(self, max_jobs: int = 1) -> list[Claim]:
-        """The next job in fair order and the compatible jobs it takes along, leased to this process."""
-        with self.engine.begin() as conn:
-            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": CLAIM_LOCK})
-            rows = conn.execute(_CANDIDATES, {"limit": 1}).mappings().all()
-            if rows and rows[0]["batch_key"] is not None and max_jobs > 1:  # companions: look further
-                rows = conn.execute(_CANDIDATES, {"limit": CANDIDATES}).mappings().all()
-            picked = pick(rows, max_jobs)
-            if not picked:
-                return []
-            claimed = conn.execute(
-                text(
-                    "UPDATE predictions SET lease_owner = :me, lease_expires_at = :exp, attempt = attempt + 1, "
-                    "requeued = FALSE WHERE id IN (SELECT id FROM predictions WHERE id = ANY(:ids) "
-                    "AND status = 'starting' AND lease_owner IS NULL FOR UPDATE SKIP LOCKED) RETURNING *"
-                ),
-                {"me": self.owner, "exp": self._expiry(), "ids": [row["id"] for row in picked]},
-            ).mappings()
-            by_id = {row["id"]: Claim(_prediction(row), row["attempt"]) for row in claimed}
-            picked = [row for row in picked if row["id"] in by_id]  # one being canceled right now stays out
-            self._take_turns(conn, picked)
-        return [by_id[row["id"]] for row in picked]
+        """The next job in fair order and the compatible jobs it takes along, leased to this process.
 
-    def _take_turns(self, conn: Connection, picked: Sequence[Any]) -> None:
-        turns: dict[str, int] = {}
-        for row in picked:
-            if row["requeued"]:
-                continue
-            owner = _owner_key(row["owner"])
-            turns["now"] = max(turns.get("now", 0), row["otag"])
-            turns["o:" + owner] = max(turns.get("o:" + owner, 0), row["otag"] + 1)
-            turns["n:" + owner] = max(turns.get("n:" + owner, 0), row["turn"])
-        if turns:
-            values = ", ".join(f"(:k{i}, :v{i})" for i in range(len(turns)))
-            params: dict[str, Any] = {}
-            for i, (key, value) in enumerate(turns.items()):
-                params |= {f"k{i}": key, f"v{i}": value}
-            conn.execute(
-                text(
-                    f"INSERT INTO queue_turns (key, value) VALUES {values} "
-                    "ON CONFLICT (key) DO UPDATE SET value = GREATEST(queue_turns.value, excluded.value)"
-                ),
-                params,
-            )
+        One statement, one round trip (``atelier_claim``, migrations.m010_claim_in_one_statement):
+        under the claim lock it finds the head and its companions, leases them ``FOR UPDATE SKIP
+        LOCKED`` (one being canceled right now stays out) and moves the turns, in fair order."""
+        params = {"me": self.owner, "exp": self._expiry(), "max_jobs": max_jobs, "look": CANDIDATES}
+        rows = self.statements.rows(_CLAIM, params)
+        return [Claim(_prediction(row), row["attempt"]) for row in rows]
 
     # -- leases -----------------------------------------------------------------------------------------
 
@@ -272,15 +265,14 @@ class SharedQueue:
         """Extend this process's leases on ``ids``; returns those it no longer holds."""
         if not ids:
             return set()
-        with self.engine.begin() as conn:
-            held = conn.execute(
-                text(
-                    "UPDATE predictions SET lease_expires_at = :exp WHERE id = ANY(:ids) AND lease_owner = :me "
-                    "AND status IN ('starting', 'processing') RETURNING id"
-                ),
-                {"exp": self._expiry(), "ids": list(ids), "me": self.owner},
-            )
-            return set(ids) - {r[0] for r in held}
+        held = self.statements.rows(
+            text(
+                "UPDATE predictions SET lease_expires_at = :exp WHERE id = ANY(:ids) AND lease_owner = :me "
+                "AND status IN ('starting', 'processing') RETURNING id"
+            ),
+            {"exp": self._expiry(), "ids": list(ids), "me": self.owner},
+        )
+        return set(ids) - {r["id"] for r in held}
 
     def release(self, ids: Sequence[str], line: str) -> None:
         """Give jobs back to the queue (a stopping process): re-queued first, for any process to claim."""
@@ -376,38 +368,8 @@ class SharedQueue:
         return format_time(self.clock() + self.lease)
 
 
-def pick(rows: Sequence[Any], max_jobs: int) -> list[Any]:
-    """The head of ``rows`` (in fair order) and the compatible rows after it: equal batch key, images
-    within the head's budget, each the oldest of its caller's rows not taken (FIFO within a caller)."""
-    if not rows:
-        return []
-    head = rows[0]
-    taken = [head]
-    if head["batch_key"] is None or max_jobs <= 1:
-        return taken
-    images = head["batch_images"]
-    passed: set[tuple[Any, ...]] = set()
-    for row in rows[1:]:
-        if len(taken) >= max_jobs:
-            break
-        lane = ("requeued",) if row["requeued"] else (row["owner"], row["user_id"])
-        if lane in passed:
-            continue
-        if row["batch_key"] == head["batch_key"] and images + row["batch_images"] <= head["batch_budget"]:
-            taken.append(row)
-            images += row["batch_images"]
-        else:
-            passed.add(lane)
-    return taken
-
-
 def notify(conn: Connection, channel: str, payload: dict[str, Any]) -> None:
     conn.execute(text("SELECT pg_notify(:c, :p)"), {"c": channel, "p": json.dumps(payload, separators=(",", ":"))})
-
-
-def _value(conn: Connection, key: str) -> int:
-    found = conn.execute(text("SELECT value FROM queue_turns WHERE key = :k"), {"k": key}).scalar()
-    return int(found or 0)
 
 
 def _counts(conn: Connection, caller: Caller) -> dict[str, int]:
@@ -416,15 +378,17 @@ def _counts(conn: Connection, caller: Caller) -> dict[str, int]:
             text(
                 """
             SELECT
-              count(*) FILTER (WHERE status = 'starting' AND lease_owner IS NULL) AS waiting,
-              count(DISTINCT owner) FILTER (WHERE status = 'starting' AND lease_owner IS NULL) AS callers,
-              count(*) FILTER (WHERE o AND status = 'starting' AND lease_owner IS NULL) AS token_waiting,
-              count(*) FILTER (WHERE o AND u AND status = 'starting' AND lease_owner IS NULL) AS user_waiting,
+              count(*) FILTER (WHERE waits) AS waiting,
+              count(DISTINCT owner) FILTER (WHERE waits) AS callers,
+              count(*) FILTER (WHERE o AND waits) AS token_waiting,
+              count(*) FILTER (WHERE o AND u AND waits) AS user_waiting,
               count(*) FILTER (WHERE o) AS token_live,
               count(*) FILTER (WHERE o AND u) AS user_live
             FROM (
-              SELECT status, lease_owner, owner, owner IS NOT DISTINCT FROM :owner AS o,
-                     user_id IS NOT DISTINCT FROM :user AS u
+              SELECT owner, owner IS NOT DISTINCT FROM :owner AS o, user_id IS NOT DISTINCT FROM :user AS u,
+                     """
+                + WAITING
+                + """ AS waits
               FROM predictions WHERE status IN ('starting', 'processing')
             ) live
             """
@@ -461,9 +425,9 @@ class FencedWriter:
     """
 
     def __init__(
-        self, engine: Engine, id: str, attempt: int, on_lost: Callable[[], None], *, owner: str | None = None
+        self, statements: Statements, id: str, attempt: int, on_lost: Callable[[], None], *, owner: str | None = None
     ) -> None:
-        self.engine = engine
+        self.statements = statements  # one round trip a write
         self.id = id
         self.attempt = attempt
         self.owner = owner  # the lease owner it writes as; None: fenced on the attempt alone
@@ -482,14 +446,13 @@ class FencedWriter:
             row |= {"lease_owner": None, "lease_expires_at": None}
         names = ", ".join(f"{name} = :{name}" for name in row)
         held = " AND lease_owner = :owner_" if self.owner is not None else ""  # not handed back, nor taken
-        with self.engine.begin() as conn:
-            done = conn.execute(
-                text(
-                    f"UPDATE predictions SET {names} WHERE id = :id_ AND attempt = :attempt_ "
-                    f"AND status IN ('starting', 'processing'){held}"
-                ),
-                {**row, "id_": id, "attempt_": self.attempt, "owner_": self.owner},
-            ).rowcount
+        done = self.statements.count(
+            text(
+                f"UPDATE predictions SET {names} WHERE id = :id_ AND attempt = :attempt_ "
+                f"AND status IN ('starting', 'processing'){held}"
+            ),
+            {**row, "id_": id, "attempt_": self.attempt, "owner_": self.owner},
+        )
         if done:
             return
         self.lost = True

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -103,6 +104,7 @@ class ClusterRunner(Runner):
         self.workers = self.cluster_workers
         self._background: list[asyncio.Task[None]] = []
         self._forwarding: set[asyncio.Task[None]] = set()
+        self._shared_depth: int | None = None  # the shared queue's depth as last counted (_count_queue)
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -115,10 +117,11 @@ class ClusterRunner(Runner):
             self.store.engine, owner=self.name, capacity=self._capacity, limits=self.limits,
             lease_seconds=self.lease_seconds, max_attempts=self.settings.max_attempts,
         )  # fmt: skip
-        self.publisher = Publisher(self.store.engine)
+        self.publisher = Publisher(self.shared.statements.engine)  # one round trip an event
         self.relay = Relay(
-            self.store, on_cancel=self._on_remote_cancel, on_queue=self.wake.set, poll_interval=self.poll_interval
-        )
+            self.store, on_cancel=self._on_remote_cancel, on_queue=self.wake.set, poll_interval=self.poll_interval,
+            reads=self.shared.statements.engine,
+        )  # fmt: skip
         await self.relay.start()
         self.dispatcher.start()
         self.intake.accepting = True
@@ -128,6 +131,7 @@ class ClusterRunner(Runner):
         self._background = [
             asyncio.create_task(self._keep_leases(), name="atelier-leases"),
             asyncio.create_task(self._sweep(), name="atelier-sweeper"),
+            asyncio.create_task(self._count_queue(), name="atelier-queue-depth"),
         ]
         role = "API and worker" if self.work else "API only"
         log.info("cluster process %s started (%s): %d worker(s)", self.name, role, count if self.work else 0)
@@ -149,6 +153,23 @@ class ClusterRunner(Runner):
         if self.publisher is not None:
             await asyncio.to_thread(self.publisher.close)
         await self.calls.drain()
+        if self.shared is not None:
+            await asyncio.to_thread(self.shared.close)
+
+    @property
+    def queue_depth(self) -> int:
+        """Jobs waiting in the shared queue, every process's (health checks: ``/health-check``'s BUSY), as
+        counted every ``poll_interval``; this process's own until the first count."""
+        return len(self.queue) if self._shared_depth is None else self._shared_depth
+
+    async def _count_queue(self) -> None:
+        shared = self.shared_queue()
+        while True:
+            try:
+                self._shared_depth = await asyncio.to_thread(shared.depth)
+            except Exception as exc:  # the next count may work; health reads the last one meanwhile
+                log.warning("counting the shared queue failed (%s); retrying", exc)
+            await asyncio.sleep(self.poll_interval)
 
     def _capacity(self) -> Capacity:
         queue = self.queue
@@ -159,8 +180,9 @@ class ClusterRunner(Runner):
     def claimed_task(self, prediction: Prediction, attempt: int, token: CancelToken) -> Task:
         """The task of a job this process holds a lease on: every write fenced on ``attempt``."""
         writer = FencedWriter(
-            self.store.engine, prediction.id, attempt, on_lost=lambda: token.cancel(LEASE_LOST), owner=self.name
-        )
+            self.shared_queue().statements, prediction.id, attempt, on_lost=lambda: token.cancel(LEASE_LOST),
+            owner=self.name,
+        )  # fmt: skip
         self.writers[prediction.id] = writer
         return Task(
             prediction,
@@ -448,9 +470,22 @@ class ClusterWorkers(Workers):
             await asyncio.to_thread(self.files.delete_many, [r.id for r in kept])
         row = await self.runner.calls.get_prediction(entry.id)
         if row is not None and not entry.task.terminal:
+            if not row.terminal:  # re-queued (or running on another worker): its readers follow it there
+                self._follow_elsewhere(entry, row)
             entry.task.ended_elsewhere(row)
         self.runner.writers.pop(entry.id, None)
         log.info("prediction %s: ended elsewhere; this worker's result is discarded", entry.id)
+
+    def _follow_elsewhere(self, entry: Entry, row: Prediction) -> None:
+        """Hand the local task's subscribers (an SSE stream served here) to the relay, from what they have
+        seen: the status they last got and the logs both they and the row have."""
+        relay = self.runner.relay
+        if relay is None:
+            return
+        seen = entry.task.prediction.snapshot()
+        seen = dataclasses.replace(seen, logs=_common_start(seen.logs, row.logs))
+        for subscription in entry.task.hand_over():
+            relay.follow(subscription, seen)
 
     async def interrupt(self, entry: Entry) -> None:
         writer = self.runner.writers.get(entry.id)
@@ -467,6 +502,13 @@ class ClusterWorkers(Workers):
             await self._ended_elsewhere(entry)
         else:
             await super()._on_canceled(entry, reason)
+
+
+def _common_start(a: str, b: str) -> str:
+    """The text ``a`` and ``b`` both begin with (log text seen here and what the row holds)."""
+    n = min(len(a), len(b))
+    differs = next((i for i in range(n) if a[i] != b[i]), n)
+    return a[:differs]
 
 
 async def _until_done(subscription: Subscription) -> None:

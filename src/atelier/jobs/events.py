@@ -152,6 +152,11 @@ class Subscription:
                 return True
         return False
 
+    def rehome(self, on_close: Callable[[Subscription], None]) -> None:
+        """Another source feeds this subscription from now on (a job that went on in another process);
+        ``on_close`` is that source's, called instead of the first one's."""
+        self._on_close = on_close
+
     def _detach(self) -> None:
         if self._on_close is not None:
             callback, self._on_close = self._on_close, None

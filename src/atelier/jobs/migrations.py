@@ -309,3 +309,182 @@ def m009_claims_and_leases(conn: Connection) -> None:
     )
     Index("previews_prediction", previews.c.prediction_id)
     metadata.create_all(conn, tables=[metadata.tables[n] for n in ("queue_turns", "rate_buckets", "previews")])
+
+
+@migration
+def m010_claim_in_one_statement(conn: Connection) -> None:
+    """The fair claim as one PostgreSQL function (``atelier_claim``), and ``pinned`` on predictions.
+
+    ``pinned``: the job is run by the process that accepted it (its request holds a secret that is not
+    stored); it waits in that process's memory while its row is leased to it, and counts as waiting in
+    the shared queue's bound until it starts. The function (PostgreSQL only; SQLite has no shared
+    queue) is ``SharedQueue.claim`` of ``atelier.jobs.claims`` in one statement, so a claim is one round
+    trip: under the claim lock it reads the fair head (and its batch companions) through the
+    ``predictions_queued`` index, leases them ``FOR UPDATE SKIP LOCKED`` and moves the turns; it returns
+    the claimed rows in fair order. Its SQL is frozen here: a change is a new migration that replaces it.
+    """
+    conn.exec_driver_sql("ALTER TABLE predictions ADD COLUMN pinned BOOLEAN NOT NULL DEFAULT FALSE")
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(_CLAIM_FUNCTION_V1)
+
+
+# The head of the queue, in fair order: re-queued jobs first (oldest first), then each token's queued jobs
+# in ``turn`` order taking the token's next turns (``GREATEST(now, finish of the token) + k``), lowest
+# first; the tokens are found by a skip scan of ``predictions_queued`` (one probe per token, not a scan of
+# every queued row). ``%(limit)s`` is the number of candidates (1, or the look-ahead for a batch).
+_CANDIDATES_V1 = """
+    WITH RECURSIVE owners(okey) AS (
+        (SELECT COALESCE(p.owner, '') FROM predictions p
+         WHERE p.status = 'starting' AND p.lease_owner IS NULL AND NOT p.requeued
+         ORDER BY COALESCE(p.owner, '') LIMIT 1)
+        UNION ALL
+        SELECT (SELECT COALESCE(p.owner, '') FROM predictions p
+                WHERE p.status = 'starting' AND p.lease_owner IS NULL AND NOT p.requeued
+                  AND COALESCE(p.owner, '') > o.okey
+                ORDER BY COALESCE(p.owner, '') LIMIT 1)
+        FROM owners o WHERE o.okey IS NOT NULL
+    ), tokens AS MATERIALIZED (  -- each token's finish, looked up once per token (not per candidate)
+        SELECT w.okey, COALESCE((SELECT t.value FROM queue_turns t WHERE t.key = 'o:' || w.okey), 0) AS finish
+        FROM owners w WHERE w.okey IS NOT NULL
+    ), firsts AS (
+        SELECT q.*, GREATEST(v_now, o.finish)
+                    + row_number() OVER (PARTITION BY o.okey ORDER BY q.turn, q.created_at, q.id) - 1 AS otag
+        FROM tokens o
+        CROSS JOIN LATERAL (
+            SELECT p.id, p.owner, p.user_id, p.created_at, p.turn, p.requeued, p.batch_key, p.batch_images,
+                   p.batch_budget
+            FROM predictions p
+            WHERE p.status = 'starting' AND p.lease_owner IS NULL AND NOT p.requeued
+              AND COALESCE(p.owner, '') = o.okey
+            ORDER BY COALESCE(p.owner, ''), p.turn, p.created_at, p.id
+            LIMIT %(limit)s
+        ) q
+    ), requeued AS (
+        SELECT p.id, p.owner, p.user_id, p.created_at, p.turn, p.requeued, p.batch_key, p.batch_images,
+               p.batch_budget, 0::bigint AS otag
+        FROM predictions p WHERE p.status = 'starting' AND p.lease_owner IS NULL AND p.requeued
+        ORDER BY p.created_at, p.id LIMIT %(limit)s
+    )
+    SELECT * FROM (SELECT * FROM requeued UNION ALL SELECT * FROM firsts) c
+    ORDER BY c.requeued DESC, c.otag, c.created_at, c.id
+    LIMIT %(limit)s
+"""
+
+# The head when no job is re-queued: each token's first queued job (one probe of ``predictions_queued``
+# per token: the first entry past the previous token is the next token's head) at its token's next turn;
+# the lowest turn, then the oldest.
+_HEADS_V1 = """
+    WITH RECURSIVE heads AS (
+        (SELECT COALESCE(p.owner, '') AS okey, p.id, p.owner, p.user_id, p.created_at, p.turn, p.requeued,
+                p.batch_key, p.batch_images, p.batch_budget
+         FROM predictions p
+         WHERE p.status = 'starting' AND p.lease_owner IS NULL AND NOT p.requeued
+         ORDER BY COALESCE(p.owner, ''), p.turn, p.created_at, p.id LIMIT 1)
+        UNION ALL
+        SELECT n.* FROM heads h CROSS JOIN LATERAL (
+            SELECT COALESCE(p.owner, '') AS okey, p.id, p.owner, p.user_id, p.created_at, p.turn, p.requeued,
+                   p.batch_key, p.batch_images, p.batch_budget
+            FROM predictions p
+            WHERE p.status = 'starting' AND p.lease_owner IS NULL AND NOT p.requeued
+              AND COALESCE(p.owner, '') > h.okey
+            ORDER BY COALESCE(p.owner, ''), p.turn, p.created_at, p.id LIMIT 1
+        ) n
+    )
+    SELECT h.id, h.owner, h.user_id, h.created_at, h.turn, h.requeued, h.batch_key, h.batch_images,
+           h.batch_budget,
+           GREATEST(v_now, COALESCE((SELECT t.value FROM queue_turns t WHERE t.key = 'o:' || h.okey), 0)) AS otag
+    FROM heads h
+    ORDER BY otag, h.created_at, h.id
+    LIMIT 1
+"""
+
+# atelier_claim(owner, lease expiry, max jobs, look-ahead): the head, and when it has a batch key and
+# max jobs > 1 the compatible candidates after it (equal key, images within the head's budget, each the
+# oldest of its caller's lane not passed over: FIFO within a caller; re-queued jobs are one lane). The
+# lease and the turns are one statement.
+_CLAIM_FUNCTION_V1 = (
+    """
+CREATE OR REPLACE FUNCTION atelier_claim(p_me TEXT, p_expires TEXT, p_max_jobs INTEGER, p_look INTEGER)
+RETURNS SETOF predictions LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $fn$
+DECLARE
+    v_now BIGINT;
+    v_limit INTEGER;
+    v_head RECORD;
+    v_row RECORD;
+    v_ids TEXT[];
+    v_owners TEXT[];
+    v_otags BIGINT[];
+    v_turns BIGINT[];
+    v_requeued BOOLEAN[];
+    v_passed TEXT[] := '{}';
+    v_images INTEGER;
+    v_lane TEXT;
+    v_locked TEXT[];
+BEGIN
+    PERFORM pg_advisory_xact_lock(1635019778);  -- claims.CLAIM_LOCK: one claim at a time, turns exact
+    SELECT p.id, p.owner, p.user_id, p.created_at, p.turn, p.requeued, p.batch_key, p.batch_images,
+           p.batch_budget, 0::bigint AS otag
+    INTO v_head FROM predictions p WHERE p.status = 'starting' AND p.lease_owner IS NULL AND p.requeued
+    ORDER BY p.created_at, p.id LIMIT 1;
+    IF NOT FOUND THEN
+        SELECT COALESCE(max(value), 0) INTO v_now FROM queue_turns WHERE key = 'now';
+        """
+    + _HEADS_V1.strip()
+    + """
+        INTO v_head;
+        IF NOT FOUND THEN
+            RETURN;
+        END IF;
+    END IF;
+    v_ids := ARRAY[v_head.id::text]; v_owners := ARRAY[v_head.owner::text]; v_otags := ARRAY[v_head.otag];
+    v_turns := ARRAY[v_head.turn]; v_requeued := ARRAY[v_head.requeued]; v_images := v_head.batch_images;
+    IF v_head.batch_key IS NOT NULL AND p_max_jobs > 1 THEN  -- companions, in fair order after the head
+        SELECT COALESCE(max(value), 0) INTO v_now FROM queue_turns WHERE key = 'now';
+        v_limit := p_look;
+        FOR v_row IN """
+    + _CANDIDATES_V1 % {"limit": "v_limit"}
+    + """ LOOP
+            CONTINUE WHEN v_row.id = v_head.id;
+            EXIT WHEN cardinality(v_ids) >= p_max_jobs;
+            v_lane := CASE WHEN v_row.requeued THEN 'r' ELSE json_build_array(v_row.owner, v_row.user_id)::text END;
+            CONTINUE WHEN v_lane = ANY(v_passed);
+            IF v_row.batch_key = v_head.batch_key AND v_images + v_row.batch_images <= v_head.batch_budget THEN
+                v_images := v_images + v_row.batch_images;
+                v_ids := v_ids || v_row.id::text; v_owners := v_owners || v_row.owner::text;
+                v_otags := v_otags || v_row.otag; v_turns := v_turns || v_row.turn;
+                v_requeued := v_requeued || v_row.requeued;
+            ELSE
+                v_passed := v_passed || v_lane;
+            END IF;
+        END LOOP;
+    END IF;
+    WITH locked AS (  -- one being canceled right now (locked) stays out
+        SELECT l.id FROM predictions l WHERE l.id = ANY(v_ids) AND l.status = 'starting' AND l.lease_owner IS NULL
+        FOR UPDATE SKIP LOCKED
+    )
+    SELECT array_agg(locked.id::text) INTO v_locked FROM locked;
+    IF v_locked IS NULL THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    WITH claimed AS (  -- by the primary key: the plan is cached generic, and must never scan the table
+        UPDATE predictions p SET lease_owner = p_me, lease_expires_at = p_expires, attempt = p.attempt + 1,
+                                 requeued = FALSE
+        WHERE p.id = ANY(v_locked)
+        RETURNING p.*
+    ), turns AS (
+        INSERT INTO queue_turns (key, value)
+        SELECT k.key, max(k.value)
+        FROM unnest(v_ids, v_owners, v_otags, v_turns, v_requeued) AS t(id, okey, otag, turn, rq)
+        JOIN claimed c ON c.id = t.id
+        CROSS JOIN LATERAL (VALUES ('now', t.otag), ('o:' || COALESCE(t.okey, ''), t.otag + 1),
+                                   ('n:' || COALESCE(t.okey, ''), t.turn)) AS k(key, value)
+        WHERE NOT t.rq
+        GROUP BY k.key
+        ON CONFLICT (key) DO UPDATE SET value = GREATEST(queue_turns.value, excluded.value)
+    )
+    SELECT c.* FROM unnest(v_ids) WITH ORDINALITY AS u(id, n) JOIN claimed c ON c.id = u.id ORDER BY u.n;
+END
+$fn$
+"""
+)

@@ -29,7 +29,7 @@ from typing import Any
 from sqlalchemy import Engine, select, text
 
 from atelier.ids import new_id
-from atelier.jobs.claims import CANCELS, EVENTS, QUEUE, notify
+from atelier.jobs.claims import CANCELS, EVENTS, QUEUE
 from atelier.jobs.events import DoneEvent, Event, LogsEvent, OutputEvent, ProgressReport, StatusEvent, Subscription
 from atelier.jobs.records import Prediction, Status, format_time, utc_now
 from atelier.jobs.store import PREDICTIONS, Store, _prediction
@@ -49,7 +49,11 @@ def listen_dsn(url: str) -> str:
 
 
 class Publisher:
-    """Sends one process's events in order, from one thread (never on the event loop)."""
+    """Sends one process's events in order, from one thread (never on the event loop).
+
+    Each event is one statement (the notification, with the preview's insert or the previews' delete
+    in the same statement), sent in autocommit on an engine that does not ping at checkout
+    (``claims.Statements``): one round trip an event."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -69,28 +73,27 @@ class Publisher:
 
     def _send(self, prediction: Prediction, event: Event) -> None:
         payload: dict[str, Any] = {"id": prediction.id, "k": event.kind}
+        before, params = "", {"c": EVENTS, "pid": prediction.id}
+        if isinstance(event, LogsEvent):
+            if len(event.text) <= MAX_LOG_TEXT:
+                payload |= {"t": event.text, "at": len(prediction.logs) - len(event.text)}
+        elif isinstance(event, ProgressReport):
+            payload |= {"step": event.step, "total": event.total, "message": event.message}
+            if event.preview is not None:
+                payload["p"] = preview = new_id()
+                params |= {"preview": preview, "d": _jpeg(event.preview), "t": format_time(utc_now())}
+                before = "WITH stored AS (INSERT INTO previews (id, prediction_id, data, created_at) VALUES (:preview, :pid, :d, :t)) "
+        elif isinstance(event, DoneEvent):
+            before = "WITH gone AS (DELETE FROM previews WHERE prediction_id = :pid) "
+        params["p"] = json.dumps(payload, separators=(",", ":"))
         with self.engine.begin() as conn:
-            if isinstance(event, LogsEvent):
-                if len(event.text) <= MAX_LOG_TEXT:
-                    payload |= {"t": event.text, "at": len(prediction.logs) - len(event.text)}
-            elif isinstance(event, ProgressReport):
-                payload |= {"step": event.step, "total": event.total, "message": event.message}
-                if event.preview is not None:
-                    payload["p"] = _store_preview(conn, prediction.id, event.preview)
-            elif isinstance(event, DoneEvent):
-                conn.execute(text("DELETE FROM previews WHERE prediction_id = :id"), {"id": prediction.id})
-            notify(conn, EVENTS, payload)
+            conn.execute(text(before + "SELECT pg_notify(:c, :p)"), params)
 
 
-def _store_preview(conn: Any, prediction_id: str, image: Any) -> str:
+def _jpeg(image: Any) -> bytes:
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, format="JPEG", quality=80)
-    id = new_id()
-    conn.execute(
-        text("INSERT INTO previews (id, prediction_id, data, created_at) VALUES (:id, :p, :d, :t)"),
-        {"id": id, "p": prediction_id, "d": buffer.getvalue(), "t": format_time(utc_now())},
-    )
-    return id
+    return buffer.getvalue()
 
 
 class _Follower:
@@ -134,6 +137,8 @@ class _Follower:
             self.logs += len(new)
 
     def put(self, event: Event) -> None:
+        if self.ended:  # a notification handled after a poll already read the row's end: nothing follows done
+            return
         self.subscription.put(event)
 
 
@@ -147,8 +152,10 @@ class Relay:
         on_cancel: Callable[[str, str, str], None],
         on_queue: Callable[[], None],
         poll_interval: float = 1.0,
+        reads: Engine | None = None,
     ) -> None:
         self.store = store
+        self.reads = reads or store.engine  # rows and previews: an autocommit engine makes each read one round trip
         self.on_cancel = on_cancel  # (id, reason, lease owner)
         self.on_queue = on_queue
         self.poll_interval = poll_interval
@@ -175,20 +182,26 @@ class Relay:
 
     def subscribe(self, prediction: Prediction) -> Subscription:
         """Events of ``prediction`` (running elsewhere) from now on; ends after ``done``."""
-        follower: _Follower
+        subscription = Subscription()
+        self.follow(subscription, prediction)
+        return subscription
+
+    def follow(self, subscription: Subscription, seen: Prediction) -> None:
+        """Feed ``subscription`` the events of ``seen``'s job from the state its reader has seen on: a
+        local task's subscriber whose job went on in another process (its lease was taken back)."""
+        follower = _Follower(subscription, seen)
+        id = seen.id
 
         def forget(_: Subscription) -> None:
-            followers = self._followers.get(prediction.id, [])
+            followers = self._followers.get(id, [])
             if follower in followers:
                 followers.remove(follower)
             if not followers:
-                self._followers.pop(prediction.id, None)
+                self._followers.pop(id, None)
 
-        subscription = Subscription(on_close=forget)
-        follower = _Follower(subscription, prediction)
-        self._followers.setdefault(prediction.id, []).append(follower)
-        self._inbox.put_nowait((SYNC, prediction.id))  # what changed between the caller's read and now
-        return subscription
+        subscription.rehome(forget)
+        self._followers.setdefault(id, []).append(follower)
+        self._inbox.put_nowait((SYNC, id))  # what changed between the reader's view and now
 
     # -- internals ---------------------------------------------------------------------------------------
 
@@ -261,14 +274,14 @@ class Relay:
                     follower.sync(row)
 
     def _rows(self, ids: list[str]) -> dict[str, Prediction]:
-        with self.store.engine.connect() as conn:
+        with self.reads.connect() as conn:
             found = conn.execute(select(PREDICTIONS).where(PREDICTIONS.c.id.in_(ids))).mappings()
             return {row["id"]: _prediction(row) for row in found}
 
     def _preview(self, id: str) -> Any:
         from PIL import Image
 
-        with self.store.engine.connect() as conn:
+        with self.reads.connect() as conn:
             data = conn.execute(text("SELECT data FROM previews WHERE id = :id"), {"id": id}).scalar()
         if data is None:
             return None

@@ -240,6 +240,12 @@ class Task:
             sub.put(DoneEvent(prediction.status, snapshot))
         self.done.set()
 
+    def hand_over(self) -> list[Subscription]:
+        """This task's subscribers, detached from it: the job goes on elsewhere (a lost lease, re-run by
+        another worker) and the caller feeds them from there; this task sends them nothing more."""
+        subscribers, self._subscribers = self._subscribers, []
+        return subscribers
+
     # -- logs and progress ---------------------------------------------------------------------------
 
     def log(self, line: str) -> None:
