@@ -115,8 +115,8 @@ def sendable(job: Job) -> Job:
 
 
 def check_reachable(address: str) -> None:
-    """A ``SettingsError`` at once when ``host:port`` (or ``ray://host:port``) does not accept connections."""
-    match = re.fullmatch(r"(?:ray://)?\[?([^\]\s]+?)\]?:(\d+)", address.strip())
+    """A ``SettingsError`` at once when ``host:port`` does not accept connections."""
+    match = re.fullmatch(r"\[?([^\]\s]+?)\]?:(\d+)", address.strip())
     if match is None:
         return  # "auto", or a form Ray itself will judge
     try:
@@ -126,8 +126,7 @@ def check_reachable(address: str) -> None:
             FieldProblem(
                 "ATELIER_RAY_ADDRESS",
                 f"nothing answers at {address!r} ({exc.strerror or exc}); give the head node's address "
-                "(host:6379, the GCS port `ray start --head` printed, or ray://host:10001), "
-                "or `auto` on a node of the cluster",
+                "(host:6379, the GCS port `ray start --head` printed), or `auto` on a node of the cluster",
             )
         ) from None
 
@@ -201,7 +200,7 @@ class RayExecutor:
                     FieldProblem(
                         "ATELIER_RAY_ADDRESS",
                         f"could not reach a Ray cluster at {address!r} ({exc}); start one with `ray start --head` "
-                        "or give the head's address as host:port or ray://host:10001",
+                        "or give the head's GCS address as host:port",
                     )
                 ) from None
             self._connected_here = True
