@@ -327,17 +327,19 @@ async def test_stopping_atelier_cancels_its_call_on_the_replica_and_the_job_runs
         assert (await s.services.runner.get(id)).status == "processing" and not canceled.exists()
         s.services.runner.stop_timeout = 0.1  # do not wait for the held job to finish on its own
         s.services.runner.cancel_grace = 0.0  # nor for its call to end: the worker lets go of it at once
-        executor, seen_at_stop = s.services.runner.executor, []
+        executor, ending_at_stop = s.services.runner.executor, []
         stop = executor.stop
 
-        async def stop_and_look() -> None:  # what the replica's engine had seen when the executor stopped
+        async def stop_and_look() -> None:  # the calls still waiting for their replica's answer
             await stop()
-            seen_at_stop.append(canceled.exists() and canceled.read_text())
+            ending_at_stop.append(executor.ending)
 
         executor.stop = stop_and_look
-    # The executor stopped (and would have disconnected) only once the replica let go of the call, its
-    # engine having seen the token set.
-    assert seen_at_stop == ["canceled by the caller"]
+    # The executor stopped (and would have disconnected from Ray) only once the replica had answered the
+    # cancel; there, the call's tokens are set and the engine stops at its next step.
+    assert ending_at_stop == [0]
+    seen = await until(lambda: canceled.exists() and canceled.read_text(), "the engine on the replica to see it")
+    assert seen == "canceled by the caller"
     async with served(tmp_path, signal_engines(signals)) as again:  # the next start runs it again
         (signals / f"release-{id}").touch()
         done = await again.wait(id)

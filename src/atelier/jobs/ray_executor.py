@@ -31,9 +31,10 @@ only runs engine calls:
   and the replicas build their engines from the settings with every secret removed.
 * **Stop.** The worker sets its running jobs' tokens, so their calls are canceled (above); a worker
   stopped before its call ended cancels the call and lets go of it, and ``stop`` waits (at most
-  ``STOP_DRAIN_S``) until the replicas let go of those calls too — their engines saw the tokens set —
-  before it closes the driver connection (if this executor opened it), so no cancel is lost with the
-  connection. The applications stay deployed (they are the cluster's, shared by every Atelier process
+  ``STOP_DRAIN_S``) until the replicas have answered those cancels before it closes the driver
+  connection (if this executor opened it), so no cancel is lost with the connection. A replica answers
+  once Serve canceled the request there, which cancels ``run`` in the replica's own process: its tokens
+  are set there, and the engine stops at its next step whatever the driver does next. The applications stay deployed (they are the cluster's, shared by every Atelier process
   using it): ``serve delete atelier-<model>`` or ``serve shutdown`` removes them.
 """
 
@@ -170,6 +171,11 @@ class RayExecutor:
         self._connected_here = False
         self._draining: set[asyncio.Task[list[Result]]] = set()  # calls canceled by a stop, still ending
         self._redeploying: dict[int, asyncio.Lock] = {}
+
+    @property
+    def ending(self) -> int:
+        """Calls a stop canceled whose replicas have not answered yet (``stop`` waits for them)."""
+        return len(self._draining)
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
