@@ -33,12 +33,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def local_cluster(num_cpus: int = 4, client_port: int | None = None) -> Iterator[str]:
-    """The cluster's address (``127.0.0.1:port``), with this process connected to it. Its Ray Client
-    server listens on ``client_port`` (default: a free port, never a fixed one two clusters would share)."""
+def local_cluster(num_cpus: int = 4) -> Iterator[str]:
+    """The cluster's address (``127.0.0.1:port``), with this process connected to it. Its Ray Client server
+    (unused: ATELIER_RAY_ADDRESS refuses ray://) gets a free port, not the fixed 10001 two clusters would share."""
     folder = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    port = free_port()
-    client_port = client_port or free_port()
+    port, client_port = free_port(), free_port()
     path = [str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": os.pathsep.join(p for p in path if p)}
     command = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", f"--port={port}",
