@@ -394,3 +394,33 @@ async def test_a_cluster_process_runs_claimed_jobs_on_replicas_and_a_killed_repl
         assert ended.count("succeeded") == 1 and "failed" not in ended, ended
         files = [r for r in s.services.files.for_prediction(id) if r.kind == "output"]
         assert len(files) == 1
+
+
+async def test_a_stopping_cluster_process_cancels_its_ray_calls_and_hands_the_jobs_to_the_next_worker(
+    cluster, signals, tmp_path, pg_database
+) -> None:
+    from sqlalchemy import create_engine, text
+
+    from atelier.jobs.cluster import RELEASED
+
+    async with served(tmp_path / "first", signal_engines(signals), database_url=pg_database) as s:
+        id = await submit(s, "hold through the cluster's stop")
+        await until(lambda: started_pids(signals, id), "the job to start on a replica")
+        s.services.runner.stop_timeout = 0.1  # neither wait for the held job nor for its call
+        s.services.runner.cancel_grace = 0.0
+    canceled = signals / f"canceled-{id}"
+    seen = await until(lambda: canceled.exists() and canceled.read_text(), "the engine on the replica to see it")
+    assert seen == "canceled by the caller"
+    database = create_engine(pg_database)
+    try:
+        with database.connect() as conn:  # handed back to the shared queue, first in line, for any worker
+            row = conn.execute(text("SELECT * FROM predictions WHERE id = :id"), {"id": id}).mappings().one()
+    finally:
+        database.dispose()
+    assert (row["status"], row["lease_owner"], row["requeued"], row["attempt"]) == ("starting", None, True, 1)
+    assert RELEASED in row["logs"]
+    async with served(tmp_path / "next", signal_engines(signals), database_url=pg_database) as again:
+        (signals / f"release-{id}").touch()
+        done = await again.wait(id)
+        assert done["status"] == "succeeded", done
+        assert len(started_pids(signals, id)) == 2 and len(done["output"]) == 1
