@@ -34,8 +34,9 @@ only runs engine calls:
   ``STOP_DRAIN_S``) until the replicas have answered those cancels before it closes the driver
   connection (if this executor opened it), so no cancel is lost with the connection. A replica answers
   once Serve canceled the request there, which cancels ``run`` in the replica's own process: its tokens
-  are set there, and the engine stops at its next step whatever the driver does next. The applications stay deployed (they are the cluster's, shared by every Atelier process
-  using it): ``serve delete atelier-<model>`` or ``serve shutdown`` removes them.
+  are set there, and the engine stops at its next step whatever the driver does next. The applications
+  stay deployed (they are the cluster's, shared by every Atelier process using it):
+  ``serve delete atelier-<model>`` or ``serve shutdown`` removes them.
 """
 
 from __future__ import annotations
