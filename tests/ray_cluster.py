@@ -34,14 +34,16 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def local_cluster(num_cpus: int = 4) -> Iterator[str]:
-    """The cluster's address (``127.0.0.1:port``), with this process connected to it."""
+    """The cluster's address (``127.0.0.1:port``), with this process connected to it. Its Ray Client server
+    (unused: ATELIER_RAY_ADDRESS refuses ray://) gets a free port, not the fixed 10001 two clusters would share."""
     folder = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    port = free_port()
+    port, client_port = free_port(), free_port()
     path = [str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": os.pathsep.join(p for p in path if p)}
     command = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", f"--port={port}",
                f"--num-cpus={num_cpus}", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats",
-               f"--temp-dir={folder}", "--node-ip-address=127.0.0.1"]  # fmt: skip
+               f"--temp-dir={folder}", "--node-ip-address=127.0.0.1",
+               f"--ray-client-server-port={client_port}"]  # fmt: skip
     process = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL)
     address = f"127.0.0.1:{port}"
     try:

@@ -3,8 +3,9 @@
 ``SignalEngine`` is ``fakes.FakeEngine`` plus a folder shared with the test (same machine):
 
 * ``started-<job id>`` gets a line ``<pid>`` each time a replica starts the job (the test kills that pid);
-* a job whose prompt has ``hold`` waits, on its first run only, until ``release-<job id>`` or
-  ``release-all`` exists (or its cancel token is set);
+* a job whose prompt has ``hold`` waits, on its first run only, until ``release-<job id>`` exists (or
+  its cancel token is set); there is no release for all: the folder lives as long as the test module,
+  and one test's release must not let another test's held job run on;
 * ``canceled-<job id>`` is written when the engine sees the job's token set (the cancel reached it);
 * a prompt with ``batch`` gets a ``BatchPlan``; each ``generate_many`` call writes ``call-<pid>-<n>``
   listing its job ids, one a line.
@@ -59,8 +60,8 @@ class SignalEngine(FakeEngine):
         return result
 
     def _hold(self, job: Job, cancel: CancelToken) -> None:
-        releases = (self._path(f"release-{job.id}"), self._path("release-all"))
-        while not any(p.exists() for p in releases):
+        release = self._path(f"release-{job.id}")
+        while not release.exists():
             cancel.raise_if_cancelled()
             time.sleep(0.01)
 

@@ -165,11 +165,16 @@ class Settings(BaseSettings):
 
     # Where engine calls run (atelier.jobs.executors): "local" threads (default) or Ray Serve replicas.
     executor: Literal["local", "ray"] = "local"
-    ray_address: str = "auto"  # auto (the node's running cluster) | host:port | ray://host:port (Ray Client)
+    ray_address: str = "auto"  # auto (the node's running cluster) | host:port of the head's GCS
     ray_replicas: str = "1"  # replicas per model: N (fixed), or MIN-MAX scaled on the backlog (MIN 0: to zero)
     ray_num_gpus: float | None = Field(default=None, ge=0)  # per replica; None: 1 if the cluster has GPUs, else 0
     ray_num_cpus: float = Field(default=1.0, ge=0)  # per replica
     ray_max_ongoing: int = Field(default=1, ge=1)  # engine calls (each a whole batch) at once per replica
+
+    @field_validator("ray_address")
+    @classmethod
+    def _check_ray_address(cls, value: str) -> str:
+        return ray_address(value)
 
     @field_validator("ray_replicas")
     @classmethod
@@ -445,6 +450,19 @@ def replica_range(value: str) -> tuple[int, int]:
     if not match or high < 1 or low > high:
         raise ValueError(f"got {value[:40]!r}; give a replica count N >= 1, or MIN-MAX with 0 <= MIN <= MAX, MAX >= 1")
     return low, high
+
+
+def ray_address(value: str) -> str:
+    """``value`` unless it is a Ray Client address: Ray Client carries no streaming handle calls, and every
+    engine call streams its progress back (measured with Ray 2.60: ``handle.options(stream=True)`` raises)."""
+    value = value.strip()
+    if value.lower().startswith("ray://"):
+        raise ValueError(
+            f"got {value[:80]!r}; Ray Client (ray://) cannot carry the streaming calls Atelier makes to its "
+            "replicas. Make this machine a node of the cluster without resources (ray start --address=HEAD:6379 "
+            "--num-cpus=0 --num-gpus=0) and use auto, or give the head's GCS address as host:port"
+        )
+    return value
 
 
 def load_settings(overrides: Mapping[str, Any] | None = None, *, names: Mapping[str, str] | None = None) -> Settings:

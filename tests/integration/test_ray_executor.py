@@ -259,7 +259,8 @@ async def test_replicas_scale_on_the_backlog(cluster, signals, tmp_path) -> None
         assert len(set(pids)) == 2
         replicas = serve.status().applications["atelier-elastic"].deployments["EngineReplica"].replica_states
         assert replicas.get("RUNNING") == 2, replicas
-        (signals / "release-all").touch()
+        for i in ids:
+            (signals / f"release-{i}").touch()
         assert [(await s.wait(i))["status"] for i in ids] == ["succeeded", "succeeded"]
 
 
@@ -307,3 +308,119 @@ async def test_a_restarted_atelier_finds_its_replicas_running_and_does_not_redep
     async with served(tmp_path / "second", signal_engines(signals)) as s:
         assert (await s.wait(await submit(s, "second life")))["status"] == "succeeded"
     assert serve.status().applications["atelier-signal"].last_deployed_time_s == deployed
+
+
+async def test_stopping_atelier_cancels_its_call_on_the_replica_and_the_job_runs_again_at_the_next_start(
+    cluster, signals, tmp_path
+) -> None:
+    async with served(tmp_path, signal_engines(signals)) as s:
+        id = await submit(s, "hold through shutdown")
+        canceled = signals / f"canceled-{id}"
+        await until(lambda: started_pids(signals, id), "the job to start on a replica")
+        assert (await s.services.runner.get(id)).status == "processing" and not canceled.exists()
+        s.services.runner.stop_timeout = 0.1  # do not wait for the held job to finish on its own
+        s.services.runner.cancel_grace = 0.0  # nor for its call to end: the worker lets go of it at once
+        executor, ending_at_stop = s.services.runner.executor, []
+        stop = executor.stop
+
+        async def stop_and_look() -> None:  # the calls still waiting for their replica's answer
+            await stop()
+            ending_at_stop.append(executor.ending)
+
+        executor.stop = stop_and_look
+    # The executor stopped (and would have disconnected from Ray) only once the replica had answered the
+    # cancel; there, the call's tokens are set and the engine stops at its next step.
+    assert ending_at_stop == [0]
+    seen = await until(lambda: canceled.exists() and canceled.read_text(), "the engine on the replica to see it")
+    assert seen == "canceled by the caller"
+    async with served(tmp_path, signal_engines(signals)) as again:  # the next start runs it again
+        (signals / f"release-{id}").touch()
+        done = await again.wait(id)
+        assert done["status"] == "succeeded", done
+        assert "Interrupted by server shutdown; it will run again when the server restarts" in done["logs"]
+        assert len(started_pids(signals, id)) == 2 and len(done["output"]) == 1
+
+
+async def test_an_application_deleted_outside_atelier_is_deployed_again_and_the_call_made_again(
+    cluster, signals, tmp_path
+) -> None:
+    from ray import serve
+
+    engines = {"phoenix": SignalEngine(model="phoenix", folder=str(signals))}
+    create = "/v1/models/atelier/phoenix/predictions"
+    async with deleted_after("atelier-phoenix"), served(tmp_path, engines, ray_replicas="1") as s:
+        first = (await s.client.post(create, json={"input": {"prompt": "before"}})).json()["id"]
+        assert (await s.wait(first))["status"] == "succeeded"
+        await asyncio.to_thread(serve.delete, "atelier-phoenix")  # an operator, outside Atelier
+        assert "atelier-phoenix" not in serve.status().applications
+        second = (await s.client.post(create, json={"input": {"prompt": "after"}})).json()["id"]
+        done = await s.wait(second)
+        assert done["status"] == "succeeded", done
+        assert serve.status().applications["atelier-phoenix"].status == "RUNNING"
+        assert started_pids(signals, second) != started_pids(signals, first)  # on the new replica
+        assert len(started_pids(signals, second)) == 1  # called once more, not re-queued
+
+
+# -- inside a cluster process: PostgreSQL's shared queue, Ray's replicas ------------------------------------
+
+
+async def test_a_cluster_process_runs_claimed_jobs_on_replicas_and_a_killed_replicas_job_once_more(
+    cluster, signals, tmp_path, pg_database
+) -> None:
+    from sqlalchemy import text
+
+    from atelier.jobs.cluster import ClusterRunner
+
+    async with served(tmp_path, signal_engines(signals), database_url=pg_database) as s:
+        assert isinstance(s.services.runner, ClusterRunner)  # ATELIER_DATABASE_URL on PostgreSQL: a cluster
+        plain = await submit(s, "claimed from the shared queue")
+        done = await s.wait(plain)
+        assert done["status"] == "succeeded", done
+        assert started_pids(signals, plain) and os.getpid() not in started_pids(signals, plain)
+
+        id = await submit(s, "hold until killed", seed=4321)
+        pid = (await until(lambda: started_pids(signals, id), "the job to start on a replica"))[0]
+        os.kill(pid, signal.SIGKILL)
+        done = await s.wait(id)
+        assert done["status"] == "succeeded", done
+        assert "running it again (attempt 2 of 3)" in done["logs"]
+        assert done["logs"].count("Using seed: 4321") == 2 and len(done["output"]) == 1
+        pids = started_pids(signals, id)
+        assert len(pids) == 2 and pids[0] == pid and pids[1] != pid
+        with s.services.store.engine.connect() as conn:  # handed back through the shared queue: claimed twice
+            row = conn.execute(text("SELECT attempt, lease_owner FROM predictions WHERE id = :id"), {"id": id}).one()
+        assert row.attempt == 2 and row.lease_owner is None
+        ended = [data["status"] for pid_, kind, data in s.events if pid_ == id and kind == "status"]
+        assert ended.count("succeeded") == 1 and "failed" not in ended, ended
+        files = [r for r in s.services.files.for_prediction(id) if r.kind == "output"]
+        assert len(files) == 1
+
+
+async def test_a_stopping_cluster_process_cancels_its_ray_calls_and_hands_the_jobs_to_the_next_worker(
+    cluster, signals, tmp_path, pg_database
+) -> None:
+    from sqlalchemy import create_engine, text
+
+    from atelier.jobs.cluster import RELEASED
+
+    async with served(tmp_path / "first", signal_engines(signals), database_url=pg_database) as s:
+        id = await submit(s, "hold through the cluster's stop")
+        await until(lambda: started_pids(signals, id), "the job to start on a replica")
+        s.services.runner.stop_timeout = 0.1  # neither wait for the held job nor for its call
+        s.services.runner.cancel_grace = 0.0
+    canceled = signals / f"canceled-{id}"
+    seen = await until(lambda: canceled.exists() and canceled.read_text(), "the engine on the replica to see it")
+    assert seen == "canceled by the caller"
+    database = create_engine(pg_database)
+    try:
+        with database.connect() as conn:  # handed back to the shared queue, first in line, for any worker
+            row = conn.execute(text("SELECT * FROM predictions WHERE id = :id"), {"id": id}).mappings().one()
+    finally:
+        database.dispose()
+    assert (row["status"], row["lease_owner"], row["requeued"], row["attempt"]) == ("starting", None, True, 1)
+    assert RELEASED in row["logs"]
+    async with served(tmp_path / "next", signal_engines(signals), database_url=pg_database) as again:
+        (signals / f"release-{id}").touch()
+        done = await again.wait(id)
+        assert done["status"] == "succeeded", done
+        assert len(started_pids(signals, id)) == 2 and len(done["output"]) == 1

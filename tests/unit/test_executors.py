@@ -199,3 +199,12 @@ async def test_a_ray_address_where_nothing_listens_is_refused_at_start_naming_th
     problem = caught.value.problems[0]
     assert problem.field == "ATELIER_RAY_ADDRESS" and f"127.0.0.1:{port}" in problem.message
     await executor.stop()
+
+
+def test_a_ray_client_address_is_refused_in_one_problem_saying_what_to_do_instead():
+    with pytest.raises(SettingsError) as caught:
+        load_settings({"executor": "ray", "ray_address": " ray://head:10001"})
+    (problem,) = caught.value.problems
+    assert problem.field == "ATELIER_RAY_ADDRESS" and "'ray://head:10001'" in problem.message
+    assert "--num-cpus=0 --num-gpus=0" in problem.message and "host:port" in problem.message
+    assert load_settings({"ray_address": " 10.0.0.1:6379 "}).ray_address == "10.0.0.1:6379"

@@ -41,7 +41,7 @@ from atelier.ids import new_id
 from atelier.jobs import recovery
 from atelier.jobs.claims import Claim, FencedWriter, LeaseLost, SharedQueue, wall_clock
 from atelier.jobs.events import DoneEvent, Subscription, finished_subscription
-from atelier.jobs.executors import LocalExecutor
+from atelier.jobs.executors import LocalExecutor, ReplicaLost
 from atelier.jobs.intake import DEADLINE_EXCEEDED, Intake
 from atelier.jobs.limits import Caller, Limits
 from atelier.jobs.queue import Capacity, Entry
@@ -355,6 +355,7 @@ class ClusterWorkers(Workers):
         self.runner = runner
         self.released: dict[str, None] = {}  # handed back to the queue at stop, in order
         self._kept: dict[str, builtins.list[FileRecord]] = {}  # outputs written, until the outcome is recorded
+        self._lost_runs: dict[str, str] = {}  # claimed jobs whose replica died: the line they are re-queued with
 
     def start(self, count: int) -> None:
         super().start(count)  # the local queue holds only jobs pinned to this process
@@ -411,7 +412,7 @@ class ClusterWorkers(Workers):
             except Exception as exc:  # a model no longer served, an input no longer there
                 await self._fail_unprepared(task, exc)
                 continue
-            entry = Entry(task, job, engine, token)
+            entry = Entry(task, job, engine, token, attempt=claim.attempt)
             entry.batch_size = len(claims)
             runner.queue.adopt(entry)  # live here: get, wait, subscribe and cancel find it
             self._arm_deadline(entry)
@@ -486,6 +487,50 @@ class ClusterWorkers(Workers):
         seen = dataclasses.replace(seen, logs=_common_start(seen.logs, row.logs))
         for subscription in entry.task.hand_over():
             relay.follow(subscription, seen)
+
+    # -- a replica lost mid-job: the job goes back to the shared queue ------------------------------------
+
+    async def _may_retry(self, entry: Entry, error: ReplicaLost) -> bool:
+        """A claimed job whose replica died is handed back to the shared queue (``_again``): the next claim,
+        here or in another process, runs it with the same seed and the next attempt number."""
+        if self.runner.writers.get(entry.id) is None:  # pinned here, from memory: the local queue
+            return await super()._may_retry(entry, error)
+        most = self.settings.max_attempts
+        if entry.task.terminal or entry.token.cancelled or entry.attempt >= most:
+            return False
+        self._lost_runs[entry.id] = f"{error.message}; running it again (attempt {entry.attempt + 1} of {most})"
+        return True
+
+    async def _again(self, entries: builtins.list[Entry]) -> None:
+        shared = self.runner.shared_queue()
+        for entry in entries:
+            line = self._lost_runs.pop(entry.id, None)
+            if line is None:
+                self.queue.requeue(entry)
+                continue
+            entry.task.flush_logs()  # this run's lines (its seed) stay in the row
+            writer = self.runner.writers.pop(entry.id, None)
+            if writer is not None:
+                writer.lost = True  # nothing more is written for this attempt
+            entry.interrupted = True  # forgotten here (``_run_claimed``); its waiters follow the row
+            log.warning("prediction %s: its replica died; handed back to the queue", entry.id)
+            await asyncio.to_thread(shared.release, [entry.id], line)
+            self._follow_to_end(entry.task)
+        self.runner.wake.set()
+
+    def _follow_to_end(self, task: Task) -> None:
+        """Those waiting on ``task`` here hear its end from whichever process runs it next."""
+        subscription = self.runner.relayed().subscribe(task.prediction)
+
+        async def follow() -> None:
+            with contextlib.closing(subscription):
+                async for event in subscription:
+                    if isinstance(event, DoneEvent) and event.prediction is not None:
+                        task.ended_elsewhere(event.prediction)
+
+        following = asyncio.get_running_loop().create_task(follow(), name=f"atelier-follow-{task.id}")
+        self.runner._forwarding.add(following)  # kept until done: the loop holds only weak references
+        following.add_done_callback(self.runner._forwarding.discard)
 
     async def interrupt(self, entry: Entry) -> None:
         writer = self.runner.writers.get(entry.id)

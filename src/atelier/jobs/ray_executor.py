@@ -20,14 +20,23 @@ only runs engine calls:
 * **Cancel.** When every job of a call is canceled, ``response.cancel()``: the replica sets its tokens
   and the engine stops between steps (a batch keeps running while any of its jobs still wants it).
 * **A replica dies mid-call** (``ActorDiedError`` and kin): ``ReplicaLost``; the worker runs the jobs
-  again with the same seed (``ATELIER_MAX_ATTEMPTS``). Nothing more arrives from a lost call: the
-  response is abandoned when it raised, so there is no late result to fence out in-process.
+  again with the same seed (``ATELIER_MAX_ATTEMPTS``; in a cluster process the job goes back to the
+  shared queue). Nothing more arrives from a lost call: the response is abandoned when it raised, so
+  there is no late result to fence out in-process.
+* **An application deleted outside Atelier** (``serve delete``): the handle's call fails before it
+  reaches a replica (``DeploymentUnavailableError``); the executor deploys the application again (once,
+  for every call that saw it gone) and makes the call again.
 * **What is sent.** Jobs with their decoded input images and plans; never a caller's ``openai_api_key``
   (requests carrying one are routed to the OpenAI engine, which has no recipe and runs in-process),
   and the replicas build their engines from the settings with every secret removed.
-* **Stop.** In-flight calls end on their tokens; the applications stay deployed (they are the cluster's,
-  shared by every Atelier process using it): ``serve delete atelier-<model>`` or ``serve shutdown``
-  removes them. The driver connection is closed if this executor opened it.
+* **Stop.** The worker sets its running jobs' tokens, so their calls are canceled (above); a worker
+  stopped before its call ended cancels the call and lets go of it, and ``stop`` waits (at most
+  ``STOP_DRAIN_S``) until the replicas have answered those cancels before it closes the driver
+  connection (if this executor opened it), so no cancel is lost with the connection. A replica answers
+  once Serve canceled the request there, which cancels ``run`` in the replica's own process: its tokens
+  are set there, and the engine stops at its next step whatever the driver does next. The applications
+  stay deployed (they are the cluster's, shared by every Atelier process using it):
+  ``serve delete atelier-<model>`` or ``serve shutdown`` removes them.
 """
 
 from __future__ import annotations
@@ -54,6 +63,7 @@ log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5.0  # to see that something listens at ATELIER_RAY_ADDRESS
 CANCEL_POLL_S = 0.05  # how often a running call's tokens are looked at (cancel latency on Ray)
+STOP_DRAIN_S = 10.0  # at stop, the most we wait for canceled calls to end before disconnecting from Ray
 APP_PREFIX = "atelier-"
 HEALTH_CHECK_PERIOD_S = 10.0
 # Settings a replica never needs; everything else travels, so engine options reach the replica unchanged.
@@ -107,8 +117,8 @@ def sendable(job: Job) -> Job:
 
 
 def check_reachable(address: str) -> None:
-    """A ``SettingsError`` at once when ``host:port`` (or ``ray://host:port``) does not accept connections."""
-    match = re.fullmatch(r"(?:ray://)?\[?([^\]\s]+?)\]?:(\d+)", address.strip())
+    """A ``SettingsError`` at once when ``host:port`` does not accept connections."""
+    match = re.fullmatch(r"\[?([^\]\s]+?)\]?:(\d+)", address.strip())
     if match is None:
         return  # "auto", or a form Ray itself will judge
     try:
@@ -118,8 +128,7 @@ def check_reachable(address: str) -> None:
             FieldProblem(
                 "ATELIER_RAY_ADDRESS",
                 f"nothing answers at {address!r} ({exc.strerror or exc}); give the head node's address "
-                "(host:6379, the GCS port `ray start --head` printed, or ray://host:10001), "
-                "or `auto` on a node of the cluster",
+                "(host:6379, the GCS port `ray start --head` printed), or `auto` on a node of the cluster",
             )
         ) from None
 
@@ -138,6 +147,18 @@ def lost(exc: BaseException) -> bool:
     return isinstance(exc, rx.RayActorError | rx.WorkerCrashedError | rx.NodeDiedError | rx.ObjectLostError)
 
 
+class AppGone(Exception):
+    """The model's Serve application is gone (``serve delete`` by an operator): the call reached no replica."""
+
+
+class Call:
+    """One engine call on a replica: its streaming response, and whether anyone still listens to it."""
+
+    def __init__(self, response: Any) -> None:
+        self.response = response
+        self.muted = False
+
+
 class RayExecutor:
     def __init__(self, settings: Settings, router: EngineRouter) -> None:
         self.settings = settings
@@ -149,6 +170,13 @@ class RayExecutor:
         self._recipes: dict[int, Callable[[], Engine] | None] = {}
         self._handles: dict[int, Any] = {}  # by id(engine): the app's DeploymentHandle
         self._connected_here = False
+        self._draining: set[asyncio.Task[list[Result]]] = set()  # calls canceled by a stop, still ending
+        self._redeploying: dict[int, asyncio.Lock] = {}
+
+    @property
+    def ending(self) -> int:
+        """Calls a stop canceled whose replicas have not answered yet (``stop`` waits for them)."""
+        return len(self._draining)
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -157,6 +185,9 @@ class RayExecutor:
         await asyncio.to_thread(self._connect)
 
     async def stop(self) -> None:
+        if self._draining:  # calls whose worker was stopped: their cancel reaches the replica before we disconnect
+            log.info("waiting for %d Ray call(s) to end on their cancel", len(self._draining))
+            await asyncio.wait(set(self._draining), timeout=STOP_DRAIN_S)
         await self.local.stop()
         if self._connected_here:
             await asyncio.to_thread(require_ray().shutdown)  # the driver's connection, not the cluster
@@ -176,7 +207,7 @@ class RayExecutor:
                     FieldProblem(
                         "ATELIER_RAY_ADDRESS",
                         f"could not reach a Ray cluster at {address!r} ({exc}); start one with `ray start --head` "
-                        "or give the head's address as host:port or ray://host:10001",
+                        "or give the head's GCS address as host:port",
                     )
                 ) from None
             self._connected_here = True
@@ -208,45 +239,88 @@ class RayExecutor:
     ) -> list[Result]:
         if not self.remote(engine):
             return await self.local.run(engine, jobs, progress_for=progress_for, cancel_for=cancel_for)
+        sent = [sendable(job) for job in jobs]
+        handle = self._handle(engine)
+        try:
+            return await self._call(engine, handle, sent, progress_for, cancel_for)
+        except AppGone:  # deleted outside Atelier (`serve delete`): deploy it again, once, and call again
+            await self._redeploy(engine, handle)
+        try:
+            return await self._call(engine, self._handle(engine), sent, progress_for, cancel_for)
+        except AppGone:
+            raise ModelUnavailable(
+                f"model {engine.model!r}: its Ray Serve application {app_name(engine.model)!r} was deleted "
+                "and is gone again after Atelier deployed it anew; see `serve status`"
+            ) from None
+
+    # -- internals -------------------------------------------------------------------------------------
+
+    def _handle(self, engine: Engine) -> Any:
         handle = self._handles.get(id(engine))
         if handle is None:  # ready() deploys it first; this is a caller's mistake
             raise EngineError(f"model {engine.model!r} is not deployed on Ray yet; call ready() first")
-        response = handle.options(stream=True).run.remote([sendable(job) for job in jobs])
-        watcher = asyncio.create_task(self._cancel_when_all_set(response, cancel_for.values()))
+        return handle
+
+    async def _call(
+        self,
+        engine: Engine,
+        handle: Any,
+        jobs: Sequence[Job],
+        progress_for: Mapping[str, ProgressFn],
+        cancel_for: Mapping[str, CancelToken],
+    ) -> list[Result]:
+        call = Call(handle.options(stream=True).run.remote(jobs))
+        watcher = asyncio.create_task(self._cancel_when_all_set(call.response, cancel_for.values()))
         # The stream is read in a task of its own and waited for with asyncio.wait: a worker stopped mid-call
-        # (runner.stop cancels it) ends here at once, whatever Serve's iterator does with a cancellation,
-        # and whatever that call still returns is read by nobody.
-        receiver = asyncio.create_task(self._receive(engine, response, progress_for, cancel_for))
+        # (runner.stop cancels it) ends here at once, whatever Serve's iterator does with a cancellation.
+        receiver = asyncio.create_task(self._receive(engine, call, progress_for, cancel_for))
         try:
             await asyncio.wait({receiver})
         except asyncio.CancelledError:  # the worker was stopped: the replica must not run on for nobody
-            response.cancel()
-            receiver.cancel()
+            call.muted = True  # its progress reaches no task any more
+            call.response.cancel()
+            self._draining.add(receiver)  # read to its end: stop() waits for the replica to let go
+            receiver.add_done_callback(self._drained)
             raise
         finally:
             watcher.cancel()
         return receiver.result()
 
-    # -- internals -------------------------------------------------------------------------------------
+    def _drained(self, receiver: asyncio.Task[list[Result]]) -> None:
+        self._draining.discard(receiver)
+        if not receiver.cancelled():
+            receiver.exception()  # retrieved: the job it ran was interrupted already
+
+    async def _redeploy(self, engine: Engine, stale: Any) -> None:
+        """Deploy ``engine``'s application again after it was deleted; once for all the calls that saw it gone."""
+        async with self._redeploying.setdefault(id(engine), asyncio.Lock()):
+            if self._handles.get(id(engine)) is stale:
+                log.warning(
+                    "Serve application %s was deleted outside Atelier; deploying it again", app_name(engine.model)
+                )
+                await asyncio.to_thread(self._deploy, engine)
 
     async def _receive(
         self,
         engine: Engine,
-        response: Any,
+        call: Call,
         progress_for: Mapping[str, ProgressFn],
         cancel_for: Mapping[str, CancelToken],
     ) -> list[Result]:
-        from ray.serve.exceptions import RequestCancelledError
+        from ray.serve.exceptions import DeploymentUnavailableError, RequestCancelledError
 
         outcome: Outcome | None = None
         try:
-            async for message in response:
+            async for message in call.response:
                 if isinstance(message, Progress):
-                    progress_for[message.job_id](message.event)
+                    if not call.muted:
+                        progress_for[message.job_id](message.event)
                 else:
                     outcome = message
         except RequestCancelledError:
             raise Canceled(next((t.reason for t in cancel_for.values() if t.cancelled), "canceled")) from None
+        except DeploymentUnavailableError:  # raised before the call reached a replica: nothing ran
+            raise AppGone(app_name(engine.model)) from None
         except Exception as exc:
             if lost(exc):
                 raise ReplicaLost(

@@ -132,8 +132,13 @@ class Workers:
                     await self._settle(entry, error or EngineError("the engine returned nothing for it"))
         finally:
             self.queue.release(batch)
-            for entry in again:  # after the release: another worker may take it at once
-                self.queue.requeue(entry)
+            if again:  # after the release: another worker may take it at once
+                await self._again(again)
+
+    async def _again(self, entries: builtins.list[Entry]) -> None:
+        """Jobs whose replica died, back at the front of the queue (a cluster hands them to the shared one)."""
+        for entry in entries:
+            self.queue.requeue(entry)
 
     async def _may_retry(self, entry: Entry, error: ReplicaLost) -> bool:
         """A job whose replica died runs again, with the same seed, until ``max_attempts`` runs."""
