@@ -64,6 +64,14 @@ CORPUS = [
     Bad("surrogate in webhook", "webhook", top={"webhook": "https://example.com/\ud800"}, doors=("replicate", "cog")),
     Bad("surrogate in the id", "id", top={"id": "p-\ud800"}, doors=("cog",)),
     Bad("surrogate in the version", "version", top={"version": "\ud800"}, doors=("replicate-version",)),
+    # -- NUL: valid JSON and valid Unicode, but PostgreSQL's text cannot hold it (a 500 there) -------------
+    Bad("NUL in prompt", "prompt", input={"prompt": "a red\x00fox"}),
+    Bad("NUL in user_id", "user_id", input={"prompt": "a", "user_id": "user-\x00"}),
+    Bad("NUL in an image URL", "input_images[0]", input={"prompt": "a", "input_images": [URL + "\x00"]}),
+    Bad("NUL in the key", "openai_api_key", input={"prompt": "a", "openai_api_key": "sk-\x00abc"}),
+    Bad("NUL in a name", "\\u0000", input={"prompt": "a", "\x00": 1}),
+    Bad("NUL in the id", "id", top={"id": "p-\x00"}, doors=("cog",)),
+    Bad("NUL in the version", "version", top={"version": "openai/gpt-image-2\x00"}, doors=("replicate-version",)),
     # -- URLs no client can parse: a 500 from urlsplit, or a Cog webhook task that crashed later ----------
     Bad("unparseable webhook", "webhook", top={"webhook": "http://[::1/hook"}, doors=("replicate", "cog")),
     Bad("webhook port", "webhook", top={"webhook": "http://example.com:99999/"}, doors=("replicate", "cog")),
@@ -135,7 +143,7 @@ def applicable(bad: Bad, door: str) -> bool:
     if door not in bad.doors:
         return False
     if door == "openai":  # OpenAI's door has no api key field and no way to send one in the body
-        return bad.where not in ("openai_api_key", "\\ud800")
+        return bad.where not in ("openai_api_key", "\\ud800", "\\u0000")
     return True
 
 
@@ -229,3 +237,41 @@ async def test_a_content_length_of_thousands_of_digits_is_a_413_not_a_500(tmp_pa
         response = await doors.client.post(REPLICATE_CREATE, content=b"{}", headers=headers)
         assert response.status_code == 413, response.text
         assert response.json()["title"] == "Payload too large"
+
+
+# -- NUL on PostgreSQL: its text cannot hold one, even as a query parameter (these answered 500 there) -----
+
+NUL_ON_POSTGRESQL = [
+    # (method, path, JSON body, the answer: a status, or a door and the field it names)
+    ("GET", "/v1/predictions/a%00b", None, 404),
+    ("POST", "/v1/predictions/a%00b/cancel", None, 404),
+    ("GET", "/v1/predictions/a%00b/stream", None, 404),
+    ("POST", "/predictions/a%00b/cancel", None, 404),
+    ("PUT", "/predictions/a%00b", {"input": {"prompt": "a red fox"}}, ("cog", "body.id")),  # the id in the URL
+    ("POST", REPLICATE_CREATE, {"input": {"prompt": "a", "user_id": "u\x00"}}, ("replicate", "input.user_id")),
+    ("POST", "/predictions", {"id": "p\x00", "input": {"prompt": "a"}}, ("cog", "body.id")),
+    ("POST", "/v1/images/generations", {"prompt": "a", "user": "u\x00"}, ("openai", "user")),
+]
+
+
+async def test_nul_in_an_id_or_a_text_field_is_a_4xx_on_postgresql(pg_database: str, tmp_path: Path) -> None:
+    async with serve(tmp_path, database_url=pg_database) as doors:
+        doors.client._transport = httpx.ASGITransport(doors.app, raise_app_exceptions=False)
+        for method, path, body, answer in NUL_ON_POSTGRESQL:
+            response = await doors.client.request(method, path, json=body)
+            if isinstance(answer, int):
+                assert response.status_code == answer, (path, response.text)
+            else:
+                fields, message = refused(answer[0], response)
+                assert fields == [answer[1]] and "NUL" in message, (path, fields, message)
+        form = {"prompt": "a red fox", "user": "u\x00"}  # a form has no escapes: the NUL arrives raw
+        response = await doors.client.post("/v1/images/edits", data=form, files={"image": ("in.png", _png())})
+        assert refused("openai", response)[0] == ["user"]
+        files = {"content": ("in.png", _png(), "image/png"), "filename": (None, "a\x00.png")}
+        response = await doors.client.post("/v1/files", files=files)
+        assert refused("replicate", response)[0] == ["filename"], response.text
+        raw = b'--b\r\nContent-Disposition: form-data; name="content"; filename="a\x00.png"\r\n\r\n' + _png()
+        headers = {"Content-Type": "multipart/form-data; boundary=b"}  # httpx would escape the NUL in a filename
+        response = await doors.client.post("/v1/files", content=raw + b"\r\n--b--\r\n", headers=headers)
+        assert refused("replicate", response)[0] == ["content"], response.text
+        assert doors.jobs == 0 and doors.stored == {"predictions": 0, "files": 0}

@@ -56,7 +56,7 @@ from atelier.jobs.routing import SetupRecord
 from atelier.jobs.runner import stored_id
 from atelier.jobs.submission import Submission
 from atelier.outbound import DeliveryFailed, delivery_policy, refuse_at_creation, send
-from atelier.request import parse_request
+from atelier.request import parse_request, unstorable_character
 
 if TYPE_CHECKING:
     from starlette.types import Receive
@@ -120,6 +120,8 @@ class CogDoor:
         if prediction_id is not None and body.id is not None and body.id != prediction_id:
             raise InputError(FieldProblem("id", ID_MISMATCH, "value_error", body.id))
         id = prediction_id or body.id
+        if id is not None and (where := unstorable_character(id)) is not None:  # the URL's id: no JSON reader saw it
+            raise InputError(FieldProblem("id", where.message("holds"), "encoding", id))
         request = parse_request(body.input or {}, prefix="input.")
         for field, url in (("webhook", body.webhook), ("output_file_prefix", body.output_file_prefix)):
             if url is not None:

@@ -42,6 +42,7 @@ from atelier.errors import FieldProblem, InputError, NotFound
 from atelier.imaging.inputs import sniff
 from atelier.jobs.files import FileStore
 from atelier.jobs.records import FileRecord, format_time, utc_now
+from atelier.request import unstorable_character
 
 MAX_UPLOAD_BYTES = 100 * 1024 * 1024
 MAX_FIELD_BYTES = 1024 * 1024  # a text field sent as a file part: Starlette's bound on a text part
@@ -179,21 +180,23 @@ async def _text(value: Field, name: str) -> str | None:
     if len(data) > MAX_FIELD_BYTES:
         raise InputError(FieldProblem(name, f"is over the {MAX_FIELD_BYTES // 1024} KiB limit", "too_large"))
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise InputError(FieldProblem(name, f"got {data[:40]!r}, which is not UTF-8 text", "type")) from None
+    if (where := unstorable_character(text)) is not None:  # a raw NUL: the database could not store it
+        raise InputError(FieldProblem(name, where.message("holds"), "encoding"))
+    return text
 
 
 def _unicode(name: str | None, field: str) -> str | None:
-    """The file name, if it is Unicode text: a multipart body may declare a codec (``charset=unicode_escape``)
-    that turns ``\\ud800`` into a lone surrogate, which no database or header can carry."""
-    try:
-        name and name.encode()
-    except UnicodeEncodeError:
+    """The file name, if it is text a database can store: a multipart body may declare a codec
+    (``charset=unicode_escape``) that turns ``\\ud800`` into a lone surrogate, and a part may hold a raw NUL."""
+    where = unstorable_character(name) if name else None
+    if where is not None:
         what = "the part's filename" if field == "content" else "it"
         raise InputError(
-            FieldProblem(field, f"has a file name that is not Unicode text ({what} holds a lone surrogate)", "type")
-        ) from None
+            FieldProblem(field, f"has a file name that is not storable text: {what} {where.message('holds')}")
+        )
     return name
 
 
