@@ -68,13 +68,16 @@ class ImageRequest(BaseModel):
     input_images: list[str] | None = Field(
         default=None, description="A list of images to use as input for the generation"
     )
-    number_of_images: int = Field(default=1, ge=1, le=MAX_IMAGES, description="Number of images to generate (1-10)")
+    # Strict: the seed's integers are JSON integers; true, "2" or 2.0 is refused, never read as 1 or 2.
+    number_of_images: StrictInt = Field(
+        default=1, ge=1, le=MAX_IMAGES, description="Number of images to generate (1-10)"
+    )
     quality: Quality = Field(default="auto", description="The quality of the generated image")
     background: Background = Field(
         default="auto",
         description="Set whether the background is transparent or opaque or choose automatically",
     )
-    output_compression: int = Field(default=90, ge=0, le=100, description="Compression level (0-100%)")
+    output_compression: StrictInt = Field(default=90, ge=0, le=100, description="Compression level (0-100%)")
     output_format: OutputFormat = Field(default="webp", description="Output format")
     moderation: Moderation = Field(default="auto", description="Content moderation level")
     user_id: str | None = Field(

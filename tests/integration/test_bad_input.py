@@ -72,6 +72,13 @@ CORPUS = [
     Bad("NUL in a name", "\\u0000", input={"prompt": "a", "\x00": 1}),
     Bad("NUL in the id", "id", top={"id": "p-\x00"}, doors=("cog",)),
     Bad("NUL in the version", "version", top={"version": "openai/gpt-image-2\x00"}, doors=("replicate-version",)),
+    # -- other JSON types for an integer or a boolean: read as 1, 2 or true, where the seed's schema refuses ----
+    Bad("true for an integer", "number_of_images", input={"prompt": "a", "number_of_images": True}),
+    Bad("a string for an integer", "number_of_images", input={"prompt": "a", "number_of_images": "2"}),
+    Bad("false for an integer", "output_compression", input={"prompt": "a", "output_compression": False}),
+    Bad("a string for a compression", "output_compression", input={"prompt": "a", "output_compression": "50"}),
+    Bad("a string for stream", "stream", top={"stream": "yes"}, doors=("replicate", "replicate-version")),
+    Bad("1 for stream", "stream", top={"stream": 1}, doors=("replicate", "replicate-version")),
     # -- URLs no client can parse: a 500 from urlsplit, or a Cog webhook task that crashed later ----------
     Bad("unparseable webhook", "webhook", top={"webhook": "http://[::1/hook"}, doors=("replicate", "cog")),
     Bad("webhook port", "webhook", top={"webhook": "http://example.com:99999/"}, doors=("replicate", "cog")),
@@ -98,12 +105,18 @@ def door_field(door: str, where: str) -> str:
     """``where`` as ``door`` names it in a refusal (``refused`` joins Cog's ``loc`` with dots)."""
     if where in ("body", "Cancel-After", "Prefer"):
         return where
-    top = where in ("webhook", "id", "version", "output_file_prefix")
+    top = where in ("webhook", "id", "version", "output_file_prefix", "stream")
     if door.startswith("replicate"):
         return where if top else f"input.{where}"
     if door.startswith("cog"):
         return f"body.{where}" if top else f"body.input.{where.replace('[', '.').rstrip(']')}"
-    return {"user_id": "user", "input_images[0]": "images[0].image_url", "input_images": "images"}.get(where, where)
+    renamed = {
+        "user_id": "user",
+        "number_of_images": "n",
+        "input_images[0]": "images[0].image_url",
+        "input_images": "images",
+    }
+    return renamed.get(where, where)
 
 
 def request_for(door: str, bad: Bad) -> tuple[str, str, bytes]:
@@ -127,8 +140,9 @@ def _openai(bad: Bad) -> tuple[str, str, bytes]:
     if bad.raw is not None:
         return "POST", "/v1/images/generations", bad.raw
     params = dict(bad.input)
-    if "user_id" in params:
-        params["user"] = params.pop("user_id")
+    for ours, name in (("user_id", "user"), ("number_of_images", "n")):
+        if ours in params:
+            params[name] = params.pop(ours)
     if "input_images" in params:
         params["images"] = [{"image_url": url} for url in params.pop("input_images")]
         return "POST", "/v1/images/edits", _ascii_json(params)
