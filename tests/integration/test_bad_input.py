@@ -289,3 +289,12 @@ async def test_nul_in_an_id_or_a_text_field_is_a_4xx_on_postgresql(pg_database: 
         response = await doors.client.post("/v1/files", content=raw + b"\r\n--b--\r\n", headers=headers)
         assert refused("replicate", response)[0] == ["content"], response.text
         assert doors.jobs == 0 and doors.stored == {"predictions": 0, "files": 0}
+
+
+@pytest.mark.parametrize(("path_id", "says"), [("x" * 257, "the maximum is 256"), ("a%00b", "NUL")])
+async def test_an_id_in_the_put_url_is_held_to_the_body_ids_rules(tmp_path: Path, path_id: str, says: str) -> None:
+    async with serve(tmp_path) as doors:
+        response = await doors.client.put(f"/predictions/{path_id}", json={"input": {"prompt": "a red fox"}})
+        fields, message = refused("cog", response)
+        assert fields == ["body.id"] and says in message, message
+        assert doors.jobs == 0 and doors.stored == {"predictions": 0, "files": 0}
