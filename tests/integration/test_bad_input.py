@@ -298,3 +298,25 @@ async def test_an_id_in_the_put_url_is_held_to_the_body_ids_rules(tmp_path: Path
         fields, message = refused("cog", response)
         assert fields == ["body.id"] and says in message, message
         assert doors.jobs == 0 and doors.stored == {"predictions": 0, "files": 0}
+
+
+@pytest.mark.parametrize(
+    ("door", "method", "path", "body", "field", "received"),
+    [
+        ("cog", "POST", "/predictions", {"input": {"prompt": "a"}, "created_at": "yesterday"}, "body.created_at", '"yesterday"'),
+        ("cog", "POST", "/predictions", {"input": {"prompt": "a"}, "webhook_events_filter": ["x"]}, "body.webhook_events_filter.0", '"x"'),
+        ("cog", "POST", "/predictions", {"input": ["sk-proj-SECRET0123456789"]}, "body.input", None),
+        ("replicate", "GET", "/v1/predictions/any/stream?previews=maybe", None, "query.previews", '"maybe"'),
+        ("replicate", "POST", REPLICATE_CREATE, {"input": ["sk-proj-SECRET0123456789"]}, "input", "an array of 1"),
+    ],
+)  # fmt: skip
+async def test_values_that_fastapi_checks_are_named_with_what_was_received(
+    tmp_path: Path, door: str, method: str, path: str, body: Any, field: str, received: str | None
+) -> None:
+    async with serve(tmp_path) as doors:
+        response = await doors.client.request(method, path, json=body)
+        fields, message = refused(door, response)
+        assert fields == [field]
+        if received is not None:
+            assert message.startswith(f"got {received}: "), message
+        assert "SECRET" not in response.text
