@@ -233,6 +233,24 @@ async def test_a_form_the_parser_cannot_read_is_a_400_naming_the_body(tmp_path: 
         assert named == ["body"] and "multipart" in message
 
 
+async def test_a_form_cut_short_is_refused_not_read_as_far_as_it_goes(tmp_path: Path) -> None:
+    """The parser keeps the parts it read when a body ends early; the last one (an image, here) is partial."""
+    form = (
+        b'--x\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nmake it blue\r\n'
+        b'--x\r\nContent-Disposition: form-data; name="image"; filename="in.png"\r\nContent-Type: image/png\r\n\r\n'
+    )
+    async with serve(tmp_path) as doors:
+        headers = {"Content-Type": "multipart/form-data; boundary=x"}
+        for body in (form + _png() + b"\r\n--x--\r\n", form + _png()[:-12], form + _png()):
+            response = await doors.client.post("/v1/images/edits", content=body, headers=headers)
+            if body.endswith(b"--x--\r\n"):
+                assert response.status_code == 200, response.text  # the whole form: read
+                continue
+            named, message = refused("openai", response)
+            assert named == ["body"] and "ends before its closing boundary" in message
+        assert doors.jobs == 1 and doors.stored["predictions"] == 1
+
+
 async def test_cancel_after_takes_up_to_seven_days_and_no_more(tmp_path: Path) -> None:
     async with serve(tmp_path) as doors:
         body = {"input": {"prompt": "a red fox"}}

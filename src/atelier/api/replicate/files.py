@@ -32,9 +32,11 @@ from datetime import timedelta
 from functools import partial
 from typing import Any
 
+from fastapi import Request
 from fastapi.responses import FileResponse, Response
 from starlette.datastructures import UploadFile as Part
 
+from atelier.api.forms import read_form
 from atelier.api.replicate import protocol as wire
 from atelier.api.replicate.downloads import ObjectResponse
 from atelier.api.replicate.pages import links
@@ -57,6 +59,9 @@ DOWNLOAD_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; sandbox",
 }
 
+UPLOAD_FIELDS = ("content", "filename", "type", "metadata")
+MAX_FORM_PARTS = 16  # the four fields, and room for a client's extras (ignored, as Replicate does)
+_CONTENT = frozenset({b"content"})
 Caller = Callable[[], str | None]
 Field = str | Part | None  # a text field, sent as a text part or as a file part (FastAPI passes Starlette's)
 
@@ -66,6 +71,37 @@ class FilesAPI:
         self.files = files
         self.retention = retention  # uploads expire this long after they were made (ATELIER_RETENTION)
         self.page_size = page_size
+
+    async def upload_form(self, request: Request, *, owner: str | None, base: str) -> wire.File:
+        """``POST /v1/files``: the multipart body read by the doors' one form reader (``api/forms.py``), so a
+        body that is not a form, or a form the parser cannot read, is a 422 naming it; a ``content`` part
+        without a filename is still the file's bytes."""
+        kind = request.headers.get("content-type", "")
+        if not kind.lower().startswith("multipart/form-data"):
+            raise InputError(
+                FieldProblem(
+                    "body",
+                    f"has Content-Type {kind[:60] or 'none'!r}; send multipart/form-data with the file's bytes as "
+                    "its 'content' part (e.g. curl -F content=@photo.png)",
+                    "type",
+                )
+            )
+        async with read_form(
+            request, max_files=MAX_FORM_PARTS, max_fields=MAX_FORM_PARTS, file_fields=_CONTENT
+        ) as form:
+            if twice := [name for name in UPLOAD_FIELDS if len(form.getlist(name)) > 1]:
+                raise InputError(
+                    [FieldProblem(name, "is given more than once; give it once", "duplicate") for name in twice]
+                )
+            fields: dict[str, Any] = {name: form.get(name) for name in UPLOAD_FIELDS}
+            return await self.upload(
+                fields["content"],
+                filename=fields["filename"],
+                content_type=fields["type"],
+                metadata=fields["metadata"],
+                owner=owner,
+                base=base,
+            )
 
     async def upload(
         self,

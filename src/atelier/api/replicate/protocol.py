@@ -89,6 +89,26 @@ class FileURLs(BaseModel):
     get: str
 
 
+_TEXT_OR_PART = {"anyOf": [{"type": "string"}, {"type": "string", "contentMediaType": "application/octet-stream"}]}
+FILE_UPLOAD_BODY: dict[str, Any] = {  # ``POST /v1/files``: read by api/forms.py, so FastAPI cannot describe it
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["content"],
+                "properties": {
+                    "content": {"type": "string", "contentMediaType": "application/octet-stream"},
+                    "filename": _TEXT_OR_PART,
+                    "type": _TEXT_OR_PART,
+                    "metadata": {**_TEXT_OR_PART, "description": "a JSON object, as text or as a JSON file part"},
+                },
+            }
+        }
+    },
+}
+
+
 class File(BaseModel):
     id: str
     name: str
