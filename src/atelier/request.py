@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 from pydantic import (
@@ -67,13 +68,16 @@ class ImageRequest(BaseModel):
     input_images: list[str] | None = Field(
         default=None, description="A list of images to use as input for the generation"
     )
-    number_of_images: int = Field(default=1, ge=1, le=MAX_IMAGES, description="Number of images to generate (1-10)")
+    # Strict: the seed's integers are JSON integers; true, "2" or 2.0 is refused, never read as 1 or 2.
+    number_of_images: StrictInt = Field(
+        default=1, ge=1, le=MAX_IMAGES, description="Number of images to generate (1-10)"
+    )
     quality: Quality = Field(default="auto", description="The quality of the generated image")
     background: Background = Field(
         default="auto",
         description="Set whether the background is transparent or opaque or choose automatically",
     )
-    output_compression: int = Field(default=90, ge=0, le=100, description="Compression level (0-100%)")
+    output_compression: StrictInt = Field(default=90, ge=0, le=100, description="Compression level (0-100%)")
     output_format: OutputFormat = Field(default="webp", description="Output format")
     moderation: Moderation = Field(default="auto", description="Content moderation level")
     user_id: str | None = Field(
@@ -93,16 +97,16 @@ class ImageRequest(BaseModel):
     @field_validator("prompt", "user_id", "input_images", "openai_api_key")
     @classmethod
     def _unicode_text(cls, value: Any) -> Any:
-        """compat: JSON can carry a lone surrogate ("\\ud800"); it is not text, and SQLite cannot store it.
-        The doors' JSON reader refuses it first; this holds for every other caller (the Python API)."""
+        """compat: JSON can carry a lone surrogate ("\\ud800") or a NUL ("\\u0000"), and a form a raw NUL:
+        neither is text a database can store (SQLite refuses the one, PostgreSQL the other). The doors'
+        readers refuse them first; this holds for every other caller (the Python API, a form field)."""
         texts = value if isinstance(value, list) else [value]
         for i, text in enumerate(texts):
             secret = isinstance(text, SecretStr)
-            where = lone_surrogate(text.get_secret_value() if secret else text) if text is not None else None
+            where = unstorable_character(text.get_secret_value() if secret else text) if text is not None else None
             if where is not None:
                 item = f"item {i} " if isinstance(value, list) else ""
-                shown = "" if secret else f" ({where[1]})"
-                raise ValueError(f"{item}holds a lone surrogate{shown} at character {where[0]}; {UNICODE_TEXT}")
+                raise ValueError(f"{item}{where.message('holds', shown=not secret)}")
         return value
 
     @field_validator("openai_api_key")
@@ -173,14 +177,30 @@ UNICODE_TEXT = (
     "text must be Unicode: send it as UTF-8, or escape a character outside the Basic Multilingual Plane as a "
     "surrogate pair (\\ud83d\\ude00 for U+1F600)"
 )
-_SURROGATE = re.compile("[\ud800-\udfff]")
+NUL_TEXT = "text cannot hold U+0000 (PostgreSQL cannot store it); remove the character"
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
-def lone_surrogate(text: str) -> tuple[int, str] | None:
-    """Where ``text`` holds a UTF-16 surrogate on its own (a pair decodes to one character): its index and
-    ``\\udXXX``; None for valid Unicode text."""
-    match = _SURROGATE.search(text) if not text.isascii() else None
-    return (match.start(), f"\\u{ord(match.group()):04x}") if match else None
+@dataclass(frozen=True)
+class Unstorable:
+    """A character that text to be stored cannot hold: where it is and what it is (``\\ud800``, ``\\u0000``)."""
+
+    at: int
+    escaped: str
+
+    def message(self, verb: str, *, shown: bool = True) -> str:
+        """``holds a NUL character (\\u0000) at character 3; ...`` (``shown`` False: which one is left out)."""
+        nul = self.escaped == "\\u0000"
+        what = "a NUL character" if nul else "a lone surrogate"
+        escaped = f" ({self.escaped})" if shown else ""
+        return f"{verb} {what}{escaped} at character {self.at}; {NUL_TEXT if nul else UNICODE_TEXT}"
+
+
+def unstorable_character(text: str) -> Unstorable | None:
+    """The first character of ``text`` that no store can keep, or None: a UTF-16 surrogate on its own (a
+    pair decodes to one character; SQLite's UTF-8 cannot hold it) or NUL (PostgreSQL's text cannot)."""
+    match = _UNSTORABLE.search(text)
+    return Unstorable(match.start(), f"\\u{ord(match.group()):04x}") if match else None
 
 
 def _url_problem(ref: str) -> str | None:

@@ -64,6 +64,21 @@ CORPUS = [
     Bad("surrogate in webhook", "webhook", top={"webhook": "https://example.com/\ud800"}, doors=("replicate", "cog")),
     Bad("surrogate in the id", "id", top={"id": "p-\ud800"}, doors=("cog",)),
     Bad("surrogate in the version", "version", top={"version": "\ud800"}, doors=("replicate-version",)),
+    # -- NUL: valid JSON and valid Unicode, but PostgreSQL's text cannot hold it (a 500 there) -------------
+    Bad("NUL in prompt", "prompt", input={"prompt": "a red\x00fox"}),
+    Bad("NUL in user_id", "user_id", input={"prompt": "a", "user_id": "user-\x00"}),
+    Bad("NUL in an image URL", "input_images[0]", input={"prompt": "a", "input_images": [URL + "\x00"]}),
+    Bad("NUL in the key", "openai_api_key", input={"prompt": "a", "openai_api_key": "sk-\x00abc"}),
+    Bad("NUL in a name", "\\u0000", input={"prompt": "a", "\x00": 1}),
+    Bad("NUL in the id", "id", top={"id": "p-\x00"}, doors=("cog",)),
+    Bad("NUL in the version", "version", top={"version": "openai/gpt-image-2\x00"}, doors=("replicate-version",)),
+    # -- other JSON types for an integer or a boolean: read as 1, 2 or true, where the seed's schema refuses ----
+    Bad("true for an integer", "number_of_images", input={"prompt": "a", "number_of_images": True}),
+    Bad("a string for an integer", "number_of_images", input={"prompt": "a", "number_of_images": "2"}),
+    Bad("false for an integer", "output_compression", input={"prompt": "a", "output_compression": False}),
+    Bad("a string for a compression", "output_compression", input={"prompt": "a", "output_compression": "50"}),
+    Bad("a string for stream", "stream", top={"stream": "yes"}, doors=("replicate", "replicate-version")),
+    Bad("1 for stream", "stream", top={"stream": 1}, doors=("replicate", "replicate-version")),
     # -- URLs no client can parse: a 500 from urlsplit, or a Cog webhook task that crashed later ----------
     Bad("unparseable webhook", "webhook", top={"webhook": "http://[::1/hook"}, doors=("replicate", "cog")),
     Bad("webhook port", "webhook", top={"webhook": "http://example.com:99999/"}, doors=("replicate", "cog")),
@@ -90,12 +105,18 @@ def door_field(door: str, where: str) -> str:
     """``where`` as ``door`` names it in a refusal (``refused`` joins Cog's ``loc`` with dots)."""
     if where in ("body", "Cancel-After", "Prefer"):
         return where
-    top = where in ("webhook", "id", "version", "output_file_prefix")
+    top = where in ("webhook", "id", "version", "output_file_prefix", "stream")
     if door.startswith("replicate"):
         return where if top else f"input.{where}"
     if door.startswith("cog"):
         return f"body.{where}" if top else f"body.input.{where.replace('[', '.').rstrip(']')}"
-    return {"user_id": "user", "input_images[0]": "images[0].image_url", "input_images": "images"}.get(where, where)
+    renamed = {
+        "user_id": "user",
+        "number_of_images": "n",
+        "input_images[0]": "images[0].image_url",
+        "input_images": "images",
+    }
+    return renamed.get(where, where)
 
 
 def request_for(door: str, bad: Bad) -> tuple[str, str, bytes]:
@@ -119,8 +140,9 @@ def _openai(bad: Bad) -> tuple[str, str, bytes]:
     if bad.raw is not None:
         return "POST", "/v1/images/generations", bad.raw
     params = dict(bad.input)
-    if "user_id" in params:
-        params["user"] = params.pop("user_id")
+    for ours, name in (("user_id", "user"), ("number_of_images", "n")):
+        if ours in params:
+            params[name] = params.pop(ours)
     if "input_images" in params:
         params["images"] = [{"image_url": url} for url in params.pop("input_images")]
         return "POST", "/v1/images/edits", _ascii_json(params)
@@ -135,7 +157,7 @@ def applicable(bad: Bad, door: str) -> bool:
     if door not in bad.doors:
         return False
     if door == "openai":  # OpenAI's door has no api key field and no way to send one in the body
-        return bad.where not in ("openai_api_key", "\\ud800")
+        return bad.where not in ("openai_api_key", "\\ud800", "\\u0000")
     return True
 
 
@@ -211,6 +233,24 @@ async def test_a_form_the_parser_cannot_read_is_a_400_naming_the_body(tmp_path: 
         assert named == ["body"] and "multipart" in message
 
 
+async def test_a_form_cut_short_is_refused_not_read_as_far_as_it_goes(tmp_path: Path) -> None:
+    """The parser keeps the parts it read when a body ends early; the last one (an image, here) is partial."""
+    form = (
+        b'--x\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nmake it blue\r\n'
+        b'--x\r\nContent-Disposition: form-data; name="image"; filename="in.png"\r\nContent-Type: image/png\r\n\r\n'
+    )
+    async with serve(tmp_path) as doors:
+        headers = {"Content-Type": "multipart/form-data; boundary=x"}
+        for body in (form + _png() + b"\r\n--x--\r\n", form + _png()[:-12], form + _png()):
+            response = await doors.client.post("/v1/images/edits", content=body, headers=headers)
+            if body.endswith(b"--x--\r\n"):
+                assert response.status_code == 200, response.text  # the whole form: read
+                continue
+            named, message = refused("openai", response)
+            assert named == ["body"] and "ends before its closing boundary" in message
+        assert doors.jobs == 1 and doors.stored["predictions"] == 1
+
+
 async def test_cancel_after_takes_up_to_seven_days_and_no_more(tmp_path: Path) -> None:
     async with serve(tmp_path) as doors:
         body = {"input": {"prompt": "a red fox"}}
@@ -229,3 +269,72 @@ async def test_a_content_length_of_thousands_of_digits_is_a_413_not_a_500(tmp_pa
         response = await doors.client.post(REPLICATE_CREATE, content=b"{}", headers=headers)
         assert response.status_code == 413, response.text
         assert response.json()["title"] == "Payload too large"
+
+
+# -- NUL on PostgreSQL: its text cannot hold one, even as a query parameter (these answered 500 there) -----
+
+NUL_ON_POSTGRESQL = [
+    # (method, path, JSON body, the answer: a status, or a door and the field it names)
+    ("GET", "/v1/predictions/a%00b", None, 404),
+    ("POST", "/v1/predictions/a%00b/cancel", None, 404),
+    ("GET", "/v1/predictions/a%00b/stream", None, 404),
+    ("POST", "/predictions/a%00b/cancel", None, 404),
+    ("PUT", "/predictions/a%00b", {"input": {"prompt": "a red fox"}}, ("cog", "body.id")),  # the id in the URL
+    ("POST", REPLICATE_CREATE, {"input": {"prompt": "a", "user_id": "u\x00"}}, ("replicate", "input.user_id")),
+    ("POST", "/predictions", {"id": "p\x00", "input": {"prompt": "a"}}, ("cog", "body.id")),
+    ("POST", "/v1/images/generations", {"prompt": "a", "user": "u\x00"}, ("openai", "user")),
+]
+
+
+async def test_nul_in_an_id_or_a_text_field_is_a_4xx_on_postgresql(pg_database: str, tmp_path: Path) -> None:
+    async with serve(tmp_path, database_url=pg_database) as doors:
+        doors.client._transport = httpx.ASGITransport(doors.app, raise_app_exceptions=False)
+        for method, path, body, answer in NUL_ON_POSTGRESQL:
+            response = await doors.client.request(method, path, json=body)
+            if isinstance(answer, int):
+                assert response.status_code == answer, (path, response.text)
+            else:
+                fields, message = refused(answer[0], response)
+                assert fields == [answer[1]] and "NUL" in message, (path, fields, message)
+        form = {"prompt": "a red fox", "user": "u\x00"}  # a form has no escapes: the NUL arrives raw
+        response = await doors.client.post("/v1/images/edits", data=form, files={"image": ("in.png", _png())})
+        assert refused("openai", response)[0] == ["user"]
+        files = {"content": ("in.png", _png(), "image/png"), "filename": (None, "a\x00.png")}
+        response = await doors.client.post("/v1/files", files=files)
+        assert refused("replicate", response)[0] == ["filename"], response.text
+        raw = b'--b\r\nContent-Disposition: form-data; name="content"; filename="a\x00.png"\r\n\r\n' + _png()
+        headers = {"Content-Type": "multipart/form-data; boundary=b"}  # httpx would escape the NUL in a filename
+        response = await doors.client.post("/v1/files", content=raw + b"\r\n--b--\r\n", headers=headers)
+        assert refused("replicate", response)[0] == ["content"], response.text
+        assert doors.jobs == 0 and doors.stored == {"predictions": 0, "files": 0}
+
+
+@pytest.mark.parametrize(("path_id", "says"), [("x" * 257, "the maximum is 256"), ("a%00b", "NUL")])
+async def test_an_id_in_the_put_url_is_held_to_the_body_ids_rules(tmp_path: Path, path_id: str, says: str) -> None:
+    async with serve(tmp_path) as doors:
+        response = await doors.client.put(f"/predictions/{path_id}", json={"input": {"prompt": "a red fox"}})
+        fields, message = refused("cog", response)
+        assert fields == ["body.id"] and says in message, message
+        assert doors.jobs == 0 and doors.stored == {"predictions": 0, "files": 0}
+
+
+@pytest.mark.parametrize(
+    ("door", "method", "path", "body", "field", "received"),
+    [
+        ("cog", "POST", "/predictions", {"input": {"prompt": "a"}, "created_at": "yesterday"}, "body.created_at", '"yesterday"'),
+        ("cog", "POST", "/predictions", {"input": {"prompt": "a"}, "webhook_events_filter": ["x"]}, "body.webhook_events_filter.0", '"x"'),
+        ("cog", "POST", "/predictions", {"input": ["sk-proj-SECRET0123456789"]}, "body.input", None),
+        ("replicate", "GET", "/v1/predictions/any/stream?previews=maybe", None, "query.previews", '"maybe"'),
+        ("replicate", "POST", REPLICATE_CREATE, {"input": ["sk-proj-SECRET0123456789"]}, "input", "an array of 1"),
+    ],
+)  # fmt: skip
+async def test_values_that_fastapi_checks_are_named_with_what_was_received(
+    tmp_path: Path, door: str, method: str, path: str, body: Any, field: str, received: str | None
+) -> None:
+    async with serve(tmp_path) as doors:
+        response = await doors.client.request(method, path, json=body)
+        fields, message = refused(door, response)
+        assert fields == [field]
+        if received is not None:
+            assert message.startswith(f"got {received}: "), message
+        assert "SECRET" not in response.text

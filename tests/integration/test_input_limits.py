@@ -141,13 +141,29 @@ async def test_a_mask_bomb_is_refused_before_decoding(doors: Doors, door: str) -
         (lambda data: data[: len(data) // 2], "truncated or corrupt"),
         (lambda data: data[:16] + b"\xde\xad\xbe\xef" * 8, "cannot be read"),
         (lambda data: b"", "is empty"),
+        (lambda data: refiltered(data, 9), "unknown filter type"),  # whole chunks, a stream no decoder reads
     ],
-    ids=["truncated", "malformed", "empty"],
+    ids=["truncated", "malformed", "empty", "bad stream"],
 )
 async def test_a_broken_image_is_refused(doors: Doors, door: str, damage: object, words: str) -> None:
     broken = damage(png((64, 64), noise=True))  # type: ignore[operator]
     fields, message = refused(door, await doors.send(door, images=[broken]))
     assert fields == [image_field(door, 0, 1)] and words in message
+
+
+def refiltered(data: bytes, filter_type: int) -> bytes:
+    """``data`` (an RGB PNG) with its first row's filter type replaced, and every checksum made right again."""
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    width, height = image.size
+    raw = image.tobytes()
+    rows = b"".join(bytes([0]) + raw[y * width * 3 : (y + 1) * width * 3] for y in range(height))
+    rows = bytes([filter_type]) + rows[1:]
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
 
 
 SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="64" height="64"><rect width="64" height="64"/></svg>'

@@ -385,7 +385,7 @@ async def test_file_fields_types_and_delete(door: Door) -> None:
     assert (named.json()["name"], named.json()["content_type"]) == ("b.txt", "text/plain")
     bad = await client.post("/v1/files", files={"content": ("a.png", png(), "image/png")}, data={"metadata": "[1]"})
     assert bad.status_code == 422 and bad.json()["invalid_fields"][0]["field"] == "metadata"
-    missing = await client.post("/v1/files", data={"filename": "x.png"})
+    missing = await client.post("/v1/files", files={"filename": (None, "x.png")})  # a form without content
     assert missing.status_code == 422 and missing.json()["invalid_fields"][0]["field"] == "content"
     file_id = sniffed.json()["id"]
     assert (await door.client(TOKEN_B).delete(f"/v1/files/{file_id}")).status_code == 404
@@ -439,9 +439,10 @@ async def test_metadata_comes_as_a_text_field_or_as_the_js_clients_json_file_par
         "/v1/files", files={"content": ("a.png", png(), "image/png")}, data={"metadata": json.dumps(nested)}
     )
     assert kept.status_code == 201 and kept.json()["metadata"] == nested
-    text = await client.post("/v1/files", files={"content": (None, b"hello", "text/plain")})  # no filename
-    assert text.status_code == 422 and text.json()["invalid_fields"][0]["field"] == "content"
-    assert "without a filename" in text.json()["detail"]
+    raw = b"\xff\xfe\x00 bytes that are not text"  # a content part without a filename: still the file's bytes
+    nameless = await client.post("/v1/files", files={"content": (None, raw, "application/octet-stream")})
+    assert nameless.status_code == 201, nameless.text
+    assert (await client.get(f"/v1/files/{nameless.json()['id']}/download")).content == raw
 
     bad = {
         "not json": b"{purpose: js}",
@@ -465,6 +466,29 @@ async def test_metadata_comes_as_a_text_field_or_as_the_js_clients_json_file_par
                 response = await client.post("/v1/files", content=body, headers={"Content-Type": content_type})
             assert response.status_code == 422, (why, as_text, response.text)
             assert [f["field"] for f in response.json()["invalid_fields"]] == ["metadata"], (why, response.text)
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "field", "says"),
+    [
+        (b'{"content": "aGVsbG8="}', {"Content-Type": "application/json"}, "body", "send multipart/form-data"),
+        (b"hello", {}, "body", "send multipart/form-data"),
+        (b"--x\r\n", {"Content-Type": "multipart/form-data"}, "body", "multipart form"),  # no boundary
+        (b"--x\r\nContent-Disposition: form-data; name=\"content\"", {"Content-Type": "multipart/form-data; boundary=x"}, "body", "multipart form"),
+        (b"".join(b'--x\r\nContent-Disposition: form-data; name="f%d"\r\n\r\n1\r\n' % i for i in range(40)) + b"--x--\r\n", {"Content-Type": "multipart/form-data; boundary=x"}, "body", "multipart form"),
+        (b'--x\r\nContent-Disposition: form-data; name="filename"\r\n\r\ncaf\xe9\r\n--x--\r\n', {"Content-Type": "multipart/form-data; boundary=x"}, "filename", "UTF-8"),
+        (b'--x\r\nContent-Disposition: form-data; name="content"; filename="a"\r\n\r\n1\r\n' * 2 + b"--x--\r\n", {"Content-Type": "multipart/form-data; boundary=x"}, "content", "more than once"),
+    ],
+    ids=["json", "no type", "no boundary", "truncated", "too many parts", "not utf-8", "twice"],
+)  # fmt: skip
+async def test_an_upload_that_is_not_a_readable_form_is_a_422_naming_what_is_wrong(
+    door: Door, body: bytes, headers: dict[str, str], field: str, says: str
+) -> None:
+    response = await door.client().post("/v1/files", content=body, headers=headers)
+    assert response.status_code == 422, response.text
+    problems = response.json()["invalid_fields"]
+    assert [p["field"] for p in problems] == [field] and says in problems[0]["description"], problems
+    assert (await door.client().get("/v1/files")).json()["results"] == []
 
 
 async def test_files_list_the_callers_uploads_newest_first_with_absolute_cursor_urls(door: Door) -> None:

@@ -103,3 +103,78 @@ def test_the_pixel_limit_is_a_parameter() -> None:
 def test_what_is_not_png_jpeg_or_webp_is_refused(data: bytes) -> None:
     with pytest.raises(InputError, match=r"is empty|allowed formats are png, jpeg, webp"):
         inspect_image(data, field="f")
+
+
+# -- a PNG's pixel stream: whole chunks can still hold a stream the decoder refuses when the job starts --------
+
+ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def png_of_rows(
+    width: int, height: int, rows: bytes, *, interlaced: bool = False, compressed: bytes | None = None
+) -> bytes:
+    """An 8-bit RGB PNG of raw ``rows`` (filter byte and pixels), with valid checksums throughout."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, int(interlaced))
+    idat = zlib.compress(rows) if compressed is None else compressed
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def interlaced_rows(width: int, height: int, filter_type: int = 0, bad_pass: int = -1) -> bytes:
+    """Adam7 passes of unfiltered rows; in ``bad_pass`` the last row has ``filter_type`` instead."""
+    rows = b""
+    for index, (x0, y0, dx, dy) in enumerate(ADAM7):
+        columns, count = -(-(width - x0) // dx), -(-(height - y0) // dy)
+        if columns <= 0 or count <= 0:
+            continue
+        for row in range(count):
+            kind = filter_type if index == bad_pass and row == count - 1 else 0
+            rows += bytes([kind]) + bytes(range(columns * 3 % 256))[: columns * 3].ljust(columns * 3, b"\x07")
+    return rows
+
+
+def png_in_mode(mode: str, **params: object) -> bytes:
+    buffer = io.BytesIO()
+    Image.effect_noise((37, 23), 60).convert(mode).save(buffer, "PNG", **params)  # noise: every filter type in use
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(png_of_rows(33, 17, interlaced_rows(33, 17), interlaced=True), id="interlaced RGB"),
+        *(pytest.param(png_in_mode(mode), id=mode) for mode in ("1", "L", "P", "LA", "RGB", "RGBA", "I;16")),
+        pytest.param(png_in_mode("P", transparency=0), id="P with transparency"),
+    ],
+)  # fmt: skip
+def test_every_kind_of_whole_png_passes_the_stream_check(data: bytes) -> None:
+    load_image(data, field="f")  # the decoder takes it ...
+    inspect_image(data, field="f")  # ... and so does admission
+
+
+@pytest.mark.parametrize(
+    ("data", "says"),
+    [
+        pytest.param(png_of_rows(64, 64, b"", compressed=b"\x78\x9c" + b"\xff" * 50), "not a valid zlib stream", id="zlib"),
+        pytest.param(png_of_rows(64, 64, b"\x09" * (1 + 64 * 3) * 64), "row 0 of its image data", id="filter"),
+        pytest.param(png_of_rows(64, 64, (b"\x00" + b"\x01" * 192) * 63 + b"\x05" + b"\x01" * 192), "row 63", id="last row"),
+        pytest.param(png_of_rows(33, 17, interlaced_rows(33, 17, 7, bad_pass=5), interlaced=True), "unknown filter", id="interlaced"),
+    ],
+)  # fmt: skip
+def test_a_png_stream_the_decoder_would_refuse_is_refused_at_admission(
+    data: bytes, says: str, no_decoding: None
+) -> None:
+    with pytest.raises(InputError, match=f"is a PNG image that is truncated or corrupt \\(.*{says}"):
+        inspect_image(data, field="f")
+
+
+def test_a_png_stream_refused_at_admission_is_one_the_decoder_refuses() -> None:
+    for data in (
+        png_of_rows(64, 64, b"\x09" * (1 + 64 * 3) * 64),
+        png_of_rows(64, 64, b"", compressed=b"\x78\x9c\xff\xff"),
+    ):
+        with pytest.raises(InputError):
+            load_image(data, field="f")

@@ -12,6 +12,7 @@ secret: messages come from the typed errors, which never hold one.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -30,7 +31,7 @@ from atelier.errors import (
     TooManyRequests,
     UnsupportedRequest,
 )
-from atelier.request import ImageRequest
+from atelier.request import REDACTED, ImageRequest
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +155,28 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
         kind = (
             "additional_property_not_allowed" if item.get("type") == "extra_forbidden" else item.get("type", "invalid")
         )
-        problems.append(FieldProblem(".".join(loc) or "body", str(item.get("msg", "invalid")), kind))
+        problems.append(FieldProblem(".".join(loc) or "body", _with_received(item), kind))
     return render(request.url.path, InputError(problems or [FieldProblem("body", "invalid request body")]))
+
+
+def _with_received(item: Any) -> str:
+    """pydantic's message, after what was received (``got 'yesterday': Input should be a valid datetime``):
+    a query parameter, a header or a Cog body field checked by FastAPI names the value it refuses."""
+    message = str(item.get("msg", "invalid"))
+    if item.get("type") == "missing" or "input" not in item or message.startswith("got "):
+        return message
+    return f"got {received(item['input'], item.get('loc', ()))}: {message}"
+
+
+def received(value: Any, loc: Any = ()) -> str:
+    """A refused value as JSON, as sent (``3`` vs ``"3"``), at most 60 characters. An object or array is
+    shown by its kind only (it may hold anything, a key included), and a secret never."""
+    if "openai_api_key" in loc:
+        return REDACTED
+    if isinstance(value, dict | list):
+        return "an object" if isinstance(value, dict) else f"an array of {len(value)}"
+    shown = json.dumps(value, default=str, ensure_ascii=False)
+    return shown if len(shown) <= 60 else shown[:57] + "..."
 
 
 async def _http_error(request: Request, error: HTTPException) -> JSONResponse:

@@ -6,8 +6,9 @@ prompt sent in another encoding would silently become other text, and be drawn. 
 field, naming it. A surrogate cannot arrive this way (there are no escapes in a form), nor can a field
 be nested; files are untouched.
 
-A form the parser cannot read (no boundary, too many files or fields) is an ``InputError`` on ``body``,
-where ``request.form()`` answered a bare 400.
+A form the parser cannot read (no boundary, too many files or fields, no closing boundary) is an
+``InputError`` on ``body``, where ``request.form()`` answered a bare 400 (or, for a body cut short, went on
+with the parts it had, the last one partial).
 """
 
 from __future__ import annotations
@@ -42,6 +43,14 @@ async def read_form(
         problem = FieldProblem("body", f"is not a multipart form this server can read: {exc.message}", "format")
         raise InputError(problem) from None
     try:
+        if not parser.ended:  # the parser keeps what it read of a cut-short body: its last part may be partial
+            problem = FieldProblem(
+                "body",
+                "is not a multipart form this server can read: it ends before its closing boundary (--BOUNDARY--), "
+                "so the upload was cut short",
+                "format",
+            )
+            raise InputError(problem)
         if parser.not_utf8:
             raise InputError(
                 [
@@ -63,6 +72,11 @@ class _TextChecked(MultiPartParser):
         super().__init__(*args, **kwargs)
         self.not_utf8: list[tuple[str, int]] = []
         self.file_fields: frozenset[bytes] = frozenset()
+        self.ended = False  # the closing boundary was read (python-multipart calls on_end only then)
+
+    def on_end(self) -> None:
+        self.ended = True
+        super().on_end()
 
     def on_headers_finished(self) -> None:
         part = self._current_part  # starlette's own state: the part whose headers were just read

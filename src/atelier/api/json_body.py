@@ -11,8 +11,9 @@ database, a webhook, the response that echoes a value) meets text it cannot hand
   parse but deeper than the limit is refused by an iterative walk, never by recursion.
 * **No lone surrogates**, in any string or member name. ``"\\ud800"`` is valid JSON syntax but not
   Unicode text: SQLite (UTF-8) cannot store it and no response can encode it. A pair (``"\\ud83d\\ude00"``)
-  decodes to one character and is fine. Each problem names its place in the body (``input.prompt``,
-  ``images[0].image_url``), so every door reports the field at fault.
+  decodes to one character and is fine. Nor **NUL** (``"\\u0000"``): PostgreSQL's text cannot hold it (a
+  ``user_id`` or a Cog id with one answered 500 there). Each problem names its place in the body
+  (``input.prompt``, ``images[0].image_url``), so every door reports the field at fault.
 * **No ``NaN`` or ``Infinity``**: Python's ``json`` reads them, but they are not JSON and would be written
   back out as such.
 * **Numbers** with more than 4300 digits are refused by ``json`` itself (CPython's int limit), as invalid JSON.
@@ -31,12 +32,12 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
 from atelier.errors import FieldProblem, InputError
-from atelier.request import UNICODE_TEXT, lone_surrogate
+from atelier.request import Unstorable, unstorable_character
 
 M = TypeVar("M", bound=BaseModel)
 
 MAX_DEPTH = 32
-MAX_PROBLEMS = 10  # lone surrogates reported per body; more are summed up in the last
+MAX_PROBLEMS = 10  # unstorable strings reported per body; more are summed up in the last
 _BODY = "body"
 
 
@@ -62,7 +63,7 @@ def parse_json(raw: bytes, *, example: str = "") -> Any:
 
 
 def check_json(data: Any) -> None:
-    """Refuse ``data`` (parsed JSON) deeper than ``MAX_DEPTH`` or holding a lone surrogate anywhere."""
+    """Refuse ``data`` (parsed JSON) deeper than ``MAX_DEPTH`` or holding a lone surrogate or NUL anywhere."""
     problems: list[FieldProblem] = []
     found = 0
     stack: list[tuple[Any, tuple[str | int, ...]]] = [(data, ())]
@@ -72,15 +73,15 @@ def check_json(data: Any) -> None:
             raise _too_deep()
         if isinstance(value, dict):
             for key, item in value.items():
-                if (where := lone_surrogate(key)) is not None:
+                if (where := unstorable_character(key)) is not None:
                     found += 1
-                    problems.append(_surrogate_problem((*path, key), where, "has a name that holds"))
+                    problems.append(_unstorable_problem((*path, key), where, "has a name that holds"))
                 stack.append((item, (*path, key)))
         elif isinstance(value, list):
             stack.extend((item, (*path, i)) for i, item in enumerate(value))
-        elif isinstance(value, str) and (where := lone_surrogate(value)) is not None:
+        elif isinstance(value, str) and (where := unstorable_character(value)) is not None:
             found += 1
-            problems.append(_surrogate_problem(path, where, "holds"))
+            problems.append(_unstorable_problem(path, where, "holds"))
     if problems:
         problems.sort(key=lambda p: p.field)
         shown = problems[:MAX_PROBLEMS]
@@ -145,13 +146,10 @@ def _too_deep() -> InputError:
     )
 
 
-def _surrogate_problem(path: tuple[str | int, ...], where: tuple[int, str], what: str) -> FieldProblem:
-    at, escaped = where
-    return FieldProblem(
-        field_name(path), f"{what} a lone surrogate ({escaped}) at character {at}; {UNICODE_TEXT}", "encoding"
-    )
+def _unstorable_problem(path: tuple[str | int, ...], where: Unstorable, verb: str) -> FieldProblem:
+    return FieldProblem(field_name(path), where.message(verb), "encoding")
 
 
 def _printable(text: str) -> str:
-    """``text`` with any surrogate as a ``\\udXXX`` escape, so that it can be shown in a response."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    """``text`` with any surrogate (and NUL) as a ``\\uXXXX`` escape, so that it can be shown in a response."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\u0000")

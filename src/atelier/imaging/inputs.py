@@ -150,6 +150,7 @@ def _damage(image: ImageFile.ImageFile, data: bytes, fmt: str) -> str | None:
 
 def _png_damage(data: memoryview) -> str | None:
     position = 8
+    pixels = _PngPixels(bytes(data[16:29]))  # IHDR's fields (the plugin has read and checked them)
     while position + 12 <= len(data):
         length = int.from_bytes(data[position : position + 4], "big")
         end = position + 12 + length
@@ -158,10 +159,64 @@ def _png_damage(data: memoryview) -> str | None:
         kind = bytes(data[position + 4 : position + 8])
         if zlib.crc32(data[position + 4 : end - 4]) != int.from_bytes(data[end - 4 : end], "big"):
             return f"the {kind.decode('latin-1')!r} chunk fails its checksum"
+        if kind == b"IDAT" and (problem := pixels.feed(data[position + 8 : end - 4])) is not None:
+            return problem
         if kind == b"IEND":
             return None
         position = end
     return "it ends before its IEND chunk"
+
+
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by colour type: grey, RGB, palette, grey+alpha, RGBA
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+_PNG_BLOCK = 1 << 20  # bytes of pixel rows inflated at a time: the check holds one block, never the image
+
+
+class _PngPixels:
+    """The IDAT stream checked as the decoder will read it, a block at a time: valid zlib, and a filter
+    type of 0 to 4 at the start of every row. Chunk checksums only prove the bytes arrived as written; a
+    writer's bad stream passed them and failed when the job started (a failed prediction, not a 4xx)."""
+
+    def __init__(self, ihdr: bytes) -> None:
+        width, height = int.from_bytes(ihdr[0:4], "big"), int.from_bytes(ihdr[4:8], "big")
+        depth, colour, interlaced = ihdr[8], ihdr[9], ihdr[12]
+        bits = depth * _PNG_CHANNELS.get(colour, 1)
+        self.passes: list[tuple[int, int, int]] = []  # (offset of its first row, row length, rows)
+        offset = 0
+        for x0, y0, dx, dy in _ADAM7 if interlaced else ((0, 0, 1, 1),):
+            columns, rows = -(-(width - x0) // dx), -(-(height - y0) // dy)
+            if columns > 0 and rows > 0:
+                self.passes.append((offset, 1 + (columns * bits + 7) // 8, rows))
+                offset += self.passes[-1][1] * rows
+        self.expected, self.inflated = offset, 0
+        self.stream = zlib.decompressobj()
+
+    def feed(self, chunk: memoryview) -> str | None:
+        """Why the stream so far cannot be decoded, or None; stops inflating at the image's last row."""
+        pending = bytes(chunk)
+        while pending and self.inflated < self.expected and not self.stream.eof:
+            try:
+                block = self.stream.decompress(pending, min(_PNG_BLOCK, self.expected - self.inflated))
+            except zlib.error as exc:
+                return f"its image data is not a valid zlib stream ({exc})"
+            pending = self.stream.unconsumed_tail
+            if (row := self._bad_filter(block)) is not None:
+                return f"row {row} of its image data has an unknown filter type"
+            self.inflated += len(block)
+        return None
+
+    def _bad_filter(self, block: bytes) -> int | None:
+        start, end = self.inflated, self.inflated + len(block)
+        array = np.frombuffer(block, dtype=np.uint8)
+        for first, length, rows in self.passes:
+            last = first + length * rows
+            if last <= start or first >= end:
+                continue
+            at = first + max(0, -(-(start - first) // length)) * length  # this pass's first row start in block
+            filters = array[at - start : min(end, last) - start : length]
+            if filters.size and int(filters.max()) > 4:
+                return (at - first) // length + int(np.argmax(filters > 4))
+        return None
 
 
 def _riff_damage(data: bytes) -> str | None:

@@ -224,12 +224,16 @@ class Store:
             conn.execute(update(PREDICTIONS).where(PREDICTIONS.c.id == id).values(**row))
 
     def get_prediction(self, id: str) -> Prediction | None:
+        if "\x00" in id:  # no stored id holds NUL, and PostgreSQL refuses one even as a query parameter
+            return None
         with self._read() as conn:
             row = conn.execute(select(PREDICTIONS).where(PREDICTIONS.c.id == id)).mappings().first()
         return _prediction(row) if row else None
 
     def find_prediction(self, owner: str | None, client_id: str) -> Prediction | None:
         """``owner``'s prediction that its caller calls ``client_id`` (the id chosen in Cog's PUT), if any."""
+        if "\x00" in client_id:  # as in get_prediction
+            return None
         c = PREDICTIONS.c
         query = select(PREDICTIONS).where(c.owner.is_(None) if owner is None else c.owner == owner)
         with self._read() as conn:

@@ -18,6 +18,7 @@ Health = Literal["STARTING", "READY", "BUSY", "SETUP_FAILED", "DEFUNCT"]
 
 WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = ("start", "output", "logs", "completed")
 MAX_WEBHOOK_URL = 65_536  # compat: cog's WebhookUrl max_length
+MAX_ID_LENGTH = 256  # a prediction id, in the body or in PUT's URL
 
 
 class PredictionRequest(BaseModel):
@@ -27,7 +28,7 @@ class PredictionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     input: dict[str, Any] | None = None  # compat: cog treats a missing input (or body) as {}
-    id: str | None = Field(default=None, min_length=1, max_length=256)
+    id: str | None = Field(default=None, min_length=1, max_length=MAX_ID_LENGTH)
     created_at: datetime | None = None  # accepted as cog does; the prediction keeps its own creation time
     output_file_prefix: str | None = None  # deprecated in cog: sync outputs are PUT to prefix + file name
     webhook: str | None = Field(default=None, min_length=1, max_length=MAX_WEBHOOK_URL)

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from atelier.api.cog.openapi import document
 from atelier.api.cog.protocol import (
+    MAX_ID_LENGTH,
     WEBHOOK_EVENTS,
     Health,
     HealthCheck,
@@ -56,7 +57,7 @@ from atelier.jobs.routing import SetupRecord
 from atelier.jobs.runner import stored_id
 from atelier.jobs.submission import Submission
 from atelier.outbound import DeliveryFailed, delivery_policy, refuse_at_creation, send
-from atelier.request import parse_request
+from atelier.request import parse_request, unstorable_character
 
 if TYPE_CHECKING:
     from starlette.types import Receive
@@ -119,7 +120,7 @@ class CogDoor:
         body = body or PredictionRequest()
         if prediction_id is not None and body.id is not None and body.id != prediction_id:
             raise InputError(FieldProblem("id", ID_MISMATCH, "value_error", body.id))
-        id = prediction_id or body.id
+        id = _checked_id(prediction_id) or body.id
         request = parse_request(body.input or {}, prefix="input.")
         for field, url in (("webhook", body.webhook), ("output_file_prefix", body.output_file_prefix)):
             if url is not None:
@@ -246,6 +247,18 @@ def setup_result(record: SetupRecord | None, *, ready: bool) -> SetupResult:
             started_at=record.started_at, completed_at=record.completed_at, logs=f"{record.error}\n", status="failed"
         )
     return SetupResult(started_at=record.started_at, completed_at=record.completed_at, status="succeeded")
+
+
+def _checked_id(id: str | None) -> str | None:
+    """The id in a PUT's URL, held to the rules of the body's ``id`` (which the JSON reader and the protocol
+    model check): a NUL or a 5000-character id would otherwise reach the store."""
+    if id is not None and (where := unstorable_character(id)) is not None:
+        raise InputError(FieldProblem("id", where.message("holds"), "encoding", id))
+    if id is not None and len(id) > MAX_ID_LENGTH:
+        raise InputError(
+            FieldProblem("id", f"is {len(id):,} characters long; the maximum is {MAX_ID_LENGTH}", "string_too_long")
+        )
+    return id
 
 
 def upload(prefix: str, name: str, data: bytes, content_type: str, policy: FetchPolicy, *, id: str) -> str:

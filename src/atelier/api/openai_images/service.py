@@ -252,6 +252,8 @@ async def _edit_uploads(
 ) -> Response:
     params = edit.params
     _check(params, services)
+    # The contract (prompt, size, user...) is checked before the user is counted or a file stored.
+    to_request(params, images="image")
     await services.admit(owner, user_id(params))  # again, now that the user is known: before anything is stored
     keeper = Keeper(services.files, owner, new_id())
     staged = await asyncio.to_thread(inputs.stage_uploads, services, edit, keeper)

@@ -32,9 +32,11 @@ from datetime import timedelta
 from functools import partial
 from typing import Any
 
+from fastapi import Request
 from fastapi.responses import FileResponse, Response
 from starlette.datastructures import UploadFile as Part
 
+from atelier.api.forms import read_form
 from atelier.api.replicate import protocol as wire
 from atelier.api.replicate.downloads import ObjectResponse
 from atelier.api.replicate.pages import links
@@ -43,6 +45,7 @@ from atelier.imaging.inputs import sniff
 from atelier.jobs.files import FileStore
 from atelier.jobs.records import FileRecord, format_time, utc_now
 from atelier.jobs.store_calls import StoreCalls
+from atelier.request import unstorable_character
 
 MAX_UPLOAD_BYTES = 100 * 1024 * 1024
 MAX_FIELD_BYTES = 1024 * 1024  # a text field sent as a file part: Starlette's bound on a text part
@@ -57,6 +60,9 @@ DOWNLOAD_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; sandbox",
 }
 
+UPLOAD_FIELDS = ("content", "filename", "type", "metadata")
+MAX_FORM_PARTS = 16  # the four fields, and room for a client's extras (ignored, as Replicate does)
+_CONTENT = frozenset({b"content"})
 Caller = Callable[[], str | None]
 Field = str | Part | None  # a text field, sent as a text part or as a file part (FastAPI passes Starlette's)
 
@@ -69,6 +75,37 @@ class FilesAPI:
         self.calls = calls  # file records are read through the store seam (off the loop on PostgreSQL)
         self.retention = retention  # uploads expire this long after they were made (ATELIER_RETENTION)
         self.page_size = page_size
+
+    async def upload_form(self, request: Request, *, owner: str | None, base: str) -> wire.File:
+        """``POST /v1/files``: the multipart body read by the doors' one form reader (``api/forms.py``), so a
+        body that is not a form, or a form the parser cannot read, is a 422 naming it; a ``content`` part
+        without a filename is still the file's bytes."""
+        kind = request.headers.get("content-type", "")
+        if not kind.lower().startswith("multipart/form-data"):
+            raise InputError(
+                FieldProblem(
+                    "body",
+                    f"has Content-Type {kind[:60] or 'none'!r}; send multipart/form-data with the file's bytes as "
+                    "its 'content' part (e.g. curl -F content=@photo.png)",
+                    "type",
+                )
+            )
+        async with read_form(
+            request, max_files=MAX_FORM_PARTS, max_fields=MAX_FORM_PARTS, file_fields=_CONTENT
+        ) as form:
+            if twice := [name for name in UPLOAD_FIELDS if len(form.getlist(name)) > 1]:
+                raise InputError(
+                    [FieldProblem(name, "is given more than once; give it once", "duplicate") for name in twice]
+                )
+            fields: dict[str, Any] = {name: form.get(name) for name in UPLOAD_FIELDS}
+            return await self.upload(
+                fields["content"],
+                filename=fields["filename"],
+                content_type=fields["type"],
+                metadata=fields["metadata"],
+                owner=owner,
+                base=base,
+            )
 
     async def upload(
         self,
@@ -188,21 +225,23 @@ async def _text(value: Field, name: str) -> str | None:
     if len(data) > MAX_FIELD_BYTES:
         raise InputError(FieldProblem(name, f"is over the {MAX_FIELD_BYTES // 1024} KiB limit", "too_large"))
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise InputError(FieldProblem(name, f"got {data[:40]!r}, which is not UTF-8 text", "type")) from None
+    if (where := unstorable_character(text)) is not None:  # a raw NUL: the database could not store it
+        raise InputError(FieldProblem(name, where.message("holds"), "encoding"))
+    return text
 
 
 def _unicode(name: str | None, field: str) -> str | None:
-    """The file name, if it is Unicode text: a multipart body may declare a codec (``charset=unicode_escape``)
-    that turns ``\\ud800`` into a lone surrogate, which no database or header can carry."""
-    try:
-        name and name.encode()
-    except UnicodeEncodeError:
+    """The file name, if it is text a database can store: a multipart body may declare a codec
+    (``charset=unicode_escape``) that turns ``\\ud800`` into a lone surrogate, and a part may hold a raw NUL."""
+    where = unstorable_character(name) if name else None
+    if where is not None:
         what = "the part's filename" if field == "content" else "it"
         raise InputError(
-            FieldProblem(field, f"has a file name that is not Unicode text ({what} holds a lone surrogate)", "type")
-        ) from None
+            FieldProblem(field, f"has a file name that is not storable text: {what} {where.message('holds')}")
+        )
     return name
 
 

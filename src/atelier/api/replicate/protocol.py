@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 Status = Literal["starting", "processing", "succeeded", "failed", "canceled"]
 WebhookEvent = Literal["start", "output", "logs", "completed"]
@@ -35,7 +35,7 @@ class ModelPredictionRequest(BaseModel):
     webhook: str | None = None
     webhook_completed: str | None = None  # legacy: a URL that gets only the ``completed`` event
     webhook_events_filter: list[WebhookEvent] | None = None
-    stream: bool | None = None  # accepted; ``urls.stream`` is always given
+    stream: StrictBool | None = None  # accepted (true or false, not "yes"); ``urls.stream`` is always given
     previews: StrictInt | None = Field(  # atelier: step previews, sent on ``urls.stream?previews=1`` only
         default=None,
         ge=0,
@@ -87,6 +87,26 @@ class PredictionPage(BaseModel):
 
 class FileURLs(BaseModel):
     get: str
+
+
+_TEXT_OR_PART = {"anyOf": [{"type": "string"}, {"type": "string", "contentMediaType": "application/octet-stream"}]}
+FILE_UPLOAD_BODY: dict[str, Any] = {  # ``POST /v1/files``: read by api/forms.py, so FastAPI cannot describe it
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["content"],
+                "properties": {
+                    "content": {"type": "string", "contentMediaType": "application/octet-stream"},
+                    "filename": _TEXT_OR_PART,
+                    "type": _TEXT_OR_PART,
+                    "metadata": {**_TEXT_OR_PART, "description": "a JSON object, as text or as a JSON file part"},
+                },
+            }
+        }
+    },
+}
 
 
 class File(BaseModel):

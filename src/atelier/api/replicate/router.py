@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, File, Form, Header, Query, Request, Response, UploadFile
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from atelier.api.deps import BaseURL, Owner, ServicesDep, authenticate
@@ -123,17 +123,9 @@ async def get_model_version(
 # -- files ---------------------------------------------------------------------------------------------
 
 
-@router.post("/files", status_code=201)
-async def create_file(
-    door: Door, owner: Owner, base: BaseURL,
-    content: Annotated[UploadFile | str | None, File()] = None,
-    filename: Annotated[str | UploadFile | None, Form()] = None,
-    type: Annotated[str | UploadFile | None, Form()] = None,
-    metadata: Annotated[str | UploadFile | None, Form()] = None,  # compat: the JS client sends a JSON file part
-) -> wire.File:  # fmt: skip
-    return await door.files.upload(
-        content, filename=filename, content_type=type, metadata=metadata, owner=owner, base=base
-    )
+@router.post("/files", status_code=201, openapi_extra={"requestBody": wire.FILE_UPLOAD_BODY})
+async def create_file(request: Request, door: Door, owner: Owner, base: BaseURL) -> wire.File:
+    return await door.files.upload_form(request, owner=owner, base=base)
 
 
 @router.get("/files")

@@ -19,7 +19,6 @@ prediction run again after a restart makes them too; ``stream.py`` sends them, t
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from atelier.api.errors import received
 from atelier.api.replicate import protocol as wire
 from atelier.api.replicate import webhooks
 from atelier.api.replicate.files import FilesAPI
@@ -245,7 +245,7 @@ def _body_problem(model: type[BaseModel], err: Any) -> FieldProblem:
     elif kind == "enum":
         message = f"got {err.get('input')!r}; allowed values are: {', '.join(wire.WEBHOOK_EVENTS)}"
     else:
-        message = f"got {json.dumps(err.get('input'), default=str)[:60]}: {err['msg']}"  # as sent: 3 vs "3"
+        message = f"got {received(err.get('input'), loc)}: {err['msg']}"
         field = model.model_fields.get(loc[0]) if loc else None
         if field is not None and field.description:  # what the field is for, and what it allows
             message += f"; '{name}' is {field.description}"
