@@ -323,3 +323,59 @@ def test_a_job_pinned_to_its_process_counts_in_the_bound_while_it_waits(store: S
     assert queue.depth() == 1
     admit(queue, "B")
     assert queue.depth() == 2
+
+
+def test_the_claim_reads_queued_jobs_through_indexes_never_the_whole_table(store: Store) -> None:
+    """Every statement inside ``atelier_claim`` (its plans are cached generic) finds rows by index: a
+    table holding every prediction ever made must not be scanned per claim."""
+    import psycopg
+    from sqlalchemy import text
+
+    queue = shared(store, max_queue=1000)
+    for i in range(60):
+        admit(queue, f"T{i % 6}", batch=BatchPlan("512x512", 1, 4) if i % 2 else None)
+    with store.engine.begin() as conn:  # history: what a long-running service accumulates
+        conn.execute(
+            text(
+                "INSERT INTO predictions (id, model, source, owner, status, input_json, metrics_json, logs, "
+                "created_at, data_removed) SELECT 'old' || g, 'fake', 'replicate', 'T' || (g % 6), 'succeeded', "
+                "'{}', '{}', '', '2026-01-01T00:00:00.000000Z', FALSE FROM generate_series(1, 5000) g"
+            )
+        )
+        conn.execute(text("ANALYZE predictions"))
+    url = store.engine.url
+    dsn = f"host={url.query['host']} port={url.query.get('port', 5432)} user={url.username} dbname={url.database}"
+    plans: list[str] = []
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.add_notice_handler(lambda notice: plans.append(notice.message_primary or ""))
+        for _ in range(8):  # past the first executions: the cached generic plans are the ones that stay
+            conn.execute("SELECT * FROM atelier_claim('w', 'e', 4, 64)").fetchall()
+        conn.execute("LOAD 'auto_explain'")
+        conn.execute("SET auto_explain.log_min_duration = 0")
+        conn.execute("SET auto_explain.log_nested_statements = on")
+        conn.execute("SET client_min_messages = log")
+        for max_jobs in (1, 4, 4, 1):
+            assert conn.execute(f"SELECT id FROM atelier_claim('w', 'e', {max_jobs}, 64)").fetchall()
+    nested = [plan for plan in plans if "atelier_claim" not in plan.split("\n", 2)[1]]
+    assert len(nested) >= 8 and any("predictions_queued" in plan for plan in nested)
+    assert not [plan for plan in nested if "Seq Scan on predictions" in plan], "a claim scanned the table"
+
+
+def test_statements_sent_without_a_ping_survive_connections_the_server_dropped(store: Store) -> None:
+    """Claims, renewals and fenced writes skip the pool's ping: a connection found broken when used (the
+    server restarted, a proxy cut it) is replaced and the statement sent again, once."""
+    from sqlalchemy import text
+
+    queue = shared(store)
+    first, second = admit(queue, "A"), admit(queue, "B")
+    assert ids(queue.claim()) == [first]  # its connection is now in the pool
+    with store.engine.connect() as conn:
+        cut = conn.execute(
+            text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        ).scalar()
+    assert cut
+    assert ids(queue.claim()) == [second]
+    assert queue.renew([first, second]) == set()
