@@ -166,8 +166,9 @@ class SharedQueue:
     # -- admission --------------------------------------------------------------------------------------
 
     def check(self, caller: Caller) -> None:
-        """``TooManyRequests`` now if ``caller`` would be refused; spends nothing (no lock: an early check)."""
-        with self.engine.connect() as conn:
+        """``TooManyRequests`` now if ``caller`` would be refused; spends nothing (no lock: an early check,
+        so its reads need no transaction: each is one round trip)."""
+        with self.statements.engine.connect() as conn:
             self._check(conn, caller)
 
     def admit(
