@@ -112,15 +112,17 @@ def test_compatible_jobs_are_claimed_together_within_the_budget_and_fifo(store: 
     assert ids(queue.claim(max_jobs=1)) == [a3]
 
 
-def test_concurrent_claimers_never_take_a_job_twice(store: Store) -> None:
+@pytest.mark.parametrize("max_jobs", [1, 3])
+def test_concurrent_claimers_never_take_a_job_twice(store: Store, max_jobs: int) -> None:
     queue = shared(store, max_queue=200)
-    admitted = {admit(queue, f"T{i % 5}") for i in range(120)}
+    plan = BatchPlan("512x512", 1, 3) if max_jobs > 1 else None
+    admitted = {admit(queue, f"T{i % 5}", batch=plan) for i in range(120)}
     taken: list[str] = []
     lock = threading.Lock()
 
     def work(name: str) -> None:
         mine = shared(store, name)
-        while claims := mine.claim():
+        while claims := mine.claim(max_jobs):
             with lock:
                 taken.extend(ids(claims))
 
@@ -379,3 +381,17 @@ def test_statements_sent_without_a_ping_survive_connections_the_server_dropped(s
     assert cut
     assert ids(queue.claim()) == [second]
     assert queue.renew([first, second]) == set()
+
+
+def test_a_head_locked_by_a_cancel_in_flight_is_skipped_not_waited_for_and_no_turn_moves(store: Store) -> None:
+    from sqlalchemy import text
+
+    queue = shared(store)
+    head, second = admit(queue, "A"), admit(queue, "B")
+    with store.engine.connect() as canceling:  # a cancel's UPDATE holds the row until it commits
+        canceling.execute(text("SELECT id FROM predictions WHERE id = :id FOR UPDATE"), {"id": head})
+        assert queue.claim() == []  # the head is not the claim's to take now; it does not wait for it
+        assert all(key.startswith("f:") for key in _turns(store))  # admissions' finishes only: no turn taken
+        canceling.rollback()
+    assert ids(queue.claim()) == [head]
+    assert ids(queue.claim()) == [second]
