@@ -184,11 +184,13 @@ def round_trips(cluster: Any, args: argparse.Namespace, root: Path) -> dict[str,
             _submit(api.url, i, wait=True)
         lines = cluster.log.read_text(errors="replace")[offset:].splitlines()
     by_role: dict[str, dict[str, int]] = {"api": {}, "worker": {}}
-    for line in lines:
+    for i, line in enumerate(lines):
         role, _, rest = line.partition("|")
         if role in by_role and ("LOG:  statement: " in rest or "LOG:  execute " in rest):
-            what = rest.split(": ", 2)[-1].strip()[:60]
-            by_role[role][what] = by_role[role].get(what, 0) + 1
+            what = rest.split(": ", 2)[-1].strip() or (lines[i + 1].strip() if i + 1 < len(lines) else "")
+            by_role[role][what[:60]] = (
+                by_role[role].get(what[:60], 0) + 1
+            )  # (a statement's text may start on the next line)
     result: dict[str, Any] = {"predictions": count}
     for role, statements in by_role.items():
         top = sorted(statements.items(), key=lambda kv: -kv[1])[:12]

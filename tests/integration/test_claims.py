@@ -112,15 +112,17 @@ def test_compatible_jobs_are_claimed_together_within_the_budget_and_fifo(store: 
     assert ids(queue.claim(max_jobs=1)) == [a3]
 
 
-def test_concurrent_claimers_never_take_a_job_twice(store: Store) -> None:
+@pytest.mark.parametrize("max_jobs", [1, 3])
+def test_concurrent_claimers_never_take_a_job_twice(store: Store, max_jobs: int) -> None:
     queue = shared(store, max_queue=200)
-    admitted = {admit(queue, f"T{i % 5}") for i in range(120)}
+    plan = BatchPlan("512x512", 1, 3) if max_jobs > 1 else None
+    admitted = {admit(queue, f"T{i % 5}", batch=plan) for i in range(120)}
     taken: list[str] = []
     lock = threading.Lock()
 
     def work(name: str) -> None:
         mine = shared(store, name)
-        while claims := mine.claim():
+        while claims := mine.claim(max_jobs):
             with lock:
                 taken.extend(ids(claims))
 
@@ -323,3 +325,73 @@ def test_a_job_pinned_to_its_process_counts_in_the_bound_while_it_waits(store: S
     assert queue.depth() == 1
     admit(queue, "B")
     assert queue.depth() == 2
+
+
+def test_the_claim_reads_queued_jobs_through_indexes_never_the_whole_table(store: Store) -> None:
+    """Every statement inside ``atelier_claim`` (its plans are cached generic) finds rows by index: a
+    table holding every prediction ever made must not be scanned per claim."""
+    import psycopg
+    from sqlalchemy import text
+
+    queue = shared(store, max_queue=1000)
+    for i in range(60):
+        admit(queue, f"T{i % 6}", batch=BatchPlan("512x512", 1, 4) if i % 2 else None)
+    with store.engine.begin() as conn:  # history: what a long-running service accumulates
+        conn.execute(
+            text(
+                "INSERT INTO predictions (id, model, source, owner, status, input_json, metrics_json, logs, "
+                "created_at, data_removed) SELECT 'old' || g, 'fake', 'replicate', 'T' || (g % 6), 'succeeded', "
+                "'{}', '{}', '', '2026-01-01T00:00:00.000000Z', FALSE FROM generate_series(1, 5000) g"
+            )
+        )
+        conn.execute(text("ANALYZE predictions"))
+    url = store.engine.url
+    dsn = f"host={url.query['host']} port={url.query.get('port', 5432)} user={url.username} dbname={url.database}"
+    plans: list[str] = []
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.add_notice_handler(lambda notice: plans.append(notice.message_primary or ""))
+        for _ in range(8):  # past the first executions: the cached generic plans are the ones that stay
+            conn.execute("SELECT * FROM atelier_claim('w', 'e', 4, 64)").fetchall()
+        conn.execute("LOAD 'auto_explain'")
+        conn.execute("SET auto_explain.log_min_duration = 0")
+        conn.execute("SET auto_explain.log_nested_statements = on")
+        conn.execute("SET client_min_messages = log")
+        for max_jobs in (1, 4, 4, 1):
+            assert conn.execute(f"SELECT id FROM atelier_claim('w', 'e', {max_jobs}, 64)").fetchall()
+    nested = [plan for plan in plans if "atelier_claim" not in plan.split("\n", 2)[1]]
+    assert len(nested) >= 8 and any("predictions_queued" in plan for plan in nested)
+    assert not [plan for plan in nested if "Seq Scan on predictions" in plan], "a claim scanned the table"
+
+
+def test_statements_sent_without_a_ping_survive_connections_the_server_dropped(store: Store) -> None:
+    """Claims, renewals and fenced writes skip the pool's ping: a connection found broken when used (the
+    server restarted, a proxy cut it) is replaced and the statement sent again, once."""
+    from sqlalchemy import text
+
+    queue = shared(store)
+    first, second = admit(queue, "A"), admit(queue, "B")
+    assert ids(queue.claim()) == [first]  # its connection is now in the pool
+    with store.engine.connect() as conn:
+        cut = conn.execute(
+            text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        ).scalar()
+    assert cut
+    assert ids(queue.claim()) == [second]
+    assert queue.renew([first, second]) == set()
+
+
+def test_a_head_locked_by_a_cancel_in_flight_is_skipped_not_waited_for_and_no_turn_moves(store: Store) -> None:
+    from sqlalchemy import text
+
+    queue = shared(store)
+    head, second = admit(queue, "A"), admit(queue, "B")
+    with store.engine.connect() as canceling:  # a cancel's UPDATE holds the row until it commits
+        canceling.execute(text("SELECT id FROM predictions WHERE id = :id FOR UPDATE"), {"id": head})
+        assert queue.claim() == []  # the head is not the claim's to take now; it does not wait for it
+        assert all(key.startswith("f:") for key in _turns(store))  # admissions' finishes only: no turn taken
+        canceling.rollback()
+    assert ids(queue.claim()) == [head]
+    assert ids(queue.claim()) == [second]

@@ -304,3 +304,29 @@ async def test_a_stream_served_by_a_worker_that_loses_its_lease_follows_the_re_r
     logs = "".join(e.text for e in events if isinstance(e, LogsEvent))
     assert "re-queued" in logs and logs.endswith(done.logs[-20:])
     assert [j.seed for j in slow.jobs + rerun.jobs] == [prediction.seed] * 2  # run again (by either worker)
+
+
+async def test_a_wait_at_a_worker_that_loses_its_lease_waits_for_the_re_run(cluster: Cluster) -> None:
+    await cluster.runner(work=False)
+    slow = FakeEngine()
+    gate = slow.block()
+    cluster.gates.append(gate)
+    lost = await cluster.runner(slow, lease_seconds=600)  # renews rarely: the test takes its lease back
+    prediction = await lost.submit(Submission(request(), "replicate"))
+    await asyncio.to_thread(slow.started.wait, 10)
+    waiting = asyncio.ensure_future(lost.wait(prediction.id, 30))  # a `Prefer: wait` served by the worker
+    later = SharedQueue(
+        lost.store.engine, owner="sweeper", capacity=lambda: Capacity(50, 1.0, 1, 1.0), limits=Limits(),
+        clock=lambda: utc_now() + timedelta(hours=1),
+    )  # fmt: skip
+    try:
+        swept = await asyncio.to_thread(later.sweep)
+    finally:
+        later.close()
+    assert swept is not None and swept.requeued == [prediction.id]
+    gate.set()  # the lost worker's writes are refused: it learns the job is not its own
+    await until(lambda: lost.queue.get(prediction.id) is None)
+    assert not waiting.done()  # not answered with the re-queued state
+    await cluster.runner(FakeEngine(color=(0, 200, 0)))
+    done = await asyncio.wait_for(waiting, 30)
+    assert done.status == "succeeded" and done.output and "re-queued" in done.logs

@@ -89,3 +89,30 @@ async def test_two_apps_on_one_database_answer_for_each_others_predictions(pg_da
         assert (await a.get("/v1/webhooks/default/secret")).json() == (
             await b.get("/v1/webhooks/default/secret")
         ).json()
+
+
+async def test_health_checks_of_every_api_process_report_the_shared_queue(pg_database: str, tmp_path: Path) -> None:
+    settings = {"max_concurrency": 1}
+    first, second = (
+        create_app(
+            Settings(data_dir=tmp_path / name, database_url=pg_database, api_tokens=[TOKEN], **settings),
+            engines={"fake": FakeEngine(), "openai": FakeEngine(model="openai", name="openai")},
+            default="fake", work=False,
+        )
+        for name in ("a", "b")
+    )  # fmt: skip
+    async with (
+        first.router.lifespan_context(first),
+        second.router.lifespan_context(second),
+        client(first) as one,
+        client(second) as two,
+    ):
+        async with asyncio.timeout(10):  # the warm-up sets the engine up
+            while (before := (await two.get("/health-check")).json()["status"]) == "STARTING":
+                await asyncio.sleep(0.05)
+        created = await one.post(CREATE, json={"input": {"prompt": "a red square"}})
+        assert created.status_code == 201 and created.json()["status"] == "starting"  # no worker: it waits
+        async with asyncio.timeout(10):  # counted every poll interval by each process
+            while (await two.get("/health-check")).json()["status"] != "BUSY":
+                await asyncio.sleep(0.05)
+        assert before == "READY" and second.state.services.runner.queue_depth == 1

@@ -73,7 +73,9 @@ _CLAIM = text("SELECT * FROM atelier_claim(:me, :exp, :max_jobs, :look)")  # mig
 class Statements:
     """Single statements, each one round trip: connections in autocommit (no ``BEGIN``/``COMMIT`` around
     a statement that is atomic by itself) and no ping at checkout; a connection found broken when used
-    (the server restarted) is dropped with the rest of the pool and the statement sent once more."""
+    (the server restarted) is dropped with the rest of the pool and the statement sent once more. (Should
+    a claim have been committed before its connection broke, its jobs stay leased to this process until
+    the lease runs out and the sweeper re-queues them: at-least-once, as for a lost worker.)"""
 
     def __init__(self, engine: Engine) -> None:
         from sqlalchemy import create_engine
@@ -164,8 +166,9 @@ class SharedQueue:
     # -- admission --------------------------------------------------------------------------------------
 
     def check(self, caller: Caller) -> None:
-        """``TooManyRequests`` now if ``caller`` would be refused; spends nothing (no lock: an early check)."""
-        with self.engine.connect() as conn:
+        """``TooManyRequests`` now if ``caller`` would be refused; spends nothing (no lock: an early check,
+        so its reads need no transaction: each is one round trip)."""
+        with self.statements.engine.connect() as conn:
             self._check(conn, caller)
 
     def admit(

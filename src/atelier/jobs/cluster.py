@@ -294,8 +294,14 @@ class ClusterIntake(Intake):
         self.files.check_space()
 
     async def wait(self, id: str, timeout: float | None) -> Prediction:
-        if self.queue.get(id) is not None:
-            return await super().wait(id, timeout)
+        entry = self.queue.get(id)
+        if entry is not None:
+            began = asyncio.get_running_loop().time()
+            here = await super().wait(id, timeout)
+            if here.terminal or not entry.interrupted:  # ended here, or still running here at the timeout
+                return here
+            # its lease was lost (or it was handed back): it goes on elsewhere; wait for it there
+            timeout = None if timeout is None else max(0.0, timeout - (asyncio.get_running_loop().time() - began))
         prediction = await self._require(id)
         if prediction.terminal:
             return prediction

@@ -73,7 +73,8 @@ class Publisher:
 
     def _send(self, prediction: Prediction, event: Event) -> None:
         payload: dict[str, Any] = {"id": prediction.id, "k": event.kind}
-        before, params = "", {"c": EVENTS, "pid": prediction.id}
+        before = ""
+        params: dict[str, Any] = {"c": EVENTS, "pid": prediction.id}
         if isinstance(event, LogsEvent):
             if len(event.text) <= MAX_LOG_TEXT:
                 payload |= {"t": event.text, "at": len(prediction.logs) - len(event.text)}
@@ -82,7 +83,10 @@ class Publisher:
             if event.preview is not None:
                 payload["p"] = preview = new_id()
                 params |= {"preview": preview, "d": _jpeg(event.preview), "t": format_time(utc_now())}
-                before = "WITH stored AS (INSERT INTO previews (id, prediction_id, data, created_at) VALUES (:preview, :pid, :d, :t)) "
+                before = (
+                    "WITH stored AS (INSERT INTO previews (id, prediction_id, data, created_at) "
+                    "VALUES (:preview, :pid, :d, :t)) "
+                )
         elif isinstance(event, DoneEvent):
             before = "WITH gone AS (DELETE FROM previews WHERE prediction_id = :pid) "
         params["p"] = json.dumps(payload, separators=(",", ":"))
