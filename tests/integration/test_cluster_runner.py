@@ -278,7 +278,7 @@ async def test_a_stream_served_by_a_worker_that_loses_its_lease_follows_the_re_r
     lost = await cluster.runner(slow, lease_seconds=600)  # renews rarely: the test takes its lease back
     prediction = await lost.submit(Submission(request(), "replicate"))
     await asyncio.to_thread(slow.started.wait, 10)
-    stream = lost.subscribe(prediction.id)  # served from the worker's own task, as its SSE door would
+    stream = await lost.subscribe(prediction.id)  # served from the worker's own task, as its SSE door would
     later = SharedQueue(
         lost.store.engine, owner="sweeper", capacity=lambda: Capacity(50, 1.0, 1, 1.0), limits=Limits(),
         clock=lambda: utc_now() + timedelta(hours=1),
