@@ -342,23 +342,25 @@ async def test_stopping_atelier_cancels_its_call_on_the_replica_and_the_job_runs
 
 
 async def test_an_application_deleted_outside_atelier_is_deployed_again_and_the_call_made_again(
-    cluster, signals, tmp_path
+    cluster, signals, tmp_path, caplog
 ) -> None:
     from ray import serve
 
     engines = {"phoenix": SignalEngine(model="phoenix", folder=str(signals))}
     create = "/v1/models/atelier/phoenix/predictions"
-    async with deleted_after("atelier-phoenix"), served(tmp_path, engines, ray_replicas="1") as s:
+    options = {"ray_replicas": "1", "ray_max_ongoing": 2}  # two calls at once on the one replica
+    async with deleted_after("atelier-phoenix"), served(tmp_path, engines, **options) as s:
         first = (await s.client.post(create, json={"input": {"prompt": "before"}})).json()["id"]
         assert (await s.wait(first))["status"] == "succeeded"
         await asyncio.to_thread(serve.delete, "atelier-phoenix")  # an operator, outside Atelier
         assert "atelier-phoenix" not in serve.status().applications
-        second = (await s.client.post(create, json={"input": {"prompt": "after"}})).json()["id"]
-        done = await s.wait(second)
-        assert done["status"] == "succeeded", done
+        after = [(await s.client.post(create, json={"input": {"prompt": f"after {i}"}})).json()["id"] for i in (1, 2)]
+        assert [(await s.wait(id))["status"] for id in after] == ["succeeded", "succeeded"]
         assert serve.status().applications["atelier-phoenix"].status == "RUNNING"
-        assert started_pids(signals, second) != started_pids(signals, first)  # on the new replica
-        assert len(started_pids(signals, second)) == 1  # called once more, not re-queued
+        for id in after:  # each called once more on the new replica, not re-queued
+            assert len(started_pids(signals, id)) == 1 and started_pids(signals, id) != started_pids(signals, first)
+        redeployed = [r for r in caplog.records if "was deleted outside Atelier" in r.getMessage()]
+        assert len(redeployed) == 1  # once, however many calls saw it gone
 
 
 # -- inside a cluster process: PostgreSQL's shared queue, Ray's replicas ------------------------------------
