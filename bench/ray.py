@@ -50,10 +50,12 @@ async def _service(folder: Path, engine: Any, **settings: Any) -> Any:
 
 
 async def _predict(services: Any, model: str, prompt: str) -> None:
+    from atelier.jobs.submission import Submission
     from atelier.request import ImageRequest
 
     runner = services.runner
-    prediction = await runner.submit(ImageRequest(prompt=prompt, output_format="png"), model=model, source="python")
+    request = ImageRequest(prompt=prompt, output_format="png")
+    prediction = await runner.submit(Submission(request, model=model, source="python"))
     done = await runner.wait(prediction.id, 600)
     if done.status != "succeeded":
         raise RuntimeError(f"prediction {done.id} ended {done.status}: {done.error}")

@@ -4,7 +4,8 @@
 
 * ``started-<job id>`` gets a line ``<pid>`` each time a replica starts the job (the test kills that pid);
 * a job whose prompt has ``hold`` waits, on its first run only, until ``release-<job id>`` exists (or
-  its cancel token is set); there is no release for all: the folder lives as long as the test module,
+  its cancel token is set), after one progress message ``holding`` (a test that sees it in the job's
+  logs knows the call's stream reached Atelier: Serve no longer retries it on another replica by itself); there is no release for all: the folder lives as long as the test module,
   and one test's release must not let another test's held job run on;
 * ``canceled-<job id>`` is written when the engine sees the job's token set (the cancel reached it);
 * a prompt with ``batch`` gets a ``BatchPlan``; each ``generate_many`` call writes ``call-<pid>-<n>``
@@ -29,6 +30,7 @@ from atelier.errors import Canceled
 from fakes import FakeEngine
 
 _calls = itertools.count(1)
+HOLDING = "holding"
 
 
 @dataclass(eq=False)
@@ -52,6 +54,7 @@ class SignalEngine(FakeEngine):
             f.write(f"{os.getpid()}\n")
         try:
             if "hold" in job.request.prompt and first:
+                progress(ProgressEvent(0, 0, message=HOLDING))
                 self._hold(job, cancel)
             result = super().generate(job, progress=progress, cancel=cancel)
         except Canceled:

@@ -167,6 +167,20 @@ def started_pids(signals: Path, id: str) -> list[int]:
     return [int(line) for line in path.read_text().split()] if path.exists() else []
 
 
+async def held(s: Served, signals: Path, id: str) -> int:
+    """The pid of the replica holding job ``id``, once the call's stream reached Atelier (its ``holding``
+    message is in the job's logs here): from then on Serve does not run the call again elsewhere by itself
+    when that replica dies (before, its router may), so the run that follows is Atelier's doing."""
+    from ray_engines import HOLDING
+
+    def holding() -> bool:
+        entry = s.services.runner.queue.get(id)
+        return entry is not None and HOLDING in entry.task.prediction.logs
+
+    await until(holding, f"job {id} to hold on its replica")
+    return started_pids(signals, id)[0]
+
+
 async def test_progress_and_previews_stream_back_from_the_replica(cluster, signals, tmp_path) -> None:
     from atelier.jobs.submission import Submission
     from atelier.request import ImageRequest
@@ -217,7 +231,7 @@ async def test_compatible_queued_jobs_share_one_call_on_a_replica(cluster, signa
 async def test_a_job_whose_replica_is_killed_runs_again_and_succeeds_once(cluster, signals, tmp_path) -> None:
     async with served(tmp_path, signal_engines(signals)) as s:
         id = await submit(s, "hold until killed", seed=1234)
-        pid = (await until(lambda: started_pids(signals, id), "the job to start on a replica"))[0]
+        pid = await held(s, signals, id)
         os.kill(pid, signal.SIGKILL)
         done = await s.wait(id)
         assert done["status"] == "succeeded", done
@@ -342,23 +356,25 @@ async def test_stopping_atelier_cancels_its_call_on_the_replica_and_the_job_runs
 
 
 async def test_an_application_deleted_outside_atelier_is_deployed_again_and_the_call_made_again(
-    cluster, signals, tmp_path
+    cluster, signals, tmp_path, caplog
 ) -> None:
     from ray import serve
 
     engines = {"phoenix": SignalEngine(model="phoenix", folder=str(signals))}
     create = "/v1/models/atelier/phoenix/predictions"
-    async with deleted_after("atelier-phoenix"), served(tmp_path, engines, ray_replicas="1") as s:
+    options = {"ray_replicas": "1", "ray_max_ongoing": 2}  # two calls at once on the one replica
+    async with deleted_after("atelier-phoenix"), served(tmp_path, engines, **options) as s:
         first = (await s.client.post(create, json={"input": {"prompt": "before"}})).json()["id"]
         assert (await s.wait(first))["status"] == "succeeded"
         await asyncio.to_thread(serve.delete, "atelier-phoenix")  # an operator, outside Atelier
         assert "atelier-phoenix" not in serve.status().applications
-        second = (await s.client.post(create, json={"input": {"prompt": "after"}})).json()["id"]
-        done = await s.wait(second)
-        assert done["status"] == "succeeded", done
+        after = [(await s.client.post(create, json={"input": {"prompt": f"after {i}"}})).json()["id"] for i in (1, 2)]
+        assert [(await s.wait(id))["status"] for id in after] == ["succeeded", "succeeded"]
         assert serve.status().applications["atelier-phoenix"].status == "RUNNING"
-        assert started_pids(signals, second) != started_pids(signals, first)  # on the new replica
-        assert len(started_pids(signals, second)) == 1  # called once more, not re-queued
+        for id in after:  # each called once more on the new replica, not re-queued
+            assert len(started_pids(signals, id)) == 1 and started_pids(signals, id) != started_pids(signals, first)
+        redeployed = [r for r in caplog.records if "was deleted outside Atelier" in r.getMessage()]
+        assert len(redeployed) == 1  # once, however many calls saw it gone
 
 
 # -- inside a cluster process: PostgreSQL's shared queue, Ray's replicas ------------------------------------
@@ -379,7 +395,7 @@ async def test_a_cluster_process_runs_claimed_jobs_on_replicas_and_a_killed_repl
         assert started_pids(signals, plain) and os.getpid() not in started_pids(signals, plain)
 
         id = await submit(s, "hold until killed", seed=4321)
-        pid = (await until(lambda: started_pids(signals, id), "the job to start on a replica"))[0]
+        pid = await held(s, signals, id)
         os.kill(pid, signal.SIGKILL)
         done = await s.wait(id)
         assert done["status"] == "succeeded", done

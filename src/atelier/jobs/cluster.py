@@ -518,7 +518,8 @@ class ClusterWorkers(Workers):
             writer = self.runner.writers.pop(entry.id, None)
             if writer is not None:
                 writer.lost = True  # nothing more is written for this attempt
-            entry.interrupted = True  # forgotten here (``_run_claimed``); its waiters follow the row
+            entry.interrupted = True
+            self.queue.forget(entry)  # before the release: from then on a cancel or a wait here reads the row
             log.warning("prediction %s: its replica died; handed back to the queue", entry.id)
             await asyncio.to_thread(shared.release, [entry.id], line)
             self._follow_to_end(entry.task)

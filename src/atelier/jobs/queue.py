@@ -432,7 +432,8 @@ class JobQueue:
     def forget(self, entry: Entry) -> None:
         if entry.deadline_timer is not None:
             entry.deadline_timer.cancel()
-        if self.entries.pop(entry.id, None) is not None:
+        if self.entries.get(entry.id) is entry:  # not a later entry of the same job (claimed here again)
+            del self.entries[entry.id]
             caller = entry.caller
             self._live.subtract((caller.owner, caller))
             for key in (caller.owner, caller):

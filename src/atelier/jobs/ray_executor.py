@@ -172,6 +172,7 @@ class RayExecutor:
         self._connected_here = False
         self._draining: set[asyncio.Task[list[Result]]] = set()  # calls canceled by a stop, still ending
         self._redeploying: dict[int, asyncio.Lock] = {}
+        self._deployments: dict[int, int] = {}  # by id(engine): how many times _deploy has run (found or deployed)
 
     @property
     def ending(self) -> int:
@@ -240,11 +241,11 @@ class RayExecutor:
         if not self.remote(engine):
             return await self.local.run(engine, jobs, progress_for=progress_for, cancel_for=cancel_for)
         sent = [sendable(job) for job in jobs]
-        handle = self._handle(engine)
+        deployed = self._deployments.get(id(engine), 0)
         try:
-            return await self._call(engine, handle, sent, progress_for, cancel_for)
+            return await self._call(engine, self._handle(engine), sent, progress_for, cancel_for)
         except AppGone:  # deleted outside Atelier (`serve delete`): deploy it again, once, and call again
-            await self._redeploy(engine, handle)
+            await self._redeploy(engine, deployed)
         try:
             return await self._call(engine, self._handle(engine), sent, progress_for, cancel_for)
         except AppGone:
@@ -291,10 +292,11 @@ class RayExecutor:
         if not receiver.cancelled():
             receiver.exception()  # retrieved: the job it ran was interrupted already
 
-    async def _redeploy(self, engine: Engine, stale: Any) -> None:
-        """Deploy ``engine``'s application again after it was deleted; once for all the calls that saw it gone."""
+    async def _redeploy(self, engine: Engine, seen: int) -> None:
+        """Deploy ``engine``'s application again after it was deleted, unless that was done since deployment
+        ``seen``: once for all the calls that saw it gone."""
         async with self._redeploying.setdefault(id(engine), asyncio.Lock()):
-            if self._handles.get(id(engine)) is stale:
+            if self._deployments.get(id(engine), 0) == seen:
                 log.warning(
                     "Serve application %s was deleted outside Atelier; deploying it again", app_name(engine.model)
                 )
@@ -356,7 +358,8 @@ class RayExecutor:
                     f"model {engine.model!r} could not be set up on its Ray replicas: "
                     f"{last_error(reasons[-1] if reasons else str(exc))}"
                 ) from None
-        self._handles[id(engine)] = serve.get_app_handle(name)
+        self._handles[id(engine)] = serve.get_app_handle(name)  # Serve may hand back the handle it gave before
+        self._deployments[id(engine)] = self._deployments.get(id(engine), 0) + 1
 
     def _application(self, engine: Engine) -> Any:
         from ray import serve
