@@ -169,7 +169,8 @@ async def test_a_late_result_from_a_worker_whose_lease_was_taken_back_is_discard
     cluster.gates.append(gate)
     lost = await cluster.runner(slow, lease_seconds=600)  # renews rarely: the test takes its lease back
     prediction = await api.submit(Submission(request(), "replicate"))
-    await asyncio.to_thread(slow.started.wait, 10)
+    assert await asyncio.to_thread(slow.started.wait, 10)
+    await lost.calls.drain()  # what it wrote before its lease ran out has landed (writes are off the loop)
     later = SharedQueue(
         api.store.engine, owner="sweeper", capacity=lambda: Capacity(50, 1.0, 1, 1.0), limits=Limits(),
         clock=lambda: utc_now() + timedelta(hours=1),

@@ -136,6 +136,17 @@ async def openai_mix(doors: Doors) -> None:
     )
     assert stream.status_code == 200 and "image_generation.completed" in stream.text, stream.text[:300]
     assert (await http.get("/v1/models")).status_code == 200
+    uploaded = (await http.post("/v1/files", files={"content": ("in.png", png(), "image/png")})).json()
+    by_id = await http.post(
+        "/v1/images/edits", json={"prompt": "bluer", "model": "fake", "images": [{"file_id": uploaded["id"]}]}
+    )
+    assert by_id.status_code == 200 and by_id.json()["data"], by_id.text  # the file's record read off the loop
+    multipart = await http.post(
+        "/v1/images/edits",
+        data={"prompt": "bluer", "model": "fake"},
+        files=[("image[]", ("a.png", png(), "image/png"))],
+    )
+    assert multipart.status_code == 200 and multipart.json()["data"], multipart.text
 
 
 async def cog_mix(doors: Doors, receiver: Receiver) -> None:

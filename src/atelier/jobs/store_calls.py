@@ -5,7 +5,8 @@ transitions and log flushes (``atelier.jobs.task.Task``), the intake's admission
 delete, restart recovery's scan, the cluster's admission and fenced writes, and the doors' reads (a
 prediction, a file's record, a page of uploads). Nothing else in the job system or the doors calls the
 store from the loop; code already running in a thread (an engine call's outputs, staging inputs) calls
-the store directly.
+the store directly, and so does the webhook outbox (``atelier.jobs.webhooks``, its own ordered writer).
+The one exception is start-up: ``Store.open`` (migrations) runs before any request is served.
 
 How a call runs depends on the store, and is decided here alone:
 

@@ -144,12 +144,20 @@ class Task:
         """Tell listeners the prediction exists (status ``starting``); the caller has persisted it."""
         self._emit(StatusEvent(self.status))
 
-    async def start(self) -> None:
+    async def start(self, line: str | None = None) -> None:
+        """``processing``; ``line`` (the worker's "Using seed: ...") is logged in the same write, so a row that
+        says ``processing`` holds it even when its process dies right after."""
         async with self._changing:
             self._check(Status.PROCESSING)
-            await self._set(status=Status.PROCESSING, started_at=self._clock())
+            self.flush_logs()  # what was logged before, in order ahead of this write
+            text = _lines(line) if line is not None else ""
+            logs = {"logs": self.prediction.logs + text} if text else {}
+            await self._set(status=Status.PROCESSING, started_at=self._clock(), **logs)
             self._started_mono = self._monotonic()
             self._emit(StatusEvent(Status.PROCESSING))
+            if text:
+                self._last_save = self._started_mono
+                self._emit(LogsEvent(text))  # persisted with the status: listeners hear it too
 
     async def succeed(self, result: Result, outputs: list[FileRecord]) -> None:
         async with self._changing:
@@ -253,7 +261,7 @@ class Task:
         if self.terminal:
             log.debug("prediction %s: log line after it finished dropped", self.id)
             return
-        text = "".join(part + "\n" for part in line.rstrip("\n").split("\n"))
+        text = _lines(line)
         self.prediction.logs += text
         self._unsaved += text
         self._emit(LogsEvent(text), listeners=False)
@@ -332,6 +340,11 @@ class Task:
             return
         delay = max(0.0, self._log_interval - (self._monotonic() - self._last_save))
         self._flush_timer = loop.call_later(delay, self.flush_logs)
+
+
+def _lines(line: str) -> str:
+    """``line`` (one or more lines) as log text: each line ends with a newline."""
+    return "".join(part + "\n" for part in line.rstrip("\n").split("\n"))
 
 
 async def unless_ended(transition: Awaitable[None]) -> None:

@@ -193,14 +193,14 @@ class Workers:
             await self._ready(waiting[0].engine)
         running: builtins.list[Entry] = []
         for entry in await self._uncanceled(waiting):
+            # An upstream has no seed to report: no line that claims one. The line is stored with the status.
+            seed = f"Using seed: {entry.job.seed}" if entry.engine.capabilities.can_seed else None
             try:
-                await entry.task.start()
+                await entry.task.start(seed)
             except InvalidTransition:  # canceled while its start waited for the cancel's write
                 if not entry.task.terminal:
                     raise
                 continue
-            if entry.engine.capabilities.can_seed:  # an upstream has no seed to report: no line that claims one
-                entry.task.log(f"Using seed: {entry.job.seed}")
             running.append(entry)
         return running
 
