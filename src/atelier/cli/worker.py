@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from atelier.cli.serve import check_data_dir, check_files, require_cluster
+from atelier.cli.serve import check_data_dir, check_database_server, check_files, require_cluster
 from atelier.cli.settings import choose_model, given_as, settings_for
 from atelier.engines.tuning import check_settings
 
@@ -46,6 +46,7 @@ def worker(ctx: click.Context, model: str | None, model_path: Path | None, data_
     check_files(settings)  # a bucket it cannot use is one line now, not a failed job later
     check_settings(settings)  # ATELIER_OFFLOAD, ATELIER_QUANTIZE...: refused now if the device cannot honour them
     check_data_dir(settings.data_dir, given_as(ctx, "data_dir") or "ATELIER_DATA_DIR")
+    check_database_server(settings)
     run(settings)
 
 
