@@ -17,7 +17,10 @@ import httpx
 import pytest
 from PIL import Image
 
-from doors import REPLICATE_CREATE, refused, serve
+from atelier.app import create_app
+from atelier.config import Settings
+from doors import BASE, REPLICATE_CREATE, refused, serve
+from fakes import FakeEngine
 
 # door -> (how its refusal is shaped: a ``refused`` door name)
 DOORS = {
@@ -338,3 +341,23 @@ async def test_values_that_fastapi_checks_are_named_with_what_was_received(
         if received is not None:
             assert message.startswith(f"got {received}: "), message
         assert "SECRET" not in response.text
+
+
+async def test_a_key_for_a_server_without_an_openai_engine_is_a_4xx_on_every_door(tmp_path: Path) -> None:
+    """A refusal that will never change is a 4xx: the SDKs retry a 503, so one call made three predictions' worth
+    of refusals (and waited through their backoff)."""
+    key = "sk-proj-NOUPSTREAM0123456789"
+    app = create_app(Settings(data_dir=tmp_path), engines={"fake": FakeEngine()}, default="fake", warm_up=False)
+    transport = httpx.ASGITransport(app, raise_app_exceptions=False)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url=BASE) as client:
+        for door, path, body in [
+            ("replicate", REPLICATE_CREATE, {"input": {"prompt": "a", "openai_api_key": key}}),
+            ("cog", "/predictions", {"input": {"prompt": "a", "openai_api_key": key}}),
+            ("openai", "/v1/images/generations", {"prompt": "a", "openai_api_key": key}),
+        ]:
+            response = await client.post(path, json=body)
+            assert response.status_code == 400, (door, response.text)
+            assert "no OpenAI engine" in response.text and key not in response.text
+            if door == "openai":
+                assert refused("openai", response)[0] == ["openai_api_key"]
+        assert app.state.services.store.list_predictions(None)[0] == []
