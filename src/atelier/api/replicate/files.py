@@ -33,12 +33,12 @@ from functools import partial
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import Response
 from starlette.datastructures import UploadFile as Part
 
 from atelier.api.forms import read_form
 from atelier.api.replicate import protocol as wire
-from atelier.api.replicate.downloads import ObjectResponse
+from atelier.api.replicate.downloads import ObjectResponse, WholeFileOnBadRange
 from atelier.api.replicate.pages import links
 from atelier.errors import FieldProblem, InputError, NotFound
 from atelier.imaging.inputs import sniff
@@ -168,7 +168,7 @@ class FilesAPI:
         path = self.files.path(record.id)
         if not path.is_file():
             raise NotFound(f"file {file_id!r} is recorded but missing from disk")
-        return FileResponse(
+        return WholeFileOnBadRange(
             path,
             media_type=record.content_type,
             filename=record.name,
