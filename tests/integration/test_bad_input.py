@@ -7,6 +7,7 @@ sent the only way they can arrive, as ``\\udXXX`` escapes in JSON (``json.dumps`
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 from dataclasses import dataclass, field
@@ -93,6 +94,19 @@ CORPUS = [
     Bad("NaN", "body", raw=b'{"input": {"prompt": "a", "number_of_images": NaN}, "n": NaN}'),
     Bad("Infinity", "body", raw=b'{"input": {"prompt": "a", "output_compression": -Infinity}}'),
     Bad("5000 digits", "body", raw=b'{"input": {"prompt": "a", "number_of_images": ' + b"9" * 5000 + b"}}"),
+    # -- compressed bodies: read as sent they were "not UTF-8"; inflated they could claim gigabytes -----------
+    Bad(
+        "a gzip body",
+        "Content-Encoding",
+        raw=gzip.compress(b'{"input": {"prompt": "a"}, "prompt": "a"}'),
+        headers={"Content-Encoding": "gzip"},
+    ),
+    Bad(
+        "a br body",
+        "Content-Encoding",
+        raw=b'{"input": {"prompt": "a"}, "prompt": "a"}',
+        headers={"Content-Encoding": "br"},
+    ),
     # -- headers: numbers that overflowed a datetime or int() ---------------------------------------------
     Bad(
         "Cancel-After 1e400 in digits", "Cancel-After", headers={"Cancel-After": "1" + "0" * 400}, doors=("replicate",)
@@ -106,7 +120,9 @@ CORPUS = [
 
 def door_field(door: str, where: str) -> str:
     """``where`` as ``door`` names it in a refusal (``refused`` joins Cog's ``loc`` with dots)."""
-    if where in ("body", "Cancel-After", "Prefer"):
+    if where[:1].isupper() and door.startswith("cog"):
+        return f"header.{where.lower()}"
+    if where in ("body", "Cancel-After", "Prefer", "Content-Encoding"):
         return where
     top = where in ("webhook", "id", "version", "output_file_prefix", "stream")
     if door.startswith("replicate"):
@@ -361,3 +377,16 @@ async def test_a_key_for_a_server_without_an_openai_engine_is_a_4xx_on_every_doo
             if door == "openai":
                 assert refused("openai", response)[0] == ["openai_api_key"]
         assert app.state.services.store.list_predictions(None)[0] == []
+
+
+@pytest.mark.parametrize(("door", "path"), [("openai", "/v1/images/edits"), ("replicate", "/v1/files")])
+async def test_a_compressed_form_is_refused_naming_the_encoding(tmp_path: Path, door: str, path: str) -> None:
+    form = (
+        b'--x\r\nContent-Disposition: form-data; name="content"; filename="in.png"\r\n\r\n' + _png() + b"\r\n--x--\r\n"
+    )
+    headers = {"Content-Type": "multipart/form-data; boundary=x", "Content-Encoding": "gzip"}
+    async with serve(tmp_path) as doors:
+        response = await doors.client.post(path, content=gzip.compress(form), headers=headers)
+        named, message = refused(door, response)
+        assert named == ["Content-Encoding"] and "uncompressed" in message
+        assert doors.stored == {"predictions": 0, "files": 0}
