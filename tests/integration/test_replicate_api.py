@@ -745,6 +745,8 @@ async def test_versions_list_each_models_version_as_a_page(door: Door) -> None:
     missing = await client.get("/v1/models/acme/nothing/versions")
     assert missing.status_code == 404 and "openai/gpt-image-2" in missing.json()["detail"]
     assert (await door.client(token=None).get("/v1/models/atelier/fake/versions")).status_code == 401
+    made_up = await client.get("/v1/models/atelier/fake/versions", params={"cursor": "not-a-cursor"})
+    assert made_up.status_code == 422 and made_up.json()["invalid_fields"][0]["field"] == "cursor"  # as the other lists
 
 
 # -- SSE ------------------------------------------------------------------------------------------------
