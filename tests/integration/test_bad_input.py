@@ -83,6 +83,9 @@ CORPUS = [
     Bad("a string for a compression", "output_compression", input={"prompt": "a", "output_compression": "50"}),
     Bad("a string for stream", "stream", top={"stream": "yes"}, doors=("replicate", "replicate-version")),
     Bad("1 for stream", "stream", top={"stream": 1}, doors=("replicate", "replicate-version")),
+    # -- text with no bound: stored, and echoed in every response and list page (5 MB a prediction) ---------
+    Bad("a user_id of 257 characters", "user_id", input={"prompt": "a", "user_id": "u" * 257}),
+    Bad("a key of 4097 characters", "openai_api_key", input={"prompt": "a", "openai_api_key": "k" * 4097}),
     # -- URLs no client can parse: a 500 from urlsplit, or a Cog webhook task that crashed later ----------
     Bad("unparseable webhook", "webhook", top={"webhook": "http://[::1/hook"}, doors=("replicate", "cog")),
     Bad("webhook port", "webhook", top={"webhook": "http://example.com:99999/"}, doors=("replicate", "cog")),

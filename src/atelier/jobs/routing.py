@@ -104,7 +104,7 @@ class EngineRouter:
         if model in self.aliases:
             return self.aliases[model]
         raise ModelNotFound(
-            f"model {model!r} is not served here; served models: {', '.join(self.listed)} (default: {self.default})",
+            f"model {model[:100]!r} is not served here; served models: {', '.join(self.listed)} (default: {self.default})",
             field="model",
         )
 
