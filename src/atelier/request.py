@@ -258,8 +258,11 @@ def _problem(err: Any, data: Mapping[str, Any], prefix: str) -> FieldProblem:
     if isinstance(cause, _CrossFieldError):
         return FieldProblem(prefix + cause.field, cause.message, "invalid", data.get(cause.field))
     field = loc[0] if loc else "input"
-    name = prefix + ".".join(loc) if loc else prefix + "input"
+    # input_images[0], as every other problem names an item (pydantic's loc would give input_images.0)
+    name = prefix + (field + "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc[1:]) if loc else "input")
     received = data.get(field) if field != "input" else None
+    if len(loc) > 1 and loc[1].isdigit() and isinstance(received, list) and int(loc[1]) < len(received):
+        received = received[int(loc[1])]  # the item at fault, not the whole list
     shown = _show(received) if field != "openai_api_key" else REDACTED
     kind, message = _describe(err, field, shown, ctx)
     return FieldProblem(name, message, kind, received if field != "openai_api_key" else REDACTED)

@@ -83,6 +83,13 @@ CORPUS = [
     Bad("a string for a compression", "output_compression", input={"prompt": "a", "output_compression": "50"}),
     Bad("a string for stream", "stream", top={"stream": "yes"}, doors=("replicate", "replicate-version")),
     Bad("1 for stream", "stream", top={"stream": 1}, doors=("replicate", "replicate-version")),
+    # -- an item of the wrong type: named by its index, as every other item problem ------------------------
+    Bad(
+        "null in input_images",
+        "input_images[1]",
+        input={"prompt": "a", "input_images": [URL, None]},
+        doors=("replicate", "replicate-version", "cog", "cog-put"),
+    ),
     # -- text with no bound: stored, and echoed in every response and list page (5 MB a prediction) ---------
     Bad("a user_id of 257 characters", "user_id", input={"prompt": "a", "user_id": "u" * 257}),
     Bad("a key of 4097 characters", "openai_api_key", input={"prompt": "a", "openai_api_key": "k" * 4097}),
