@@ -453,6 +453,7 @@ async def test_metadata_comes_as_a_text_field_or_as_the_js_clients_json_file_par
         "nested past the bound": b'{"k": ' + b"[" * 500 + b"]" * 500 + b"}",  # parses, but the store recurses
         # (as text parts, Starlette refuses these itself: over 1 MiB is a 400, bad bytes become U+FFFD)
         "too large": b'{"k": "' + b"x" * (1024 * 1024) + b'"}',
+        "over 64 KiB": b'{"k": "' + b"x" * (64 * 1024) + b'"}',  # kept, and sent back in every page of the list
         "not UTF-8": b'{"k": "\xff"}',
     }
     for why, metadata in bad.items():

@@ -48,6 +48,7 @@ from atelier.request import unstorable_character
 
 MAX_UPLOAD_BYTES = 100 * 1024 * 1024
 MAX_FIELD_BYTES = 1024 * 1024  # a text field sent as a file part: Starlette's bound on a text part
+MAX_METADATA_BYTES = 64 * 1024  # an upload's metadata as sent (JSON): labels, echoed in every page of the list
 MAX_METADATA_DEPTH = 32  # nesting of an upload's metadata: plenty for labels, far from any recursion limit
 GENERIC_TYPE = "application/octet-stream"
 _MEDIA_TYPE = re.compile(r"^[\w.+-]+/[\w.+-]+$")
@@ -251,6 +252,15 @@ def _metadata(text: str | None) -> dict[str, Any]:
                 f'got {text[:60]!r}; give a JSON object of UTF-8 text such as \'{{"k": "v"}}\' (as a text field or a '
                 "JSON file part)",
                 "type",
+            )
+        )
+    if len(text.encode()) > MAX_METADATA_BYTES:  # kept with the file and sent back in every page of GET /v1/files
+        raise InputError(
+            FieldProblem(
+                "metadata",
+                f"is {len(text.encode()) / 1024:,.0f} KiB; the limit is {MAX_METADATA_BYTES // 1024} KiB (keep "
+                "labels here, not data)",
+                "too_large",
             )
         )
     if _depth(value) > MAX_METADATA_DEPTH:  # the store walks it recursively (redaction) on the way in
