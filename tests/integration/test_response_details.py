@@ -187,7 +187,9 @@ async def test_openais_own_request_id_is_in_the_logs_and_in_errors(
 async def test_head_answers_wherever_get_does_with_the_headers_and_no_body(tmp_path: Path) -> None:
     """Uptime monitors and load balancers probe with HEAD (RFC 9110: GET's headers, no body); it was a 405."""
     async with serve(tmp_path) as doors:
-        created = (await doors.client.post(REPLICATE_CREATE, json={"input": {"prompt": "a fox"}})).json()
+        wait = {"Prefer": "wait=30"}  # finished first: a GET and a HEAD of the same state compare alike
+        created = (await doors.client.post(REPLICATE_CREATE, json={"input": {"prompt": "a fox"}}, headers=wait)).json()
+        assert created["status"] == "succeeded", created
         for path in (
             "/health-check",
             "/v1/predictions",
