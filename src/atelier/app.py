@@ -39,6 +39,7 @@ def create_app(
     """
     from atelier.api import cog, docs, errors, openai_images, openapi, replicate
     from atelier.api.body_limit import BodyLimit
+    from atelier.api.head import HeadAsGet
 
     services = Services.build(settings, engines=engines, default=default, work=work)
     # The doors are built here, in one place; Services starts them after the runner and stops them in
@@ -65,6 +66,7 @@ def create_app(
     app.state.cog = cog_door
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)  # 413 in the door's shape
+    app.add_middleware(HeadAsGet, router=app.router)  # HEAD wherever GET is served (uptime probes use it)
     app.include_router(openai_images.router)
     app.include_router(replicate.router)
     app.include_router(cog.router)

@@ -327,7 +327,13 @@ class Settings(BaseSettings):
     @classmethod
     def _split_tokens(cls, value: object) -> object:
         if isinstance(value, str):
-            return [t.strip() for t in value.split(",") if t.strip()]
+            tokens = [t.strip() for t in value.split(",") if t.strip()]
+            if value.strip() and not tokens:  # "," or " , ": meant as tokens, and silently none (no auth at all)
+                raise ValueError(
+                    "names no token (only commas and spaces); give comma-separated tokens, or leave it unset (or "
+                    "empty) to serve local callers only, without tokens"
+                )
+            return tokens
         return value
 
     # -- checks that need no heavy import (see the module docstring) ------------------------------------

@@ -42,6 +42,8 @@ OUTPUT_FORMATS: tuple[str, ...] = get_args(OutputFormat)
 QUALITIES: tuple[str, ...] = get_args(Quality)
 
 MAX_PROMPT_CHARS = 32_000
+MAX_USER_ID_CHARS = 256  # an opaque id (a hash is 64 hex digits); it is stored and echoed with every prediction
+MAX_KEY_CHARS = 4096  # OpenAI's keys are under 200 characters; a gateway's token (a JWT) can be a few KiB
 MAX_INPUT_IMAGES = 16
 MAX_IMAGES = 10
 MAX_SEED = 2**32 - 1  # the range A1111, InvokeAI and Replicate's seeded models use
@@ -115,6 +117,8 @@ class ImageRequest(BaseModel):
         """An API key goes upstream in an HTTP header, which cannot carry other characters (the call
         would fail as an engine error). Where the bad character is, never what the key is."""
         text = key.get_secret_value() if key is not None else ""
+        if len(text) > MAX_KEY_CHARS:
+            raise ValueError(f"is {len(text):,} characters long; an API key is at most {MAX_KEY_CHARS:,}")
         bad = next((i for i, c in enumerate(text) if not "!" <= c <= "~"), None)
         if bad is not None:
             raise ValueError(
@@ -131,6 +135,16 @@ class ImageRequest(BaseModel):
         if len(prompt) > MAX_PROMPT_CHARS:
             raise ValueError(f"is {len(prompt):,} characters long; the maximum is {MAX_PROMPT_CHARS:,}")
         return prompt
+
+    @field_validator("user_id")
+    @classmethod
+    def _user_id_rules(cls, user_id: str | None) -> str | None:
+        if user_id is not None and len(user_id) > MAX_USER_ID_CHARS:
+            raise ValueError(
+                f"is {len(user_id):,} characters long; the maximum is {MAX_USER_ID_CHARS} (send an opaque id, such "
+                "as a hash of your user's account id)"
+            )
+        return user_id
 
     @field_validator("input_images")
     @classmethod
@@ -244,8 +258,11 @@ def _problem(err: Any, data: Mapping[str, Any], prefix: str) -> FieldProblem:
     if isinstance(cause, _CrossFieldError):
         return FieldProblem(prefix + cause.field, cause.message, "invalid", data.get(cause.field))
     field = loc[0] if loc else "input"
-    name = prefix + ".".join(loc) if loc else prefix + "input"
+    # input_images[0], as every other problem names an item (pydantic's loc would give input_images.0)
+    name = prefix + (field + "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc[1:]) if loc else "input")
     received = data.get(field) if field != "input" else None
+    if len(loc) > 1 and loc[1].isdigit() and isinstance(received, list) and int(loc[1]) < len(received):
+        received = received[int(loc[1])]  # the item at fault, not the whole list
     shown = _show(received) if field != "openai_api_key" else REDACTED
     kind, message = _describe(err, field, shown, ctx)
     return FieldProblem(name, message, kind, received if field != "openai_api_key" else REDACTED)

@@ -7,6 +7,7 @@ sent the only way they can arrive, as ``\\udXXX`` escapes in JSON (``json.dumps`
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 from dataclasses import dataclass, field
@@ -17,7 +18,10 @@ import httpx
 import pytest
 from PIL import Image
 
-from doors import REPLICATE_CREATE, refused, serve
+from atelier.app import create_app
+from atelier.config import Settings
+from doors import BASE, REPLICATE_CREATE, refused, serve
+from fakes import FakeEngine
 
 # door -> (how its refusal is shaped: a ``refused`` door name)
 DOORS = {
@@ -79,6 +83,16 @@ CORPUS = [
     Bad("a string for a compression", "output_compression", input={"prompt": "a", "output_compression": "50"}),
     Bad("a string for stream", "stream", top={"stream": "yes"}, doors=("replicate", "replicate-version")),
     Bad("1 for stream", "stream", top={"stream": 1}, doors=("replicate", "replicate-version")),
+    # -- an item of the wrong type: named by its index, as every other item problem ------------------------
+    Bad(
+        "null in input_images",
+        "input_images[1]",
+        input={"prompt": "a", "input_images": [URL, None]},
+        doors=("replicate", "replicate-version", "cog", "cog-put"),
+    ),
+    # -- text with no bound: stored, and echoed in every response and list page (5 MB a prediction) ---------
+    Bad("a user_id of 257 characters", "user_id", input={"prompt": "a", "user_id": "u" * 257}),
+    Bad("a key of 4097 characters", "openai_api_key", input={"prompt": "a", "openai_api_key": "k" * 4097}),
     # -- URLs no client can parse: a 500 from urlsplit, or a Cog webhook task that crashed later ----------
     Bad("unparseable webhook", "webhook", top={"webhook": "http://[::1/hook"}, doors=("replicate", "cog")),
     Bad("webhook port", "webhook", top={"webhook": "http://example.com:99999/"}, doors=("replicate", "cog")),
@@ -90,6 +104,19 @@ CORPUS = [
     Bad("NaN", "body", raw=b'{"input": {"prompt": "a", "number_of_images": NaN}, "n": NaN}'),
     Bad("Infinity", "body", raw=b'{"input": {"prompt": "a", "output_compression": -Infinity}}'),
     Bad("5000 digits", "body", raw=b'{"input": {"prompt": "a", "number_of_images": ' + b"9" * 5000 + b"}}"),
+    # -- compressed bodies: read as sent they were "not UTF-8"; inflated they could claim gigabytes -----------
+    Bad(
+        "a gzip body",
+        "Content-Encoding",
+        raw=gzip.compress(b'{"input": {"prompt": "a"}, "prompt": "a"}'),
+        headers={"Content-Encoding": "gzip"},
+    ),
+    Bad(
+        "a br body",
+        "Content-Encoding",
+        raw=b'{"input": {"prompt": "a"}, "prompt": "a"}',
+        headers={"Content-Encoding": "br"},
+    ),
     # -- headers: numbers that overflowed a datetime or int() ---------------------------------------------
     Bad(
         "Cancel-After 1e400 in digits", "Cancel-After", headers={"Cancel-After": "1" + "0" * 400}, doors=("replicate",)
@@ -103,7 +130,9 @@ CORPUS = [
 
 def door_field(door: str, where: str) -> str:
     """``where`` as ``door`` names it in a refusal (``refused`` joins Cog's ``loc`` with dots)."""
-    if where in ("body", "Cancel-After", "Prefer"):
+    if where[:1].isupper() and door.startswith("cog"):
+        return f"header.{where.lower()}"
+    if where in ("body", "Cancel-After", "Prefer", "Content-Encoding"):
         return where
     top = where in ("webhook", "id", "version", "output_file_prefix", "stream")
     if door.startswith("replicate"):
@@ -338,3 +367,36 @@ async def test_values_that_fastapi_checks_are_named_with_what_was_received(
         if received is not None:
             assert message.startswith(f"got {received}: "), message
         assert "SECRET" not in response.text
+
+
+async def test_a_key_for_a_server_without_an_openai_engine_is_a_4xx_on_every_door(tmp_path: Path) -> None:
+    """A refusal that will never change is a 4xx: the SDKs retry a 503, so one call made three predictions' worth
+    of refusals (and waited through their backoff)."""
+    key = "sk-proj-NOUPSTREAM0123456789"
+    app = create_app(Settings(data_dir=tmp_path), engines={"fake": FakeEngine()}, default="fake", warm_up=False)
+    transport = httpx.ASGITransport(app, raise_app_exceptions=False)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url=BASE) as client:
+        for door, path, body in [
+            ("replicate", REPLICATE_CREATE, {"input": {"prompt": "a", "openai_api_key": key}}),
+            ("cog", "/predictions", {"input": {"prompt": "a", "openai_api_key": key}}),
+            ("openai", "/v1/images/generations", {"prompt": "a", "openai_api_key": key}),
+        ]:
+            response = await client.post(path, json=body)
+            assert response.status_code == 400, (door, response.text)
+            assert "no OpenAI engine" in response.text and key not in response.text
+            if door == "openai":
+                assert refused("openai", response)[0] == ["openai_api_key"]
+        assert app.state.services.store.list_predictions(None)[0] == []
+
+
+@pytest.mark.parametrize(("door", "path"), [("openai", "/v1/images/edits"), ("replicate", "/v1/files")])
+async def test_a_compressed_form_is_refused_naming_the_encoding(tmp_path: Path, door: str, path: str) -> None:
+    form = (
+        b'--x\r\nContent-Disposition: form-data; name="content"; filename="in.png"\r\n\r\n' + _png() + b"\r\n--x--\r\n"
+    )
+    headers = {"Content-Type": "multipart/form-data; boundary=x", "Content-Encoding": "gzip"}
+    async with serve(tmp_path) as doors:
+        response = await doors.client.post(path, content=gzip.compress(form), headers=headers)
+        named, message = refused(door, response)
+        assert named == ["Content-Encoding"] and "uncompressed" in message
+        assert doors.stored == {"predictions": 0, "files": 0}

@@ -128,6 +128,16 @@ def test_a_damaged_database_is_one_line_before_the_server_starts(tmp_path):
     assert "restore it from a backup (docs/backups.md)" in line
 
 
+@pytest.mark.parametrize("command", [["serve"], ["worker"]])
+def test_a_database_server_that_does_not_answer_is_one_line_without_its_password(command, tmp_path):
+    pytest.importorskip("psycopg")
+    url = f"postgresql+psycopg://atelier:SECRETPW@127.0.0.1:{free_port()}/atelier"  # nothing listens there
+    env = {"ATELIER_DATA_DIR": str(tmp_path), "ATELIER_DATABASE_URL": url, "ATELIER_PORT": str(free_port())}
+    line = one_line(atelier(*command, env=env))
+    assert line.startswith("error: ATELIER_DATABASE_URL: cannot use postgresql+psycopg://atelier:***@127.0.0.1:")
+    assert "Connection refused" in line and "SECRETPW" not in line
+
+
 # -- 4. the model folder ---------------------------------------------------------------------------------
 
 

@@ -453,6 +453,7 @@ async def test_metadata_comes_as_a_text_field_or_as_the_js_clients_json_file_par
         "nested past the bound": b'{"k": ' + b"[" * 500 + b"]" * 500 + b"}",  # parses, but the store recurses
         # (as text parts, Starlette refuses these itself: over 1 MiB is a 400, bad bytes become U+FFFD)
         "too large": b'{"k": "' + b"x" * (1024 * 1024) + b'"}',
+        "over 64 KiB": b'{"k": "' + b"x" * (64 * 1024) + b'"}',  # kept, and sent back in every page of the list
         "not UTF-8": b'{"k": "\xff"}',
     }
     for why, metadata in bad.items():
@@ -745,6 +746,8 @@ async def test_versions_list_each_models_version_as_a_page(door: Door) -> None:
     missing = await client.get("/v1/models/acme/nothing/versions")
     assert missing.status_code == 404 and "openai/gpt-image-2" in missing.json()["detail"]
     assert (await door.client(token=None).get("/v1/models/atelier/fake/versions")).status_code == 401
+    made_up = await client.get("/v1/models/atelier/fake/versions", params={"cursor": "not-a-cursor"})
+    assert made_up.status_code == 422 and made_up.json()["invalid_fields"][0]["field"] == "cursor"  # as the other lists
 
 
 # -- SSE ------------------------------------------------------------------------------------------------

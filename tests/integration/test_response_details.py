@@ -182,3 +182,25 @@ async def test_openais_own_request_id_is_in_the_logs_and_in_errors(
         await upstream.images.generate(prompt="a red barn", size="1024x1024")
     assert refused.value.message.endswith(f"(OpenAI request id {openai_standin.requests[-1].request_id})")
     assert refused.value.request_id != openai_standin.requests[-1].request_id  # ours is ours, theirs is theirs
+
+
+async def test_head_answers_wherever_get_does_with_the_headers_and_no_body(tmp_path: Path) -> None:
+    """Uptime monitors and load balancers probe with HEAD (RFC 9110: GET's headers, no body); it was a 405."""
+    async with serve(tmp_path) as doors:
+        wait = {"Prefer": "wait=30"}  # finished first: a GET and a HEAD of the same state compare alike
+        created = (await doors.client.post(REPLICATE_CREATE, json={"input": {"prompt": "a fox"}}, headers=wait)).json()
+        assert created["status"] == "succeeded", created
+        for path in (
+            "/health-check",
+            "/v1/predictions",
+            f"/v1/predictions/{created['id']}",
+            "/v1/models",
+            "/openapi.json",
+            "/",
+        ):
+            got, head = await doors.client.get(path), await doors.client.head(path)
+            assert (head.status_code, head.content) == (got.status_code, b""), path
+            assert head.headers["content-type"] == got.headers["content-type"], path
+            assert head.headers["content-length"] == str(len(got.content)), path
+        assert (await doors.client.head("/v1/predictions/nope")).status_code == 404
+        assert (await doors.client.head(REPLICATE_CREATE)).status_code == 405  # POST only: no GET to mirror

@@ -68,8 +68,9 @@ async def test_refused_requests_cost_nothing_and_leave_no_trace(harness: Harness
     assert info.value.field == "input_images"
     with pytest.raises(NotFound, match="served models: text-only"):
         await runner.submit(Submission(request(), model="atelier/nope", source="replicate"))
-    with pytest.raises(ModelUnavailable, match="no OpenAI engine"):
+    with pytest.raises(UnsupportedRequest, match="no OpenAI engine") as no_upstream:  # a 4xx: SDKs retry a 5xx
         await runner.submit(Submission(request(openai_api_key=KEY), source="replicate"))
+    assert no_upstream.value.field == "openai_api_key" and KEY not in no_upstream.value.message
     assert harness.rows() == 0 and text_only.jobs == []
 
 

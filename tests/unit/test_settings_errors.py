@@ -32,6 +32,7 @@ ROOT = Path(__file__).parents[2]
         ("ATELIER_OPENAI_TIMEOUT", "-1", "got '-1'; it must be more than 0"),
         ("ATELIER_RATE_LIMIT_PER_USER", "5", "got '5'; write a rate as N/period"),
         ("ATELIER_FETCH_ALLOW", "300.1.1.1/8", "entry '300.1.1.1/8' is neither a network"),
+        ("ATELIER_API_TOKENS", " , ", "names no token (only commas and spaces)"),  # it was: no tokens, no auth
     ],
 )
 def test_a_bad_value_names_the_variable_what_was_given_and_what_is_allowed(

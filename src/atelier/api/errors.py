@@ -105,6 +105,8 @@ COG_BODY_FIELDS = frozenset({"input", "id", "created_at", "output_file_prefix", 
 def _cog_loc(field: str) -> list[str | int]:
     if field == "body":  # the body as a whole (not JSON, too deep), as FastAPI places it
         return ["body"]
+    if field[:1].isupper():  # a header (Content-Encoding): FastAPI places those at ["header", name]
+        return ["header", field.lower()]
     parts = re.findall(r"[^.\[\]]+", field) or [field]  # "input.input_images[0]" -> input, input_images, 0
     if parts[0] not in COG_BODY_FIELDS and not _is_index(parts[0]):
         parts.insert(0, "input")

@@ -21,6 +21,7 @@ from fastapi import Request
 from starlette.datastructures import FormData
 from starlette.formparsers import MultiPartException, MultiPartParser, parse_options_header
 
+from atelier.api.json_body import check_identity
 from atelier.errors import FieldProblem, InputError
 
 
@@ -34,6 +35,7 @@ async def read_form(
     compat: some clients (hand-built forms, ``curl -F 'image=<a.png'``, a few HTTP libraries) send file
     parts without a filename; starlette would make them text fields, decoded and capped at 1 MiB.
     """
+    check_identity(request)
     try:
         async with aclosing(request.stream()) as stream:
             parser = _TextChecked(request.headers, stream, max_files=max_files, max_fields=max_fields)

@@ -46,7 +46,23 @@ async def read_json(request: Request, *, example: str = "") -> Any:
 
     ``example`` is a body the door would take, shown to a caller who sent something that is not JSON.
     """
+    check_identity(request)
     return parse_json(await request.body(), example=example)
+
+
+def check_identity(request: Request) -> None:
+    """A compressed body (``Content-Encoding: gzip``) is refused by name: read as sent it was "not UTF-8", and
+    inflating it would let a few kilobytes claim gigabytes past the body limit."""
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise InputError(
+            FieldProblem(
+                "Content-Encoding",
+                f"got {encoding[:40]!r}; request bodies are read as sent: send them uncompressed (no Content-Encoding)",
+                "format",
+                encoding[:40],
+            )
+        )
 
 
 def parse_json(raw: bytes, *, example: str = "") -> Any:

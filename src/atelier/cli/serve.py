@@ -64,6 +64,7 @@ def serve(
         check_files(settings)
         check_data_dir(settings.data_dir, given_as(ctx, "data_dir") or "ATELIER_DATA_DIR")
         hold_database(settings, given_as(ctx, "data_dir"))
+        check_database_server(settings)
         check_executor(settings)
         if settings.host != asked:
             click.echo(
@@ -163,6 +164,34 @@ def hold_database(settings: Settings, data_dir_name: str | None) -> None:
 
     name = "ATELIER_DATABASE_URL" if settings.database_url is not None else data_dir_name or "ATELIER_DATA_DIR"
     own_database(settings.database, name)
+
+
+def check_database_server(settings: Settings) -> None:
+    """A PostgreSQL ``ATELIER_DATABASE_URL`` answers (and is migrated) before the model loads: unreachable, it
+    was a traceback from inside uvicorn's start-up. The reason is the driver's first line, never the URL's
+    password."""
+    url = settings.database
+    if not isinstance(url, str) or url.startswith("sqlite"):
+        return
+    from sqlalchemy import make_url
+    from sqlalchemy.exc import DBAPIError
+
+    from atelier.jobs.store import Store
+
+    store = Store(url)
+    try:
+        store.open()
+    except DBAPIError as exc:
+        reason = (str(exc.orig).strip().splitlines() or ["no reason given"])[0]
+        raise SettingsError(
+            FieldProblem(
+                "ATELIER_DATABASE_URL",
+                f"cannot use {make_url(url).render_as_string(hide_password=True)}: {reason}; check that PostgreSQL is running there and that the URL's "
+                "host, port, database, user and password are right",
+            )
+        ) from None
+    finally:
+        store.close()
 
 
 def check_database(path: Path, name: str) -> None:

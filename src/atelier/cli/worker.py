@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from atelier.cli.serve import check_data_dir, check_executor, check_files, require_cluster
+from atelier.cli.serve import check_data_dir, check_database_server, check_executor, check_files, require_cluster
 from atelier.cli.settings import choose_model, given_as, model_options, settings_for
 from atelier.engines.tuning import check_settings
 
@@ -43,6 +43,7 @@ def worker(ctx: click.Context, model: str | None, model_path: Path | None, data_
     check_settings(settings)  # ATELIER_OFFLOAD, ATELIER_QUANTIZE...: refused now if the device cannot honour them
     check_data_dir(settings.data_dir, given_as(ctx, "data_dir") or "ATELIER_DATA_DIR")
     check_executor(settings)  # ATELIER_EXECUTOR=ray: Ray installed and its cluster answering, in one line
+    check_database_server(settings)
     run(settings)
 
 

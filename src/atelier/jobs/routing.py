@@ -2,8 +2,8 @@
 
 * A request carrying ``openai_api_key`` goes to OpenAI upstream with that key: the engine registered as
   ``"openai"`` (or any engine whose family ``name`` is ``"openai"``). Without one the request is refused
-  (``ModelUnavailable``) rather than silently run on a local model with the key ignored. Naming a local
-  model *and* giving a key is a contradiction and is refused too.
+  (``UnsupportedRequest``, a 4xx naming ``openai_api_key``) rather than silently run on a local model with
+  the key ignored. Naming a local model *and* giving a key is a contradiction and is refused too.
 * ``model`` None means the default. A model is addressed by its key, ``atelier/<key>`` (Replicate's
   ``owner/name``), or an alias; ``openai/gpt-image-2`` and ``gpt-image-2`` name the default unless an
   engine is registered under that exact key. Anything else is ``ModelNotFound`` (a ``NotFound``) naming
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from atelier.engines.base import Engine
-from atelier.errors import FieldProblem, ModelNotFound, ModelUnavailable, UnsupportedRequest
+from atelier.errors import FieldProblem, ModelNotFound, UnsupportedRequest
 from atelier.jobs.records import utc_now
 from atelier.request import ImageRequest
 
@@ -104,7 +104,7 @@ class EngineRouter:
         if model in self.aliases:
             return self.aliases[model]
         raise ModelNotFound(
-            f"model {model!r} is not served here; served models: {', '.join(self.listed)} (default: {self.default})",
+            f"model {model[:100]!r} is not served here; served models: {', '.join(self.listed)} (default: {self.default})",
             field="model",
         )
 
@@ -167,8 +167,10 @@ class EngineRouter:
         for key, engine in self.engines.items():
             if engine.name == OPENAI:
                 return key
-        raise ModelUnavailable(
-            "an openai_api_key sends the request to OpenAI's Images API, and this server has no OpenAI engine; "
-            f"remove the key to use the local model {self.default!r}, or install atelier[openai] and enable it",
-            field="openai_api_key",
+        raise UnsupportedRequest(  # a 4xx: it will never be served here, and SDKs retry a 503 (three refusals)
+            FieldProblem(
+                "openai_api_key",
+                "sends the request to OpenAI's Images API, and this server has no OpenAI engine; remove the key "
+                f"to use the local model {self.default!r} (the operator can install atelier[openai] and enable it)",
+            )
         )

@@ -7,8 +7,10 @@ a bucket by ``ObjectResponse``, which answers the same way where a client can te
 * ``HEAD`` gives the headers only (no object request: the row knows the size and type).
 * ``Accept-Ranges: bytes``; one range (``bytes=0-99``, ``bytes=100-``, ``bytes=-100``) is a 206 with
   ``Content-Range``, read from the bucket as a ranged GET; a range that starts past the end is a 416 with
-  ``Content-Range: bytes */<size>``; a malformed one is a 400. ``If-Range`` with a stale validator gets
-  the whole file. Several ranges are one ``multipart/byteranges`` answer, a ranged GET per range,
+  ``Content-Range: bytes */<size>``; a Range this server cannot use (another unit, which RFC 9110 says
+  MUST be ignored, or malformed bytes, which it may ignore) gets the whole file, from the folder too
+  (``WholeFileOnBadRange``), where Starlette answered a plain-text 400. ``If-Range`` with a stale
+  validator gets the whole file. Several ranges are one ``multipart/byteranges`` answer, a ranged GET per range,
   framed as ``FileResponse`` frames them (overlapping ranges merged).
 * ``ETag`` is the start of the file's SHA-256 (the ``etag`` of ``GET /v1/files/{id}``), the same from
   every process; ``Last-Modified`` is when the file was made.
@@ -17,13 +19,14 @@ a bucket by ``ObjectResponse``, which answers the same way where a client can te
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from email.utils import formatdate
 from urllib.parse import quote
 
 from starlette.datastructures import Headers
-from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.responses import FileResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from atelier.jobs.records import FileRecord
@@ -65,8 +68,8 @@ class ObjectResponse(Response):
         size = self.record.size
         try:
             ranges = self._ranges(Headers(scope=scope))
-        except MalformedRange as exc:
-            return await PlainTextResponse(str(exc), status_code=400)(scope, receive, send)
+        except MalformedRange:
+            ranges = []  # RFC 9110 §14.2: a Range the server cannot use is ignored
         if any(start >= size for start, _ in ranges):
             response = PlainTextResponse("", status_code=416, headers={"content-range": f"bytes */{size}"})
             return await response(scope, receive, send)
@@ -133,6 +136,25 @@ def merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
         else:
             result.append((start, end))
     return result
+
+
+class WholeFileOnBadRange(FileResponse):
+    """Starlette's ``FileResponse``, except that a Range it cannot use is ignored (the whole file, 200), as
+    ``ObjectResponse`` does, rather than a plain-text 400 in no door's shape."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        asked = Headers(scope=scope).get("range")
+        if asked is not None and not usable_range(asked, os.stat(self.path).st_size):
+            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"range"]}
+        await super().__call__(scope, receive, send)
+
+
+def usable_range(header: str, size: int) -> bool:
+    try:
+        parse_ranges(header, size)
+    except MalformedRange:
+        return False
+    return True
 
 
 def parse_ranges(header: str, size: int) -> list[tuple[int, int]]:

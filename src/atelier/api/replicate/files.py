@@ -33,12 +33,12 @@ from functools import partial
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import Response
 from starlette.datastructures import UploadFile as Part
 
 from atelier.api.forms import read_form
 from atelier.api.replicate import protocol as wire
-from atelier.api.replicate.downloads import ObjectResponse
+from atelier.api.replicate.downloads import ObjectResponse, WholeFileOnBadRange
 from atelier.api.replicate.pages import links
 from atelier.errors import FieldProblem, InputError, NotFound
 from atelier.imaging.inputs import sniff
@@ -49,6 +49,7 @@ from atelier.request import unstorable_character
 
 MAX_UPLOAD_BYTES = 100 * 1024 * 1024
 MAX_FIELD_BYTES = 1024 * 1024  # a text field sent as a file part: Starlette's bound on a text part
+MAX_METADATA_BYTES = 64 * 1024  # an upload's metadata as sent (JSON): labels, echoed in every page of the list
 MAX_METADATA_DEPTH = 32  # nesting of an upload's metadata: plenty for labels, far from any recursion limit
 GENERIC_TYPE = "application/octet-stream"
 _MEDIA_TYPE = re.compile(r"^[\w.+-]+/[\w.+-]+$")
@@ -177,7 +178,7 @@ class FilesAPI:
         path = self.files.folder_path(record)
         if not path.is_file():
             raise NotFound(f"file {file_id!r} is recorded but missing from disk")
-        return FileResponse(
+        return WholeFileOnBadRange(
             path,
             media_type=record.content_type,
             filename=record.name,
@@ -260,6 +261,15 @@ def _metadata(text: str | None) -> dict[str, Any]:
                 f'got {text[:60]!r}; give a JSON object of UTF-8 text such as \'{{"k": "v"}}\' (as a text field or a '
                 "JSON file part)",
                 "type",
+            )
+        )
+    if len(text.encode()) > MAX_METADATA_BYTES:  # kept with the file and sent back in every page of GET /v1/files
+        raise InputError(
+            FieldProblem(
+                "metadata",
+                f"is {len(text.encode()) / 1024:,.0f} KiB; the limit is {MAX_METADATA_BYTES // 1024} KiB (keep "
+                "labels here, not data)",
+                "too_large",
             )
         )
     if _depth(value) > MAX_METADATA_DEPTH:  # the store walks it recursively (redaction) on the way in

@@ -109,8 +109,10 @@ async def get_model(model_owner: str, model_name: str, door: Door, owner: Owner,
 
 
 @router.get("/models/{model_owner}/{model_name}/versions")
-async def list_model_versions(model_owner: str, model_name: str, door: Door, owner: Owner) -> wire.VersionPage:
-    return door.versions(model_owner, model_name)
+async def list_model_versions(
+    model_owner: str, model_name: str, door: Door, owner: Owner, cursor: str | None = None
+) -> wire.VersionPage:
+    return door.versions(model_owner, model_name, cursor)
 
 
 @router.get("/models/{model_owner}/{model_name}/versions/{version_id}")

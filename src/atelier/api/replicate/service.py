@@ -197,8 +197,11 @@ class ReplicateDoor:
     def model(self, owner: str, name: str, base: str) -> wire.Model:
         return self.models.describe(self.models.by_address(f"{owner}/{name}"), base)
 
-    def versions(self, owner: str, name: str) -> wire.VersionPage:
-        """Every version of the model, newest first: one, the contract this server runs (one page)."""
+    def versions(self, owner: str, name: str, cursor: str | None = None) -> wire.VersionPage:
+        """Every version of the model, newest first: one, the contract this server runs (one page, so no
+        cursor was ever issued for it: one is refused as on the other lists, not ignored)."""
+        if cursor is not None:
+            raise InputError(f"got {cursor[:40]!r}, which is not a cursor this server issued", field="cursor")
         latest = self.models.describe(self.models.by_address(f"{owner}/{name}"), "").latest_version
         return wire.VersionPage(next=None, previous=None, results=[latest] if latest else [])
 
