@@ -10,10 +10,11 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -53,6 +54,15 @@ REDACTED = "[REDACTED]"
 ALPHA_FORMATS = ("png", "webp")
 
 
+def _whole_number(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# JSON Schema's ``integer`` (what Replicate validates the seed's input against): a number with no fraction,
+# ``2`` or ``2.0``; never ``true``, ``"2"`` or ``2.5``.
+JsonInt = Annotated[StrictInt, BeforeValidator(_whole_number)]
+
+
 class ImageRequest(BaseModel):
     """A request to create (no ``input_images``) or edit (with them) images. Field order is the seed's."""
 
@@ -70,16 +80,14 @@ class ImageRequest(BaseModel):
     input_images: list[str] | None = Field(
         default=None, description="A list of images to use as input for the generation"
     )
-    # Strict: the seed's integers are JSON integers; true, "2" or 2.0 is refused, never read as 1 or 2.
-    number_of_images: StrictInt = Field(
-        default=1, ge=1, le=MAX_IMAGES, description="Number of images to generate (1-10)"
-    )
+    # JSON integers: true or "2" is refused, never read as 1 or 2.
+    number_of_images: JsonInt = Field(default=1, ge=1, le=MAX_IMAGES, description="Number of images to generate (1-10)")
     quality: Quality = Field(default="auto", description="The quality of the generated image")
     background: Background = Field(
         default="auto",
         description="Set whether the background is transparent or opaque or choose automatically",
     )
-    output_compression: StrictInt = Field(default=90, ge=0, le=100, description="Compression level (0-100%)")
+    output_compression: JsonInt = Field(default=90, ge=0, le=100, description="Compression level (0-100%)")
     output_format: OutputFormat = Field(default="webp", description="Output format")
     moderation: Moderation = Field(default="auto", description="Content moderation level")
     user_id: str | None = Field(
@@ -89,7 +97,7 @@ class ImageRequest(BaseModel):
     )
     # atelier: the seed of the first image (image i uses seed + i); random when absent. An engine that
     # cannot honour it (OpenAI's) refuses it rather than ignoring it. Not part of the published schema.
-    seed: StrictInt | None = Field(
+    seed: JsonInt | None = Field(
         default=None,
         ge=0,
         le=MAX_SEED,

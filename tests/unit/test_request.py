@@ -82,6 +82,14 @@ def test_bounds_and_types(field, value, kind, words):
     assert words in problem.message
 
 
+@pytest.mark.parametrize(("value", "read"), [(2, 2), (2.0, 2), (1e1, 10)])
+def test_an_integer_is_json_schemas_a_number_with_no_fraction(value, read):
+    """Replicate validates against the schema, where 2.0 is an integer; true and "2" are not (test_bad_input)."""
+    request = parse_request({"prompt": "x", "number_of_images": value, "output_compression": value, "seed": value})
+    assert (request.number_of_images, request.output_compression, request.seed) == (read, read, read)
+    assert type(request.number_of_images) is int
+
+
 def test_prompt_rules():
     assert problems({})[0].kind == "required"
     assert "must not be empty" in problems({"prompt": "   "})[0].message
