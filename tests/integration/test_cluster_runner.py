@@ -87,9 +87,9 @@ async def test_a_job_accepted_by_an_api_process_runs_on_a_worker_and_its_events_
 ) -> None:
     api = await cluster.runner(work=False)
     engine = FakeEngine(steps=3)
-    await cluster.runner(engine)
     prediction = await api.submit(Submission(request(), "replicate", previews=1))
-    subscription = await api.subscribe(prediction.id)
+    subscription = await api.subscribe(prediction.id)  # events from now on: subscribed before any worker runs it
+    await cluster.runner(engine)
     events = [event async for event in subscription]
     kinds = [e.kind for e in events]
     assert kinds[0] == "status" and kinds[-3:] == ["output", "status", "done"]
@@ -101,6 +101,32 @@ async def test_a_job_accepted_by_an_api_process_runs_on_a_worker_and_its_events_
     assert logs == done.logs and f"Using seed: {prediction.seed}" in logs
     assert [job.id for job in engine.jobs] == [prediction.id]
     assert engine.checks == []  # checked once, by the API process's engine; the worker ran the stored plan
+
+
+async def test_relayed_previews_outlive_their_jobs_end_for_late_readers_and_the_sweeper_deletes_them(
+    cluster: Cluster,
+) -> None:
+    api = await cluster.runner(work=False)
+    worker = await cluster.runner(FakeEngine(steps=2))
+    prediction = await api.submit(Submission(request(), "replicate", previews=1))
+    assert (await api.wait(prediction.id, 20)).status == "succeeded"
+    await until(lambda: not worker._forwarding)  # every event published, its done included
+
+    def previews() -> int:
+        with api.store.engine.connect() as conn:
+            query = "SELECT count(*) FROM previews WHERE prediction_id = %(id)s"
+            return int(conn.exec_driver_sql(query, {"id": prediction.id}).scalar_one())
+
+    assert previews() == 2  # an API process reading a progress notification after the end still finds it
+    later = SharedQueue(
+        api.store.engine, owner="sweeper", capacity=lambda: Capacity(50, 1.0, 1, 1.0), limits=Limits(),
+        clock=lambda: utc_now() + timedelta(hours=1),
+    )  # fmt: skip
+    try:
+        assert await asyncio.to_thread(later.sweep) is not None
+    finally:
+        later.close()
+    assert previews() == 0
 
 
 async def test_wait_and_cancel_from_the_api_reach_the_job_on_the_worker(cluster: Cluster) -> None:
@@ -331,7 +357,6 @@ async def test_a_wait_at_a_worker_that_loses_its_lease_waits_for_the_re_run(clus
     assert swept is not None and swept.requeued == [prediction.id]
     gate.set()  # the lost worker's writes are refused: it learns the job is not its own
     await until(lambda: lost.queue.get(prediction.id) is None)
-    assert not waiting.done()  # not answered with the re-queued state
-    await cluster.runner(FakeEngine(color=(0, 200, 0)))
-    done = await asyncio.wait_for(waiting, 30)
+    await cluster.runner(FakeEngine(color=(0, 200, 0)))  # runs it again (or the lost worker claims it back)
+    done = await asyncio.wait_for(waiting, 30)  # not answered with the re-queued state
     assert done.status == "succeeded" and done.output and "re-queued" in done.logs
