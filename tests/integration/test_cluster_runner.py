@@ -360,3 +360,33 @@ async def test_a_wait_at_a_worker_that_loses_its_lease_waits_for_the_re_run(clus
     await cluster.runner(FakeEngine(color=(0, 200, 0)))  # runs it again (or the lost worker claims it back)
     done = await asyncio.wait_for(waiting, 30)  # not answered with the re-queued state
     assert done.status == "succeeded" and done.output and "re-queued" in done.logs
+
+
+async def test_a_stream_follows_a_job_its_worker_lost_and_then_claimed_again_itself(cluster: Cluster) -> None:
+    engine = FakeEngine(steps=2)
+    gate = engine.block()
+    cluster.gates.append(gate)
+    worker = await cluster.runner(engine, lease_seconds=600)  # the only worker: it runs the job again itself
+    prediction = await worker.submit(Submission(request(), "replicate"))
+    await asyncio.to_thread(engine.started.wait, 10)
+    stream = await worker.subscribe(prediction.id)
+    later = SharedQueue(
+        worker.store.engine, owner="sweeper", capacity=lambda: Capacity(50, 1.0, 1, 1.0), limits=Limits(),
+        clock=lambda: utc_now() + timedelta(hours=1),
+    )  # fmt: skip
+    try:
+        swept = await asyncio.to_thread(later.sweep)
+    finally:
+        later.close()
+    assert swept is not None and swept.requeued == [prediction.id]
+    gate.set()  # its writes are refused; it lets the first run go and claims the job back
+    events = await asyncio.wait_for(_collect(stream), 20)
+    done = await worker.get(prediction.id)
+    assert done.status == "succeeded" and [j.seed for j in engine.jobs] == [prediction.seed] * 2
+    assert [e.kind for e in events][-3:] == ["output", "status", "done"] and events[-1].status == "succeeded"
+    assert [e.output for e in events if e.kind == "output"] == [done.output]
+    steps = [e.step for e in events if isinstance(e, ProgressReport)]
+    assert all(steps.count(step) <= 2 for step in steps), steps  # its own re-run's events, not echoed
+    logs = "".join(e.text for e in events if isinstance(e, LogsEvent))
+    assert "re-queued" in logs and logs.endswith(done.logs[-20:])
+    assert (await worker.wait(prediction.id, 5)).status == "succeeded"
