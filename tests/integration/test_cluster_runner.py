@@ -87,9 +87,9 @@ async def test_a_job_accepted_by_an_api_process_runs_on_a_worker_and_its_events_
 ) -> None:
     api = await cluster.runner(work=False)
     engine = FakeEngine(steps=3)
-    await cluster.runner(engine)
     prediction = await api.submit(Submission(request(), "replicate", previews=1))
-    subscription = await api.subscribe(prediction.id)
+    subscription = await api.subscribe(prediction.id)  # events from now on: subscribed before any worker runs it
+    await cluster.runner(engine)
     events = [event async for event in subscription]
     kinds = [e.kind for e in events]
     assert kinds[0] == "status" and kinds[-3:] == ["output", "status", "done"]
@@ -101,6 +101,32 @@ async def test_a_job_accepted_by_an_api_process_runs_on_a_worker_and_its_events_
     assert logs == done.logs and f"Using seed: {prediction.seed}" in logs
     assert [job.id for job in engine.jobs] == [prediction.id]
     assert engine.checks == []  # checked once, by the API process's engine; the worker ran the stored plan
+
+
+async def test_relayed_previews_outlive_their_jobs_end_for_late_readers_and_the_sweeper_deletes_them(
+    cluster: Cluster,
+) -> None:
+    api = await cluster.runner(work=False)
+    worker = await cluster.runner(FakeEngine(steps=2))
+    prediction = await api.submit(Submission(request(), "replicate", previews=1))
+    assert (await api.wait(prediction.id, 20)).status == "succeeded"
+    await until(lambda: not worker._forwarding)  # every event published, its done included
+
+    def previews() -> int:
+        with api.store.engine.connect() as conn:
+            query = "SELECT count(*) FROM previews WHERE prediction_id = %(id)s"
+            return int(conn.exec_driver_sql(query, {"id": prediction.id}).scalar_one())
+
+    assert previews() == 2  # an API process reading a progress notification after the end still finds it
+    later = SharedQueue(
+        api.store.engine, owner="sweeper", capacity=lambda: Capacity(50, 1.0, 1, 1.0), limits=Limits(),
+        clock=lambda: utc_now() + timedelta(hours=1),
+    )  # fmt: skip
+    try:
+        assert await asyncio.to_thread(later.sweep) is not None
+    finally:
+        later.close()
+    assert previews() == 0
 
 
 async def test_wait_and_cancel_from_the_api_reach_the_job_on_the_worker(cluster: Cluster) -> None:
@@ -164,7 +190,10 @@ async def test_a_late_result_from_a_worker_whose_lease_was_taken_back_is_discard
     cluster: Cluster,
 ) -> None:
     api = await cluster.runner(work=False)
-    slow = FakeEngine()
+    # an engine that does not stop when its worker learns the lease is gone (a write of the first step's
+    # event refused after the sweep): its result comes late whatever the worker knew, and its one claimer
+    # stays busy, so the fresh worker is the one that runs the job again
+    slow = FakeEngine(ignore_cancel=True)
     gate = slow.block()
     cluster.gates.append(gate)
     lost = await cluster.runner(slow, lease_seconds=600)  # renews rarely: the test takes its lease back
@@ -302,6 +331,8 @@ async def test_a_stream_served_by_a_worker_that_loses_its_lease_follows_the_re_r
     assert set(statuses) <= {"starting", "processing", "succeeded"}
     done = await lost.get(prediction.id)
     assert [e.output for e in events if e.kind == "output"] == [done.output]
+    steps = [e.step for e in events if isinstance(e, ProgressReport)]
+    assert all(steps.count(step) <= 2 for step in steps), steps  # once a run: the re-run's not echoed back
     logs = "".join(e.text for e in events if isinstance(e, LogsEvent))
     assert "re-queued" in logs and logs.endswith(done.logs[-20:])
     assert [j.seed for j in slow.jobs + rerun.jobs] == [prediction.seed] * 2  # run again (by either worker)
@@ -327,7 +358,36 @@ async def test_a_wait_at_a_worker_that_loses_its_lease_waits_for_the_re_run(clus
     assert swept is not None and swept.requeued == [prediction.id]
     gate.set()  # the lost worker's writes are refused: it learns the job is not its own
     await until(lambda: lost.queue.get(prediction.id) is None)
-    assert not waiting.done()  # not answered with the re-queued state
-    await cluster.runner(FakeEngine(color=(0, 200, 0)))
-    done = await asyncio.wait_for(waiting, 30)
+    await cluster.runner(FakeEngine(color=(0, 200, 0)))  # runs it again (or the lost worker claims it back)
+    done = await asyncio.wait_for(waiting, 30)  # not answered with the re-queued state
     assert done.status == "succeeded" and done.output and "re-queued" in done.logs
+
+
+async def test_a_stream_follows_a_job_its_worker_lost_and_then_claimed_again_itself(cluster: Cluster) -> None:
+    engine = FakeEngine(steps=2)
+    gate = engine.block()
+    cluster.gates.append(gate)
+    worker = await cluster.runner(engine, lease_seconds=600)  # the only worker: it runs the job again itself
+    prediction = await worker.submit(Submission(request(), "replicate"))
+    await asyncio.to_thread(engine.started.wait, 10)
+    stream = await worker.subscribe(prediction.id)
+    later = SharedQueue(
+        worker.store.engine, owner="sweeper", capacity=lambda: Capacity(50, 1.0, 1, 1.0), limits=Limits(),
+        clock=lambda: utc_now() + timedelta(hours=1),
+    )  # fmt: skip
+    try:
+        swept = await asyncio.to_thread(later.sweep)
+    finally:
+        later.close()
+    assert swept is not None and swept.requeued == [prediction.id]
+    gate.set()  # its writes are refused; it lets the first run go and claims the job back
+    events = await asyncio.wait_for(_collect(stream), 20)
+    done = await worker.get(prediction.id)
+    assert done.status == "succeeded" and [j.seed for j in engine.jobs] == [prediction.seed] * 2
+    assert [e.kind for e in events][-3:] == ["output", "status", "done"] and events[-1].status == "succeeded"
+    assert [e.output for e in events if e.kind == "output"] == [done.output]
+    steps = [e.step for e in events if isinstance(e, ProgressReport)]
+    assert all(steps.count(step) <= 2 for step in steps), steps  # its own re-run's events, not echoed
+    logs = "".join(e.text for e in events if isinstance(e, LogsEvent))
+    assert "re-queued" in logs and logs.endswith(done.logs[-20:])
+    assert (await worker.wait(prediction.id, 5)).status == "succeeded"

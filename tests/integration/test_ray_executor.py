@@ -232,10 +232,17 @@ async def test_a_job_whose_replica_is_killed_runs_again_and_succeeds_once(cluste
     async with served(tmp_path, signal_engines(signals)) as s:
         id = await submit(s, "hold until killed", seed=1234)
         pid = await held(s, signals, id)
+        stream = await s.services.runner.subscribe(id)  # an SSE stream served by this process
         os.kill(pid, signal.SIGKILL)
         done = await s.wait(id)
         assert done["status"] == "succeeded", done
         assert "running it again (attempt 2 of 3)" in done["logs"]
+        events = [event async for event in stream]  # it follows the re-run, its output and end included
+        assert [e.kind for e in events][-3:] == ["output", "status", "done"] and events[-1].status == "succeeded"
+        outputs = [e.output for e in events if e.kind == "output"]  # file ids; the answer has their links
+        assert len(outputs) == 1 and len(outputs[0]) == 1 and f"/files/{outputs[0][0]}/" in done["output"][0]
+        streamed = "".join(e.text for e in events if e.kind == "logs")
+        assert "running it again (attempt 2 of 3)" in streamed and done["logs"].endswith(streamed[-20:])
         pids = started_pids(signals, id)
         assert len(pids) == 2 and pids[0] == pid and pids[1] != pid  # the second run was on another replica
         assert len(done["output"]) == 1
@@ -396,10 +403,17 @@ async def test_a_cluster_process_runs_claimed_jobs_on_replicas_and_a_killed_repl
 
         id = await submit(s, "hold until killed", seed=4321)
         pid = await held(s, signals, id)
+        stream = await s.services.runner.subscribe(id)  # an SSE stream served by this process
         os.kill(pid, signal.SIGKILL)
         done = await s.wait(id)
         assert done["status"] == "succeeded", done
         assert "running it again (attempt 2 of 3)" in done["logs"]
+        events = [event async for event in stream]  # it follows the re-run, its output and end included
+        assert [e.kind for e in events][-3:] == ["output", "status", "done"] and events[-1].status == "succeeded"
+        outputs = [e.output for e in events if e.kind == "output"]  # file ids; the answer has their links
+        assert len(outputs) == 1 and len(outputs[0]) == 1 and f"/files/{outputs[0][0]}/" in done["output"][0]
+        streamed = "".join(e.text for e in events if e.kind == "logs")
+        assert "running it again (attempt 2 of 3)" in streamed and done["logs"].endswith(streamed[-20:])
         assert done["logs"].count("Using seed: 4321") == 2 and len(done["output"]) == 1
         pids = started_pids(signals, id)
         assert len(pids) == 2 and pids[0] == pid and pids[1] != pid

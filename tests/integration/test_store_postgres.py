@@ -100,3 +100,29 @@ def test_a_missing_driver_names_the_extra_to_install() -> None:
         Store("postgresql+pg8000://atelier@127.0.0.1:1/atelier").open()
     assert info.value.problems[0].field == "ATELIER_DATABASE_URL"
     assert "atelier[postgres]" in str(info.value)
+
+
+def test_a_read_is_one_statement_outside_a_transaction_and_a_write_runs_in_one(pg_database: str) -> None:
+    from psycopg.pq import TransactionStatus
+    from sqlalchemy import event
+
+    store = Store(pg_database).open()
+    seen: list[tuple[str, TransactionStatus]] = []
+
+    @event.listens_for(store.engine, "after_cursor_execute")
+    def record(conn, _cursor, statement, _params, _context, _many) -> None:  # type: ignore[no-untyped-def]
+        seen.append((statement.split()[0], conn.connection.dbapi_connection.info.transaction_status))
+
+    try:
+        assert store.get_prediction("nope") is None  # no BEGIN before it, no ROLLBACK after: one round trip
+        assert store.list_predictions(None) == ([], None)
+        store.delete_prediction("nope")
+        assert store.get_prediction("nope") is None  # a connection a write used reads in autocommit again
+    finally:
+        store.close()
+    assert seen == [
+        ("SELECT", TransactionStatus.IDLE),
+        ("SELECT", TransactionStatus.IDLE),
+        ("DELETE", TransactionStatus.INTRANS),
+        ("SELECT", TransactionStatus.IDLE),
+    ]

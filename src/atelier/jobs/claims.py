@@ -64,6 +64,9 @@ EVENTS = "atelier_events"  # NOTIFY channels
 CANCELS = "atelier_cancel"
 QUEUE = "atelier_queue"
 WORKER_LOST = "the worker running it was lost"
+# a relayed preview is kept this long, its job's end included: a reader handling the notification late
+# (a busy API process) still finds it; the sweeper deletes older ones
+PREVIEWS_KEPT_SECONDS = 60.0
 
 # a queued job: not yet claimed, or pinned to the process that accepted it and not yet started there
 WAITING = "(status = 'starting' AND (lease_owner IS NULL OR pinned))"
@@ -343,6 +346,8 @@ class SharedQueue:
                 notify(conn, EVENTS, {"id": id, "k": "status"})
             if requeued:
                 conn.execute(text("SELECT pg_notify(:c, '')"), {"c": QUEUE})
+            old = format_time(self.clock() - timedelta(seconds=PREVIEWS_KEPT_SECONDS))
+            conn.execute(text("DELETE FROM previews WHERE created_at < :old"), {"old": old})
         return Swept(requeued, failed, canceled)
 
     # -- cancel -----------------------------------------------------------------------------------------

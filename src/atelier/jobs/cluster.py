@@ -104,6 +104,7 @@ class ClusterRunner(Runner):
         self.workers = self.cluster_workers
         self._background: list[asyncio.Task[None]] = []
         self._forwarding: set[asyncio.Task[None]] = set()
+        self._publishing: dict[str, Subscription] = {}  # each job's subscription feeding ``forward``
         self._shared_depth: int | None = None  # the shared queue's depth as last counted (_count_queue)
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -195,15 +196,27 @@ class ClusterRunner(Runner):
         """Publish the job's events for the other processes, until it ends."""
         subscription = entry.task.subscribe(maxsize=256)
         publisher = self.publisher
+        self._publishing[entry.id] = subscription
 
         async def forward() -> None:
-            async for event in subscription:
-                if publisher is not None:
-                    await publisher.publish(event)
+            try:
+                async for event in subscription:
+                    if publisher is not None:
+                        await publisher.publish(event)
+            finally:
+                if self._publishing.get(entry.id) is subscription:
+                    del self._publishing[entry.id]
 
         task = asyncio.get_running_loop().create_task(forward(), name=f"atelier-publish-{entry.id}")
         self._forwarding.add(task)  # kept until done: the loop holds only weak references to its tasks
         task.add_done_callback(self._forwarding.discard)
+
+    def stop_publishing(self, id: str) -> None:
+        """Publish nothing more of this process's run of ``id``: the job goes on elsewhere, and that
+        process publishes its events (fed back here, they would echo between the relays)."""
+        subscription = self._publishing.pop(id, None)
+        if subscription is not None:
+            subscription.close()
 
     def announce_end(self, prediction: Prediction) -> None:
         """Listeners here (webhooks) hear that ``prediction`` ended: this process wrote its end."""
@@ -315,11 +328,11 @@ class ClusterIntake(Intake):
 
     async def subscribe(self, id: str) -> Subscription:
         entry = self.queue.get(id)
-        if entry is not None:
+        if entry is not None and not entry.interrupted:  # interrupted: it goes on elsewhere, this task is over
             return entry.task.subscribe()
         prediction = await self._require(id)
         entry = self.queue.get(id)  # claimed here meanwhile: follow it live
-        if entry is not None:
+        if entry is not None and not entry.interrupted:
             return entry.task.subscribe()
         return finished_subscription(prediction) if prediction.terminal else self.runner.relayed().subscribe(prediction)
 
@@ -475,24 +488,30 @@ class ClusterWorkers(Workers):
         kept = self._kept.pop(entry.id, [])
         if kept:  # written before the refused write: the images of a result that does not count
             await asyncio.to_thread(self.files.delete_many, [r.id for r in kept])
-        row = await self.runner.calls.get_prediction(entry.id)
-        if row is not None and not entry.task.terminal:
-            if not row.terminal:  # re-queued (or running on another worker): its readers follow it there
-                self._follow_elsewhere(entry, row)
-            entry.task.ended_elsewhere(row)
+        await self._goes_on_elsewhere(entry)
         self.runner.writers.pop(entry.id, None)
         log.info("prediction %s: ended elsewhere; this worker's result is discarded", entry.id)
 
-    def _follow_elsewhere(self, entry: Entry, row: Prediction) -> None:
-        """Hand the local task's subscribers (an SSE stream served here) to the relay, from what they have
-        seen: the status they last got and the logs both they and the row have."""
-        relay = self.runner.relay
-        if relay is None:
+    async def _goes_on_elsewhere(self, entry: Entry) -> None:
+        """This run of the job is over here; the row says what comes next. Ended (canceled by another
+        process): its readers here get that end. Re-queued or running again (a lost lease, a dead replica;
+        possibly claimed again by this process): its subscribers here (SSE streams) are handed to the relay
+        from what they have seen, the status they last got and the logs both they and the row have, and
+        get every event of the re-run; its waiters (``ClusterIntake.wait``: the entry is ``interrupted``)
+        follow the row to its end."""
+        entry.interrupted = True
+        row = await self.runner.calls.get_prediction(entry.id)
+        task = entry.task
+        if row is None or task.terminal:
             return
-        seen = entry.task.prediction.snapshot()
-        seen = dataclasses.replace(seen, logs=_common_start(seen.logs, row.logs))
-        for subscription in entry.task.hand_over():
-            relay.follow(subscription, seen)
+        if not row.terminal:
+            self.runner.stop_publishing(entry.id)  # before the hand-over: the re-run's events are not ours
+            seen = task.prediction.snapshot()
+            seen = dataclasses.replace(seen, logs=_common_start(seen.logs, row.logs))
+            relay = self.runner.relayed()
+            for subscription in task.hand_over():
+                relay.follow(subscription, seen)
+        task.ended_elsewhere(row)
 
     # -- a replica lost mid-job: the job goes back to the shared queue ------------------------------------
 
@@ -522,22 +541,8 @@ class ClusterWorkers(Workers):
             self.queue.forget(entry)  # before the release: from then on a cancel or a wait here reads the row
             log.warning("prediction %s: its replica died; handed back to the queue", entry.id)
             await asyncio.to_thread(shared.release, [entry.id], line)
-            self._follow_to_end(entry.task)
+            await self._goes_on_elsewhere(entry)
         self.runner.wake.set()
-
-    def _follow_to_end(self, task: Task) -> None:
-        """Those waiting on ``task`` here hear its end from whichever process runs it next."""
-        subscription = self.runner.relayed().subscribe(task.prediction)
-
-        async def follow() -> None:
-            with contextlib.closing(subscription):
-                async for event in subscription:
-                    if isinstance(event, DoneEvent) and event.prediction is not None:
-                        task.ended_elsewhere(event.prediction)
-
-        following = asyncio.get_running_loop().create_task(follow(), name=f"atelier-follow-{task.id}")
-        self.runner._forwarding.add(following)  # kept until done: the loop holds only weak references
-        following.add_done_callback(self.runner._forwarding.discard)
 
     async def interrupt(self, entry: Entry) -> None:
         writer = self.runner.writers.get(entry.id)

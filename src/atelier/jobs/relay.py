@@ -2,7 +2,7 @@
 
 A process running a job publishes each of its events (``publish``: status, logs, progress, output,
 done) on ``atelier_events``; a preview image is stored in ``previews`` and referenced, so a payload
-stays far below PostgreSQL's 8 kB limit (long log text is left out: the reader takes it from the row).
+stays far below PostgreSQL's 8 kB limit (kept ``PREVIEWS_KEPT_SECONDS``: a reader behind finds it) (long log text is left out: the reader takes it from the row).
 Every process keeps one listening connection (``Relay``) and feeds the events of the jobs it has
 subscribers for into the same ``Subscription`` objects the doors read for local jobs, so any API
 process serves the SSE stream, ``Prefer: wait`` and the OpenAI stream of a job running anywhere.
@@ -24,12 +24,13 @@ import json
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Engine, select, text
 
 from atelier.ids import new_id
-from atelier.jobs.claims import CANCELS, EVENTS, QUEUE
+from atelier.jobs.claims import CANCELS, EVENTS, PREVIEWS_KEPT_SECONDS, QUEUE
 from atelier.jobs.events import DoneEvent, Event, LogsEvent, OutputEvent, ProgressReport, StatusEvent, Subscription
 from atelier.jobs.records import Prediction, Status, format_time, utc_now
 from atelier.jobs.store import PREDICTIONS, Store, _prediction
@@ -87,8 +88,9 @@ class Publisher:
                     "WITH stored AS (INSERT INTO previews (id, prediction_id, data, created_at) "
                     "VALUES (:preview, :pid, :d, :t)) "
                 )
-        elif isinstance(event, DoneEvent):
-            before = "WITH gone AS (DELETE FROM previews WHERE prediction_id = :pid) "
+        elif isinstance(event, DoneEvent):  # its previews only once old: a late reader still finds the last ones
+            before = "WITH gone AS (DELETE FROM previews WHERE prediction_id = :pid AND created_at < :old) "
+            params["old"] = format_time(utc_now() - timedelta(seconds=PREVIEWS_KEPT_SECONDS))
         params["p"] = json.dumps(payload, separators=(",", ":"))
         with self.engine.begin() as conn:
             conn.execute(text(before + "SELECT pg_notify(:c, :p)"), params)

@@ -141,6 +141,7 @@ class Store:
         self.url = f"sqlite:///{url}" if isinstance(url, Path) else url
         self.disk = disk
         self._engine: Engine | None = None
+        self._reads: Engine | None = None  # the engine reads use (``_read``)
         self._owned: Path | None = None  # the SQLite file this process holds (atelier.jobs.owner)
 
     # -- lifecycle -----------------------------------------------------------------------------------
@@ -169,6 +170,7 @@ class Store:
         if self._engine is not None:
             self._engine.dispose()
             self._engine = None
+            self._reads = None
         if self._owned is not None:
             owner.release(self._owned)
             self._owned = None
@@ -190,7 +192,12 @@ class Store:
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
-        with self.engine.connect() as conn:
+        if self._reads is None:
+            engine = self.engine
+            if engine.dialect.name == "postgresql":  # each read is one statement: no BEGIN and ROLLBACK around it
+                engine = engine.execution_options(isolation_level="AUTOCOMMIT")  # same pool; set client-side only
+            self._reads = engine
+        with self._reads.connect() as conn:
             yield conn
 
     @contextmanager
