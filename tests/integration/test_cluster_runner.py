@@ -5,6 +5,7 @@ as real processes). Events, ``wait`` and cancel cross runners through LISTEN/NOT
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -127,6 +128,29 @@ async def test_relayed_previews_outlive_their_jobs_end_for_late_readers_and_the_
     finally:
         later.close()
     assert previews() == 0
+
+
+async def test_a_worker_stopped_as_its_job_ends_still_publishes_the_jobs_last_events(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    api = await cluster.runner(work=False)
+    worker = await cluster.runner(FakeEngine(steps=2))
+    publisher = worker.publisher
+    assert publisher is not None
+    held = threading.Event()
+    publisher._thread.submit(held.wait, 30)  # the publisher's thread is busy: the job's events queue up
+    prediction = await api.submit(Submission(request(), "replicate"))
+    stream = await api.subscribe(prediction.id)
+    ended = await worker.wait(prediction.id, 20)
+    assert ended.status == "succeeded"
+    stopping = asyncio.ensure_future(worker.stop(timeout=1.0))
+    # Let the publisher go once the stop has reached it: closing it, or waiting for the last events.
+    await until(lambda: publisher._thread._shutdown or all(s._finished for s in worker._publishing.values()))
+    held.set()
+    await stopping
+    assert not [r for r in caplog.records if "was not published" in r.getMessage()]
+    kinds = [event.kind async for event in stream]
+    assert kinds[-1] == "done"
 
 
 async def test_wait_and_cancel_from_the_api_reach_the_job_on_the_worker(cluster: Cluster) -> None:

@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 IDLE_POLL_SECONDS = 1.0  # an idle worker looks at the queue at least this often (notifications wake it sooner)
 LEASE_LOST = "the job was taken back from this worker (its lease expired)"
 RELEASED = "The process running it stopped; re-queued for another worker"
+PUBLISH_AT_STOP_SECONDS = 5.0  # at most this long at stop for the last events to reach the database
 
 
 def process_name() -> str:
@@ -149,6 +150,7 @@ class ClusterRunner(Runner):
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        await self._publish_what_was_said()
         if self.relay is not None:
             await self.relay.stop()
         if self.publisher is not None:
@@ -210,6 +212,14 @@ class ClusterRunner(Runner):
         task = asyncio.get_running_loop().create_task(forward(), name=f"atelier-publish-{entry.id}")
         self._forwarding.add(task)  # kept until done: the loop holds only weak references to its tasks
         task.add_done_callback(self._forwarding.discard)
+
+    async def _publish_what_was_said(self) -> None:
+        """At stop: the events this process's jobs sent before it (a job's ``done`` above all) reach the
+        other processes before the publisher closes; a job the stop interrupted says nothing more."""
+        for subscription in list(self._publishing.values()):
+            subscription.close_after_queued()
+        if self._forwarding:
+            await asyncio.wait(list(self._forwarding), timeout=PUBLISH_AT_STOP_SECONDS)
 
     def stop_publishing(self, id: str) -> None:
         """Publish nothing more of this process's run of ``id``: the job goes on elsewhere, and that

@@ -144,6 +144,13 @@ class Subscription:
     async def aclose(self) -> None:
         self.close()
 
+    def close_after_queued(self) -> None:
+        """Take nothing more, but hand out what is queued before the iteration ends (a publisher's last
+        events still go out when its process stops)."""
+        self._finished = True
+        self._ready.set()
+        self._detach()
+
     def _drop_oldest_progress(self) -> bool:
         for i, queued in enumerate(self._items):
             if isinstance(queued, ProgressReport):
