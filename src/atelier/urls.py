@@ -7,9 +7,13 @@ crashes later. Where a URL may point is a separate question (``atelier.fetch``),
 
 from __future__ import annotations
 
+import re
 import urllib.parse
 
 import httpx
+
+_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+_HOST_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?", re.IGNORECASE)
 
 
 def http_url_problem(url: str) -> str | None:
@@ -24,4 +28,7 @@ def http_url_problem(url: str) -> str | None:
         return "it is not an http:// or https:// URL"
     if not parts.hostname:
         return "it has no host"
+    host = httpx.URL(url).raw_host.decode("ascii", "replace")  # a name in IDNA form, or an IP address
+    if ":" not in host and not _HOST_NAME.fullmatch(host):
+        return f"its host {host[:60]!r} is not a host name (letters, digits, '-' and '.') or an IP address"
     return None

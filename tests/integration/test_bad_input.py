@@ -96,6 +96,8 @@ CORPUS = [
     # -- URLs no client can parse: a 500 from urlsplit, or a Cog webhook task that crashed later ----------
     Bad("unparseable webhook", "webhook", top={"webhook": "http://[::1/hook"}, doors=("replicate", "cog")),
     Bad("webhook port", "webhook", top={"webhook": "http://example.com:99999/"}, doors=("replicate", "cog")),
+    Bad("escaped webhook host", "webhook", top={"webhook": "http://exa%6Dple.com/"}, doors=("replicate", "cog")),
+    Bad("empty label in a host", "input_images", input={"prompt": "a", "input_images": ["http://a..b/x.png"]}),
     Bad("unparseable upload prefix", "output_file_prefix", top={"output_file_prefix": "http://[::1/"}, doors=("cog",)),
     Bad("unparseable image URL", "input_images", input={"prompt": "a", "input_images": ["http://[::1/x.png"]}),
     Bad("a key no header can carry", "openai_api_key", input={"prompt": "a", "openai_api_key": "sk-ünicode"}),
