@@ -37,6 +37,25 @@ async def until(condition: Any, timeout: float = 10.0) -> None:
             await asyncio.sleep(0.01)
 
 
+async def sweep_an_hour_later(runner: ClusterRunner) -> Any:
+    """The sweeper, as if an hour had passed: every lease has expired."""
+    later = SharedQueue(
+        runner.store.engine, owner="sweeper", capacity=lambda: Capacity(50, 1.0, 1, 1.0), limits=Limits(),
+        clock=lambda: utc_now() + timedelta(hours=1),
+    )  # fmt: skip
+    try:
+        swept = await asyncio.to_thread(later.sweep)
+    finally:
+        later.close()
+    assert swept is not None  # no other process was sweeping
+    return swept
+
+
+async def take_lease_back(runner: ClusterRunner, id: str) -> None:
+    """``id``'s lease expires and the job goes back to the queue (its worker has not noticed yet)."""
+    assert (await sweep_an_hour_later(runner)).requeued == [id]
+
+
 pytest.importorskip("psycopg")
 
 KEY = "sk-test-never-stored-0123456789"
@@ -119,14 +138,7 @@ async def test_relayed_previews_outlive_their_jobs_end_for_late_readers_and_the_
             return int(conn.exec_driver_sql(query, {"id": prediction.id}).scalar_one())
 
     assert previews() == 2  # an API process reading a progress notification after the end still finds it
-    later = SharedQueue(
-        api.store.engine, owner="sweeper", capacity=lambda: Capacity(50, 1.0, 1, 1.0), limits=Limits(),
-        clock=lambda: utc_now() + timedelta(hours=1),
-    )  # fmt: skip
-    try:
-        assert await asyncio.to_thread(later.sweep) is not None
-    finally:
-        later.close()
+    await sweep_an_hour_later(api)
     assert previews() == 0
 
 
@@ -224,12 +236,7 @@ async def test_a_late_result_from_a_worker_whose_lease_was_taken_back_is_discard
     prediction = await api.submit(Submission(request(), "replicate"))
     assert await asyncio.to_thread(slow.started.wait, 10)
     await lost.calls.drain()  # what it wrote before its lease ran out has landed (writes are off the loop)
-    later = SharedQueue(
-        api.store.engine, owner="sweeper", capacity=lambda: Capacity(50, 1.0, 1, 1.0), limits=Limits(),
-        clock=lambda: utc_now() + timedelta(hours=1),
-    )  # fmt: skip
-    swept = await asyncio.to_thread(later.sweep)
-    assert swept is not None and swept.requeued == [prediction.id]
+    await take_lease_back(api, prediction.id)
     fresh = FakeEngine(color=(0, 200, 0))
     await cluster.runner(fresh)
     done = await api.wait(prediction.id, 20)
@@ -333,15 +340,7 @@ async def test_a_stream_served_by_a_worker_that_loses_its_lease_follows_the_re_r
     prediction = await lost.submit(Submission(request(), "replicate"))
     await asyncio.to_thread(slow.started.wait, 10)
     stream = await lost.subscribe(prediction.id)  # served from the worker's own task, as its SSE door would
-    later = SharedQueue(
-        lost.store.engine, owner="sweeper", capacity=lambda: Capacity(50, 1.0, 1, 1.0), limits=Limits(),
-        clock=lambda: utc_now() + timedelta(hours=1),
-    )  # fmt: skip
-    try:
-        swept = await asyncio.to_thread(later.sweep)
-    finally:
-        later.close()
-    assert swept is not None and swept.requeued == [prediction.id]
+    await take_lease_back(lost, prediction.id)
     gate.set()  # the lost worker goes on, its writes are refused: it learns the job is not its own
     await until(lambda: lost.queue.get(prediction.id) is None)
     rerun = FakeEngine(color=(0, 200, 0))
@@ -371,15 +370,7 @@ async def test_a_wait_at_a_worker_that_loses_its_lease_waits_for_the_re_run(clus
     prediction = await lost.submit(Submission(request(), "replicate"))
     await asyncio.to_thread(slow.started.wait, 10)
     waiting = asyncio.ensure_future(lost.wait(prediction.id, 30))  # a `Prefer: wait` served by the worker
-    later = SharedQueue(
-        lost.store.engine, owner="sweeper", capacity=lambda: Capacity(50, 1.0, 1, 1.0), limits=Limits(),
-        clock=lambda: utc_now() + timedelta(hours=1),
-    )  # fmt: skip
-    try:
-        swept = await asyncio.to_thread(later.sweep)
-    finally:
-        later.close()
-    assert swept is not None and swept.requeued == [prediction.id]
+    await take_lease_back(lost, prediction.id)
     gate.set()  # the lost worker's writes are refused: it learns the job is not its own
     await until(lambda: lost.queue.get(prediction.id) is None)
     await cluster.runner(FakeEngine(color=(0, 200, 0)))  # runs it again (or the lost worker claims it back)
@@ -395,15 +386,7 @@ async def test_a_stream_follows_a_job_its_worker_lost_and_then_claimed_again_its
     prediction = await worker.submit(Submission(request(), "replicate"))
     await asyncio.to_thread(engine.started.wait, 10)
     stream = await worker.subscribe(prediction.id)
-    later = SharedQueue(
-        worker.store.engine, owner="sweeper", capacity=lambda: Capacity(50, 1.0, 1, 1.0), limits=Limits(),
-        clock=lambda: utc_now() + timedelta(hours=1),
-    )  # fmt: skip
-    try:
-        swept = await asyncio.to_thread(later.sweep)
-    finally:
-        later.close()
-    assert swept is not None and swept.requeued == [prediction.id]
+    await take_lease_back(worker, prediction.id)
     gate.set()  # its writes are refused; it lets the first run go and claims the job back
     events = await asyncio.wait_for(_collect(stream), 20)
     done = await worker.get(prediction.id)
