@@ -98,3 +98,5 @@ def server(tiny_flux2: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     running = start_server(tmp_path_factory.mktemp("server") / "data", tiny_flux2)
     yield running
     running.stop()
+    # The store redacts a secret that reaches it and says so: a line here is a path that sent it one.
+    assert "a secret reached the store" not in running.log, running.log

@@ -101,7 +101,7 @@ async def test_in_a_cluster_a_job_lost_with_its_replica_is_claimed_again_and_its
         id = response.json()["id"]
         await asyncio.wait_for(flaky.called.wait(), 30)
         assert runner.queue.get(id) is not None  # live here: the waiters below wait on this process's task
-        subscription = runner.subscribe(id)
+        subscription = await runner.subscribe(id)
         waiting = asyncio.create_task(runner.wait(id, 30))
         assert flaky.gate is not None
         flaky.gate.set()  # the replica dies

@@ -80,8 +80,9 @@ def redact_secrets(value: Any) -> Any:
             k: (REDACTED if str(k).lower() in SECRET_KEYS and v not in (None, REDACTED) else redact_secrets(v))
             for k, v in value.items()
         }
-    if isinstance(value, list | tuple):
-        return [redact_secrets(v) for v in value]
+    if isinstance(value, list | tuple):  # a tuple stays one: a value with no secret comes back equal
+        items = [redact_secrets(v) for v in value]
+        return tuple(items) if isinstance(value, tuple) else items
     return value
 
 
