@@ -27,7 +27,7 @@ from atelier.api.openai_images import inputs, service
 from atelier.app import create_app
 from atelier.config import Settings
 from atelier.engines.base import Capabilities, Job
-from atelier.errors import AtelierError, EngineError, ModerationBlocked, TooManyRequests
+from atelier.errors import AtelierError, EngineError, FieldProblem, InputError, ModerationBlocked, TooManyRequests
 from fakes import FakeEngine, FakePlan
 
 SPEC_PATH = Path(__file__).parents[3] / "shared" / "reference" / "openai-images-openapi.yaml"
@@ -319,6 +319,21 @@ async def test_a_block_found_while_rendering_is_also_moderation_blocked(door: Do
     door.engine.fail_next(ModerationBlocked("an output image was blocked", category="test", field="output"))
     error = error_of(await generate(door, prompt="a red square"), 400, spec)
     assert error["code"] == "moderation_blocked" and "output image" in error["message"]
+
+
+async def test_a_job_that_fails_later_names_this_doors_parameter_not_the_contracts_field(door: Door, spec: Any) -> None:
+    """A failure found once the job runs (an image that decodes at admission but not in the pipeline, a size
+    the engine refuses) is stored in the contract's terms and read back in this door's."""
+    door.engine.fail_next(InputError(FieldProblem("input_images[0]", "the image could not be decoded")))
+    error = error_of(await edit(door, [upload("image", png())]), 400, spec)
+    assert (error["param"], error["message"]) == ("image[0]", "image[0]: the image could not be decoded")
+    door.engine.fail_next(InputError(FieldProblem("input_images[0]", "the image could not be decoded")))
+    body = {"prompt": "x", "images": [{"image_url": "data:image/png;base64," + base64.b64encode(png()).decode()}]}
+    error = error_of(await door.client.post("/v1/images/edits", json=body), 400, spec)
+    assert error["param"] == "images[0]" and "input_images" not in error["message"]
+    door.engine.fail_next(InputError(FieldProblem("aspect_ratio", "aspect_ratio 16:9 is too wide for this model")))
+    error = error_of(await generate(door, prompt="a red square"), 400, spec)
+    assert (error["param"], error["message"]) == ("size", "size: size 16:9 is too wide for this model")
 
 
 async def test_an_engine_failure_is_a_server_error(door: Door, spec: Any) -> None:

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from pydantic import ValidationError
 
+from atelier.api.openai_images.names import in_door_terms
 from atelier.api.openai_images.protocol import (
     Background,
     ImagesResponse,
@@ -66,6 +68,9 @@ _ERRORS_BY_CODE: dict[str, type[AtelierError]] = {
 }  # fmt: skip
 
 
+NO_NAMES: Mapping[str, str] = MappingProxyType({})  # the contract's own field names
+
+
 @dataclass(frozen=True)
 class Reply:
     """What an answer needs from the request, beside the prediction (all as the caller asked)."""
@@ -79,13 +84,14 @@ class Reply:
     stream: bool
     partial_images: int  # previews asked of the engine (0 unless streaming)
     safety_identifier: str | None
+    names: Mapping[str, str] = field(default_factory=lambda: NO_NAMES)  # contract field -> parameter (names.py)
 
 
-def failure(prediction: Prediction) -> AtelierError:
-    """The typed error a failed or canceled prediction ended with: its stored record, else (a cancel, or a
-    row failed before records were stored) one rebuilt from its ``error_code``."""
+def failure(prediction: Prediction, names: Mapping[str, str]) -> AtelierError:
+    """The typed error a failed or canceled prediction ended with, in this door's parameter names: its stored
+    record, else (a cancel, or a row failed before records were stored) one rebuilt from its ``error_code``."""
     if prediction.failure is not None:
-        return prediction.failure.error()
+        return in_door_terms(prediction.failure.error(), names)
     message = prediction.error or f"the prediction was {prediction.status} before it produced images"
     error = AtelierError(message)
     code = prediction.error_code or "internal_error"
@@ -100,10 +106,10 @@ def read_base64(files: FileStore, file_ids: Sequence[str]) -> list[bytes]:
     return [base64.b64encode(files.read(file_id)) for file_id in file_ids]
 
 
-def outputs_of(prediction: Prediction) -> list[str]:
-    """The output file ids of a succeeded prediction; the typed error of any other."""
+def outputs_of(prediction: Prediction, names: Mapping[str, str] = NO_NAMES) -> list[str]:
+    """The output file ids of a succeeded prediction; the typed error of any other (in ``names``' terms)."""
     if prediction.status != Status.SUCCEEDED:
-        raise failure(prediction)
+        raise failure(prediction, names)
     return list(prediction.output or [])
 
 

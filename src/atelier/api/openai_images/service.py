@@ -47,11 +47,8 @@ output files (``outputs.py``). Errors are typed (``atelier.errors``) and rendere
 from __future__ import annotations
 
 import asyncio
-import copy as _copy
-import re
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from collections.abc import Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +56,7 @@ from fastapi import Response
 
 from atelier.api.hangup import hung_up, wait_or_cancel
 from atelier.api.openai_images import inputs, streaming
+from atelier.api.openai_images.names import in_door_terms, param_names, user_id
 from atelier.api.openai_images.outputs import Reply, images_response, outputs_of, read_base64
 from atelier.api.openai_images.protocol import ImageEditJSON, ImageGenerateRequest, ImageParams, Model, ModelList
 from atelier.errors import FieldProblem, InputError
@@ -139,10 +137,6 @@ def refusals(params: ImageParams) -> list[FieldProblem]:
     return problems
 
 
-def user_id(params: ImageParams) -> str | None:
-    return params.safety_identifier or params.user or None
-
-
 def to_request(params: ImageParams, input_images: list[str] | None = None, *, images: str = "image") -> ImageRequest:
     """The seed's request for ``params``; a contract problem names the OpenAI parameter."""
     compression = params.output_compression
@@ -166,40 +160,11 @@ def to_request(params: ImageParams, input_images: list[str] | None = None, *, im
     try:
         return parse_request(data)
     except InputError as exc:
-        raise renamed(exc, param_names(params, images)) from None
+        raise in_door_terms(exc, param_names(params, images)) from None
 
 
-def param_names(params: ImageParams, images: str = "image") -> dict[str, str]:
-    """Contract field → this door's parameter, for errors raised by the contract or an engine."""
-    user = "safety_identifier" if params.safety_identifier else "user"
-    return {"aspect_ratio": "size", "number_of_images": "n", "user_id": user, "input_images": images}
-
-
-def renamed(error: InputError, names: Mapping[str, str]) -> InputError:
-    """``error`` (same class and code) speaking of this door's parameter names instead of the contract's."""
-    problems = [replace(p, field=_rename(p.field, names), message=_reword(p.message, names)) for p in error.problems]
-    if problems == error.problems:
-        return error
-    copy = _copy.copy(error)
-    copy.problems = problems
-    copy.field = _rename(error.field, names) if error.field else None
-    copy.message = _reword(error.message, names)
-    copy.args = (copy.message,)
-    return copy
-
-
-def _rename(field: str, names: Mapping[str, str]) -> str:
-    head = re.match(r"[A-Za-z_]+", field)
-    if head is None or head.group() not in names:
-        return field
-    return names[head.group()] + field[head.end() :]
-
-
-def _reword(message: str, names: Mapping[str, str]) -> str:
-    return re.sub(r"\b(" + "|".join(map(re.escape, names)) + r")\b", lambda m: names[m.group()], message)
-
-
-def reply_for(kind: str, params: ImageParams, request: ImageRequest) -> Reply:
+def reply_for(kind: str, params: ImageParams, request: ImageRequest, *, images: str = "image") -> Reply:
+    """What the answer needs; ``images`` is this endpoint's name for its input images (errors say it)."""
     return Reply(
         kind=kind,
         size=params.size or DEFAULT_SIZE,
@@ -210,6 +175,7 @@ def reply_for(kind: str, params: ImageParams, request: ImageRequest) -> Reply:
         stream=bool(params.stream),
         partial_images=(params.partial_images or 0) if params.stream else 0,
         safety_identifier=user_id(params),
+        names=param_names(params, images),
     )
 
 
@@ -230,7 +196,7 @@ async def generate(
     _check(params, services)
     request = to_request(params)
     reply = reply_for("image_generation", params, request)
-    prediction = await submit(services, request, reply, model=params.model, owner=owner, names=param_names(params))
+    prediction = await submit(services, request, reply, model=params.model, owner=owner)
     return await answer(services, prediction, reply, receive)
 
 
@@ -260,12 +226,10 @@ async def _edit_uploads(
     try:
         refs = [inputs.file_url(base_url, image.file_id) for image in staged.images]
         request = to_request(params, refs, images="image")
-        reply = reply_for("image_edit", params, request)
-        names = param_names(params, "image")
+        reply = reply_for("image_edit", params, request, images="image")
         prediction = await submit(
-            services, request, reply, model=params.model, owner=owner, staged=staged, id=keeper.prediction_id,
-            names=names,
-        )  # fmt: skip
+            services, request, reply, model=params.model, owner=owner, staged=staged, id=keeper.prediction_id
+        )
     except BaseException:  # refused: the uploads belong to no prediction
         await asyncio.to_thread(services.files.delete_many, staged.created)
         raise
@@ -284,19 +248,17 @@ async def _edit_references(
         await inputs.reference(services, params.mask, "mask", owner=owner, base_url=base_url) if params.mask else None
     )
     request = to_request(params, refs, images="images")
-    reply = reply_for("image_edit", params, request)
-    names = param_names(params, "images")
+    reply = reply_for("image_edit", params, request, images="images")
     keeper = Keeper(services.files, owner, new_id())
     try:
         async with services.staged_inputs(request, owner=owner, prediction_id=keeper.prediction_id) as staged:
             if mask is not None:
                 await asyncio.to_thread(inputs.stage_mask, services, mask, keeper, staged)
             prediction = await submit(
-                services, request, reply, model=params.model, owner=owner, staged=staged, id=keeper.prediction_id,
-                names=names,
-            )  # fmt: skip
+                services, request, reply, model=params.model, owner=owner, staged=staged, id=keeper.prediction_id
+            )
     except InputError as exc:
-        raise renamed(exc, names) from None
+        raise in_door_terms(exc, reply.names) from None
     return await answer(services, prediction, reply, receive)
 
 
@@ -309,7 +271,6 @@ async def submit(
     owner: str | None,
     staged: Staged | None = None,
     id: str | None = None,
-    names: Mapping[str, str],
 ) -> Prediction:
     """Queue the job (the engine's checks refuse what it cannot do; a full queue is a 429)."""
     staged = staged or Staged()
@@ -320,7 +281,7 @@ async def submit(
         )  # fmt: skip
         return await services.runner.submit(submission)
     except InputError as exc:
-        raise renamed(exc, names) from None
+        raise in_door_terms(exc, reply.names) from None
 
 
 async def answer(services: Services, prediction: Prediction, reply: Reply, receive: Receive | None = None) -> Response:
@@ -335,7 +296,7 @@ async def answer(services: Services, prediction: Prediction, reply: Reply, recei
         subscription = await runner.subscribe(prediction.id)
         return streaming.response(services.files, subscription, reply, partial(hung_up, runner, prediction.id))
     done = await wait_or_cancel(runner, prediction.id, receive)
-    images = await asyncio.to_thread(read_base64, services.files, outputs_of(done))
+    images = await asyncio.to_thread(read_base64, services.files, outputs_of(done, reply.names))
     return Response(images_response(done, reply, images), media_type="application/json")
 
 

@@ -99,7 +99,7 @@ async def events(files: FileStore, subscription: Subscription, reply: Reply) -> 
         yield error_frame(ModelUnavailable(CUT_SHORT))
         return
     try:
-        file_ids = outputs_of(final)
+        file_ids = outputs_of(final, reply.names)
     except AtelierError as error:
         yield error_frame(error)
         return
